@@ -1,0 +1,62 @@
+//! The same-precision naive baseline that the correctness contract measures kernels against.
+//!
+//! FlashAttention's standard: a kernel passes when its error against the `f64` truth is at most
+//! twice the error of a naive computation done in the same storage precision. "Naive" here is
+//! what a framework does without fusion: materialise `S = scale · Q Kᵀ` (f32 accumulation,
+//! stored in the storage type), a max-subtracted softmax in f32 stored as `P` in the storage
+//! type, then `O = P V` (f32 accumulation) stored in the storage type.
+
+use crate::{Forward, Problem};
+
+/// Runs the naive computation in `f32`, rounding every materialised tensor with `store`
+/// (identity for f32, a round trip through `half::f16` or `half::bf16` for those).
+///
+/// Inputs are the values the kernel sees (already representable in the storage type).
+/// Returns `f64` copies so callers can compare against the reference directly.
+pub fn softmax_forward_f32(p: &Problem, q: &[f32], k: &[f32], v: &[f32], store: impl Fn(f32) -> f32) -> Forward {
+    let scale = p.scale as f32;
+    let mut output = vec![0.0; p.o_elems()];
+    let mut lse = vec![f64::NEG_INFINITY; p.lse_elems()];
+    let mut probs = vec![0.0f32; p.kv_len];
+    for b in 0..p.batch {
+        for h in 0..p.q_heads {
+            let kh = p.kv_head_of(h);
+            for i in 0..p.q_len {
+                let mut max = f32::NEG_INFINITY;
+                for (j, slot) in probs.iter_mut().enumerate() {
+                    *slot = if p.is_visible(i, j) {
+                        let mut dot = 0.0f32;
+                        for d in 0..p.head_dim {
+                            dot += q[p.layout.index(b, h, i, d, p.q_heads, p.q_len, p.head_dim)]
+                                * k[p.layout.index(b, kh, j, d, p.kv_heads, p.kv_len, p.head_dim)];
+                        }
+                        store(scale * dot)
+                    } else {
+                        f32::NEG_INFINITY
+                    };
+                    max = max.max(*slot);
+                }
+                if max == f32::NEG_INFINITY {
+                    continue; // no visible key: output 0, lse -inf
+                }
+                let mut sum = 0.0f32;
+                for s in probs.iter_mut() {
+                    *s = (*s - max).exp();
+                    sum += *s;
+                }
+                lse[(b * p.q_heads + h) * p.q_len + i] = f64::from(max + sum.ln());
+                for s in probs.iter_mut() {
+                    *s = store(*s / sum);
+                }
+                for e in 0..p.value_dim {
+                    let mut acc = 0.0f32;
+                    for (j, &pj) in probs.iter().enumerate() {
+                        acc += pj * v[p.layout.index(b, kh, j, e, p.kv_heads, p.kv_len, p.value_dim)];
+                    }
+                    output[p.layout.index(b, h, i, e, p.q_heads, p.q_len, p.value_dim)] = f64::from(store(acc));
+                }
+            }
+        }
+    }
+    Forward { output, lse }
+}

@@ -1,0 +1,160 @@
+//! Properties of the reference itself: it must be right before it can judge anything.
+
+use super::*;
+use proptest::prelude::*;
+
+fn problem(q_len: usize, kv_len: usize, causal: Option<CausalAlign>) -> Problem {
+    Problem {
+        batch: 1,
+        q_heads: 1,
+        kv_heads: 1,
+        q_len,
+        kv_len,
+        head_dim: 1,
+        value_dim: 1,
+        layout: Layout::Bhsd,
+        scale: 1.0,
+        causal,
+    }
+}
+
+#[test]
+fn bottom_right_mask_worked_by_hand() {
+    // q_len 2, kv_len 4: the last query sees every key, the first sees keys 0..=2.
+    let p = problem(2, 4, Some(CausalAlign::BottomRight));
+    let seen: Vec<Vec<bool>> = (0..2).map(|i| (0..4).map(|j| p.is_visible(i, j)).collect()).collect();
+    assert_eq!(seen, vec![vec![true, true, true, false], vec![true, true, true, true]]);
+    // q_len 4, kv_len 2: queries 0 and 1 see nothing, query 2 sees key 0, query 3 sees both.
+    let p = problem(4, 2, Some(CausalAlign::BottomRight));
+    let seen: Vec<Vec<bool>> = (0..4).map(|i| (0..2).map(|j| p.is_visible(i, j)).collect()).collect();
+    assert_eq!(seen, vec![vec![false, false], vec![false, false], vec![true, false], vec![true, true]]);
+}
+
+#[test]
+fn top_left_mask_worked_by_hand() {
+    let p = problem(2, 4, Some(CausalAlign::TopLeft));
+    let seen: Vec<Vec<bool>> = (0..2).map(|i| (0..4).map(|j| p.is_visible(i, j)).collect()).collect();
+    assert_eq!(seen, vec![vec![true, false, false, false], vec![true, true, false, false]]);
+    assert_eq!(p.visible_pairs(), 3);
+}
+
+#[test]
+fn fully_masked_rows_give_zero_and_negative_infinity() {
+    let p = problem(4, 2, Some(CausalAlign::BottomRight));
+    let fwd = softmax_forward(&p, &[1.0, 2.0, 3.0, 4.0], &[0.5, -0.5], &[7.0, 9.0]);
+    assert_eq!(&fwd.output[..2], &[0.0, 0.0]);
+    assert_eq!(&fwd.lse[..2], &[f64::NEG_INFINITY, f64::NEG_INFINITY]);
+    // Query 2 sees key 0 alone: output is v[0], lse is its logit.
+    assert_eq!(fwd.output[2], 7.0);
+    assert_eq!(fwd.lse[2], 3.0 * 0.5);
+}
+
+#[test]
+fn two_key_softmax_by_hand() {
+    // Logits 0 and ln 3: weights 1/4 and 3/4.
+    let p = problem(1, 2, None);
+    let fwd = softmax_forward(&p, &[1.0], &[0.0, 3f64.ln()], &[4.0, 8.0]);
+    assert!((fwd.output[0] - 7.0).abs() < 1e-12);
+    assert!((fwd.lse[0] - 4f64.ln()).abs() < 1e-12);
+}
+
+#[test]
+fn large_logits_do_not_overflow() {
+    let p = problem(1, 3, None);
+    let fwd = softmax_forward(&p, &[1.0], &[800.0, 799.0, -800.0], &[1.0, 2.0, 3.0]);
+    let e = (-1f64).exp();
+    assert!((fwd.output[0] - (1.0 + 2.0 * e) / (1.0 + e)).abs() < 1e-12);
+    assert!(fwd.lse[0].is_finite());
+}
+
+#[test]
+fn layouts_index_the_same_element() {
+    // (b, h, s, d) = (1, 2, 3, 4) in a [2, 3, 5, 7] tensor.
+    assert_eq!(Layout::Bhsd.index(1, 2, 3, 4, 3, 5, 7), ((3 + 2) * 5 + 3) * 7 + 4);
+    assert_eq!(Layout::Bshd.index(1, 2, 3, 4, 3, 5, 7), ((5 + 3) * 3 + 2) * 7 + 4);
+}
+
+fn arb_problem() -> impl Strategy<Value = Problem> {
+    (1usize..3, 1usize..4, 1usize..3, 1usize..9, 1usize..9, 1usize..6, 1usize..6, any::<bool>(), 0usize..3).prop_map(
+        |(batch, group, kv_heads, q_len, kv_len, head_dim, value_dim, bshd, causal)| Problem {
+            batch,
+            q_heads: group * kv_heads,
+            kv_heads,
+            q_len,
+            kv_len,
+            head_dim,
+            value_dim,
+            layout: if bshd { Layout::Bshd } else { Layout::Bhsd },
+            scale: 1.0 / (head_dim as f64).sqrt(),
+            causal: [None, Some(CausalAlign::BottomRight), Some(CausalAlign::TopLeft)][causal],
+        },
+    )
+}
+
+fn values(n: usize, seed: u64) -> Vec<f64> {
+    // A small deterministic generator keeps the reference crate free of dependencies.
+    let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    (0..n)
+        .map(|_| {
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((x >> 11) as f64 / (1u64 << 53) as f64) * 4.0 - 2.0
+        })
+        .collect()
+}
+
+proptest! {
+    #[test]
+    fn rows_of_p_sum_to_one_or_zero(p in arb_problem(), seed in any::<u64>()) {
+        let q = values(p.q_elems(), seed);
+        let k = values(p.k_elems(), seed ^ 1);
+        for b in 0..p.batch {
+            for h in 0..p.q_heads {
+                let probs = softmax_probabilities(&p, &q, &k, b, h);
+                for i in 0..p.q_len {
+                    let sum: f64 = probs[i * p.kv_len..(i + 1) * p.kv_len].iter().sum();
+                    let any_visible = (0..p.kv_len).any(|j| p.is_visible(i, j));
+                    prop_assert!((sum - if any_visible { 1.0 } else { 0.0 }).abs() < 1e-12);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn forward_equals_probabilities_times_values(p in arb_problem(), seed in any::<u64>()) {
+        let q = values(p.q_elems(), seed);
+        let k = values(p.k_elems(), seed ^ 1);
+        let v = values(p.v_elems(), seed ^ 2);
+        let fwd = softmax_forward(&p, &q, &k, &v);
+        for b in 0..p.batch {
+            for h in 0..p.q_heads {
+                let probs = softmax_probabilities(&p, &q, &k, b, h);
+                let kh = p.kv_head_of(h);
+                for i in 0..p.q_len {
+                    for e in 0..p.value_dim {
+                        let direct: f64 = (0..p.kv_len)
+                            .map(|j| probs[i * p.kv_len + j] * v[p.layout.index(b, kh, j, e, p.kv_heads, p.kv_len, p.value_dim)])
+                            .sum();
+                        let got = fwd.output[p.layout.index(b, h, i, e, p.q_heads, p.q_len, p.value_dim)];
+                        prop_assert!((got - direct).abs() < 1e-12, "{got} vs {direct}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn naive_f32_is_close_to_reference(p in arb_problem(), seed in any::<u64>()) {
+        let q = values(p.q_elems(), seed);
+        let k = values(p.k_elems(), seed ^ 1);
+        let v = values(p.v_elems(), seed ^ 2);
+        let truth = softmax_forward(&p, &q, &k, &v);
+        let f = |x: &[f64]| x.iter().map(|&a| a as f32).collect::<Vec<f32>>();
+        let naive = naive::softmax_forward_f32(&p, &f(&q), &f(&k), &f(&v), |x| x);
+        for (a, b) in naive.output.iter().zip(&truth.output) {
+            prop_assert!((a - b).abs() < 1e-5);
+        }
+        for (a, b) in naive.lse.iter().zip(&truth.lse) {
+            prop_assert!(a == b || (a - b).abs() < 1e-5);
+        }
+    }
+}

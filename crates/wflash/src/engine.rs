@@ -1,0 +1,334 @@
+//! The engine: one wgpu device and queue, what they can do, and the compiled pipelines.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crate::kernel::{KernelKey, Storage};
+use crate::{DType, Error, Result};
+
+/// How f16 tensors are read and written.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum F16Path {
+    /// Native `f16` where the adapter has `SHADER_F16`, else unpacked from u32 words.
+    #[default]
+    Auto,
+    /// Always unpack from u32 words, as on adapters without `SHADER_F16` (e.g. SwiftShader).
+    Packed,
+    /// Native `f16` only; f16 calls fail with [`Error::DTypeUnsupported`] where the adapter lacks it.
+    RequireNative,
+}
+
+/// How an engine picks and configures its device.
+#[derive(Clone, Debug)]
+pub struct EngineOptions {
+    /// Backends to consider; `None` reads `WGPU_BACKEND` (e.g. `vulkan`, `metal`, `dx12`), else all.
+    pub backends: Option<wgpu::Backends>,
+    /// Substring of the adapter name; `None` reads `WGPU_ADAPTER_NAME`, else the default adapter.
+    pub adapter_name: Option<String>,
+    /// Power preference for the default adapter; `None` reads `WGPU_POWER_PREF`.
+    pub power_preference: Option<wgpu::PowerPreference>,
+    /// Which f16 path to use (the switch that tests use to cover both paths on one adapter).
+    pub f16_path: F16Path,
+    /// Ask for subgroup operations where the adapter has them (reported in [`EngineInfo`]).
+    pub use_subgroups: bool,
+    /// Fill output buffers with NaN before each dispatch, so an element a kernel forgets to write
+    /// shows up. Costs a buffer fill; the conformance tests turn it on.
+    pub poison_outputs: bool,
+    /// The longest a readback may wait for the GPU before failing with [`Error::ReadbackTimeout`].
+    pub readback_timeout: Duration,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        EngineOptions {
+            backends: None,
+            adapter_name: None,
+            power_preference: None,
+            f16_path: F16Path::Auto,
+            use_subgroups: true,
+            poison_outputs: false,
+            readback_timeout: Duration::from_secs(120),
+        }
+    }
+}
+
+/// What the engine's adapter is and can do.
+#[derive(Clone, Debug)]
+pub struct EngineInfo {
+    pub adapter_name: String,
+    pub backend: wgpu::Backend,
+    pub driver: String,
+    pub driver_info: String,
+    /// Native f16 storage is enabled on the device and used for f16 tensors.
+    pub shader_f16: bool,
+    /// Subgroup operations are enabled on the device.
+    pub subgroups: bool,
+    pub subgroup_min_size: u32,
+    pub subgroup_max_size: u32,
+    /// GPU timestamp queries are enabled (the bench times with them when true).
+    pub timestamp_queries: bool,
+    /// The device's limits.
+    pub limits: wgpu::Limits,
+}
+
+impl std::fmt::Display for EngineInfo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} ({:?}, driver {} {}; shader-f16 {}, subgroups {} [{}..{}], timestamps {}, workgroup memory {} B)",
+            self.adapter_name,
+            self.backend,
+            self.driver,
+            self.driver_info,
+            yes_no(self.shader_f16),
+            yes_no(self.subgroups),
+            self.subgroup_min_size,
+            self.subgroup_max_size,
+            yes_no(self.timestamp_queries),
+            self.limits.max_compute_workgroup_storage_size
+        )
+    }
+}
+
+fn yes_no(b: bool) -> &'static str {
+    if b { "yes" } else { "no" }
+}
+
+/// A GPU attention engine. Cheap to clone; clones share one device, queue and pipeline cache,
+/// so many threads or tasks can use it at once.
+#[derive(Clone, Debug)]
+pub struct Engine {
+    pub(crate) inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+pub(crate) struct Inner {
+    pub(crate) device: wgpu::Device,
+    pub(crate) queue: wgpu::Queue,
+    pub(crate) info: EngineInfo,
+    pub(crate) options: EngineOptions,
+    pub(crate) bind_group_layout: wgpu::BindGroupLayout,
+    pipeline_layout: wgpu::PipelineLayout,
+    pipelines: Mutex<HashMap<KernelKey, wgpu::ComputePipeline>>,
+    pub(crate) lost: Arc<AtomicBool>,
+}
+
+impl Engine {
+    /// Opens the adapter chosen by `options` (honouring `WGPU_BACKEND` and `WGPU_ADAPTER_NAME`).
+    pub async fn new(options: EngineOptions) -> Result<Engine> {
+        let backends = options.backends.or_else(wgpu::Backends::from_env).unwrap_or(wgpu::Backends::all());
+        let mut desc = wgpu::InstanceDescriptor::new_without_display_handle_from_env();
+        desc.backends = backends;
+        let instance = wgpu::Instance::new(desc);
+        let adapter = select_adapter(&instance, backends, &options).await?;
+
+        let adapter_features = adapter.features();
+        let mut features = wgpu::Features::empty();
+        for wanted in [wgpu::Features::SHADER_F16, wgpu::Features::TIMESTAMP_QUERY] {
+            if adapter_features.contains(wanted) {
+                features |= wanted;
+            }
+        }
+        if options.use_subgroups && adapter_features.contains(wgpu::Features::SUBGROUP) {
+            features |= wgpu::Features::SUBGROUP;
+        }
+        let (device, queue) = adapter
+            .request_device(&wgpu::DeviceDescriptor {
+                label: Some("wflash"),
+                required_features: features,
+                required_limits: adapter.limits(),
+                ..Default::default()
+            })
+            .await?;
+        Self::from_device(device, queue, options)
+    }
+
+    /// Blocking twin of [`Engine::new`].
+    pub fn new_blocking(options: EngineOptions) -> Result<Engine> {
+        pollster::block_on(Self::new(options))
+    }
+
+    /// Wraps an application's own device and queue, so wflash shares its GPU memory and
+    /// command stream. Features the device was created without are simply not used.
+    pub fn from_device(device: wgpu::Device, queue: wgpu::Queue, options: EngineOptions) -> Result<Engine> {
+        let adapter = device.adapter_info();
+        let features = device.features();
+        let info = EngineInfo {
+            adapter_name: adapter.name.clone(),
+            backend: adapter.backend,
+            driver: adapter.driver.clone(),
+            driver_info: adapter.driver_info.clone(),
+            shader_f16: features.contains(wgpu::Features::SHADER_F16) && options.f16_path != F16Path::Packed,
+            subgroups: features.contains(wgpu::Features::SUBGROUP) && options.use_subgroups,
+            subgroup_min_size: adapter.subgroup_min_size,
+            subgroup_max_size: adapter.subgroup_max_size,
+            timestamp_queries: features.contains(wgpu::Features::TIMESTAMP_QUERY),
+            limits: device.limits(),
+        };
+        let lost = Arc::new(AtomicBool::new(false));
+        let flag = lost.clone();
+        device.set_device_lost_callback(move |_reason, _message| flag.store(true, Ordering::SeqCst));
+        // Errors are collected with error scopes around every operation; anything that escapes
+        // them must not panic the application.
+        device.on_uncaptured_error(Arc::new(|_err: wgpu::Error| {}));
+
+        let storage = |binding: u32, read_only: bool| wgpu::BindGroupLayoutEntry {
+            binding,
+            visibility: wgpu::ShaderStages::COMPUTE,
+            ty: wgpu::BindingType::Buffer {
+                ty: wgpu::BufferBindingType::Storage { read_only },
+                has_dynamic_offset: false,
+                min_binding_size: None,
+            },
+            count: None,
+        };
+        let bind_group_layout = device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
+            label: Some("flash_fwd bindings"),
+            entries: &[
+                wgpu::BindGroupLayoutEntry {
+                    binding: 0,
+                    visibility: wgpu::ShaderStages::COMPUTE,
+                    ty: wgpu::BindingType::Buffer {
+                        ty: wgpu::BufferBindingType::Uniform,
+                        has_dynamic_offset: false,
+                        min_binding_size: None,
+                    },
+                    count: None,
+                },
+                storage(1, true),
+                storage(2, true),
+                storage(3, true),
+                storage(4, false),
+                storage(5, false),
+            ],
+        });
+        let pipeline_layout = device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
+            label: Some("flash_fwd layout"),
+            bind_group_layouts: &[Some(&bind_group_layout)],
+            immediate_size: 0,
+        });
+        Ok(Engine {
+            inner: Arc::new(Inner {
+                device,
+                queue,
+                info,
+                options,
+                bind_group_layout,
+                pipeline_layout,
+                pipelines: Mutex::new(HashMap::new()),
+                lost,
+            }),
+        })
+    }
+
+    /// The adapter and what it can do.
+    pub fn info(&self) -> &EngineInfo {
+        &self.inner.info
+    }
+
+    /// The engine's device, for applications and tools that dispatch their own work beside wflash.
+    pub fn device(&self) -> &wgpu::Device {
+        &self.inner.device
+    }
+
+    /// The engine's queue.
+    pub fn queue(&self) -> &wgpu::Queue {
+        &self.inner.queue
+    }
+
+    /// The options the engine was created with.
+    pub fn options(&self) -> &EngineOptions {
+        &self.inner.options
+    }
+
+    /// Number of compiled pipelines in the cache.
+    pub fn cached_pipelines(&self) -> usize {
+        self.inner.pipelines.lock().map(|p| p.len()).unwrap_or(0)
+    }
+
+    /// The storage path for `dtype` on this engine, or why there is none.
+    pub fn storage_for(&self, dtype: DType) -> Result<Storage> {
+        Ok(match dtype {
+            DType::F32 => Storage::F32,
+            DType::Bf16 => Storage::Bf16Packed,
+            DType::F16 => match (self.inner.options.f16_path, self.inner.info.shader_f16) {
+                (F16Path::Packed, _) | (F16Path::Auto, false) => Storage::F16Packed,
+                (_, true) => Storage::F16Native,
+                (F16Path::RequireNative, false) => {
+                    return Err(Error::DTypeUnsupported {
+                        dtype,
+                        reason: "EngineOptions::f16_path is RequireNative but the device has no SHADER_F16",
+                    });
+                }
+            },
+        })
+    }
+
+    pub(crate) fn check_alive(&self) -> Result<()> {
+        if self.inner.lost.load(Ordering::SeqCst) {
+            return Err(Error::DeviceLost("the device was lost earlier; create a new Engine".into()));
+        }
+        Ok(())
+    }
+
+    /// The compiled pipeline for `key`, built on first use.
+    pub(crate) fn pipeline(&self, key: &KernelKey) -> Result<wgpu::ComputePipeline> {
+        let mut cache = self.inner.pipelines.lock().map_err(|_| Error::Internal("pipeline cache poisoned".into()))?;
+        if let Some(pipeline) = cache.get(key) {
+            return Ok(pipeline.clone());
+        }
+        let device = &self.inner.device;
+        let label = key.label();
+        let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
+            label: Some(&label),
+            source: wgpu::ShaderSource::Wgsl(key.source().into()),
+        });
+        let constants = key.constants();
+        let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+            label: Some(&label),
+            layout: Some(&self.inner.pipeline_layout),
+            module: &module,
+            entry_point: Some("flash_fwd"),
+            compilation_options: wgpu::PipelineCompilationOptions {
+                constants: &constants,
+                // Every workgroup variable is written before it is read.
+                zero_initialize_workgroup_memory: false,
+            },
+            cache: None,
+        });
+        if let Some(err) = pollster::block_on(scope.pop()) {
+            return Err(Error::Internal(format!("building `{label}`: {err}")));
+        }
+        cache.insert(*key, pipeline.clone());
+        Ok(pipeline)
+    }
+}
+
+async fn select_adapter(
+    instance: &wgpu::Instance,
+    backends: wgpu::Backends,
+    options: &EngineOptions,
+) -> Result<wgpu::Adapter> {
+    let wanted_name = options
+        .adapter_name
+        .clone()
+        .or_else(|| std::env::var("WGPU_ADAPTER_NAME").ok())
+        .filter(|name| !name.is_empty());
+    if let Some(name) = wanted_name {
+        let adapters = instance.enumerate_adapters(backends).await;
+        let names: Vec<String> = adapters.iter().map(|a| a.get_info().name).collect();
+        return adapters
+            .into_iter()
+            .find(|a| a.get_info().name.to_lowercase().contains(&name.to_lowercase()))
+            .ok_or_else(|| Error::NoAdapter(format!("none named like `{name}` among {names:?}")));
+    }
+    let power_preference =
+        options.power_preference.or_else(wgpu::PowerPreference::from_env).unwrap_or_default();
+    instance
+        .request_adapter(&wgpu::RequestAdapterOptions { power_preference, ..Default::default() })
+        .await
+        .map_err(|e| Error::NoAdapter(format!("{e}; backends {backends:?}")))
+}

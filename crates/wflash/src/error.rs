@@ -1,0 +1,73 @@
+//! Every way a wflash call can fail, as values that carry the offending numbers.
+
+use crate::DType;
+
+/// The result type of every fallible wflash call.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Errors returned by wflash. Input errors are found before anything is dispatched.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// No adapter matched the request (or none exists on this machine).
+    #[error("no GPU adapter found ({0})")]
+    NoAdapter(String),
+    /// The adapter refused to create a device.
+    #[error("could not create a device: {0}")]
+    RequestDevice(#[from] wgpu::RequestDeviceError),
+
+    /// A dimension of the shape is zero.
+    #[error("shape dimension `{dim}` is zero; every dimension must be at least 1")]
+    ZeroDimension { dim: &'static str },
+    /// `q_heads` is not a multiple of `kv_heads`.
+    #[error("q_heads ({q_heads}) must be a multiple of kv_heads ({kv_heads}) for GQA/MQA")]
+    HeadsNotDivisible { q_heads: usize, kv_heads: usize },
+    /// A head dimension outside what the kernels support.
+    #[error("`{dim}` = {got} is not supported; supported range is 1..={max}")]
+    HeadDimUnsupported { dim: &'static str, got: usize, max: usize },
+    /// A host slice or device tensor does not hold the number of elements the shape implies.
+    #[error("tensor `{tensor}` has {got} elements but the shape needs {expected}")]
+    LengthMismatch { tensor: &'static str, expected: usize, got: usize },
+    /// A device tensor of the wrong element type.
+    #[error("tensor `{tensor}` holds {got:?} but this call needs {expected:?}")]
+    DTypeMismatch { tensor: &'static str, expected: DType, got: DType },
+    /// The scale is NaN, infinite or zero.
+    #[error("scale {scale} must be finite and non-zero")]
+    InvalidScale { scale: f32 },
+    /// The element type has no kernel path on this engine's adapter.
+    #[error("{dtype:?} is not supported here: {reason}")]
+    DTypeUnsupported { dtype: DType, reason: &'static str },
+    /// The problem exceeds an adapter limit, even after splitting over batch.
+    #[error("problem too large: needs {needed} but `{limit}` is {max}{hint}")]
+    TooLarge { limit: &'static str, needed: u64, max: u64, hint: &'static str },
+
+    /// The device was lost (driver reset, `destroy`, or unplugged).
+    #[error("the GPU device was lost: {0}")]
+    DeviceLost(String),
+    /// The device ran out of memory.
+    #[error("the GPU ran out of memory: {0}")]
+    OutOfMemory(String),
+    /// Reading results back did not finish in time.
+    #[error("reading results back from the GPU timed out after {seconds} s")]
+    ReadbackTimeout { seconds: u64 },
+    /// wgpu reported an error that indicates a bug in wflash.
+    #[error("internal GPU error (a wflash bug, please report): {0}")]
+    Internal(String),
+}
+
+impl Error {
+    /// Classifies a wgpu error captured by an error scope.
+    pub(crate) fn from_wgpu(err: wgpu::Error) -> Self {
+        match err {
+            wgpu::Error::OutOfMemory { source } => Error::OutOfMemory(source.to_string()),
+            other => {
+                let text = other.to_string();
+                if text.to_lowercase().contains("lost") {
+                    Error::DeviceLost(text)
+                } else {
+                    Error::Internal(text)
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,210 @@
+//! The conformance harness: GPU results judged against the f64 reference by FlashAttention's
+//! standard (DESIGN.md): the kernel's max abs error must be at most twice that of a naive
+//! computation in the same storage precision, plus 1e-5.
+//!
+//! Every case draws fresh random inputs from its own seed (printed on failure), and the engine
+//! poisons output buffers with NaN so an element the kernel forgets to write fails the case.
+
+use std::sync::OnceLock;
+
+use rand::{Rng, SeedableRng};
+use rand_distr::StandardNormal;
+use wflash::{AttentionOptions, Causal, DType, Element, Engine, EngineOptions, F16Path, Layout, Shape};
+use wflash_ref::{CausalAlign, Problem};
+
+pub mod grid;
+
+/// Which kernel path a case runs: the element type, and for f16 which storage path.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Path {
+    F32,
+    /// Native `f16` storage (`SHADER_F16`).
+    F16Native,
+    /// f16 unpacked from u32 words, as on adapters without `SHADER_F16`.
+    F16Packed,
+    Bf16,
+}
+
+impl Path {
+    pub const ALL: [Path; 4] = [Path::F32, Path::F16Native, Path::F16Packed, Path::Bf16];
+    pub fn dtype(self) -> DType {
+        match self {
+            Path::F32 => DType::F32,
+            Path::F16Native | Path::F16Packed => DType::F16,
+            Path::Bf16 => DType::Bf16,
+        }
+    }
+}
+
+/// A tolerance in FlashAttention's form: `max_abs_err <= factor · baseline_err + slack`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Tolerance {
+    pub factor: f64,
+    pub slack: f64,
+}
+
+impl Tolerance {
+    /// The forward-pass contract of DESIGN.md.
+    pub const FORWARD: Tolerance = Tolerance { factor: 2.0, slack: 1e-5 };
+    pub fn bound(&self, baseline_err: f64) -> f64 {
+        self.factor * baseline_err + self.slack
+    }
+}
+
+fn allow_no_gpu() -> bool {
+    std::env::var("WFLASH_ALLOW_NO_GPU").is_ok_and(|v| v == "1")
+}
+
+/// The shared engine for `path`. Output poisoning is on. No adapter is a failure unless a
+/// person has set `WFLASH_ALLOW_NO_GPU=1`, in which case this returns `None` and says so.
+pub fn engine(path: Path) -> Option<&'static Engine> {
+    static AUTO: OnceLock<Option<Engine>> = OnceLock::new();
+    static PACKED: OnceLock<Option<Engine>> = OnceLock::new();
+    let (cell, f16_path) = match path {
+        Path::F16Packed => (&PACKED, F16Path::Packed),
+        _ => (&AUTO, F16Path::Auto),
+    };
+    cell.get_or_init(|| {
+        let options = EngineOptions { f16_path, poison_outputs: true, ..Default::default() };
+        match Engine::new_blocking(options) {
+            Ok(engine) => {
+                eprintln!("wflash conformance adapter: {}", engine.info());
+                Some(engine)
+            }
+            Err(err) if allow_no_gpu() => {
+                eprintln!("WFLASH_ALLOW_NO_GPU=1: skipping GPU checks ({err})");
+                None
+            }
+            Err(err) => panic!("no GPU adapter ({err}); set WFLASH_ALLOW_NO_GPU=1 only on a machine without any"),
+        }
+    })
+    .as_ref()
+    .map(|engine| {
+        if path == Path::F16Native {
+            assert!(engine.info().shader_f16, "the F16Native path needs an adapter with SHADER_F16");
+        }
+        engine
+    })
+}
+
+/// One conformance case.
+#[derive(Clone, Debug)]
+pub struct Case {
+    pub shape: Shape,
+    pub layout: Layout,
+    pub causal: Option<Causal>,
+    pub scale: Option<f32>,
+    pub path: Path,
+    /// Standard deviation of the random inputs (1 for ordinary cases; large for big-logit cases).
+    pub input_std: f32,
+    pub seed: u64,
+}
+
+/// What a case measured.
+#[derive(Clone, Debug)]
+pub struct Outcome {
+    pub gpu_err: f64,
+    pub naive_err: f64,
+    pub lse_err: f64,
+    pub naive_lse_err: f64,
+    /// `gpu_err / bound`: at most 1 to pass.
+    pub ratio: f64,
+}
+
+pub fn problem(case: &Case) -> Problem {
+    let s = &case.shape;
+    Problem {
+        batch: s.batch,
+        q_heads: s.q_heads,
+        kv_heads: s.kv_heads,
+        q_len: s.q_len,
+        kv_len: s.kv_len,
+        head_dim: s.head_dim,
+        value_dim: s.value_dim,
+        layout: match case.layout {
+            Layout::Bhsd => wflash_ref::Layout::Bhsd,
+            Layout::Bshd => wflash_ref::Layout::Bshd,
+        },
+        scale: f64::from(case.scale.unwrap_or(1.0 / (s.head_dim as f32).sqrt())),
+        causal: case.causal.map(|c| match c {
+            Causal::BottomRight => CausalAlign::BottomRight,
+            Causal::TopLeft => CausalAlign::TopLeft,
+        }),
+    }
+}
+
+/// Random normals of the element type, and the exact values they hold as f32.
+pub fn random<T: Element>(rng: &mut impl Rng, n: usize, std: f32) -> (Vec<T>, Vec<f32>) {
+    let values: Vec<T> = (0..n).map(|_| T::from_f32(rng.sample::<f32, _>(StandardNormal) * std)).collect();
+    let exact = values.iter().map(|x| x.to_f32()).collect();
+    (values, exact)
+}
+
+/// Max abs difference; NaN anywhere (or an infinity that differs) counts as infinite error.
+pub fn max_abs_err(got: impl IntoIterator<Item = f64>, truth: &[f64]) -> (f64, usize) {
+    let mut worst = (0.0, 0);
+    for (i, (g, t)) in got.into_iter().zip(truth).enumerate() {
+        let err = if g == *t { 0.0 } else if g.is_nan() || t.is_nan() { f64::INFINITY } else { (g - t).abs() };
+        if err > worst.0 || err.is_nan() {
+            worst = (err, i);
+        }
+    }
+    worst
+}
+
+/// Runs a case on the GPU and judges it. `Ok(None)` when no GPU is allowed and none exists.
+pub fn run_case(case: &Case) -> Result<Option<Outcome>, String> {
+    match case.path.dtype() {
+        DType::F32 => run_typed::<f32>(case),
+        DType::F16 => run_typed::<half::f16>(case),
+        DType::Bf16 => run_typed::<half::bf16>(case),
+    }
+}
+
+fn run_typed<T: Element>(case: &Case) -> Result<Option<Outcome>, String> {
+    let Some(engine) = engine(case.path) else { return Ok(None) };
+    let p = problem(case);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(case.seed);
+    let (q, q32) = random::<T>(&mut rng, p.q_elems(), case.input_std);
+    let (k, k32) = random::<T>(&mut rng, p.k_elems(), case.input_std);
+    let (v, v32) = random::<T>(&mut rng, p.v_elems(), 1.0);
+    let opts = AttentionOptions { causal: case.causal, scale: case.scale, ..AttentionOptions::softmax() };
+    let gpu = engine
+        .attention_blocking(&case.shape, case.layout, &opts, &q, &k, &v)
+        .map_err(|e| format!("{case:?}: engine error {e}"))?;
+
+    let wide = |x: &[f32]| x.iter().map(|&a| f64::from(a)).collect::<Vec<f64>>();
+    let truth = wflash_ref::softmax_forward(&p, &wide(&q32), &wide(&k32), &wide(&v32));
+    let store = |x: f32| T::from_f32(x).to_f32();
+    let naive = wflash_ref::naive::softmax_forward_f32(&p, &q32, &k32, &v32, store);
+
+    let (gpu_err, worst) = max_abs_err(gpu.output.iter().map(|x| f64::from(x.to_f32())), &truth.output);
+    let (naive_err, _) = max_abs_err(naive.output.iter().copied(), &truth.output);
+    let gpu_lse = gpu.lse.ok_or_else(|| format!("{case:?}: softmax returned no LSE"))?;
+    let (lse_err, lse_worst) = max_abs_err(gpu_lse.iter().map(|&x| f64::from(x)), &truth.lse);
+    let (naive_lse_err, _) = max_abs_err(naive.lse.iter().copied(), &truth.lse);
+
+    let tol = Tolerance::FORWARD;
+    let ratio = gpu_err / tol.bound(naive_err);
+    let outcome = Outcome { gpu_err, naive_err, lse_err, naive_lse_err, ratio };
+    if !(ratio <= 1.0) {
+        let got = gpu.output.get(worst).map(|x| x.to_f32());
+        return Err(format!(
+            "{case:?}\n  output: max abs err {gpu_err:e} at flat index {worst} (got {got:?}, want {}) > bound {:e} \
+             (naive {naive_err:e}); max rel {:e}",
+            truth.output[worst],
+            tol.bound(naive_err),
+            gpu_err / truth.output[worst].abs().max(1e-30),
+        ));
+    }
+    // The LSE is f32 in every path: judge it against an f32 naive LSE, with slack scaled to its magnitude.
+    let lse_scale = truth.lse.iter().filter(|x| x.is_finite()).fold(1.0f64, |m, x| m.max(x.abs()));
+    let lse_bound = tol.factor * naive_lse_err + tol.slack * lse_scale;
+    if !(lse_err <= lse_bound) {
+        return Err(format!(
+            "{case:?}\n  lse: max abs err {lse_err:e} at row {lse_worst} (got {}, want {}) > bound {lse_bound:e}",
+            gpu_lse[lse_worst], truth.lse[lse_worst]
+        ));
+    }
+    Ok(Some(outcome))
+}
