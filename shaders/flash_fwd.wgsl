@@ -1,12 +1,18 @@
 // FlashAttention-2 forward (Algorithm 1) for softmax attention.
 //
-// A workgroup owns BLOCK_M query rows of one (batch, query head); each invocation owns one row,
-// so the running max and sum never need a cross-invocation reduction (FA2's split-Q principle).
-// K/V tiles of BLOCK_N keys are staged through workgroup memory as f32. Scores are kept in
+// A workgroup owns BLOCK_M query rows of one (batch, query head) and one slice of at most
+// VALUE_SLICE output columns; each invocation owns one row, so the running max and sum never
+// need a cross-invocation reduction (FA2's split-Q principle). Private arrays stay small (at most
+// 64 floats each): large dynamically indexed private arrays are miscompiled by llvmpipe (Mesa
+// 22.3; see docs/PERF.md), and on GPUs they would spill. So the query row is consumed in chunks of
+// Q_CHUNK, and value dims above VALUE_SLICE are split across workgroups that each recompute the
+// scores (the price is recomputing Q·Kᵀ once per extra slice).
+// K/V tiles of BLOCK_N keys are staged through workgroup memory as vec4<f32> rows (zero-padded to
+// a multiple of 4). Scores are kept in
 // log2 units: Q is pre-multiplied by scale·log2(e) so each probability is one exp2. The output
 // is divided by the row sum once, at the end, and the natural-log LSE of every row is written.
 //
-// Dispatch: (ceil(q_len / BLOCK_M), q_heads, batch).
+// Dispatch: (ceil(q_len / BLOCK_M) · value_slices, q_heads, batch).
 //
 // Bindings (group 0):
 //   0 params  uniform Params
@@ -16,20 +22,24 @@
 //
 // The host prepends a prelude that defines the storage bindings 1-4 with their accessors
 // load_q / load_k / load_v / store_o (f32, native f16, or f16/bf16 packed in u32 words), and
-// the constants that size private arrays, which WGSL requires to be const:
-//   BLOCK_N        keys per K/V tile
-//   HEAD_DIM_CAP   capacity of the private query row (>= HEAD_DIM)
-//   VALUE_DIM_CAP  capacity of the private output accumulator (>= VALUE_DIM)
+//   BLOCK_N   keys per K/V tile (a const: it sizes the private score array).
+//
+// llvmpipe (Mesa 22.3) stops every loop of an invocation once 65535 loop iterations have run in
+// total (its "loop limiter" is shared by all loops and never reset). So every inner loop here has
+// a small compile-time trip count that the compiler unrolls (at most 16 vec4 steps), and only
+// loops over keys remain: the kernel stays correct up to roughly 20k keys per row on llvmpipe.
 //
 // Override constants:
 //   BLOCK_M    query rows per workgroup (= workgroup size)
 //   HEAD_DIM   length of q and k rows
 //   VALUE_DIM  length of v and o rows
+//   VALUE_SLICE output columns per workgroup (min(VALUE_DIM, 64))
 //   CAUSAL     mask keys j > i + causal_offset, and skip key tiles that no row of the block sees
 
 override BLOCK_M: u32 = 64u;
 override HEAD_DIM: u32 = 64u;
 override VALUE_DIM: u32 = 64u;
+override VALUE_SLICE: u32 = 64u;
 override CAUSAL: bool = false;
 
 // Element offsets are (batch, head, seq) strides; the innermost dimension is contiguous.
@@ -54,8 +64,17 @@ struct Params {
 @group(0) @binding(0) var<uniform> params: Params;
 @group(0) @binding(5) var<storage, read_write> lse_buf: array<f32>;
 
-var<workgroup> k_tile: array<f32, BLOCK_N * HEAD_DIM>;
-var<workgroup> v_tile: array<f32, BLOCK_N * VALUE_DIM>;
+// Row lengths in vec4 units.
+override HEAD_VEC4: u32 = (HEAD_DIM + 3u) / 4u;
+override SLICE_VEC4: u32 = (VALUE_SLICE + 3u) / 4u;
+
+var<workgroup> k_tile: array<vec4<f32>, BLOCK_N * HEAD_VEC4>;
+var<workgroup> v_tile: array<vec4<f32>, BLOCK_N * SLICE_VEC4>;
+
+// vec4 steps of the query row held in registers at once (64 floats).
+const CHUNK_VEC4: u32 = 16u;
+// Output accumulators, column-major so the invocations of a row block touch adjacent words.
+var<workgroup> acc: array<f32, VALUE_SLICE * BLOCK_M>;
 
 // Lower than any finite logit: marks "no visible key yet" without computing with infinities,
 // which fast-math compilers (llvmpipe among them) may not honour.
@@ -67,73 +86,79 @@ fn flash_fwd(
     @builtin(workgroup_id) wg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
+    let value_slices = (VALUE_DIM + VALUE_SLICE - 1u) / VALUE_SLICE;
+    let query_tile = wg.x / value_slices;
+    let v0 = (wg.x % value_slices) * VALUE_SLICE;
+    let v_len = min(VALUE_SLICE, VALUE_DIM - v0);
     let head = wg.y;
     let batch = wg.z;
     let kv_head = head / (params.q_heads / params.kv_heads);
-    let block_row0 = wg.x * BLOCK_M;
+    let block_row0 = query_tile * BLOCK_M;
     let row = block_row0 + lid;
     let row_valid = row < params.q_len;
 
     let q_base = batch * params.q_stride.x + head * params.q_stride.y + row * params.q_stride.z;
     let k_base = batch * params.k_stride.x + kv_head * params.k_stride.y;
-    let v_base = batch * params.v_stride.x + kv_head * params.v_stride.y;
+    let v_base = batch * params.v_stride.x + kv_head * params.v_stride.y + v0;
 
-    var q: array<f32, HEAD_DIM_CAP>;
-    if row_valid {
-        for (var d = 0u; d < HEAD_DIM; d++) {
-            q[d] = load_q(q_base + d) * params.scale_log2;
-        }
+    // When the whole query row fits in one chunk it is loaded once, else chunk by chunk per tile.
+    var q: array<vec4<f32>, CHUNK_VEC4>;
+    if HEAD_VEC4 <= CHUNK_VEC4 {
+        q = load_q_chunk(row_valid, q_base, 0u);
     }
-    var acc: array<f32, VALUE_DIM_CAP>;
-    for (var e = 0u; e < VALUE_DIM; e++) {
-        acc[e] = 0.0;
-    }
+    var acc: array<vec4<f32>, CHUNK_VEC4>;
     var row_max = NO_MAX;
     var row_sum = 0.0;
 
     // Keys past kv_end are invisible to every row of this block: their tiles are never loaded.
     var kv_end = params.kv_len;
-    if CAUSAL {
-        let last_row = min(block_row0 + BLOCK_M, params.q_len) - 1u;
-        kv_end = u32(clamp(i32(last_row) + params.causal_offset + 1, 0, i32(params.kv_len)));
-    }
     // This row's own last visible key (exclusive), for the per-element mask.
     var row_end = params.kv_len;
     if CAUSAL {
+        let last_row = min(block_row0 + BLOCK_M, params.q_len) - 1u;
+        kv_end = u32(clamp(i32(last_row) + params.causal_offset + 1, 0, i32(params.kv_len)));
         row_end = u32(clamp(i32(row) + params.causal_offset + 1, 0, i32(params.kv_len)));
     }
 
     var s: array<f32, BLOCK_N>;
     for (var key0 = 0u; key0 < kv_end; key0 += BLOCK_N) {
-        // Stage the K and V tiles; keys past kv_len are zero so every lane does the same work.
+        // Stage the K tile and this slice of the V tile; elements past kv_len or past the row
+        // length are zero so every lane does the same work.
         workgroupBarrier();
-        for (var i = lid; i < BLOCK_N * HEAD_DIM; i += BLOCK_M) {
-            let key = key0 + i / HEAD_DIM;
-            var x = 0.0;
-            if key < params.kv_len {
-                x = load_k(k_base + key * params.k_stride.z + i % HEAD_DIM);
-            }
-            k_tile[i] = x;
+        for (var i = lid; i < BLOCK_N * HEAD_VEC4; i += BLOCK_M) {
+            let key = key0 + i / HEAD_VEC4;
+            let d = (i % HEAD_VEC4) * 4u;
+            k_tile[i] = load_row4(key < params.kv_len, k_base + key * params.k_stride.z, d, HEAD_DIM, 0u);
         }
-        for (var i = lid; i < BLOCK_N * VALUE_DIM; i += BLOCK_M) {
-            let key = key0 + i / VALUE_DIM;
-            var x = 0.0;
-            if key < params.kv_len {
-                x = load_v(v_base + key * params.v_stride.z + i % VALUE_DIM);
-            }
-            v_tile[i] = x;
+        for (var i = lid; i < BLOCK_N * SLICE_VEC4; i += BLOCK_M) {
+            let key = key0 + i / SLICE_VEC4;
+            let e = (i % SLICE_VEC4) * 4u;
+            v_tile[i] = load_row4(key < params.kv_len, v_base + key * params.v_stride.z, e, v_len, 1u);
         }
         workgroupBarrier();
 
-        // Base-2 logits of this tile; invisible keys get NO_MAX and are excluded below.
+        // Base-2 logits of this tile, accumulated over chunks of the query row.
+        for (var j = 0u; j < BLOCK_N; j++) {
+            s[j] = 0.0;
+        }
+        for (var c0 = 0u; c0 < HEAD_VEC4; c0 += CHUNK_VEC4) {
+            if HEAD_VEC4 > CHUNK_VEC4 {
+                q = load_q_chunk(row_valid, q_base, c0 * 4u);
+            }
+            for (var j = 0u; j < BLOCK_N; j++) {
+                var dot = vec4<f32>(0.0);
+                for (var c = 0u; c < CHUNK_VEC4; c++) {
+                    if c0 + c < HEAD_VEC4 {
+                        dot = fma(q[c], k_tile[j * HEAD_VEC4 + c0 + c], dot);
+                    }
+                }
+                s[j] += (dot.x + dot.y) + (dot.z + dot.w);
+            }
+        }
+        // Invisible keys get NO_MAX and are excluded below.
         var tile_max = NO_MAX;
         for (var j = 0u; j < BLOCK_N; j++) {
-            var dot = 0.0;
-            for (var d = 0u; d < HEAD_DIM; d++) {
-                dot = fma(q[d], k_tile[j * HEAD_DIM + d], dot);
-            }
-            let visible = key0 + j < row_end;
-            s[j] = select(NO_MAX, dot, visible);
+            s[j] = select(NO_MAX, s[j], key0 + j < row_end);
             tile_max = max(tile_max, s[j]);
         }
 
@@ -142,28 +167,66 @@ fn flash_fwd(
         let alpha = exp2(row_max - new_max);
         row_max = new_max;
         row_sum *= alpha;
-        for (var e = 0u; e < VALUE_DIM; e++) {
-            acc[e] *= alpha;
+        for (var c = 0u; c < CHUNK_VEC4; c++) {
+            acc[c] *= alpha;
         }
         for (var j = 0u; j < BLOCK_N; j++) {
             let p = select(0.0, exp2(s[j] - new_max), s[j] > NO_MAX);
             row_sum += p;
-            for (var e = 0u; e < VALUE_DIM; e++) {
-                acc[e] = fma(p, v_tile[j * VALUE_DIM + e], acc[e]);
+            for (var c = 0u; c < CHUNK_VEC4; c++) {
+                if c < SLICE_VEC4 {
+                    acc[c] = fma(vec4<f32>(p), v_tile[j * SLICE_VEC4 + c], acc[c]);
+                }
             }
         }
     }
 
-    if !row_valid {
-        return;
-    }
     // The only division, once per row. A row that saw no key has row_sum 0: O = 0, LSE = -inf.
-    let seen = row_sum > 0.0;
-    let inv_sum = select(0.0, 1.0 / row_sum, seen);
-    let o_base = batch * params.o_stride.x + head * params.o_stride.y + row * params.o_stride.z;
-    for (var e = 0u; e < VALUE_DIM; e++) {
-        store_o(o_base + e, acc[e] * inv_sum);
+    if row_valid {
+        let seen = row_sum > 0.0;
+        let inv_sum = select(0.0, 1.0 / row_sum, seen);
+        let o_base = batch * params.o_stride.x + head * params.o_stride.y + row * params.o_stride.z + v0;
+        for (var c = 0u; c < CHUNK_VEC4; c++) {
+            let out = acc[c] * inv_sum;
+            for (var k = 0u; k < 4u; k++) {
+                if c * 4u + k < v_len {
+                    store_o(o_base + c * 4u + k, out[k]);
+                }
+            }
+        }
+        if v0 == 0u {
+            let lse_index = (batch * params.q_heads + head) * params.q_len + row;
+            lse_buf[lse_index] = select(bitcast<f32>(0xff800000u), (row_max + log2(row_sum)) * LN_2, seen);
+        }
     }
-    let lse_index = (batch * params.q_heads + head) * params.q_len + row;
-    lse_buf[lse_index] = select(bitcast<f32>(0xff800000u), (row_max + log2(row_sum)) * LN_2, seen);
+}
+
+// Elements [start, start + 4) of a row at `base` (zero past `len` or when `valid` is false),
+// from tensor 0 (K) or 1 (V).
+fn load_row4(valid: bool, base: u32, start: u32, len: u32, tensor: u32) -> vec4<f32> {
+    var x = vec4<f32>(0.0);
+    if valid {
+        for (var k = 0u; k < 4u; k++) {
+            if start + k < len {
+                x[k] = select(load_k(base + start + k), load_v(base + start + k), tensor == 1u);
+            }
+        }
+    }
+    return x;
+}
+
+// CHUNK_VEC4 vec4 steps of this invocation's query row from element `start`, scaled to base-2 logits.
+fn load_q_chunk(valid: bool, base: u32, start: u32) -> array<vec4<f32>, CHUNK_VEC4> {
+    var q: array<vec4<f32>, CHUNK_VEC4>;
+    if valid {
+        for (var c = 0u; c < CHUNK_VEC4; c++) {
+            for (var k = 0u; k < 4u; k++) {
+                let d = start + c * 4u + k;
+                if d < HEAD_DIM {
+                    q[c][k] = load_q(base + d) * params.scale_log2;
+                }
+            }
+        }
+    }
+    return q;
 }

@@ -161,8 +161,21 @@ pub fn run_case(case: &Case) -> Result<Option<Outcome>, String> {
     }
 }
 
+/// Runs a case on a given engine (e.g. one with lowered limits) and judges it.
+pub fn run_case_on(engine: &Engine, case: &Case) -> Result<Outcome, String> {
+    match case.path.dtype() {
+        DType::F32 => judge::<f32>(engine, case),
+        DType::F16 => judge::<half::f16>(engine, case),
+        DType::Bf16 => judge::<half::bf16>(engine, case),
+    }
+}
+
 fn run_typed<T: Element>(case: &Case) -> Result<Option<Outcome>, String> {
     let Some(engine) = engine(case.path) else { return Ok(None) };
+    judge::<T>(engine, case).map(Some)
+}
+
+fn judge<T: Element>(engine: &Engine, case: &Case) -> Result<Outcome, String> {
     let p = problem(case);
     let mut rng = rand::rngs::StdRng::seed_from_u64(case.seed);
     let (q, q32) = random::<T>(&mut rng, p.q_elems(), case.input_std);
@@ -206,5 +219,5 @@ fn run_typed<T: Element>(case: &Case) -> Result<Option<Outcome>, String> {
             gpu_lse[lse_worst], truth.lse[lse_worst]
         ));
     }
-    Ok(Some(outcome))
+    Ok(outcome)
 }

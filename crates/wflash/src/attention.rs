@@ -2,7 +2,7 @@
 
 use wgpu::util::DeviceExt;
 
-use crate::kernel::{KernelKey, TileConfig};
+use crate::kernel::{self, KernelKey, TileConfig};
 use crate::tensor::buffer_bytes;
 use crate::{Attention, AttentionOptions, Causal, DType, Element, Engine, Error, Layout, Result, Shape, Tensor};
 
@@ -34,7 +34,7 @@ pub struct Plan {
     pub key: KernelKey,
     /// Batch elements per dispatch; less than the batch when buffers would exceed a limit.
     pub batch_per_dispatch: usize,
-    /// Workgroups along x (query tiles) and y (heads); z is the dispatch's batch.
+    /// Workgroups along x (query tiles × value slices); y is heads, z the dispatch's batch.
     pub query_tiles: u32,
 }
 
@@ -47,15 +47,15 @@ impl Engine {
         let limits = &self.inner.info.limits;
 
         let block_m = BLOCK_M.min(limits.max_compute_invocations_per_workgroup).min(limits.max_compute_workgroup_size_x);
-        let row_bytes = (shape.head_dim + shape.value_dim) as u32 * 4;
+        let tile_bytes = |block_n| kernel::workgroup_bytes(block_m, block_n, shape.head_dim as u32, shape.value_dim as u32);
         let mut block_n = MAX_BLOCK_N;
-        while block_n > 1 && block_n * row_bytes > limits.max_compute_workgroup_storage_size {
+        while block_n > 1 && tile_bytes(block_n) > limits.max_compute_workgroup_storage_size {
             block_n /= 2;
         }
-        if block_n * row_bytes > limits.max_compute_workgroup_storage_size {
+        if tile_bytes(block_n) > limits.max_compute_workgroup_storage_size {
             return Err(Error::TooLarge {
                 limit: "max_compute_workgroup_storage_size",
-                needed: u64::from(row_bytes),
+                needed: u64::from(tile_bytes(1)),
                 max: u64::from(limits.max_compute_workgroup_storage_size),
                 hint: " (one key row of K and V does not fit)",
             });
@@ -69,8 +69,8 @@ impl Engine {
         };
 
         let max_groups = u64::from(limits.max_compute_workgroups_per_dimension);
-        let query_tiles = (shape.q_len as u64).div_ceil(u64::from(block_m));
-        for (needed, what) in [(query_tiles, " (q_len / 64 query tiles)"), (shape.q_heads as u64, " (q_heads)")] {
+        let query_tiles = (shape.q_len as u64).div_ceil(u64::from(block_m)) * u64::from(key.value_slices());
+        for (needed, what) in [(query_tiles, " (query tiles × value slices)"), (shape.q_heads as u64, " (q_heads)")] {
             if needed > max_groups {
                 return Err(Error::TooLarge { limit: "max_compute_workgroups_per_dimension", needed, max: max_groups, hint: what });
             }

@@ -62,6 +62,10 @@ pub struct KernelKey {
     pub causal: bool,
 }
 
+/// The most floats a private array may hold. llvmpipe (Mesa 22.3) computes wrong results once an
+/// invocation's dynamically indexed private arrays grow past about 1 KiB, and GPUs spill them.
+pub const PRIVATE_DIM_MAX: u32 = 64;
+
 /// Private arrays are sized in steps so that few distinct capacities exist; loops run to the exact dim.
 pub fn dim_capacity(dim: u32) -> u32 {
     dim.next_power_of_two().max(8)
@@ -81,9 +85,19 @@ impl KernelKey {
         )
     }
 
+    /// Output columns each workgroup computes.
+    pub fn value_slice(&self) -> u32 {
+        self.value_dim.min(PRIVATE_DIM_MAX)
+    }
+
+    /// Workgroups along x per query tile.
+    pub fn value_slices(&self) -> u32 {
+        self.value_dim.div_ceil(self.value_slice())
+    }
+
     /// Bytes of workgroup memory the kernel declares.
     pub fn workgroup_bytes(&self) -> u32 {
-        self.tile.block_n * (self.head_dim + self.value_dim) * 4
+        workgroup_bytes(self.tile.block_m, self.tile.block_n, self.head_dim, self.value_dim)
     }
 
     /// The full WGSL source: generated prelude, then the family's file.
@@ -93,10 +107,8 @@ impl KernelKey {
             src.push_str("enable f16;\n");
         }
         src.push_str(&format!(
-            "const BLOCK_N: u32 = {}u;\nconst HEAD_DIM_CAP: u32 = {}u;\nconst VALUE_DIM_CAP: u32 = {}u;\n",
-            self.tile.block_n,
-            dim_capacity(self.head_dim),
-            dim_capacity(self.value_dim)
+            "const BLOCK_N: u32 = {}u;\n",
+            self.tile.block_n
         ));
         for (binding, name) in [(1, "q"), (2, "k"), (3, "v")] {
             src.push_str(&load_accessor(self.storage, binding, name));
@@ -112,9 +124,15 @@ impl KernelKey {
             ("BLOCK_M", f64::from(self.tile.block_m)),
             ("HEAD_DIM", f64::from(self.head_dim)),
             ("VALUE_DIM", f64::from(self.value_dim)),
+            ("VALUE_SLICE", f64::from(self.value_slice())),
             ("CAUSAL", if self.causal { 1.0 } else { 0.0 }),
         ]
     }
+}
+
+/// Bytes of workgroup memory: a K tile and a V-slice tile of `block_n` keys, and the accumulators.
+pub fn workgroup_bytes(block_m: u32, block_n: u32, head_dim: u32, value_dim: u32) -> u32 {
+    (block_n * (head_dim + value_dim.min(PRIVATE_DIM_MAX)) + value_dim.min(PRIVATE_DIM_MAX) * block_m) * 4
 }
 
 /// A read-only binding `{name}_buf` and `fn load_{name}(i: u32) -> f32` reading element `i`.
