@@ -6,8 +6,16 @@ use wflash::{Causal, Layout, Shape};
 
 use crate::{Case, Path};
 
-pub const SEQ_LENS: [(usize, usize); 8] =
-    [(1, 1), (1, 300), (113, 203), (128, 217), (256, 512), (512, 256), (1023, 1024), (1024, 1023)];
+pub const SEQ_LENS: [(usize, usize); 8] = [
+    (1, 1),
+    (1, 300),
+    (113, 203),
+    (128, 217),
+    (256, 512),
+    (512, 256),
+    (1023, 1024),
+    (1024, 1023),
+];
 pub const HEAD_DIMS: [usize; 9] = [8, 32, 40, 59, 64, 96, 111, 128, 256];
 pub const CAUSAL: [Option<Causal>; 3] = [None, Some(Causal::BottomRight), Some(Causal::TopLeft)];
 /// (q_heads, kv_heads): MHA, GQA, MQA.
@@ -36,17 +44,25 @@ fn value_dim(head_dim: usize, v: ValueDim) -> usize {
 }
 
 /// Axis sizes, in the order of the index vector a row holds.
-const AXES: [usize; 8] =
-    [SEQ_LENS.len(), HEAD_DIMS.len(), CAUSAL.len(), HEADS.len(), Path::ALL.len(), LAYOUTS.len(), VALUE_DIMS.len(), BATCHES.len()];
+const AXES: [usize; 8] = [
+    SEQ_LENS.len(),
+    HEAD_DIMS.len(),
+    CAUSAL.len(),
+    HEADS.len(),
+    Path::ALL.len(),
+    LAYOUTS.len(),
+    VALUE_DIMS.len(),
+    BATCHES.len(),
+];
 
 /// A greedy pairwise covering array (AETG-style): repeatedly take, among random candidates,
 /// the row that covers the most still-uncovered pairs. Deterministic for a given seed.
 pub fn pairwise_rows(seed: u64) -> Vec<[usize; 8]> {
     let mut uncovered = std::collections::HashSet::new();
-    for a in 0..AXES.len() {
-        for b in a + 1..AXES.len() {
-            for va in 0..AXES[a] {
-                for vb in 0..AXES[b] {
+    for (a, &size_a) in AXES.iter().enumerate() {
+        for (b, &size_b) in AXES.iter().enumerate().skip(a + 1) {
+            for va in 0..size_a {
+                for vb in 0..size_b {
                     uncovered.insert((a, va, b, vb));
                 }
             }

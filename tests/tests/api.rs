@@ -1,27 +1,50 @@
 //! The public API beyond the grid: typed errors for bad input (each checked by variant),
 //! splitting over batch under small buffer limits, the GPU-resident path and the async path.
 
-use wflash::{AttentionOptions, Causal, Engine, EngineOptions, Error, F16Path, Layout, Shape, wgpu};
+use wflash::{
+    AttentionOptions, Causal, Engine, EngineOptions, Error, F16Path, Layout, Shape, wgpu,
+};
 use wflash_conformance::{Case, Path, engine, run_case};
 
 fn shape() -> Shape {
-    Shape { batch: 2, q_heads: 4, kv_heads: 2, q_len: 33, kv_len: 47, head_dim: 24, value_dim: 17 }
+    Shape {
+        batch: 2,
+        q_heads: 4,
+        kv_heads: 2,
+        q_len: 33,
+        kv_len: 47,
+        head_dim: 24,
+        value_dim: 17,
+    }
 }
 
 fn inputs(s: &Shape) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-    let f = |n: usize, m: usize| (0..n).map(|i| ((i * m % 97) as f32 - 48.0) / 48.0).collect::<Vec<f32>>();
+    let f = |n: usize, m: usize| {
+        (0..n)
+            .map(|i| ((i * m % 97) as f32 - 48.0) / 48.0)
+            .collect::<Vec<f32>>()
+    };
     (f(s.q_elems(), 7), f(s.k_elems(), 11), f(s.v_elems(), 13))
 }
 
 fn call(engine: &Engine, s: &Shape, opts: &AttentionOptions) -> Result<(), Error> {
     let (q, k, v) = inputs(s);
-    engine.attention_blocking(s, Layout::Bhsd, opts, &q, &k, &v).map(|_| ())
+    engine
+        .attention_blocking(s, Layout::Bhsd, opts, &q, &k, &v)
+        .map(|_| ())
 }
 
 /// A device with features and limits chosen by the test, wrapped with `Engine::from_device`.
-fn custom_engine(limits: impl FnOnce(&mut wgpu::Limits), features: wgpu::Features, options: EngineOptions) -> Engine {
-    let instance = wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
-    let adapter = pollster::block_on(instance.request_adapter(&wgpu::RequestAdapterOptions::default())).expect("adapter");
+fn custom_engine(
+    limits: impl FnOnce(&mut wgpu::Limits),
+    features: wgpu::Features,
+    options: EngineOptions,
+) -> Engine {
+    let instance =
+        wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
+    let adapter =
+        pollster::block_on(instance.request_adapter(&wgpu::RequestAdapterOptions::default()))
+            .expect("adapter");
     let mut required_limits = adapter.limits();
     limits(&mut required_limits);
     let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
@@ -36,16 +59,36 @@ fn custom_engine(limits: impl FnOnce(&mut wgpu::Limits), features: wgpu::Feature
 
 #[test]
 fn bad_input_is_a_typed_error() {
-    let Some(engine) = engine(Path::F32) else { return };
+    let Some(engine) = engine(Path::F32) else {
+        return;
+    };
     let opts = AttentionOptions::softmax();
     let s = shape();
     let (q, k, v) = inputs(&s);
-    let err = engine.attention_blocking(&s, Layout::Bhsd, &opts, &q[1..], &k, &v).unwrap_err();
-    assert!(matches!(err, Error::LengthMismatch { tensor: "q", .. }), "{err}");
-    let err = engine.attention_blocking(&s, Layout::Bhsd, &opts, &q, &k, &v[..3]).unwrap_err();
-    assert!(matches!(err, Error::LengthMismatch { tensor: "v", .. }), "{err}");
+    let err = engine
+        .attention_blocking(&s, Layout::Bhsd, &opts, &q[1..], &k, &v)
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::LengthMismatch { tensor: "q", .. }),
+        "{err}"
+    );
+    let err = engine
+        .attention_blocking(&s, Layout::Bhsd, &opts, &q, &k, &v[..3])
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::LengthMismatch { tensor: "v", .. }),
+        "{err}"
+    );
 
-    for dim in ["batch", "q_heads", "kv_heads", "q_len", "kv_len", "head_dim", "value_dim"] {
+    for dim in [
+        "batch",
+        "q_heads",
+        "kv_heads",
+        "q_len",
+        "kv_len",
+        "head_dim",
+        "value_dim",
+    ] {
         let mut z = s;
         match dim {
             "batch" => z.batch = 0,
@@ -57,15 +100,64 @@ fn bad_input_is_a_typed_error() {
             _ => z.value_dim = 0,
         }
         let err = call(engine, &z, &opts).unwrap_err();
-        assert!(matches!(err, Error::ZeroDimension { dim: d } if d == dim), "{dim}: {err}");
+        assert!(
+            matches!(err, Error::ZeroDimension { dim: d } if d == dim),
+            "{dim}: {err}"
+        );
     }
 
-    let err = call(engine, &Shape { q_heads: 3, kv_heads: 2, ..s }, &opts).unwrap_err();
-    assert!(matches!(err, Error::HeadsNotDivisible { q_heads: 3, kv_heads: 2 }), "{err}");
+    let err = call(
+        engine,
+        &Shape {
+            q_heads: 3,
+            kv_heads: 2,
+            ..s
+        },
+        &opts,
+    )
+    .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::HeadsNotDivisible {
+                q_heads: 3,
+                kv_heads: 2
+            }
+        ),
+        "{err}"
+    );
     let err = call(engine, &Shape { head_dim: 257, ..s }, &opts).unwrap_err();
-    assert!(matches!(err, Error::HeadDimUnsupported { dim: "head_dim", got: 257, max: 256 }), "{err}");
-    let err = call(engine, &Shape { value_dim: 300, ..s }, &opts).unwrap_err();
-    assert!(matches!(err, Error::HeadDimUnsupported { dim: "value_dim", got: 300, .. }), "{err}");
+    assert!(
+        matches!(
+            err,
+            Error::HeadDimUnsupported {
+                dim: "head_dim",
+                got: 257,
+                max: 256
+            }
+        ),
+        "{err}"
+    );
+    let err = call(
+        engine,
+        &Shape {
+            value_dim: 300,
+            ..s
+        },
+        &opts,
+    )
+    .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::HeadDimUnsupported {
+                dim: "value_dim",
+                got: 300,
+                ..
+            }
+        ),
+        "{err}"
+    );
     for scale in [f32::NAN, f32::INFINITY, 0.0] {
         let err = call(engine, &s, &opts.with_scale(scale)).unwrap_err();
         assert!(matches!(err, Error::InvalidScale { .. }), "{err}");
@@ -76,12 +168,32 @@ fn bad_input_is_a_typed_error() {
     let qt = engine.upload(&q).unwrap();
     let kt = engine.upload(&k).unwrap();
     let vt = engine.upload(&v).unwrap();
-    let k16 = engine.upload(&k.iter().map(|&x| half::f16::from_f32(x)).collect::<Vec<_>>()).unwrap();
-    let err = engine.attention_gpu(&s, Layout::Bhsd, &opts, &qt, &k16, &vt).unwrap_err();
-    assert!(matches!(err, Error::DTypeMismatch { tensor: "k", .. }), "{err}");
-    let err = engine.attention_gpu(&s, Layout::Bhsd, &opts, &qt, &vt, &vt).unwrap_err();
-    assert!(matches!(err, Error::LengthMismatch { tensor: "k", .. }), "{err}");
-    assert!(engine.attention_gpu(&s, Layout::Bhsd, &opts, &qt, &kt, &vt).is_ok());
+    let k16 = engine
+        .upload(
+            &k.iter()
+                .map(|&x| half::f16::from_f32(x))
+                .collect::<Vec<_>>(),
+        )
+        .unwrap();
+    let err = engine
+        .attention_gpu(&s, Layout::Bhsd, &opts, &qt, &k16, &vt)
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::DTypeMismatch { tensor: "k", .. }),
+        "{err}"
+    );
+    let err = engine
+        .attention_gpu(&s, Layout::Bhsd, &opts, &qt, &vt, &vt)
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::LengthMismatch { tensor: "k", .. }),
+        "{err}"
+    );
+    assert!(
+        engine
+            .attention_gpu(&s, Layout::Bhsd, &opts, &qt, &kt, &vt)
+            .is_ok()
+    );
 }
 
 #[test]
@@ -97,23 +209,70 @@ fn too_large_problems_split_over_batch_or_fail_with_the_limit_named() {
             l.max_buffer_size = 64 << 10;
         },
         wgpu::Features::empty(),
-        EngineOptions { poison_outputs: true, ..Default::default() },
+        EngineOptions {
+            poison_outputs: true,
+            ..Default::default()
+        },
     );
-    let s = Shape { batch: 12, ..shape() };
-    let plan = small.plan(&s, &AttentionOptions::softmax(), wflash::DType::F32).unwrap();
-    assert!(plan.batch_per_dispatch < s.batch && plan.batch_per_dispatch > 0, "{plan:?}");
+    let s = Shape {
+        batch: 12,
+        ..shape()
+    };
+    let plan = small
+        .plan(&s, &AttentionOptions::softmax(), wflash::DType::F32)
+        .unwrap();
+    assert!(
+        plan.batch_per_dispatch < s.batch && plan.batch_per_dispatch > 0,
+        "{plan:?}"
+    );
     // The split result must equal the reference (checked like any conformance case).
-    let case = Case { shape: s, layout: Layout::Bshd, causal: Some(Causal::BottomRight), scale: None, path: Path::F32, input_std: 1.0, seed: 77 };
+    let case = Case {
+        shape: s,
+        layout: Layout::Bshd,
+        causal: Some(Causal::BottomRight),
+        scale: None,
+        path: Path::F32,
+        input_std: 1.0,
+        seed: 77,
+    };
     let outcome = wflash_conformance::run_case_on(&small, &case).expect("split call conforms");
     assert!(outcome.ratio <= 1.0);
 
     // One batch element that cannot fit: a typed error naming the limit.
-    let huge = Shape { batch: 1, q_heads: 8, kv_heads: 8, q_len: 4096, kv_len: 16, head_dim: 64, value_dim: 64 };
-    let err = small.plan(&huge, &AttentionOptions::softmax(), wflash::DType::F32).unwrap_err();
-    assert!(matches!(err, Error::TooLarge { limit: "max_storage_buffer_binding_size", .. }), "{err}");
+    let huge = Shape {
+        batch: 1,
+        q_heads: 8,
+        kv_heads: 8,
+        q_len: 4096,
+        kv_len: 16,
+        head_dim: 64,
+        value_dim: 64,
+    };
+    let err = small
+        .plan(&huge, &AttentionOptions::softmax(), wflash::DType::F32)
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::TooLarge {
+                limit: "max_storage_buffer_binding_size",
+                ..
+            }
+        ),
+        "{err}"
+    );
     let q = vec![0.5f32; huge.q_elems()];
     let k = vec![0.5f32; huge.k_elems()];
-    let err = small.attention_blocking(&huge, Layout::Bhsd, &AttentionOptions::softmax(), &q, &k, &k).unwrap_err();
+    let err = small
+        .attention_blocking(
+            &huge,
+            Layout::Bhsd,
+            &AttentionOptions::softmax(),
+            &q,
+            &k,
+            &k,
+        )
+        .unwrap_err();
     assert!(matches!(err, Error::TooLarge { .. }), "{err}");
 }
 
@@ -122,29 +281,89 @@ fn f16_without_shader_f16_uses_the_packed_path_or_fails_when_native_is_required(
     if engine(Path::F32).is_none() {
         return;
     }
-    let required = custom_engine(|_| {}, wgpu::Features::empty(), EngineOptions { f16_path: F16Path::RequireNative, ..Default::default() });
+    let required = custom_engine(
+        |_| {},
+        wgpu::Features::empty(),
+        EngineOptions {
+            f16_path: F16Path::RequireNative,
+            ..Default::default()
+        },
+    );
     assert!(!required.info().shader_f16);
-    let err = required.plan(&shape(), &AttentionOptions::softmax(), wflash::DType::F16).unwrap_err();
-    assert!(matches!(err, Error::DTypeUnsupported { dtype: wflash::DType::F16, .. }), "{err}");
-    let auto = custom_engine(|_| {}, wgpu::Features::empty(), EngineOptions { poison_outputs: true, ..Default::default() });
-    let case = Case { shape: shape(), layout: Layout::Bhsd, causal: None, scale: None, path: Path::F16Packed, input_std: 1.0, seed: 5 };
-    assert!(wflash_conformance::run_case_on(&auto, &case).expect("packed f16 conforms").ratio <= 1.0);
+    let err = required
+        .plan(&shape(), &AttentionOptions::softmax(), wflash::DType::F16)
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::DTypeUnsupported {
+                dtype: wflash::DType::F16,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let auto = custom_engine(
+        |_| {},
+        wgpu::Features::empty(),
+        EngineOptions {
+            poison_outputs: true,
+            ..Default::default()
+        },
+    );
+    let case = Case {
+        shape: shape(),
+        layout: Layout::Bhsd,
+        causal: None,
+        scale: None,
+        path: Path::F16Packed,
+        input_std: 1.0,
+        seed: 5,
+    };
+    assert!(
+        wflash_conformance::run_case_on(&auto, &case)
+            .expect("packed f16 conforms")
+            .ratio
+            <= 1.0
+    );
 }
 
 #[test]
 fn gpu_resident_calls_chain_and_match_the_host_path() {
-    let Some(engine) = engine(Path::F32) else { return };
-    let s = Shape { batch: 1, q_heads: 2, kv_heads: 2, q_len: 40, kv_len: 40, head_dim: 16, value_dim: 16 };
+    let Some(engine) = engine(Path::F32) else {
+        return;
+    };
+    let s = Shape {
+        batch: 1,
+        q_heads: 2,
+        kv_heads: 2,
+        q_len: 40,
+        kv_len: 40,
+        head_dim: 16,
+        value_dim: 16,
+    };
     let (q, k, v) = inputs(&s);
     let opts = AttentionOptions::softmax().with_causal(Causal::TopLeft);
-    let (qt, kt, vt) = (engine.upload(&q).unwrap(), engine.upload(&k).unwrap(), engine.upload(&v).unwrap());
+    let (qt, kt, vt) = (
+        engine.upload(&q).unwrap(),
+        engine.upload(&k).unwrap(),
+        engine.upload(&v).unwrap(),
+    );
     // Two chained calls: the first output is the second call's query, never leaving the GPU.
-    let first = engine.attention_gpu(&s, Layout::Bhsd, &opts, &qt, &kt, &vt).unwrap();
-    let second = engine.attention_gpu(&s, Layout::Bhsd, &opts, &first.output, &kt, &vt).unwrap();
+    let first = engine
+        .attention_gpu(&s, Layout::Bhsd, &opts, &qt, &kt, &vt)
+        .unwrap();
+    let second = engine
+        .attention_gpu(&s, Layout::Bhsd, &opts, &first.output, &kt, &vt)
+        .unwrap();
     let chained: Vec<f32> = engine.read_blocking(&second.output).unwrap();
 
-    let host1 = engine.attention_blocking(&s, Layout::Bhsd, &opts, &q, &k, &v).unwrap();
-    let host2 = engine.attention_blocking(&s, Layout::Bhsd, &opts, &host1.output, &k, &v).unwrap();
+    let host1 = engine
+        .attention_blocking(&s, Layout::Bhsd, &opts, &q, &k, &v)
+        .unwrap();
+    let host2 = engine
+        .attention_blocking(&s, Layout::Bhsd, &opts, &host1.output, &k, &v)
+        .unwrap();
     assert_eq!(chained, host2.output);
     let lse: Vec<f32> = engine.read_blocking(first.lse.as_ref().unwrap()).unwrap();
     assert_eq!(Some(lse), host1.lse);
@@ -152,15 +371,21 @@ fn gpu_resident_calls_chain_and_match_the_host_path() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn async_calls_from_tasks_match_blocking_calls() {
-    let Some(engine) = engine(Path::F32) else { return };
+    let Some(engine) = engine(Path::F32) else {
+        return;
+    };
     let s = shape();
     let (q, k, v) = inputs(&s);
     let opts = AttentionOptions::softmax().with_causal(Causal::BottomRight);
-    let expected = engine.attention_blocking(&s, Layout::Bshd, &opts, &q, &k, &v).unwrap();
+    let expected = engine
+        .attention_blocking(&s, Layout::Bshd, &opts, &q, &k, &v)
+        .unwrap();
     let mut tasks = Vec::new();
     for _ in 0..4 {
         let (engine, q, k, v) = (engine.clone(), q.clone(), k.clone(), v.clone());
-        tasks.push(tokio::spawn(async move { engine.attention(&s, Layout::Bshd, &opts, &q, &k, &v).await }));
+        tasks.push(tokio::spawn(async move {
+            engine.attention(&s, Layout::Bshd, &opts, &q, &k, &v).await
+        }));
     }
     for task in tasks {
         assert_eq!(task.await.unwrap().unwrap(), expected);
@@ -171,7 +396,15 @@ async fn async_calls_from_tasks_match_blocking_calls() {
 fn a_row_with_no_visible_key_gives_zero_and_negative_infinity() {
     // Bottom-right causal with q_len > kv_len hides every key from the first rows.
     let case = Case {
-        shape: Shape { batch: 1, q_heads: 1, kv_heads: 1, q_len: 100, kv_len: 30, head_dim: 32, value_dim: 32 },
+        shape: Shape {
+            batch: 1,
+            q_heads: 1,
+            kv_heads: 1,
+            q_len: 100,
+            kv_len: 30,
+            head_dim: 32,
+            value_dim: 32,
+        },
         layout: Layout::Bhsd,
         causal: Some(Causal::BottomRight),
         scale: None,
@@ -184,7 +417,16 @@ fn a_row_with_no_visible_key_gives_zero_and_negative_infinity() {
     }
     let engine = engine(Path::F32).unwrap();
     let (q, k, v) = inputs(&case.shape);
-    let out = engine.attention_blocking(&case.shape, Layout::Bhsd, &AttentionOptions::softmax().with_causal(Causal::BottomRight), &q, &k, &v).unwrap();
+    let out = engine
+        .attention_blocking(
+            &case.shape,
+            Layout::Bhsd,
+            &AttentionOptions::softmax().with_causal(Causal::BottomRight),
+            &q,
+            &k,
+            &v,
+        )
+        .unwrap();
     let lse = out.lse.unwrap();
     assert!(out.output[..70 * 32].iter().all(|&x| x == 0.0));
     assert!(lse[..70].iter().all(|&x| x == f32::NEG_INFINITY));

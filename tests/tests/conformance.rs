@@ -7,7 +7,10 @@ use std::io::Write;
 use wflash_conformance::{Path, grid, run_case};
 
 fn run_path(path: Path) {
-    let cases: Vec<_> = grid::cases().into_iter().filter(|c| c.path == path).collect();
+    let cases: Vec<_> = grid::cases()
+        .into_iter()
+        .filter(|c| c.path == path)
+        .collect();
     assert!(!cases.is_empty());
     let mut failures = Vec::new();
     let mut worst = 0.0f64;
@@ -31,7 +34,13 @@ fn run_path(path: Path) {
             let _ = f.write_all(summary.as_bytes());
         }
     }
-    assert!(failures.is_empty(), "{} of {} cases failed:\n{}", failures.len(), cases.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} of {} cases failed:\n{}",
+        failures.len(),
+        cases.len(),
+        failures.join("\n")
+    );
 }
 
 #[test]

@@ -16,15 +16,34 @@ fn arb_case() -> impl Strategy<Value = Case> {
         any::<u64>(),
         prop::option::of(0.05f32..2.0),
     )
-        .prop_map(|((batch, group, kv_heads), (q_len, kv_len), (head_dim, value_dim), causal, path, bshd, seed, scale)| Case {
-            shape: Shape { batch, q_heads: group * kv_heads, kv_heads, q_len, kv_len, head_dim, value_dim },
-            layout: if bshd { Layout::Bshd } else { Layout::Bhsd },
-            causal: [None, Some(Causal::BottomRight), Some(Causal::TopLeft)][causal],
-            scale,
-            path: Path::ALL[path],
-            input_std: 1.0,
-            seed,
-        })
+        .prop_map(
+            |(
+                (batch, group, kv_heads),
+                (q_len, kv_len),
+                (head_dim, value_dim),
+                causal,
+                path,
+                bshd,
+                seed,
+                scale,
+            )| Case {
+                shape: Shape {
+                    batch,
+                    q_heads: group * kv_heads,
+                    kv_heads,
+                    q_len,
+                    kv_len,
+                    head_dim,
+                    value_dim,
+                },
+                layout: if bshd { Layout::Bshd } else { Layout::Bhsd },
+                causal: [None, Some(Causal::BottomRight), Some(Causal::TopLeft)][causal],
+                scale,
+                path: Path::ALL[path],
+                input_std: 1.0,
+                seed,
+            },
+        )
 }
 
 proptest! {
@@ -42,7 +61,15 @@ fn large_magnitude_logits_conform() {
     for (i, path) in Path::ALL.into_iter().enumerate() {
         for causal in [None, Some(Causal::BottomRight)] {
             let case = Case {
-                shape: Shape { batch: 1, q_heads: 2, kv_heads: 1, q_len: 77, kv_len: 150, head_dim: 64, value_dim: 40 },
+                shape: Shape {
+                    batch: 1,
+                    q_heads: 2,
+                    kv_heads: 1,
+                    q_len: 77,
+                    kv_len: 150,
+                    head_dim: 64,
+                    value_dim: 40,
+                },
                 layout: Layout::Bshd,
                 causal,
                 scale: Some(1.0),

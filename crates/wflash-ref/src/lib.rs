@@ -18,7 +18,17 @@ pub enum Layout {
 
 impl Layout {
     /// Flat index of element `(b, h, s, d)` of a tensor with `heads` heads, `seq` rows and `dim` columns.
-    pub fn index(self, b: usize, h: usize, s: usize, d: usize, heads: usize, seq: usize, dim: usize) -> usize {
+    #[expect(clippy::too_many_arguments, reason = "the four coordinates and three extents of a 4-D index")]
+    pub fn index(
+        self,
+        b: usize,
+        h: usize,
+        s: usize,
+        d: usize,
+        heads: usize,
+        seq: usize,
+        dim: usize,
+    ) -> usize {
         match self {
             Layout::Bhsd => ((b * heads + h) * seq + s) * dim + d,
             Layout::Bshd => ((b * seq + s) * heads + h) * dim + d,
@@ -81,7 +91,9 @@ impl Problem {
             None => true,
             Some(CausalAlign::TopLeft) => j <= i,
             // Written in signed arithmetic: `i + kv_len - q_len` is negative when q_len > kv_len.
-            Some(CausalAlign::BottomRight) => (j as i64) <= i as i64 + self.kv_len as i64 - self.q_len as i64,
+            Some(CausalAlign::BottomRight) => {
+                (j as i64) <= i as i64 + self.kv_len as i64 - self.q_len as i64
+            }
         }
     }
 
@@ -126,19 +138,27 @@ pub fn softmax_forward(p: &Problem, q: &[f64], k: &[f64], v: &[f64]) -> Forward 
                     let dot: f64 = (0..p.head_dim)
                         .map(|d| {
                             q[p.layout.index(b, h, i, d, p.q_heads, p.q_len, p.head_dim)]
-                                * k[p.layout.index(b, kh, j, d, p.kv_heads, p.kv_len, p.head_dim)]
+                                * k[p
+                                    .layout
+                                    .index(b, kh, j, d, p.kv_heads, p.kv_len, p.head_dim)]
                         })
                         .sum();
                     logits[j] = p.scale * dot;
                 }
-                let max = visible.iter().map(|&j| logits[j]).fold(f64::NEG_INFINITY, f64::max);
+                let max = visible
+                    .iter()
+                    .map(|&j| logits[j])
+                    .fold(f64::NEG_INFINITY, f64::max);
                 let sum: f64 = visible.iter().map(|&j| (logits[j] - max).exp()).sum();
                 lse[(b * p.q_heads + h) * p.q_len + i] = max + sum.ln();
                 for e in 0..p.value_dim {
                     let acc: f64 = visible
                         .iter()
                         .map(|&j| {
-                            (logits[j] - max).exp() * v[p.layout.index(b, kh, j, e, p.kv_heads, p.kv_len, p.value_dim)]
+                            (logits[j] - max).exp()
+                                * v[p
+                                    .layout
+                                    .index(b, kh, j, e, p.kv_heads, p.kv_len, p.value_dim)]
                         })
                         .sum();
                     output[p.layout.index(b, h, i, e, p.q_heads, p.q_len, p.value_dim)] = acc / sum;
@@ -164,7 +184,9 @@ pub fn softmax_probabilities(p: &Problem, q: &[f64], k: &[f64], b: usize, h: usi
                     * (0..p.head_dim)
                         .map(|d| {
                             q[p.layout.index(b, h, i, d, p.q_heads, p.q_len, p.head_dim)]
-                                * k[p.layout.index(b, kh, j, d, p.kv_heads, p.kv_len, p.head_dim)]
+                                * k[p
+                                    .layout
+                                    .index(b, kh, j, d, p.kv_heads, p.kv_len, p.head_dim)]
                         })
                         .sum::<f64>()
             } else {

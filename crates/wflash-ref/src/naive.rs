@@ -13,7 +13,13 @@ use crate::{Forward, Problem};
 ///
 /// Inputs are the values the kernel sees (already representable in the storage type).
 /// Returns `f64` copies so callers can compare against the reference directly.
-pub fn softmax_forward_f32(p: &Problem, q: &[f32], k: &[f32], v: &[f32], store: impl Fn(f32) -> f32) -> Forward {
+pub fn softmax_forward_f32(
+    p: &Problem,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    store: impl Fn(f32) -> f32,
+) -> Forward {
     let scale = p.scale as f32;
     let mut output = vec![0.0; p.o_elems()];
     let mut lse = vec![f64::NEG_INFINITY; p.lse_elems()];
@@ -28,7 +34,9 @@ pub fn softmax_forward_f32(p: &Problem, q: &[f32], k: &[f32], v: &[f32], store: 
                         let mut dot = 0.0f32;
                         for d in 0..p.head_dim {
                             dot += q[p.layout.index(b, h, i, d, p.q_heads, p.q_len, p.head_dim)]
-                                * k[p.layout.index(b, kh, j, d, p.kv_heads, p.kv_len, p.head_dim)];
+                                * k[p
+                                    .layout
+                                    .index(b, kh, j, d, p.kv_heads, p.kv_len, p.head_dim)];
                         }
                         store(scale * dot)
                     } else {
@@ -51,9 +59,13 @@ pub fn softmax_forward_f32(p: &Problem, q: &[f32], k: &[f32], v: &[f32], store: 
                 for e in 0..p.value_dim {
                     let mut acc = 0.0f32;
                     for (j, &pj) in probs.iter().enumerate() {
-                        acc += pj * v[p.layout.index(b, kh, j, e, p.kv_heads, p.kv_len, p.value_dim)];
+                        acc += pj
+                            * v[p
+                                .layout
+                                .index(b, kh, j, e, p.kv_heads, p.kv_len, p.value_dim)];
                     }
-                    output[p.layout.index(b, h, i, e, p.q_heads, p.q_len, p.value_dim)] = f64::from(store(acc));
+                    output[p.layout.index(b, h, i, e, p.q_heads, p.q_len, p.value_dim)] =
+                        f64::from(store(acc));
                 }
             }
         }

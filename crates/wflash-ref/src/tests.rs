@@ -22,19 +22,42 @@ fn problem(q_len: usize, kv_len: usize, causal: Option<CausalAlign>) -> Problem 
 fn bottom_right_mask_worked_by_hand() {
     // q_len 2, kv_len 4: the last query sees every key, the first sees keys 0..=2.
     let p = problem(2, 4, Some(CausalAlign::BottomRight));
-    let seen: Vec<Vec<bool>> = (0..2).map(|i| (0..4).map(|j| p.is_visible(i, j)).collect()).collect();
-    assert_eq!(seen, vec![vec![true, true, true, false], vec![true, true, true, true]]);
+    let seen: Vec<Vec<bool>> = (0..2)
+        .map(|i| (0..4).map(|j| p.is_visible(i, j)).collect())
+        .collect();
+    assert_eq!(
+        seen,
+        vec![vec![true, true, true, false], vec![true, true, true, true]]
+    );
     // q_len 4, kv_len 2: queries 0 and 1 see nothing, query 2 sees key 0, query 3 sees both.
     let p = problem(4, 2, Some(CausalAlign::BottomRight));
-    let seen: Vec<Vec<bool>> = (0..4).map(|i| (0..2).map(|j| p.is_visible(i, j)).collect()).collect();
-    assert_eq!(seen, vec![vec![false, false], vec![false, false], vec![true, false], vec![true, true]]);
+    let seen: Vec<Vec<bool>> = (0..4)
+        .map(|i| (0..2).map(|j| p.is_visible(i, j)).collect())
+        .collect();
+    assert_eq!(
+        seen,
+        vec![
+            vec![false, false],
+            vec![false, false],
+            vec![true, false],
+            vec![true, true]
+        ]
+    );
 }
 
 #[test]
 fn top_left_mask_worked_by_hand() {
     let p = problem(2, 4, Some(CausalAlign::TopLeft));
-    let seen: Vec<Vec<bool>> = (0..2).map(|i| (0..4).map(|j| p.is_visible(i, j)).collect()).collect();
-    assert_eq!(seen, vec![vec![true, false, false, false], vec![true, true, false, false]]);
+    let seen: Vec<Vec<bool>> = (0..2)
+        .map(|i| (0..4).map(|j| p.is_visible(i, j)).collect())
+        .collect();
+    assert_eq!(
+        seen,
+        vec![
+            vec![true, false, false, false],
+            vec![true, true, false, false]
+        ]
+    );
     assert_eq!(p.visible_pairs(), 3);
 }
 
@@ -70,33 +93,58 @@ fn large_logits_do_not_overflow() {
 #[test]
 fn layouts_index_the_same_element() {
     // (b, h, s, d) = (1, 2, 3, 4) in a [2, 3, 5, 7] tensor.
-    assert_eq!(Layout::Bhsd.index(1, 2, 3, 4, 3, 5, 7), ((3 + 2) * 5 + 3) * 7 + 4);
-    assert_eq!(Layout::Bshd.index(1, 2, 3, 4, 3, 5, 7), ((5 + 3) * 3 + 2) * 7 + 4);
+    assert_eq!(
+        Layout::Bhsd.index(1, 2, 3, 4, 3, 5, 7),
+        ((3 + 2) * 5 + 3) * 7 + 4
+    );
+    assert_eq!(
+        Layout::Bshd.index(1, 2, 3, 4, 3, 5, 7),
+        ((5 + 3) * 3 + 2) * 7 + 4
+    );
 }
 
 fn arb_problem() -> impl Strategy<Value = Problem> {
-    (1usize..3, 1usize..4, 1usize..3, 1usize..9, 1usize..9, 1usize..6, 1usize..6, any::<bool>(), 0usize..3).prop_map(
-        |(batch, group, kv_heads, q_len, kv_len, head_dim, value_dim, bshd, causal)| Problem {
-            batch,
-            q_heads: group * kv_heads,
-            kv_heads,
-            q_len,
-            kv_len,
-            head_dim,
-            value_dim,
-            layout: if bshd { Layout::Bshd } else { Layout::Bhsd },
-            scale: 1.0 / (head_dim as f64).sqrt(),
-            causal: [None, Some(CausalAlign::BottomRight), Some(CausalAlign::TopLeft)][causal],
-        },
+    (
+        1usize..3,
+        1usize..4,
+        1usize..3,
+        1usize..9,
+        1usize..9,
+        1usize..6,
+        1usize..6,
+        any::<bool>(),
+        0usize..3,
     )
+        .prop_map(
+            |(batch, group, kv_heads, q_len, kv_len, head_dim, value_dim, bshd, causal)| Problem {
+                batch,
+                q_heads: group * kv_heads,
+                kv_heads,
+                q_len,
+                kv_len,
+                head_dim,
+                value_dim,
+                layout: if bshd { Layout::Bshd } else { Layout::Bhsd },
+                scale: 1.0 / (head_dim as f64).sqrt(),
+                causal: [
+                    None,
+                    Some(CausalAlign::BottomRight),
+                    Some(CausalAlign::TopLeft),
+                ][causal],
+            },
+        )
 }
 
 fn values(n: usize, seed: u64) -> Vec<f64> {
     // A small deterministic generator keeps the reference crate free of dependencies.
-    let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let mut x = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
     (0..n)
         .map(|_| {
-            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             ((x >> 11) as f64 / (1u64 << 53) as f64) * 4.0 - 2.0
         })
         .collect()
@@ -113,7 +161,8 @@ proptest! {
                 for i in 0..p.q_len {
                     let sum: f64 = probs[i * p.kv_len..(i + 1) * p.kv_len].iter().sum();
                     let any_visible = (0..p.kv_len).any(|j| p.is_visible(i, j));
-                    prop_assert!((sum - if any_visible { 1.0 } else { 0.0 }).abs() < 1e-12);
+                    let want = if any_visible { 1.0 } else { 0.0 };
+                    prop_assert!((sum - want).abs() < 1e-12, "row sum {}", sum);
                 }
             }
         }

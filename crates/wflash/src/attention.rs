@@ -4,7 +4,10 @@ use wgpu::util::DeviceExt;
 
 use crate::kernel::{self, KernelKey, TileConfig};
 use crate::tensor::buffer_bytes;
-use crate::{Attention, AttentionOptions, Causal, DType, Element, Engine, Error, Layout, Result, Shape, Tensor};
+use crate::{
+    Attention, AttentionOptions, Causal, DType, Element, Engine, Error, Layout, Result, Shape,
+    Tensor,
+};
 
 /// The uniform block of `flash_fwd.wgsl` (`struct Params`); a test checks the layout against naga's.
 #[repr(C)]
@@ -46,8 +49,17 @@ impl Engine {
         let storage = self.storage_for(dtype)?;
         let limits = &self.inner.info.limits;
 
-        let block_m = BLOCK_M.min(limits.max_compute_invocations_per_workgroup).min(limits.max_compute_workgroup_size_x);
-        let tile_bytes = |block_n| kernel::workgroup_bytes(block_m, block_n, shape.head_dim as u32, shape.value_dim as u32);
+        let block_m = BLOCK_M
+            .min(limits.max_compute_invocations_per_workgroup)
+            .min(limits.max_compute_workgroup_size_x);
+        let tile_bytes = |block_n| {
+            kernel::workgroup_bytes(
+                block_m,
+                block_n,
+                shape.head_dim as u32,
+                shape.value_dim as u32,
+            )
+        };
         let mut block_n = MAX_BLOCK_N;
         while block_n > 1 && tile_bytes(block_n) > limits.max_compute_workgroup_storage_size {
             block_n /= 2;
@@ -69,10 +81,19 @@ impl Engine {
         };
 
         let max_groups = u64::from(limits.max_compute_workgroups_per_dimension);
-        let query_tiles = (shape.q_len as u64).div_ceil(u64::from(block_m)) * u64::from(key.value_slices());
-        for (needed, what) in [(query_tiles, " (query tiles × value slices)"), (shape.q_heads as u64, " (q_heads)")] {
+        let query_tiles =
+            (shape.q_len as u64).div_ceil(u64::from(block_m)) * u64::from(key.value_slices());
+        for (needed, what) in [
+            (query_tiles, " (query tiles × value slices)"),
+            (shape.q_heads as u64, " (q_heads)"),
+        ] {
             if needed > max_groups {
-                return Err(Error::TooLarge { limit: "max_compute_workgroups_per_dimension", needed, max: max_groups, hint: what });
+                return Err(Error::TooLarge {
+                    limit: "max_compute_workgroups_per_dimension",
+                    needed,
+                    max: max_groups,
+                    hint: what,
+                });
             }
         }
 
@@ -83,9 +104,16 @@ impl Engine {
             shape.v_elems() / shape.batch,
             shape.o_elems() / shape.batch,
         ];
-        let largest = per_batch_elems.into_iter().max().unwrap_or(1).max(shape.q_heads * shape.q_len);
-        let per_batch_bytes = buffer_bytes(dtype, largest).max(buffer_bytes(DType::F32, shape.q_heads * shape.q_len));
-        let binding_limit = limits.max_storage_buffer_binding_size.min(limits.max_buffer_size);
+        let largest = per_batch_elems
+            .into_iter()
+            .max()
+            .unwrap_or(1)
+            .max(shape.q_heads * shape.q_len);
+        let per_batch_bytes =
+            buffer_bytes(dtype, largest).max(buffer_bytes(DType::F32, shape.q_heads * shape.q_len));
+        let binding_limit = limits
+            .max_storage_buffer_binding_size
+            .min(limits.max_buffer_size);
         // Kernel index arithmetic is u32: every element index of a dispatch must fit.
         let index_limit = u64::from(u32::MAX);
         let batch_per_dispatch = (binding_limit / per_batch_bytes)
@@ -96,11 +124,24 @@ impl Engine {
             let (limit, needed, max) = if largest as u64 > index_limit {
                 ("u32 element index", largest as u64, index_limit)
             } else {
-                ("max_storage_buffer_binding_size", per_batch_bytes, binding_limit)
+                (
+                    "max_storage_buffer_binding_size",
+                    per_batch_bytes,
+                    binding_limit,
+                )
             };
-            return Err(Error::TooLarge { limit, needed, max, hint: " (even one batch element is too large)" });
+            return Err(Error::TooLarge {
+                limit,
+                needed,
+                max,
+                hint: " (even one batch element is too large)",
+            });
         }
-        Ok(Plan { key, batch_per_dispatch, query_tiles: query_tiles as u32 })
+        Ok(Plan {
+            key,
+            batch_per_dispatch,
+            query_tiles: query_tiles as u32,
+        })
     }
 
     /// Attention on host slices: uploads, runs, reads back. Splits over batch when the problem
@@ -126,7 +167,10 @@ impl Engine {
         let mut start = 0;
         while start < shape.batch {
             let count = plan.batch_per_dispatch.min(shape.batch - start);
-            let part = Shape { batch: count, ..*shape };
+            let part = Shape {
+                batch: count,
+                ..*shape
+            };
             let range = |per_batch: usize| start * per_batch..(start + count) * per_batch;
             let q_t = self.upload(&q[range(shape.q_elems() / shape.batch)])?;
             let k_t = self.upload(&k[range(shape.k_elems() / shape.batch)])?;
@@ -138,7 +182,10 @@ impl Engine {
             }
             start += count;
         }
-        Ok(Attention { output, lse: Some(lse) })
+        Ok(Attention {
+            output,
+            lse: Some(lse),
+        })
     }
 
     /// Blocking twin of [`Engine::attention`].
@@ -166,9 +213,17 @@ impl Engine {
         v: &Tensor,
     ) -> Result<GpuAttention> {
         let dtype = q.dtype;
-        for (name, t, expected) in [("q", q, shape.q_elems()), ("k", k, shape.k_elems()), ("v", v, shape.v_elems())] {
+        for (name, t, expected) in [
+            ("q", q, shape.q_elems()),
+            ("k", k, shape.k_elems()),
+            ("v", v, shape.v_elems()),
+        ] {
             if t.dtype != dtype {
-                return Err(Error::DTypeMismatch { tensor: name, expected: dtype, got: t.dtype });
+                return Err(Error::DTypeMismatch {
+                    tensor: name,
+                    expected: dtype,
+                    got: t.dtype,
+                });
             }
             check_len(name, expected, t.len)?;
         }
@@ -184,7 +239,10 @@ impl Engine {
         self.run(&plan, shape, layout, opts, q, k, v)
     }
 
-    #[expect(clippy::too_many_arguments, reason = "one call's full description; private")]
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "one call's full description; private"
+    )]
     fn run(
         &self,
         plan: &Plan,
@@ -218,7 +276,9 @@ impl Engine {
                     entry(5, &lse.buffer),
                 ],
             });
-            let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("flash_fwd") });
+            let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("flash_fwd"),
+            });
             {
                 let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
                     label: Some("flash_fwd"),
@@ -226,11 +286,18 @@ impl Engine {
                 });
                 pass.set_pipeline(&pipeline);
                 pass.set_bind_group(0, &bind_group, &[]);
-                pass.dispatch_workgroups(plan.query_tiles, shape.q_heads as u32, shape.batch as u32);
+                pass.dispatch_workgroups(
+                    plan.query_tiles,
+                    shape.q_heads as u32,
+                    shape.batch as u32,
+                );
             }
             self.inner.queue.submit([encoder.finish()]);
         })?;
-        Ok(GpuAttention { output, lse: Some(lse) })
+        Ok(GpuAttention {
+            output,
+            lse: Some(lse),
+        })
     }
 }
 
@@ -244,18 +311,29 @@ pub struct GpuAttention {
 }
 
 fn entry(binding: u32, buffer: &wgpu::Buffer) -> wgpu::BindGroupEntry<'_> {
-    wgpu::BindGroupEntry { binding, resource: buffer.as_entire_binding() }
+    wgpu::BindGroupEntry {
+        binding,
+        resource: buffer.as_entire_binding(),
+    }
 }
 
 fn check_len(tensor: &'static str, expected: usize, got: usize) -> Result<()> {
     if expected != got {
-        return Err(Error::LengthMismatch { tensor, expected, got });
+        return Err(Error::LengthMismatch {
+            tensor,
+            expected,
+            got,
+        });
     }
     Ok(())
 }
 
 /// The uniform values for one dispatch. Plan has already bounded every index to u32.
-pub(crate) fn flash_params(shape: &Shape, layout: Layout, opts: &AttentionOptions) -> Result<FlashParams> {
+pub(crate) fn flash_params(
+    shape: &Shape,
+    layout: Layout,
+    opts: &AttentionOptions,
+) -> Result<FlashParams> {
     let stride = |heads: usize, seq: usize, dim: usize| {
         let [b, h, s] = layout.strides(heads, seq, dim);
         [b as u32, h as u32, s as u32, 1]

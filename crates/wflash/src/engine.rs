@@ -118,7 +118,10 @@ pub(crate) struct Inner {
 impl Engine {
     /// Opens the adapter chosen by `options` (honouring `WGPU_BACKEND` and `WGPU_ADAPTER_NAME`).
     pub async fn new(options: EngineOptions) -> Result<Engine> {
-        let backends = options.backends.or_else(wgpu::Backends::from_env).unwrap_or(wgpu::Backends::all());
+        let backends = options
+            .backends
+            .or_else(wgpu::Backends::from_env)
+            .unwrap_or(wgpu::Backends::all());
         let mut desc = wgpu::InstanceDescriptor::new_without_display_handle_from_env();
         desc.backends = backends;
         let instance = wgpu::Instance::new(desc);
@@ -152,7 +155,11 @@ impl Engine {
 
     /// Wraps an application's own device and queue, so wflash shares its GPU memory and
     /// command stream. Features the device was created without are simply not used.
-    pub fn from_device(device: wgpu::Device, queue: wgpu::Queue, options: EngineOptions) -> Result<Engine> {
+    pub fn from_device(
+        device: wgpu::Device,
+        queue: wgpu::Queue,
+        options: EngineOptions,
+    ) -> Result<Engine> {
         let adapter = device.adapter_info();
         let features = device.features();
         let info = EngineInfo {
@@ -160,7 +167,8 @@ impl Engine {
             backend: adapter.backend,
             driver: adapter.driver.clone(),
             driver_info: adapter.driver_info.clone(),
-            shader_f16: features.contains(wgpu::Features::SHADER_F16) && options.f16_path != F16Path::Packed,
+            shader_f16: features.contains(wgpu::Features::SHADER_F16)
+                && options.f16_path != F16Path::Packed,
             subgroups: features.contains(wgpu::Features::SUBGROUP) && options.use_subgroups,
             subgroup_min_size: adapter.subgroup_min_size,
             subgroup_max_size: adapter.subgroup_max_size,
@@ -169,7 +177,8 @@ impl Engine {
         };
         let lost = Arc::new(AtomicBool::new(false));
         let flag = lost.clone();
-        device.set_device_lost_callback(move |_reason, _message| flag.store(true, Ordering::SeqCst));
+        device
+            .set_device_lost_callback(move |_reason, _message| flag.store(true, Ordering::SeqCst));
         // Errors are collected with error scopes around every operation; anything that escapes
         // them must not panic the application.
         device.on_uncaptured_error(Arc::new(|_err: wgpu::Error| {}));
@@ -268,14 +277,20 @@ impl Engine {
 
     pub(crate) fn check_alive(&self) -> Result<()> {
         if self.inner.lost.load(Ordering::SeqCst) {
-            return Err(Error::DeviceLost("the device was lost earlier; create a new Engine".into()));
+            return Err(Error::DeviceLost(
+                "the device was lost earlier; create a new Engine".into(),
+            ));
         }
         Ok(())
     }
 
     /// The compiled pipeline for `key`, built on first use.
     pub(crate) fn pipeline(&self, key: &KernelKey) -> Result<wgpu::ComputePipeline> {
-        let mut cache = self.inner.pipelines.lock().map_err(|_| Error::Internal("pipeline cache poisoned".into()))?;
+        let mut cache = self
+            .inner
+            .pipelines
+            .lock()
+            .map_err(|_| Error::Internal("pipeline cache poisoned".into()))?;
         if let Some(pipeline) = cache.get(key) {
             return Ok(pipeline.clone());
         }
@@ -322,13 +337,23 @@ async fn select_adapter(
         let names: Vec<String> = adapters.iter().map(|a| a.get_info().name).collect();
         return adapters
             .into_iter()
-            .find(|a| a.get_info().name.to_lowercase().contains(&name.to_lowercase()))
+            .find(|a| {
+                a.get_info()
+                    .name
+                    .to_lowercase()
+                    .contains(&name.to_lowercase())
+            })
             .ok_or_else(|| Error::NoAdapter(format!("none named like `{name}` among {names:?}")));
     }
-    let power_preference =
-        options.power_preference.or_else(wgpu::PowerPreference::from_env).unwrap_or_default();
+    let power_preference = options
+        .power_preference
+        .or_else(wgpu::PowerPreference::from_env)
+        .unwrap_or_default();
     instance
-        .request_adapter(&wgpu::RequestAdapterOptions { power_preference, ..Default::default() })
+        .request_adapter(&wgpu::RequestAdapterOptions {
+            power_preference,
+            ..Default::default()
+        })
         .await
         .map_err(|e| Error::NoAdapter(format!("{e}; backends {backends:?}")))
 }

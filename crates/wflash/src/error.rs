@@ -24,13 +24,25 @@ pub enum Error {
     HeadsNotDivisible { q_heads: usize, kv_heads: usize },
     /// A head dimension outside what the kernels support.
     #[error("`{dim}` = {got} is not supported; supported range is 1..={max}")]
-    HeadDimUnsupported { dim: &'static str, got: usize, max: usize },
+    HeadDimUnsupported {
+        dim: &'static str,
+        got: usize,
+        max: usize,
+    },
     /// A host slice or device tensor does not hold the number of elements the shape implies.
     #[error("tensor `{tensor}` has {got} elements but the shape needs {expected}")]
-    LengthMismatch { tensor: &'static str, expected: usize, got: usize },
+    LengthMismatch {
+        tensor: &'static str,
+        expected: usize,
+        got: usize,
+    },
     /// A device tensor of the wrong element type.
     #[error("tensor `{tensor}` holds {got:?} but this call needs {expected:?}")]
-    DTypeMismatch { tensor: &'static str, expected: DType, got: DType },
+    DTypeMismatch {
+        tensor: &'static str,
+        expected: DType,
+        got: DType,
+    },
     /// The scale is NaN, infinite or zero.
     #[error("scale {scale} must be finite and non-zero")]
     InvalidScale { scale: f32 },
@@ -39,7 +51,12 @@ pub enum Error {
     DTypeUnsupported { dtype: DType, reason: &'static str },
     /// The problem exceeds an adapter limit, even after splitting over batch.
     #[error("problem too large: needs {needed} but `{limit}` is {max}{hint}")]
-    TooLarge { limit: &'static str, needed: u64, max: u64, hint: &'static str },
+    TooLarge {
+        limit: &'static str,
+        needed: u64,
+        max: u64,
+        hint: &'static str,
+    },
 
     /// The device was lost (driver reset, `destroy`, or unplugged).
     #[error("the GPU device was lost: {0}")]

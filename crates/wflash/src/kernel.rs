@@ -40,7 +40,12 @@ impl Storage {
             Storage::Bf16Packed => "bf16packed",
         }
     }
-    pub const ALL: [Storage; 4] = [Storage::F32, Storage::F16Native, Storage::F16Packed, Storage::Bf16Packed];
+    pub const ALL: [Storage; 4] = [
+        Storage::F32,
+        Storage::F16Native,
+        Storage::F16Packed,
+        Storage::Bf16Packed,
+    ];
 }
 
 /// Tile sizes of the forward kernel.
@@ -97,7 +102,12 @@ impl KernelKey {
 
     /// Bytes of workgroup memory the kernel declares.
     pub fn workgroup_bytes(&self) -> u32 {
-        workgroup_bytes(self.tile.block_m, self.tile.block_n, self.head_dim, self.value_dim)
+        workgroup_bytes(
+            self.tile.block_m,
+            self.tile.block_n,
+            self.head_dim,
+            self.value_dim,
+        )
     }
 
     /// The full WGSL source: generated prelude, then the family's file.
@@ -106,10 +116,7 @@ impl KernelKey {
         if self.storage == Storage::F16Native {
             src.push_str("enable f16;\n");
         }
-        src.push_str(&format!(
-            "const BLOCK_N: u32 = {}u;\n",
-            self.tile.block_n
-        ));
+        src.push_str(&format!("const BLOCK_N: u32 = {}u;\n", self.tile.block_n));
         for (binding, name) in [(1, "q"), (2, "k"), (3, "v")] {
             src.push_str(&load_accessor(self.storage, binding, name));
         }
@@ -132,7 +139,9 @@ impl KernelKey {
 
 /// Bytes of workgroup memory: a K tile and a V-slice tile of `block_n` keys, and the accumulators.
 pub fn workgroup_bytes(block_m: u32, block_n: u32, head_dim: u32, value_dim: u32) -> u32 {
-    (block_n * (head_dim + value_dim.min(PRIVATE_DIM_MAX)) + value_dim.min(PRIVATE_DIM_MAX) * block_m) * 4
+    (block_n * (head_dim + value_dim.min(PRIVATE_DIM_MAX))
+        + value_dim.min(PRIVATE_DIM_MAX) * block_m)
+        * 4
 }
 
 /// A read-only binding `{name}_buf` and `fn load_{name}(i: u32) -> f32` reading element `i`.
@@ -140,11 +149,16 @@ fn load_accessor(storage: Storage, binding: u32, name: &str) -> String {
     let (elem, body) = match storage {
         Storage::F32 => ("f32", format!("return {name}_buf[i];")),
         Storage::F16Native => ("f16", format!("return f32({name}_buf[i]);")),
-        Storage::F16Packed => ("u32", format!("return unpack2x16float({name}_buf[i >> 1u])[i & 1u];")),
+        Storage::F16Packed => (
+            "u32",
+            format!("return unpack2x16float({name}_buf[i >> 1u])[i & 1u];"),
+        ),
         // bf16 is the top half of an f32: move its 16 bits there.
         Storage::Bf16Packed => (
             "u32",
-            format!("let w = {name}_buf[i >> 1u];\n    return bitcast<f32>(select(w << 16u, w & 0xffff0000u, (i & 1u) == 1u));"),
+            format!(
+                "let w = {name}_buf[i >> 1u];\n    return bitcast<f32>(select(w << 16u, w & 0xffff0000u, (i & 1u) == 1u));"
+            ),
         ),
     };
     format!(
@@ -161,8 +175,14 @@ fn store_accessor(storage: Storage, binding: u32, name: &str) -> String {
     let (elem, body) = match storage {
         Storage::F32 => ("f32", format!("{name}_buf[i] = x;")),
         Storage::F16Native => ("f16", format!("{name}_buf[i] = f16(x);")),
-        Storage::F16Packed => ("atomic<u32>", format!("store_half_{name}(i, pack2x16float(vec2<f32>(x, 0.0)) & 0xffffu);")),
-        Storage::Bf16Packed => ("atomic<u32>", format!("store_half_{name}(i, f32_to_bf16_bits(x));")),
+        Storage::F16Packed => (
+            "atomic<u32>",
+            format!("store_half_{name}(i, pack2x16float(vec2<f32>(x, 0.0)) & 0xffffu);"),
+        ),
+        Storage::Bf16Packed => (
+            "atomic<u32>",
+            format!("store_half_{name}(i, f32_to_bf16_bits(x));"),
+        ),
     };
     let mut out = format!(
         "@group(0) @binding({binding}) var<storage, read_write> {name}_buf: array<{elem}>;\n\
@@ -198,7 +218,13 @@ pub fn variants(dims: &[(u32, u32)], tiles: &[TileConfig]) -> Vec<KernelKey> {
         for &(head_dim, value_dim) in dims {
             for &tile in tiles {
                 for causal in [false, true] {
-                    keys.push(KernelKey { storage, head_dim, value_dim, tile, causal });
+                    keys.push(KernelKey {
+                        storage,
+                        head_dim,
+                        value_dim,
+                        tile,
+                        causal,
+                    });
                 }
             }
         }

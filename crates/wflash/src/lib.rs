@@ -39,7 +39,9 @@ pub use attention::{FlashParams, GpuAttention, Plan};
 pub use engine::{Engine, EngineInfo, EngineOptions, F16Path};
 pub use error::{Error, Result};
 pub use tensor::Tensor;
-pub use types::{Attention, AttentionOptions, Causal, DType, Element, Layout, MAX_HEAD_DIM, Shape, Variant};
+pub use types::{
+    Attention, AttentionOptions, Causal, DType, Element, Layout, MAX_HEAD_DIM, Shape, Variant,
+};
 
 pub use half;
 pub use wgpu;

@@ -35,7 +35,10 @@ impl<T> Future for Pending<T> {
 
 /// Runs `work` on a fresh thread and awaits its result.
 fn off_thread<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> Pending<T> {
-    let shared = Arc::new(Mutex::new(Slot { value: None, waker: None }));
+    let shared = Arc::new(Mutex::new(Slot {
+        value: None,
+        waker: None,
+    }));
     let producer = shared.clone();
     std::thread::spawn(move || {
         let value = work();
@@ -57,12 +60,17 @@ pub(crate) async fn wait_for(
 ) -> Result<()> {
     let device = device.clone();
     let outcome = off_thread(move || {
-        device.poll(wgpu::PollType::Wait { submission_index: Some(submission), timeout: Some(timeout) })
+        device.poll(wgpu::PollType::Wait {
+            submission_index: Some(submission),
+            timeout: Some(timeout),
+        })
     })
     .await;
     match outcome {
         Ok(_) => Ok(()),
-        Err(wgpu::PollError::Timeout) => Err(Error::ReadbackTimeout { seconds: timeout.as_secs() }),
+        Err(wgpu::PollError::Timeout) => Err(Error::ReadbackTimeout {
+            seconds: timeout.as_secs(),
+        }),
         Err(other) => Err(Error::Internal(format!("waiting for the GPU: {other}"))),
     }
 }

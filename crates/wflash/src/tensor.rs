@@ -51,7 +51,12 @@ impl Engine {
         let bytes: &[u8] = bytemuck::cast_slice(data);
         let limit = self.inner.info.limits.max_buffer_size;
         if bytes.len() as u64 > limit {
-            return Err(Error::TooLarge { limit: "max_buffer_size", needed: bytes.len() as u64, max: limit, hint: "" });
+            return Err(Error::TooLarge {
+                limit: "max_buffer_size",
+                needed: bytes.len() as u64,
+                max: limit,
+                hint: "",
+            });
         }
         let buffer = self.guarded(|device| {
             device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
@@ -60,7 +65,11 @@ impl Engine {
                 usage: TENSOR_USAGE,
             })
         })?;
-        Ok(Tensor { buffer, dtype: T::DTYPE, len: data.len() })
+        Ok(Tensor {
+            buffer,
+            dtype: T::DTYPE,
+            len: data.len(),
+        })
     }
 
     /// A new tensor for a kernel to write; NaN-filled when the engine poisons outputs.
@@ -105,11 +114,17 @@ impl Engine {
         self.check_alive()?;
         for t in tensors {
             if t.dtype != T::DTYPE {
-                return Err(Error::DTypeMismatch { tensor: "read", expected: T::DTYPE, got: t.dtype });
+                return Err(Error::DTypeMismatch {
+                    tensor: "read",
+                    expected: T::DTYPE,
+                    got: t.dtype,
+                });
             }
         }
         let (staging, submission) = self.guarded(|device| {
-            let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("wflash readback") });
+            let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("wflash readback"),
+            });
             let staging: Vec<wgpu::Buffer> = tensors
                 .iter()
                 .map(|t| {
@@ -138,13 +153,20 @@ impl Engine {
                 status
             })
             .collect();
-        wait_for(&self.inner.device, submission, self.inner.options.readback_timeout).await?;
+        wait_for(
+            &self.inner.device,
+            submission,
+            self.inner.options.readback_timeout,
+        )
+        .await?;
         let mut out = Vec::with_capacity(tensors.len());
         for ((tensor, buffer), status) in tensors.iter().zip(&staging).zip(&statuses) {
             let mapped = *status.lock().unwrap_or_else(|e| e.into_inner());
             if mapped != Some(true) {
                 self.check_alive()?;
-                return Err(Error::DeviceLost(format!("mapping a readback buffer failed ({mapped:?})")));
+                return Err(Error::DeviceLost(format!(
+                    "mapping a readback buffer failed ({mapped:?})"
+                )));
             }
             let view = buffer
                 .get_mapped_range(..)

@@ -27,7 +27,15 @@ pub struct Shape {
 impl Shape {
     /// Multi-head attention with equal query and key lengths and `value_dim == head_dim`.
     pub fn mha(batch: usize, heads: usize, seq: usize, head_dim: usize) -> Self {
-        Shape { batch, q_heads: heads, kv_heads: heads, q_len: seq, kv_len: seq, head_dim, value_dim: head_dim }
+        Shape {
+            batch,
+            q_heads: heads,
+            kv_heads: heads,
+            q_len: seq,
+            kv_len: seq,
+            head_dim,
+            value_dim: head_dim,
+        }
     }
 
     pub fn q_elems(&self) -> usize {
@@ -62,12 +70,19 @@ impl Shape {
                 return Err(Error::ZeroDimension { dim });
             }
         }
-        if self.q_heads % self.kv_heads != 0 {
-            return Err(Error::HeadsNotDivisible { q_heads: self.q_heads, kv_heads: self.kv_heads });
+        if !self.q_heads.is_multiple_of(self.kv_heads) {
+            return Err(Error::HeadsNotDivisible {
+                q_heads: self.q_heads,
+                kv_heads: self.kv_heads,
+            });
         }
         for (dim, got) in [("head_dim", self.head_dim), ("value_dim", self.value_dim)] {
             if got > MAX_HEAD_DIM {
-                return Err(Error::HeadDimUnsupported { dim, got, max: MAX_HEAD_DIM });
+                return Err(Error::HeadDimUnsupported {
+                    dim,
+                    got,
+                    max: MAX_HEAD_DIM,
+                });
             }
         }
         Ok(())
@@ -179,7 +194,9 @@ mod sealed {
 }
 
 /// A host element type wflash reads and writes: `f32`, `half::f16` or `half::bf16`.
-pub trait Element: sealed::Sealed + bytemuck::Pod + Send + Sync + std::fmt::Debug + 'static {
+pub trait Element:
+    sealed::Sealed + bytemuck::Pod + Send + Sync + std::fmt::Debug + 'static
+{
     const DTYPE: DType;
     fn to_f32(self) -> f32;
     fn from_f32(x: f32) -> Self;
