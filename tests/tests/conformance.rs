@@ -29,10 +29,10 @@ fn run_path(path: Path) {
     eprint!("{summary}");
     // Kept for the record (xtask test prints it): the closing notes quote these figures.
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/conformance");
-    if std::fs::create_dir_all(&dir).is_ok() {
-        if let Ok(mut f) = std::fs::File::create(dir.join(format!("{path:?}.txt"))) {
-            let _ = f.write_all(summary.as_bytes());
-        }
+    if std::fs::create_dir_all(&dir).is_ok()
+        && let Ok(mut f) = std::fs::File::create(dir.join(format!("{path:?}.txt")))
+    {
+        let _ = f.write_all(summary.as_bytes());
     }
     assert!(
         failures.is_empty(),
