@@ -1,1 +1,652 @@
-fn main() {}
+//! `cargo xtask bench`: times wflash's fused attention against a naive materialised GPU attention
+//! and the CPU reference, in one run on one adapter, and reports ms, GFLOP/s and % of the
+//! adapter's measured FMA peak (see DESIGN.md, "Benchmark contract").
+//!
+//! Timing is wall clock around submit + wait (every record says `"timing": "wall"`): warm-up
+//! runs first, then the median and minimum of `--samples` runs. Inputs are seeded random normals.
+
+mod naive;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use rand_distr::StandardNormal;
+use serde::{Deserialize, Serialize};
+use wflash::{
+    AttentionOptions, Causal, DType, Element, Engine, EngineOptions, Layout, Shape, wgpu,
+};
+use wflash_ref::{CausalAlign, Problem};
+
+use naive::{Naive, NaiveShape};
+
+#[derive(Parser, Debug)]
+#[command(name = "wflash-bench", about = "Benchmarks wflash's attention kernels")]
+struct Args {
+    /// CI smoke run: fewer cases and samples (well under 3 minutes on lavapipe).
+    #[arg(long)]
+    quick: bool,
+    /// Write the records as a JSON array to this file.
+    #[arg(long, value_name = "PATH")]
+    json: Option<PathBuf>,
+    /// Run only the cases whose name contains this substring.
+    #[arg(long, value_name = "SUBSTR")]
+    filter: Option<String>,
+    /// Print the adapter in use and exit.
+    #[arg(long)]
+    adapter: bool,
+    /// Timed runs per measurement (default 7, or 3 with --quick).
+    #[arg(long, value_name = "N")]
+    samples: Option<usize>,
+    /// Compare with the records of an earlier `--json` file; flags cases more than 10% slower.
+    #[arg(long, value_name = "PATH")]
+    baseline: Option<PathBuf>,
+}
+
+/// One measurement: the JSON record of DESIGN.md's benchmark contract.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct Record {
+    name: String,
+    #[serde(rename = "impl")]
+    implementation: String,
+    variant: String,
+    dtype: String,
+    layout: String,
+    batch: usize,
+    q_heads: usize,
+    kv_heads: usize,
+    q_len: usize,
+    kv_len: usize,
+    head_dim: usize,
+    value_dim: usize,
+    causal: bool,
+    median_ms: f64,
+    min_ms: f64,
+    samples: usize,
+    gflops: f64,
+    pct_of_peak: Option<f64>,
+    timing: String,
+    adapter: String,
+    backend: String,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Case {
+    dtype: DType,
+    seq: usize,
+    causal: bool,
+}
+
+const BATCH: usize = 1;
+const HEADS: usize = 8;
+const HEAD_DIM: usize = 64;
+/// The CPU reference is timed only up to this sequence length (it is O(N²·D) f64 loops).
+const CPU_REF_MAX_SEQ: usize = 1024;
+/// The longest a single timed GPU run may take before the case is reported as failed.
+const GPU_TIMEOUT: Duration = Duration::from_secs(120);
+
+impl Case {
+    fn name(&self) -> String {
+        format!(
+            "softmax_fwd_{}_b{BATCH}_h{HEADS}_n{}_d{HEAD_DIM}{}",
+            self.dtype.name(),
+            self.seq,
+            if self.causal { "_causal" } else { "" }
+        )
+    }
+    fn shape(&self) -> Shape {
+        Shape::mha(BATCH, HEADS, self.seq, HEAD_DIM)
+    }
+    fn options(&self) -> AttentionOptions {
+        let opts = AttentionOptions::softmax();
+        if self.causal {
+            opts.with_causal(Causal::BottomRight)
+        } else {
+            opts
+        }
+    }
+    fn problem(&self) -> Problem {
+        let shape = self.shape();
+        Problem {
+            batch: shape.batch,
+            q_heads: shape.q_heads,
+            kv_heads: shape.kv_heads,
+            q_len: shape.q_len,
+            kv_len: shape.kv_len,
+            head_dim: shape.head_dim,
+            value_dim: shape.value_dim,
+            layout: wflash_ref::Layout::Bhsd,
+            scale: 1.0 / (shape.head_dim as f64).sqrt(),
+            causal: self.causal.then_some(CausalAlign::BottomRight),
+        }
+    }
+    fn seed(&self) -> u64 {
+        let dtype = match self.dtype {
+            DType::F32 => 1,
+            DType::F16 => 2,
+            DType::Bf16 => 3,
+        };
+        0x5eed_0000 ^ ((self.seq as u64) << 4) ^ (dtype << 1) ^ u64::from(self.causal)
+    }
+}
+
+fn cases(quick: bool) -> Vec<Case> {
+    let f32_case = |seq, causal| Case {
+        dtype: DType::F32,
+        seq,
+        causal,
+    };
+    let mut cases = if quick {
+        vec![
+            f32_case(512, false),
+            f32_case(1024, false),
+            f32_case(1024, true),
+        ]
+    } else {
+        [512, 1024, 2048]
+            .into_iter()
+            .flat_map(|n| [f32_case(n, false), f32_case(n, true)])
+            .collect()
+    };
+    cases.push(Case {
+        dtype: DType::F16,
+        seq: 1024,
+        causal: false,
+    });
+    cases.push(Case {
+        dtype: DType::Bf16,
+        seq: 1024,
+        causal: false,
+    });
+    cases
+}
+
+/// Median and minimum of some timed runs, in seconds.
+#[derive(Clone, Copy, Debug)]
+struct Stats {
+    median: f64,
+    min: f64,
+    samples: usize,
+}
+
+fn stats(mut times: Vec<f64>) -> Stats {
+    times.sort_by(f64::total_cmp);
+    Stats {
+        median: times[times.len() / 2],
+        min: times[0],
+        samples: times.len(),
+    }
+}
+
+/// Runs `once` `warmups` times untimed, then `samples` times timed.
+fn measure(
+    warmups: usize,
+    samples: usize,
+    mut once: impl FnMut() -> Result<(), String>,
+) -> Result<Stats, String> {
+    for _ in 0..warmups {
+        once()?;
+    }
+    let mut times = Vec::with_capacity(samples);
+    for _ in 0..samples.max(1) {
+        let start = Instant::now();
+        once()?;
+        times.push(start.elapsed().as_secs_f64());
+    }
+    Ok(stats(times))
+}
+
+fn wait(device: &wgpu::Device) -> Result<(), String> {
+    device
+        .poll(wgpu::PollType::Wait {
+            submission_index: None,
+            timeout: Some(GPU_TIMEOUT),
+        })
+        .map(|_| ())
+        .map_err(|e| format!("waiting for the GPU: {e}"))
+}
+
+fn random_normals(rng: &mut StdRng, len: usize) -> Vec<f32> {
+    (0..len)
+        .map(|_| rng.sample::<f32, _>(StandardNormal))
+        .collect()
+}
+
+/// Times the fused kernel on pre-uploaded tensors; returns the timing and (f32 only) the output.
+fn time_fused<T: Element>(
+    engine: &Engine,
+    case: &Case,
+    inputs: [&[f32]; 3],
+    warmups: usize,
+    samples: usize,
+) -> Result<(Stats, Option<Vec<f32>>), String> {
+    let shape = case.shape();
+    let opts = case.options();
+    let convert = |x: &[f32]| x.iter().map(|&v| T::from_f32(v)).collect::<Vec<T>>();
+    let [q, k, v] = inputs.map(|x| engine.upload(&convert(x)).map_err(|e| e.to_string()));
+    let (q, k, v) = (q?, k?, v?);
+    let device = engine.device();
+    let mut last = None;
+    let stats = measure(warmups, samples, || {
+        let out = engine
+            .attention_gpu(&shape, Layout::Bhsd, &opts, &q, &k, &v)
+            .map_err(|e| e.to_string())?;
+        wait(device)?;
+        last = Some(out);
+        Ok(())
+    })?;
+    let output = match (T::DTYPE, last) {
+        (DType::F32, Some(out)) => Some(
+            engine
+                .read_blocking::<f32>(&out.output)
+                .map_err(|e| e.to_string())?,
+        ),
+        _ => None,
+    };
+    Ok((stats, output))
+}
+
+/// Times the naive three-dispatch attention (f32). Returns the timing and its output.
+fn time_naive(
+    engine: &Engine,
+    naive: &Naive,
+    case: &Case,
+    inputs: [&[f32]; 3],
+    warmups: usize,
+    samples: usize,
+) -> Result<(Stats, Vec<f32>), String> {
+    let shape = case.shape();
+    let naive_shape = NaiveShape {
+        batch: shape.batch,
+        heads: shape.q_heads,
+        q_len: shape.q_len,
+        kv_len: shape.kv_len,
+        head_dim: shape.head_dim,
+        value_dim: shape.value_dim,
+        causal: case.causal,
+    };
+    Naive::check_limits(engine.device(), &naive_shape)?;
+    let [q, k, v] = inputs.map(|x| engine.upload(x).map_err(|e| e.to_string()));
+    let (q, k, v) = (q?, k?, v?);
+    let scale = case
+        .options()
+        .resolved_scale(&shape)
+        .map_err(|e| e.to_string())?;
+    let (device, queue) = (engine.device(), engine.queue());
+    let run = naive.prepare(
+        device,
+        &naive_shape,
+        scale,
+        q.buffer(),
+        k.buffer(),
+        v.buffer(),
+    )?;
+    let stats = measure(warmups, samples, || {
+        naive.submit(device, queue, &run);
+        wait(device)
+    })?;
+    let output = naive::read_f32(device, queue, run.output())?;
+    Ok((stats, output))
+}
+
+fn max_abs_diff(a: &[f32], b: impl IntoIterator<Item = f64>) -> f64 {
+    a.iter()
+        .zip(b)
+        .map(|(&x, y)| (f64::from(x) - y).abs())
+        .fold(0.0, f64::max)
+}
+
+struct Context<'a> {
+    engine: &'a Engine,
+    peak_gflops: Option<f64>,
+}
+
+impl Context<'_> {
+    fn record(
+        &self,
+        case: &Case,
+        implementation: &str,
+        dtype: &str,
+        flops: f64,
+        stats: Stats,
+    ) -> Record {
+        let shape = case.shape();
+        let info = self.engine.info();
+        let gflops = flops / stats.median / 1e9;
+        let on_gpu = implementation != "cpu-ref";
+        Record {
+            name: case.name(),
+            implementation: implementation.into(),
+            variant: "softmax".into(),
+            dtype: dtype.into(),
+            layout: "bhsd".into(),
+            batch: shape.batch,
+            q_heads: shape.q_heads,
+            kv_heads: shape.kv_heads,
+            q_len: shape.q_len,
+            kv_len: shape.kv_len,
+            head_dim: shape.head_dim,
+            value_dim: shape.value_dim,
+            causal: case.causal,
+            median_ms: stats.median * 1e3,
+            min_ms: stats.min * 1e3,
+            samples: stats.samples,
+            gflops,
+            pct_of_peak: self
+                .peak_gflops
+                .filter(|_| on_gpu)
+                .map(|peak| gflops / peak * 100.0),
+            timing: "wall".into(),
+            adapter: if on_gpu {
+                info.adapter_name.clone()
+            } else {
+                "host cpu".into()
+            },
+            backend: if on_gpu {
+                format!("{:?}", info.backend)
+            } else {
+                "cpu".into()
+            },
+        }
+    }
+}
+
+fn print_table(records: &[Record]) {
+    println!();
+    println!(
+        "{:<40} {:<10} {:<5} {:>6} {:>6} {:>11} {:>11} {:>9} {:>7}",
+        "name", "impl", "dtype", "N", "causal", "median ms", "min ms", "GFLOP/s", "% peak"
+    );
+    for r in records {
+        let pct = r
+            .pct_of_peak
+            .map_or_else(|| "-".to_string(), |p| format!("{p:.1}"));
+        println!(
+            "{:<40} {:<10} {:<5} {:>6} {:>6} {:>11.3} {:>11.3} {:>9.2} {:>7}",
+            r.name,
+            r.implementation,
+            r.dtype,
+            r.q_len,
+            if r.causal { "yes" } else { "no" },
+            r.median_ms,
+            r.min_ms,
+            r.gflops,
+            pct
+        );
+    }
+}
+
+fn print_ratios(records: &[Record]) {
+    println!();
+    println!("fused vs naive-gpu (median time ratio fused/naive; < 1 means fused is faster):");
+    let mut any = false;
+    for fused in records.iter().filter(|r| r.implementation == "fused") {
+        if let Some(naive) = records
+            .iter()
+            .find(|r| r.implementation == "naive-gpu" && r.name == fused.name)
+        {
+            let ratio = fused.median_ms / naive.median_ms;
+            println!(
+                "  {:<40} {ratio:>7.3}  (fused {:.2}x faster)",
+                fused.name,
+                1.0 / ratio
+            );
+            any = true;
+        }
+    }
+    if !any {
+        println!("  (no case has both)");
+    }
+}
+
+/// Prints new/old median ratios against a baseline file; returns the number of regressions.
+fn compare_baseline(records: &[Record], path: &PathBuf) -> Result<usize, String> {
+    let text =
+        std::fs::read_to_string(path).map_err(|e| format!("reading {}: {e}", path.display()))?;
+    let old: Vec<Record> =
+        serde_json::from_str(&text).map_err(|e| format!("parsing {}: {e}", path.display()))?;
+    println!();
+    println!(
+        "against baseline {} (median ratio new/old; > 1.10 is a regression):",
+        path.display()
+    );
+    let mut regressions = 0;
+    for r in records {
+        let Some(o) = old
+            .iter()
+            .find(|o| o.name == r.name && o.implementation == r.implementation)
+        else {
+            println!(
+                "  {:<40} {:<10} (not in baseline)",
+                r.name, r.implementation
+            );
+            continue;
+        };
+        let ratio = r.median_ms / o.median_ms;
+        let flag = if ratio > 1.10 {
+            regressions += 1;
+            "  REGRESSION"
+        } else {
+            ""
+        };
+        println!(
+            "  {:<40} {:<10} {ratio:>7.3}  ({:.3} ms -> {:.3} ms){flag}",
+            r.name, r.implementation, o.median_ms, r.median_ms
+        );
+    }
+    if regressions > 0 {
+        println!("  {regressions} regression(s) (> 10% slower)");
+    }
+    Ok(regressions)
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let engine = match Engine::new_blocking(EngineOptions::default()) {
+        Ok(engine) => engine,
+        Err(err) => {
+            eprintln!("wflash-bench: no usable GPU adapter: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if args.adapter {
+        println!("wflash adapter: {}", engine.info());
+        return ExitCode::SUCCESS;
+    }
+    let started = Instant::now();
+    let samples = args
+        .samples
+        .unwrap_or(if args.quick { 3 } else { 7 })
+        .max(1);
+    let warmups = if args.quick { 1 } else { 2 };
+    println!("adapter: {}", engine.info());
+    println!(
+        "timing: wall clock around submit + wait; {warmups} warm-up run(s), median of {samples}"
+    );
+
+    let selected: Vec<Case> = cases(args.quick)
+        .into_iter()
+        .filter(|c| args.filter.as_deref().is_none_or(|f| c.name().contains(f)))
+        .collect();
+    if selected.is_empty() {
+        eprintln!("wflash-bench: no case matches the filter");
+        return ExitCode::FAILURE;
+    }
+
+    let device = engine.device();
+    let queue = engine.queue();
+    let mut records = Vec::new();
+    let mut fused_failures = 0;
+    let peak = match naive::fma_peak(device, queue, samples) {
+        Ok(peak) => {
+            println!(
+                "fma peak probe: {:.2} GFLOP/s ({:.2} GFLOP per run, median {:.3} ms)",
+                peak.gflops,
+                peak.flops / 1e9,
+                peak.median_ms
+            );
+            let info = engine.info();
+            records.push(Record {
+                name: "fma_peak".into(),
+                implementation: "probe".into(),
+                variant: "fma".into(),
+                dtype: "f32".into(),
+                layout: "-".into(),
+                batch: 0,
+                q_heads: 0,
+                kv_heads: 0,
+                q_len: 0,
+                kv_len: 0,
+                head_dim: 0,
+                value_dim: 0,
+                causal: false,
+                median_ms: peak.median_ms,
+                min_ms: peak.min_ms,
+                samples: peak.samples,
+                gflops: peak.gflops,
+                pct_of_peak: Some(100.0),
+                timing: "wall".into(),
+                adapter: info.adapter_name.clone(),
+                backend: format!("{:?}", info.backend),
+            });
+            Some(peak.gflops)
+        }
+        Err(err) => {
+            println!("fma peak probe failed ({err}); % of peak is not reported");
+            None
+        }
+    };
+    let ctx = Context {
+        engine: &engine,
+        peak_gflops: peak,
+    };
+    let naive = match Naive::new(device) {
+        Ok(naive) => Some(naive),
+        Err(err) => {
+            println!("naive-gpu: building the pipelines failed ({err}); naive cases skipped");
+            None
+        }
+    };
+
+    for case in &selected {
+        let name = case.name();
+        let case_start = Instant::now();
+        let shape = case.shape();
+        let problem = case.problem();
+        let flops = 4.0
+            * (shape.batch * shape.q_heads * shape.head_dim) as f64
+            * problem.visible_pairs() as f64;
+        let mut rng = StdRng::seed_from_u64(case.seed());
+        let q = random_normals(&mut rng, shape.q_elems());
+        let k = random_normals(&mut rng, shape.k_elems());
+        let v = random_normals(&mut rng, shape.v_elems());
+        let inputs = [q.as_slice(), k.as_slice(), v.as_slice()];
+        let mut notes = Vec::new();
+
+        let fused = match case.dtype {
+            DType::F32 => time_fused::<f32>(&engine, case, inputs, warmups, samples),
+            DType::F16 => time_fused::<half::f16>(&engine, case, inputs, warmups, samples),
+            DType::Bf16 => time_fused::<half::bf16>(&engine, case, inputs, warmups, samples),
+        };
+        let fused_out = match fused {
+            Ok((stats, out)) => {
+                records.push(ctx.record(case, "fused", case.dtype.name(), flops, stats));
+                out
+            }
+            Err(err) => {
+                println!("{name}: fused FAILED: {err}");
+                fused_failures += 1;
+                None
+            }
+        };
+
+        if case.dtype == DType::F32 {
+            match &naive {
+                Some(naive) => match time_naive(&engine, naive, case, inputs, warmups, samples) {
+                    Ok((stats, out)) => {
+                        records.push(ctx.record(case, "naive-gpu", "f32", flops, stats));
+                        if let Some(fused_out) = &fused_out {
+                            let diff = max_abs_diff(fused_out, out.iter().map(|&x| f64::from(x)));
+                            notes.push(format!("max|fused-naive| {diff:.2e}"));
+                        }
+                    }
+                    Err(err) => println!("{name}: naive-gpu skipped: {err}"),
+                },
+                None => println!("{name}: naive-gpu skipped (no pipelines)"),
+            }
+
+            if shape.q_len <= CPU_REF_MAX_SEQ {
+                let to_f64 = |x: &[f32]| x.iter().map(|&v| f64::from(v)).collect::<Vec<f64>>();
+                let (q64, k64, v64) = (to_f64(&q), to_f64(&k), to_f64(&v));
+                let start = Instant::now();
+                let reference = wflash_ref::softmax_forward(&problem, &q64, &k64, &v64);
+                let secs = start.elapsed().as_secs_f64();
+                records.push(ctx.record(
+                    case,
+                    "cpu-ref",
+                    "f64",
+                    flops,
+                    Stats {
+                        median: secs,
+                        min: secs,
+                        samples: 1,
+                    },
+                ));
+                if let Some(fused_out) = &fused_out {
+                    let diff = max_abs_diff(fused_out, reference.output.iter().copied());
+                    notes.push(format!("max|fused-ref| {diff:.2e}"));
+                }
+            } else {
+                println!("{name}: cpu-ref skipped (N > {CPU_REF_MAX_SEQ}: too slow)");
+            }
+        }
+        println!(
+            "{name}: done in {:.1} s {}",
+            case_start.elapsed().as_secs_f64(),
+            notes.join(", ")
+        );
+    }
+
+    print_table(&records);
+    print_ratios(&records);
+
+    let mut ok = true;
+    if let Some(path) = &args.json {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            let _ = std::fs::create_dir_all(dir);
+        }
+        let json = serde_json::to_string_pretty(&records).map(|s| s + "\n");
+        match json
+            .map_err(|e| e.to_string())
+            .and_then(|s| std::fs::write(path, s).map_err(|e| e.to_string()))
+        {
+            Ok(()) => println!("\nwrote {} records to {}", records.len(), path.display()),
+            Err(err) => {
+                eprintln!("wflash-bench: writing {}: {err}", path.display());
+                ok = false;
+            }
+        }
+    }
+    if let Some(path) = &args.baseline
+        && let Err(err) = compare_baseline(&records, path)
+    {
+        eprintln!("wflash-bench: baseline: {err}");
+        ok = false;
+    }
+    if fused_failures > 0 {
+        eprintln!("wflash-bench: {fused_failures} fused case(s) failed (see above)");
+        ok = false;
+    }
+    println!(
+        "\nbench finished in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}

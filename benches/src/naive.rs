@@ -1,0 +1,430 @@
+//! GPU baselines written for the benchmark: a naive materialised attention (`S = QKᵀ`, softmax,
+//! `PV` as three dispatches through an `[B·H, Nq, Nk]` f32 score buffer) and an FMA peak probe.
+
+use std::time::{Duration, Instant};
+
+use wflash::wgpu;
+use wflash::wgpu::util::DeviceExt;
+
+const NAIVE_WGSL: &str = include_str!("../../shaders/naive_attention.wgsl");
+const FMA_PEAK_WGSL: &str = include_str!("../../shaders/fma_peak.wgsl");
+
+/// Uniform block of `naive_attention.wgsl` (`struct Params`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, bytemuck::Pod, bytemuck::Zeroable)]
+struct NaiveParams {
+    q_len: u32,
+    kv_len: u32,
+    head_dim: u32,
+    value_dim: u32,
+    scale: f32,
+    causal: u32,
+    _pad: [u32; 2],
+}
+
+fn storage_entry(binding: u32, read_only: bool) -> wgpu::BindGroupLayoutEntry {
+    wgpu::BindGroupLayoutEntry {
+        binding,
+        visibility: wgpu::ShaderStages::COMPUTE,
+        ty: wgpu::BindingType::Buffer {
+            ty: wgpu::BufferBindingType::Storage { read_only },
+            has_dynamic_offset: false,
+            min_binding_size: None,
+        },
+        count: None,
+    }
+}
+
+fn compute_pipeline(
+    device: &wgpu::Device,
+    layout: &wgpu::PipelineLayout,
+    module: &wgpu::ShaderModule,
+    entry: &str,
+    constants: &[(&str, f64)],
+) -> wgpu::ComputePipeline {
+    device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+        label: Some(entry),
+        layout: Some(layout),
+        module,
+        entry_point: Some(entry),
+        compilation_options: wgpu::PipelineCompilationOptions {
+            constants,
+            ..Default::default()
+        },
+        cache: None,
+    })
+}
+
+/// Catches validation and out-of-memory errors of `f` instead of letting them escape.
+fn scoped<R>(device: &wgpu::Device, f: impl FnOnce() -> R) -> Result<R, String> {
+    let oom = device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+    let validation = device.push_error_scope(wgpu::ErrorFilter::Validation);
+    let value = f();
+    let validation = pollster::block_on(validation.pop());
+    let oom = pollster::block_on(oom.pop());
+    match oom.or(validation) {
+        Some(err) => Err(err.to_string()),
+        None => Ok(value),
+    }
+}
+
+/// Submits nothing new; waits until everything submitted so far has finished.
+pub fn wait(device: &wgpu::Device) -> Result<(), String> {
+    device
+        .poll(wgpu::PollType::wait_indefinitely())
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
+/// The three naive pipelines, built once per device.
+#[derive(Debug)]
+pub struct Naive {
+    bind_group_layout: wgpu::BindGroupLayout,
+    scores: wgpu::ComputePipeline,
+    softmax_rows: wgpu::ComputePipeline,
+    pv: wgpu::ComputePipeline,
+}
+
+/// One naive problem with its buffers allocated and bound, ready to run repeatedly.
+#[derive(Debug)]
+pub struct NaiveRun {
+    bind_group: wgpu::BindGroup,
+    output: wgpu::Buffer,
+    heads: u32,
+    q_len: u32,
+    kv_len: u32,
+    value_dim: u32,
+}
+
+/// Shape of a naive problem (MHA, BHSD).
+#[derive(Clone, Copy, Debug)]
+pub struct NaiveShape {
+    pub batch: usize,
+    pub heads: usize,
+    pub q_len: usize,
+    pub kv_len: usize,
+    pub head_dim: usize,
+    pub value_dim: usize,
+    pub causal: bool,
+}
+
+impl Naive {
+    pub fn new(device: &wgpu::Device) -> Result<Naive, String> {
+        scoped(device, || {
+            let bind_group_layout =
+                device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
+                    label: Some("naive attention bindings"),
+                    entries: &[
+                        wgpu::BindGroupLayoutEntry {
+                            binding: 0,
+                            visibility: wgpu::ShaderStages::COMPUTE,
+                            ty: wgpu::BindingType::Buffer {
+                                ty: wgpu::BufferBindingType::Uniform,
+                                has_dynamic_offset: false,
+                                min_binding_size: None,
+                            },
+                            count: None,
+                        },
+                        storage_entry(1, true),
+                        storage_entry(2, true),
+                        storage_entry(3, true),
+                        storage_entry(4, false),
+                        storage_entry(5, false),
+                    ],
+                });
+            let layout = device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
+                label: Some("naive attention layout"),
+                bind_group_layouts: &[Some(&bind_group_layout)],
+                immediate_size: 0,
+            });
+            let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
+                label: Some("naive_attention.wgsl"),
+                source: wgpu::ShaderSource::Wgsl(NAIVE_WGSL.into()),
+            });
+            Naive {
+                scores: compute_pipeline(device, &layout, &module, "scores", &[]),
+                softmax_rows: compute_pipeline(device, &layout, &module, "softmax_rows", &[]),
+                pv: compute_pipeline(device, &layout, &module, "pv", &[]),
+                bind_group_layout,
+            }
+        })
+    }
+
+    /// Bytes of the score buffer, or why the device cannot hold it.
+    pub fn check_limits(device: &wgpu::Device, shape: &NaiveShape) -> Result<u64, String> {
+        let limits = device.limits();
+        let bytes = (shape.batch * shape.heads * shape.q_len * shape.kv_len * 4) as u64;
+        let max = limits
+            .max_storage_buffer_binding_size
+            .min(limits.max_buffer_size);
+        if bytes > max {
+            return Err(format!(
+                "the N×N score buffer needs {bytes} B, the device allows {max} B"
+            ));
+        }
+        let groups = shape
+            .q_len
+            .div_ceil(16)
+            .max(shape.kv_len.div_ceil(16))
+            .max(shape.batch * shape.heads);
+        if groups as u64 > u64::from(limits.max_compute_workgroups_per_dimension) {
+            return Err(format!(
+                "{groups} workgroups along one dimension exceed the device limit"
+            ));
+        }
+        Ok(bytes)
+    }
+
+    /// Allocates the score and output buffers and binds them with `q`, `k`, `v` (f32, BHSD).
+    pub fn prepare(
+        &self,
+        device: &wgpu::Device,
+        shape: &NaiveShape,
+        scale: f32,
+        q: &wgpu::Buffer,
+        k: &wgpu::Buffer,
+        v: &wgpu::Buffer,
+    ) -> Result<NaiveRun, String> {
+        let score_bytes = Self::check_limits(device, shape)?;
+        scoped(device, || {
+            let params = NaiveParams {
+                q_len: shape.q_len as u32,
+                kv_len: shape.kv_len as u32,
+                head_dim: shape.head_dim as u32,
+                value_dim: shape.value_dim as u32,
+                scale,
+                causal: u32::from(shape.causal),
+                _pad: [0; 2],
+            };
+            let uniform = device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                label: Some("naive params"),
+                contents: bytemuck::bytes_of(&params),
+                usage: wgpu::BufferUsages::UNIFORM,
+            });
+            let scores = device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("naive scores"),
+                size: score_bytes,
+                usage: wgpu::BufferUsages::STORAGE,
+                mapped_at_creation: false,
+            });
+            let output = device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("naive output"),
+                size: (shape.batch * shape.heads * shape.q_len * shape.value_dim * 4) as u64,
+                usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
+                mapped_at_creation: false,
+            });
+            let entries = [&uniform, q, k, v, &scores, &output];
+            let entries: Vec<wgpu::BindGroupEntry<'_>> = entries
+                .iter()
+                .enumerate()
+                .map(|(i, buffer)| wgpu::BindGroupEntry {
+                    binding: i as u32,
+                    resource: buffer.as_entire_binding(),
+                })
+                .collect();
+            let bind_group = device.create_bind_group(&wgpu::BindGroupDescriptor {
+                label: Some("naive bind group"),
+                layout: &self.bind_group_layout,
+                entries: &entries,
+            });
+            NaiveRun {
+                bind_group,
+                output,
+                heads: (shape.batch * shape.heads) as u32,
+                q_len: shape.q_len as u32,
+                kv_len: shape.kv_len as u32,
+                value_dim: shape.value_dim as u32,
+            }
+        })
+    }
+
+    /// Encodes the three dispatches and submits them as one submission (does not wait).
+    pub fn submit(&self, device: &wgpu::Device, queue: &wgpu::Queue, run: &NaiveRun) {
+        let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
+            label: Some("naive attention"),
+        });
+        for (pipeline, groups) in [
+            (
+                &self.scores,
+                [run.kv_len.div_ceil(16), run.q_len.div_ceil(16), run.heads],
+            ),
+            (&self.softmax_rows, [run.q_len.div_ceil(64), run.heads, 1]),
+            (
+                &self.pv,
+                [
+                    run.value_dim.div_ceil(16),
+                    run.q_len.div_ceil(16),
+                    run.heads,
+                ],
+            ),
+        ] {
+            let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: Some("naive attention"),
+                timestamp_writes: None,
+            });
+            pass.set_pipeline(pipeline);
+            pass.set_bind_group(0, &run.bind_group, &[]);
+            pass.dispatch_workgroups(groups[0], groups[1], groups[2]);
+        }
+        queue.submit([encoder.finish()]);
+    }
+}
+
+impl NaiveRun {
+    /// The output buffer (f32, BHSD), for a cross-check against the fused kernel.
+    pub fn output(&self) -> &wgpu::Buffer {
+        &self.output
+    }
+}
+
+/// Copies a whole f32 buffer back to the host.
+pub fn read_f32(
+    device: &wgpu::Device,
+    queue: &wgpu::Queue,
+    buffer: &wgpu::Buffer,
+) -> Result<Vec<f32>, String> {
+    let size = buffer.size();
+    let staging = device.create_buffer(&wgpu::BufferDescriptor {
+        label: Some("bench staging"),
+        size,
+        usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+        mapped_at_creation: false,
+    });
+    let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
+        label: Some("bench readback"),
+    });
+    encoder.copy_buffer_to_buffer(buffer, 0, &staging, 0, size);
+    queue.submit([encoder.finish()]);
+    let (tx, rx) = std::sync::mpsc::channel();
+    staging.map_async(wgpu::MapMode::Read, .., move |r| {
+        let _ = tx.send(r.is_ok());
+    });
+    wait(device)?;
+    if rx.recv_timeout(Duration::from_secs(60)) != Ok(true) {
+        return Err("mapping the staging buffer failed".into());
+    }
+    let view = staging.get_mapped_range(..).map_err(|e| e.to_string())?;
+    let out = bytemuck::pod_collect_to_vec::<u8, f32>(&view);
+    drop(view);
+    staging.unmap();
+    Ok(out)
+}
+
+/// The FMA peak probe: measured f32 GFLOP/s of independent vec4 FMAs.
+#[derive(Clone, Copy, Debug)]
+pub struct Peak {
+    pub gflops: f64,
+    pub median_ms: f64,
+    pub min_ms: f64,
+    pub samples: usize,
+    pub flops: f64,
+}
+
+/// Loop steps per invocation: llvmpipe stops any invocation after 65535 loop iterations.
+const FMA_ITERATIONS: u32 = 512;
+/// FLOPs per loop step: 32 vec4 FMAs × 4 lanes × 2.
+const FMA_FLOPS_PER_STEP: f64 = 256.0;
+const FMA_WORKGROUP: u32 = 64;
+
+pub fn fma_peak(
+    device: &wgpu::Device,
+    queue: &wgpu::Queue,
+    samples: usize,
+) -> Result<Peak, String> {
+    let (pipeline, bind_group) = scoped(device, || {
+        let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
+            label: Some("fma_peak.wgsl"),
+            source: wgpu::ShaderSource::Wgsl(FMA_PEAK_WGSL.into()),
+        });
+        let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+            label: Some("fma_peak"),
+            layout: None,
+            module: &module,
+            entry_point: Some("fma_peak"),
+            compilation_options: wgpu::PipelineCompilationOptions {
+                constants: &[("ITERATIONS", f64::from(FMA_ITERATIONS))],
+                ..Default::default()
+            },
+            cache: None,
+        });
+        // b < 1 and c small keep every accumulator bounded; the sentinel (-1) is never reached.
+        let seed: [f32; 12] = [
+            0.999, 0.999, 0.999, 0.999, 1e-3, 1e-3, 1e-3, 1e-3, -1.0, -1.0, -1.0, -1.0,
+        ];
+        let seed = device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: Some("fma seed"),
+            contents: bytemuck::cast_slice(&seed),
+            usage: wgpu::BufferUsages::STORAGE,
+        });
+        let sink = device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("fma sink"),
+            size: 16,
+            usage: wgpu::BufferUsages::STORAGE,
+            mapped_at_creation: false,
+        });
+        let bind_group = device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: Some("fma_peak"),
+            layout: &pipeline.get_bind_group_layout(0),
+            entries: &[
+                wgpu::BindGroupEntry {
+                    binding: 0,
+                    resource: seed.as_entire_binding(),
+                },
+                wgpu::BindGroupEntry {
+                    binding: 1,
+                    resource: sink.as_entire_binding(),
+                },
+            ],
+        });
+        (pipeline, bind_group)
+    })?;
+    let max_x = device
+        .limits()
+        .max_compute_workgroups_per_dimension
+        .min(32768);
+    let run = |groups: u32| -> Result<f64, String> {
+        let (x, y) = if groups <= max_x {
+            (groups, 1)
+        } else {
+            (max_x, groups.div_ceil(max_x))
+        };
+        let start = Instant::now();
+        let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
+            label: Some("fma_peak"),
+        });
+        {
+            let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: Some("fma_peak"),
+                timestamp_writes: None,
+            });
+            pass.set_pipeline(&pipeline);
+            pass.set_bind_group(0, &bind_group, &[]);
+            pass.dispatch_workgroups(x, y, 1);
+        }
+        queue.submit([encoder.finish()]);
+        wait(device)?;
+        Ok(start.elapsed().as_secs_f64())
+    };
+    // Grow the dispatch until one run takes long enough for wall-clock timing to mean something.
+    run(64)?; // compile and warm up
+    let mut groups = 256u32;
+    while run(groups)? < 0.15 && groups < (1 << 22) {
+        groups *= 2;
+    }
+    let mut times: Vec<f64> = (0..samples.max(1))
+        .map(|_| run(groups))
+        .collect::<Result<_, _>>()?;
+    times.sort_by(f64::total_cmp);
+    let median = times[times.len() / 2];
+    let flops = f64::from(groups)
+        * f64::from(FMA_WORKGROUP)
+        * f64::from(FMA_ITERATIONS)
+        * FMA_FLOPS_PER_STEP;
+    Ok(Peak {
+        gflops: flops / median / 1e9,
+        median_ms: median * 1e3,
+        min_ms: times[0] * 1e3,
+        samples: times.len(),
+        flops,
+    })
+}
