@@ -18,7 +18,10 @@ pub enum Layout {
 
 impl Layout {
     /// Flat index of element `(b, h, s, d)` of a tensor with `heads` heads, `seq` rows and `dim` columns.
-    #[expect(clippy::too_many_arguments, reason = "the four coordinates and three extents of a 4-D index")]
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "the four coordinates and three extents of a 4-D index"
+    )]
     pub fn index(
         self,
         b: usize,
