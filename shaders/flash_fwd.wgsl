@@ -42,26 +42,6 @@ override VALUE_DIM: u32 = 64u;
 override VALUE_SLICE: u32 = 64u;
 override CAUSAL: bool = false;
 
-// Element offsets are (batch, head, seq) strides; the innermost dimension is contiguous.
-// This one struct covers both layouts (BHSD and BSHD) without a shader variant.
-struct Params {
-    q_heads: u32,
-    kv_heads: u32,
-    q_len: u32,
-    kv_len: u32,
-    q_stride: vec4<u32>,
-    k_stride: vec4<u32>,
-    v_stride: vec4<u32>,
-    o_stride: vec4<u32>,
-    // Key j is visible to query i iff j <= i + causal_offset (bottom-right: kv_len - q_len; top-left: 0).
-    causal_offset: i32,
-    // scale · log2(e): turns q·k into a base-2 logit.
-    scale_log2: f32,
-    _pad0: u32,
-    _pad1: u32,
-}
-
-@group(0) @binding(0) var<uniform> params: Params;
 @group(0) @binding(5) var<storage, read_write> lse_buf: array<f32>;
 
 // Row lengths in vec4 units.
@@ -76,10 +56,6 @@ const CHUNK_VEC4: u32 = 16u;
 // Output accumulators, column-major so the invocations of a row block touch adjacent words.
 var<workgroup> acc: array<f32, VALUE_SLICE * BLOCK_M>;
 
-// Lower than any finite logit: marks "no visible key yet" without computing with infinities,
-// which fast-math compilers (llvmpipe among them) may not honour.
-const NO_MAX: f32 = -3.0e38;
-const LN_2: f32 = 0.6931471805599453;
 
 @compute @workgroup_size(BLOCK_M)
 fn flash_fwd(
@@ -163,15 +139,16 @@ fn flash_fwd(
         }
 
         // Online softmax: rescale what has been accumulated so far to the new running max.
-        let new_max = max(row_max, tile_max);
-        let alpha = exp2(row_max - new_max);
+        // (Sigmoid keeps no max: alpha folds to 1.)
+        let new_max = select(max(row_max, tile_max), NO_MAX, SIGMOID);
+        let alpha = select(exp2(row_max - new_max), 1.0, SIGMOID);
         row_max = new_max;
         row_sum *= alpha;
         for (var c = 0u; c < CHUNK_VEC4; c++) {
             acc[c] *= alpha;
         }
         for (var j = 0u; j < BLOCK_N; j++) {
-            let p = select(0.0, exp2(s[j] - new_max), s[j] > NO_MAX);
+            let p = select(0.0, weight(s[j], new_max), s[j] > NO_MAX);
             row_sum += p;
             for (var c = 0u; c < CHUNK_VEC4; c++) {
                 if c < SLICE_VEC4 {
@@ -181,10 +158,11 @@ fn flash_fwd(
         }
     }
 
-    // The only division, once per row. A row that saw no key has row_sum 0: O = 0, LSE = -inf.
+    // The only division, once per row (softmax). A row that saw no key has row_sum 0: O = 0,
+    // LSE = -inf. Sigmoid is unnormalised and has no LSE.
     if row_valid {
         let seen = row_sum > 0.0;
-        let inv_sum = select(0.0, 1.0 / row_sum, seen);
+        let inv_sum = select(select(0.0, 1.0 / row_sum, seen), 1.0, SIGMOID);
         let o_base = batch * params.o_stride.x + head * params.o_stride.y + row * params.o_stride.z + v0;
         for (var c = 0u; c < CHUNK_VEC4; c++) {
             let out = acc[c] * inv_sum;
@@ -194,7 +172,7 @@ fn flash_fwd(
                 }
             }
         }
-        if v0 == 0u {
+        if v0 == 0u && !SIGMOID {
             let lse_index = (batch * params.q_heads + head) * params.q_len + row;
             lse_buf[lse_index] = select(bitcast<f32>(0xff800000u), (row_max + log2(row_sum)) * LN_2, seen);
         }
@@ -223,7 +201,7 @@ fn load_q_chunk(valid: bool, base: u32, start: u32) -> array<vec4<f32>, CHUNK_VE
             for (var k = 0u; k < 4u; k++) {
                 let d = start + c * 4u + k;
                 if d < HEAD_DIM {
-                    q[c][k] = load_q(base + d) * params.scale_log2;
+                    q[c][k] = load_q(base + d) * params.q_scale;
                 }
             }
         }

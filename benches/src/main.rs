@@ -77,31 +77,47 @@ struct Record {
 struct Case {
     dtype: DType,
     seq: usize,
+    head_dim: usize,
     causal: bool,
+    sigmoid: bool,
 }
 
 const BATCH: usize = 1;
 const HEADS: usize = 8;
-const HEAD_DIM: usize = 64;
-/// The CPU reference is timed only up to this sequence length (it is O(N²·D) f64 loops).
+/// The CPU reference is timed only up to this sequence length (it is O(N²·D) f64 loops);
+/// `--quick` times it and the naive GPU baseline only up to QUICK_BASELINE_MAX_SEQ.
 const CPU_REF_MAX_SEQ: usize = 1024;
+const QUICK_BASELINE_MAX_SEQ: usize = 512;
+/// The naive GPU baseline materialises N×N scores: above this length it is run once, no warm-up,
+/// and not at all above NAIVE_MAX_SEQ.
+const NAIVE_FULL_SAMPLES_MAX_SEQ: usize = 1024;
+const NAIVE_MAX_SEQ: usize = 2048;
 /// The longest a single timed GPU run may take before the case is reported as failed.
 const GPU_TIMEOUT: Duration = Duration::from_secs(120);
 
 impl Case {
     fn name(&self) -> String {
         format!(
-            "softmax_fwd_{}_b{BATCH}_h{HEADS}_n{}_d{HEAD_DIM}{}",
+            "{}_fwd_{}_b{BATCH}_h{HEADS}_n{}_d{}{}",
+            self.variant_name(),
             self.dtype.name(),
             self.seq,
+            self.head_dim,
             if self.causal { "_causal" } else { "" }
         )
     }
     fn shape(&self) -> Shape {
-        Shape::mha(BATCH, HEADS, self.seq, HEAD_DIM)
+        Shape::mha(BATCH, HEADS, self.seq, self.head_dim)
+    }
+    fn variant_name(&self) -> &'static str {
+        if self.sigmoid { "sigmoid" } else { "softmax" }
     }
     fn options(&self) -> AttentionOptions {
-        let opts = AttentionOptions::softmax();
+        let opts = if self.sigmoid {
+            AttentionOptions::sigmoid()
+        } else {
+            AttentionOptions::softmax()
+        };
         if self.causal {
             opts.with_causal(Causal::BottomRight)
         } else {
@@ -121,6 +137,13 @@ impl Case {
             layout: wflash_ref::Layout::Bhsd,
             scale: 1.0 / (shape.head_dim as f64).sqrt(),
             causal: self.causal.then_some(CausalAlign::BottomRight),
+            variant: if self.sigmoid {
+                wflash_ref::Variant::Sigmoid {
+                    bias: f64::from(-(shape.kv_len as f32).ln()),
+                }
+            } else {
+                wflash_ref::Variant::Softmax
+            },
         }
     }
     fn seed(&self) -> u64 {
@@ -134,33 +157,41 @@ impl Case {
 }
 
 fn cases(quick: bool) -> Vec<Case> {
-    let f32_case = |seq, causal| Case {
-        dtype: DType::F32,
+    let case = |dtype, seq, head_dim, causal| Case {
+        dtype,
         seq,
+        head_dim,
         causal,
+        sigmoid: false,
     };
-    let mut cases = if quick {
-        vec![
-            f32_case(512, false),
-            f32_case(1024, false),
-            f32_case(1024, true),
-        ]
-    } else {
-        [512, 1024, 2048]
-            .into_iter()
-            .flat_map(|n| [f32_case(n, false), f32_case(n, true)])
-            .collect()
+    let sigmoid = |seq, causal| Case {
+        sigmoid: true,
+        ..case(DType::F32, seq, 64, causal)
     };
-    cases.push(Case {
-        dtype: DType::F16,
-        seq: 1024,
-        causal: false,
-    });
-    cases.push(Case {
-        dtype: DType::Bf16,
-        seq: 1024,
-        causal: false,
-    });
+    if quick {
+        return vec![
+            case(DType::F32, 512, 64, false),
+            sigmoid(512, false),
+            case(DType::F32, 1024, 64, false),
+            case(DType::F32, 1024, 64, true),
+            case(DType::F16, 1024, 64, false),
+            case(DType::Bf16, 1024, 64, false),
+        ];
+    }
+    let mut cases: Vec<Case> = [512, 1024, 2048, 4096]
+        .into_iter()
+        .flat_map(|n| {
+            [
+                case(DType::F32, n, 64, false),
+                case(DType::F32, n, 64, true),
+            ]
+        })
+        .collect();
+    cases.push(sigmoid(2048, false));
+    cases.push(sigmoid(2048, true));
+    cases.push(case(DType::F32, 2048, 128, false));
+    cases.push(case(DType::F16, 2048, 64, false));
+    cases.push(case(DType::Bf16, 2048, 64, false));
     cases
 }
 
@@ -331,7 +362,7 @@ impl Context<'_> {
         Record {
             name: case.name(),
             implementation: implementation.into(),
-            variant: "softmax".into(),
+            variant: case.variant_name().into(),
             dtype: dtype.into(),
             layout: "bhsd".into(),
             batch: shape.batch,
@@ -481,6 +512,11 @@ fn main() -> ExitCode {
     let warmups = if args.quick { 0 } else { 2 };
     // The naive baseline is slow (it materialises N×N scores): one timed run in quick mode.
     let naive_samples = if args.quick { 1 } else { samples };
+    let baseline_max_seq = if args.quick {
+        QUICK_BASELINE_MAX_SEQ
+    } else {
+        usize::MAX
+    };
     println!("adapter: {}", engine.info());
     println!(
         "timing: wall clock around submit + wait; pipelines compiled on a small problem, then {warmups} \
@@ -585,8 +621,20 @@ fn main() -> ExitCode {
 
         if case.dtype == DType::F32 {
             match &naive {
+                _ if case.sigmoid => println!("{name}: naive-gpu skipped (softmax only)"),
+                _ if case.seq > baseline_max_seq.min(NAIVE_MAX_SEQ) => {
+                    println!(
+                        "{name}: naive-gpu skipped (N > {})",
+                        baseline_max_seq.min(NAIVE_MAX_SEQ)
+                    );
+                }
                 Some(naive) => {
-                    match time_naive(&engine, naive, case, inputs, warmups, naive_samples) {
+                    let (naive_warmups, naive_samples) = if case.seq > NAIVE_FULL_SAMPLES_MAX_SEQ {
+                        (0, 1)
+                    } else {
+                        (warmups, naive_samples)
+                    };
+                    match time_naive(&engine, naive, case, inputs, naive_warmups, naive_samples) {
                         Ok((stats, out)) => {
                             records.push(ctx.record(case, "naive-gpu", "f32", flops, stats));
                             if let Some(fused_out) = &fused_out {
@@ -601,11 +649,11 @@ fn main() -> ExitCode {
                 None => println!("{name}: naive-gpu skipped (no pipelines)"),
             }
 
-            if shape.q_len <= CPU_REF_MAX_SEQ {
+            if shape.q_len <= baseline_max_seq.min(CPU_REF_MAX_SEQ) {
                 let to_f64 = |x: &[f32]| x.iter().map(|&v| f64::from(v)).collect::<Vec<f64>>();
                 let (q64, k64, v64) = (to_f64(&q), to_f64(&k), to_f64(&v));
                 let start = Instant::now();
-                let reference = wflash_ref::softmax_forward(&problem, &q64, &k64, &v64);
+                let reference = wflash_ref::forward(&problem, &q64, &k64, &v64);
                 let secs = start.elapsed().as_secs_f64();
                 records.push(ctx.record(
                     case,
@@ -623,7 +671,10 @@ fn main() -> ExitCode {
                     notes.push(format!("max|fused-ref| {diff:.2e}"));
                 }
             } else {
-                println!("{name}: cpu-ref skipped (N > {CPU_REF_MAX_SEQ}: too slow)");
+                println!(
+                    "{name}: cpu-ref skipped (N > {}: too slow)",
+                    baseline_max_seq.min(CPU_REF_MAX_SEQ)
+                );
             }
         }
         println!(

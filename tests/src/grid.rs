@@ -2,7 +2,7 @@
 //! every value of every other axis in at least one case.
 
 use rand::{Rng, SeedableRng};
-use wflash::{Causal, Layout, Shape};
+use wflash::{Causal, Layout, Shape, Variant};
 
 use crate::{Case, Path};
 
@@ -24,6 +24,12 @@ pub const LAYOUTS: [Layout; 2] = [Layout::Bhsd, Layout::Bshd];
 /// value_dim relative to head_dim: equal, or a different (odd) size.
 pub const VALUE_DIMS: [ValueDim; 2] = [ValueDim::SameAsHead, ValueDim::Different];
 pub const BATCHES: [usize; 2] = [1, 2];
+/// Sigmoid with its default bias (-ln kv_len) and with a given one.
+pub const VARIANTS: [Variant; 3] = [
+    Variant::Softmax,
+    Variant::Sigmoid { bias: None },
+    Variant::Sigmoid { bias: Some(-2.5) },
+];
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ValueDim {
@@ -44,7 +50,7 @@ fn value_dim(head_dim: usize, v: ValueDim) -> usize {
 }
 
 /// Axis sizes, in the order of the index vector a row holds.
-const AXES: [usize; 8] = [
+const AXES: [usize; 9] = [
     SEQ_LENS.len(),
     HEAD_DIMS.len(),
     CAUSAL.len(),
@@ -53,11 +59,12 @@ const AXES: [usize; 8] = [
     LAYOUTS.len(),
     VALUE_DIMS.len(),
     BATCHES.len(),
+    VARIANTS.len(),
 ];
 
 /// A greedy pairwise covering array (AETG-style): repeatedly take, among random candidates,
 /// the row that covers the most still-uncovered pairs. Deterministic for a given seed.
-pub fn pairwise_rows(seed: u64) -> Vec<[usize; 8]> {
+pub fn pairwise_rows(seed: u64) -> Vec<[usize; 9]> {
     let mut uncovered = std::collections::HashSet::new();
     for (a, &size_a) in AXES.iter().enumerate() {
         for (b, &size_b) in AXES.iter().enumerate().skip(a + 1) {
@@ -73,9 +80,9 @@ pub fn pairwise_rows(seed: u64) -> Vec<[usize; 8]> {
     while !uncovered.is_empty() {
         // Seed each candidate with one uncovered pair so every round makes progress.
         let &(a0, va0, b0, vb0) = uncovered.iter().min().expect("non-empty");
-        let mut best: Option<([usize; 8], usize)> = None;
+        let mut best: Option<([usize; 9], usize)> = None;
         for _ in 0..48 {
-            let mut row = [0; 8];
+            let mut row = [0; 9];
             for (axis, slot) in row.iter_mut().enumerate() {
                 *slot = rng.random_range(0..AXES[axis]);
             }
@@ -95,8 +102,8 @@ pub fn pairwise_rows(seed: u64) -> Vec<[usize; 8]> {
     rows
 }
 
-fn covered_by(row: &[usize; 8]) -> impl Iterator<Item = (usize, usize, usize, usize)> + '_ {
-    (0..8).flat_map(move |a| (a + 1..8).map(move |b| (a, row[a], b, row[b])))
+fn covered_by(row: &[usize; 9]) -> impl Iterator<Item = (usize, usize, usize, usize)> + '_ {
+    (0..AXES.len()).flat_map(move |a| (a + 1..AXES.len()).map(move |b| (a, row[a], b, row[b])))
 }
 
 /// The sampled grid as cases, with a fresh seed per case.
@@ -104,7 +111,7 @@ pub fn cases() -> Vec<Case> {
     pairwise_rows(0x5eed)
         .into_iter()
         .enumerate()
-        .map(|(i, [s, d, c, h, p, l, v, b])| {
+        .map(|(i, [s, d, c, h, p, l, v, b, var])| {
             let (q_len, kv_len) = SEQ_LENS[s];
             let head_dim = HEAD_DIMS[d];
             let (q_heads, kv_heads) = HEADS[h];
@@ -121,6 +128,7 @@ pub fn cases() -> Vec<Case> {
                 layout: LAYOUTS[l],
                 causal: CAUSAL[c],
                 scale: None,
+                variant: VARIANTS[var],
                 path: Path::ALL[p],
                 input_std: 1.0,
                 seed: 1000 + i as u64,

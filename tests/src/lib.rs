@@ -10,7 +10,8 @@ use std::sync::OnceLock;
 use rand::{Rng, SeedableRng};
 use rand_distr::StandardNormal;
 use wflash::{
-    AttentionOptions, Causal, DType, Element, Engine, EngineOptions, F16Path, Layout, Shape,
+    AttentionOptions, Causal, DType, Element, Engine, EngineOptions, F16Path, Family, Layout,
+    Shape, Variant,
 };
 use wflash_ref::{CausalAlign, Problem};
 
@@ -60,18 +61,30 @@ fn allow_no_gpu() -> bool {
     std::env::var("WFLASH_ALLOW_NO_GPU").is_ok_and(|v| v == "1")
 }
 
-/// The shared engine for `path`. Output poisoning is on. No adapter is a failure unless a
-/// person has set `WFLASH_ALLOW_NO_GPU=1`, in which case this returns `None` and says so.
+/// The shared engine for `path`, running the kernel family the adapter gets by default.
+/// Output poisoning is on. No adapter is a failure unless a person has set
+/// `WFLASH_ALLOW_NO_GPU=1`, in which case this returns `None` and says so.
 pub fn engine(path: Path) -> Option<&'static Engine> {
-    static AUTO: OnceLock<Option<Engine>> = OnceLock::new();
-    static PACKED: OnceLock<Option<Engine>> = OnceLock::new();
-    let (cell, f16_path) = match path {
-        Path::F16Packed => (&PACKED, F16Path::Packed),
-        _ => (&AUTO, F16Path::Auto),
+    engine_with(path, None)
+}
+
+/// The shared engine for `path` running kernel `family` (`None`: the adapter's default).
+pub fn engine_with(path: Path, family: Option<Family>) -> Option<&'static Engine> {
+    // [default, tiled, unrolled] × [auto f16, packed f16]
+    static ENGINES: [OnceLock<Option<Engine>>; 6] = [const { OnceLock::new() }; 6];
+    let (packed, f16_path) = match path {
+        Path::F16Packed => (1, F16Path::Packed),
+        _ => (0, F16Path::Auto),
     };
-    cell.get_or_init(|| {
+    let slot = match family {
+        None => 0,
+        Some(Family::Tiled) => 2,
+        Some(Family::Unrolled) => 4,
+    } + packed;
+    ENGINES[slot].get_or_init(|| {
         let options = EngineOptions {
             f16_path,
+            family,
             poison_outputs: true,
             ..Default::default()
         };
@@ -107,6 +120,7 @@ pub struct Case {
     pub layout: Layout,
     pub causal: Option<Causal>,
     pub scale: Option<f32>,
+    pub variant: Variant,
     pub path: Path,
     /// Standard deviation of the random inputs (1 for ordinary cases; large for big-logit cases).
     pub input_std: f32,
@@ -143,6 +157,28 @@ pub fn problem(case: &Case) -> Problem {
             Causal::BottomRight => CausalAlign::BottomRight,
             Causal::TopLeft => CausalAlign::TopLeft,
         }),
+        variant: match case.variant {
+            Variant::Sigmoid { .. } => wflash_ref::Variant::Sigmoid {
+                // Exactly the f32 bias the engine resolves.
+                bias: f64::from(
+                    case.options()
+                        .resolved_sigmoid_bias(&case.shape)
+                        .unwrap_or(f32::NAN),
+                ),
+            },
+            _ => wflash_ref::Variant::Softmax,
+        },
+    }
+}
+
+impl Case {
+    /// The options the case calls the engine with.
+    pub fn options(&self) -> AttentionOptions {
+        AttentionOptions {
+            causal: self.causal,
+            scale: self.scale,
+            variant: self.variant,
+        }
     }
 }
 
@@ -175,11 +211,15 @@ pub fn max_abs_err(got: impl IntoIterator<Item = f64>, truth: &[f64]) -> (f64, u
 
 /// Runs a case on the GPU and judges it. `Ok(None)` when no GPU is allowed and none exists.
 pub fn run_case(case: &Case) -> Result<Option<Outcome>, String> {
-    match case.path.dtype() {
-        DType::F32 => run_typed::<f32>(case),
-        DType::F16 => run_typed::<half::f16>(case),
-        DType::Bf16 => run_typed::<half::bf16>(case),
-    }
+    run_case_with(case, None)
+}
+
+/// [`run_case`] on the shared engine running kernel `family`.
+pub fn run_case_with(case: &Case, family: Option<Family>) -> Result<Option<Outcome>, String> {
+    let Some(engine) = engine_with(case.path, family) else {
+        return Ok(None);
+    };
+    run_case_on(engine, case).map(Some)
 }
 
 /// Runs a case on a given engine (e.g. one with lowered limits) and judges it.
@@ -191,41 +231,40 @@ pub fn run_case_on(engine: &Engine, case: &Case) -> Result<Outcome, String> {
     }
 }
 
-fn run_typed<T: Element>(case: &Case) -> Result<Option<Outcome>, String> {
-    let Some(engine) = engine(case.path) else {
-        return Ok(None);
-    };
-    judge::<T>(engine, case).map(Some)
-}
-
 fn judge<T: Element>(engine: &Engine, case: &Case) -> Result<Outcome, String> {
     let p = problem(case);
     let mut rng = rand::rngs::StdRng::seed_from_u64(case.seed);
     let (q, q32) = random::<T>(&mut rng, p.q_elems(), case.input_std);
     let (k, k32) = random::<T>(&mut rng, p.k_elems(), case.input_std);
     let (v, v32) = random::<T>(&mut rng, p.v_elems(), 1.0);
-    let opts = AttentionOptions {
-        causal: case.causal,
-        scale: case.scale,
-        ..AttentionOptions::softmax()
-    };
+    let opts = case.options();
     let gpu = engine
         .attention_blocking(&case.shape, case.layout, &opts, &q, &k, &v)
         .map_err(|e| format!("{case:?}: engine error {e}"))?;
 
-    let wide = |x: &[f32]| x.iter().map(|&a| f64::from(a)).collect::<Vec<f64>>();
-    let truth = wflash_ref::softmax_forward(&p, &wide(&q32), &wide(&k32), &wide(&v32));
-    let store = |x: f32| T::from_f32(x).to_f32();
-    let naive = wflash_ref::naive::softmax_forward_f32(&p, &q32, &k32, &v32, store);
+    // The f64 truth and the same-precision naive baseline are the slow part of a case on a
+    // 2-core CI machine: compute them side by side.
+    let (truth, naive) = std::thread::scope(|scope| {
+        let truth = scope.spawn(|| {
+            let wide = |x: &[f32]| x.iter().map(|&a| f64::from(a)).collect::<Vec<f64>>();
+            wflash_ref::forward(&p, &wide(&q32), &wide(&k32), &wide(&v32))
+        });
+        let store = |x: f32| T::from_f32(x).to_f32();
+        let naive = wflash_ref::naive::forward_f32(&p, &q32, &k32, &v32, store);
+        (truth.join().expect("reference thread"), naive)
+    });
 
     let (gpu_err, worst) = max_abs_err(
         gpu.output.iter().map(|x| f64::from(x.to_f32())),
         &truth.output,
     );
     let (naive_err, _) = max_abs_err(naive.output.iter().copied(), &truth.output);
-    let gpu_lse = gpu
-        .lse
-        .ok_or_else(|| format!("{case:?}: softmax returned no LSE"))?;
+    let gpu_lse = match (case.variant, gpu.lse) {
+        (Variant::Softmax, Some(lse)) => lse,
+        (Variant::Softmax, None) => return Err(format!("{case:?}: softmax returned no LSE")),
+        (_, Some(_)) => return Err(format!("{case:?}: sigmoid returned an LSE")),
+        (_, None) => Vec::new(),
+    };
     let (lse_err, lse_worst) = max_abs_err(gpu_lse.iter().map(|&x| f64::from(x)), &truth.lse);
     let (naive_lse_err, _) = max_abs_err(naive.lse.iter().copied(), &truth.lse);
 

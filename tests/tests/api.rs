@@ -2,7 +2,8 @@
 //! splitting over batch under small buffer limits, the GPU-resident path and the async path.
 
 use wflash::{
-    AttentionOptions, Causal, Engine, EngineOptions, Error, F16Path, Layout, Shape, wgpu,
+    AttentionOptions, Causal, Engine, EngineOptions, Error, F16Path, Family, Layout, Shape,
+    Variant, wgpu,
 };
 use wflash_conformance::{Case, Path, engine, run_case};
 
@@ -162,6 +163,10 @@ fn bad_input_is_a_typed_error() {
         let err = call(engine, &s, &opts.with_scale(scale)).unwrap_err();
         assert!(matches!(err, Error::InvalidScale { .. }), "{err}");
     }
+    for bias in [f32::NAN, f32::NEG_INFINITY] {
+        let err = call(engine, &s, &AttentionOptions::sigmoid_with_bias(bias)).unwrap_err();
+        assert!(matches!(err, Error::InvalidBias { .. }), "{err}");
+    }
 
     // GPU-resident tensors of the wrong type or length.
     let (q, k, v) = inputs(&s);
@@ -231,6 +236,7 @@ fn too_large_problems_split_over_batch_or_fail_with_the_limit_named() {
         layout: Layout::Bshd,
         causal: Some(Causal::BottomRight),
         scale: None,
+        variant: Variant::Softmax,
         path: Path::F32,
         input_std: 1.0,
         seed: 77,
@@ -316,6 +322,7 @@ fn f16_without_shader_f16_uses_the_packed_path_or_fails_when_native_is_required(
         layout: Layout::Bhsd,
         causal: None,
         scale: None,
+        variant: Variant::Softmax,
         path: Path::F16Packed,
         input_std: 1.0,
         seed: 5,
@@ -408,6 +415,7 @@ fn a_row_with_no_visible_key_gives_zero_and_negative_infinity() {
         layout: Layout::Bhsd,
         causal: Some(Causal::BottomRight),
         scale: None,
+        variant: Variant::Softmax,
         path: Path::F32,
         input_std: 1.0,
         seed: 9,
@@ -431,4 +439,96 @@ fn a_row_with_no_visible_key_gives_zero_and_negative_infinity() {
     assert!(out.output[..70 * 32].iter().all(|&x| x == 0.0));
     assert!(lse[..70].iter().all(|&x| x == f32::NEG_INFINITY));
     assert!(lse[70..].iter().all(|x| x.is_finite()));
+}
+
+#[test]
+fn texture_limits_split_the_unrolled_kernel_over_batch_or_fail_with_the_limit_named() {
+    if engine(Path::F32).is_none() {
+        return;
+    }
+    let with_texture_limit = |max: u32| {
+        custom_engine(
+            |l| l.max_texture_dimension_2d = max,
+            wgpu::Features::empty(),
+            EngineOptions {
+                poison_outputs: true,
+                family: Some(Family::Unrolled),
+                ..Default::default()
+            },
+        )
+    };
+    // head_dim 24 → 6 texels per packed row; one batch element is kv_heads 2 × 48 padded rows.
+    let s = Shape {
+        batch: 3,
+        ..shape()
+    };
+    let opts = AttentionOptions::softmax();
+    // 32-texel lines hold 5 rows; 32 lines hold 160 rows: one batch element per dispatch.
+    let split = with_texture_limit(32);
+    let plan = split.plan(&s, &opts, wflash::DType::F32).unwrap();
+    assert_eq!(plan.batch_per_dispatch, 1, "{plan:?}");
+    let case = Case {
+        shape: s,
+        layout: Layout::Bhsd,
+        causal: Some(Causal::TopLeft),
+        scale: None,
+        variant: Variant::Softmax,
+        path: Path::F32,
+        input_std: 1.0,
+        seed: 78,
+    };
+    let outcome = wflash_conformance::run_case_on(&split, &case).expect("split call conforms");
+    assert!(outcome.ratio <= 1.0);
+    // 16-texel lines hold 2 rows; 16 lines hold 32 rows: not even one batch element fits.
+    let err = with_texture_limit(16).plan(&s, &opts, wflash::DType::F32);
+    assert!(
+        matches!(
+            err,
+            Err(Error::TooLarge {
+                limit: "max_texture_dimension_2d",
+                ..
+            })
+        ),
+        "{err:?}"
+    );
+}
+
+#[test]
+fn long_key_sequences_are_exact_or_refused_on_cpu_drivers() {
+    let Some(default) = engine(Path::F32) else {
+        return;
+    };
+    // Past where llvmpipe's loop limiter broke the tiled kernel at head dim 256 (docs/PERF.md).
+    let case = Case {
+        shape: Shape {
+            batch: 1,
+            q_heads: 1,
+            kv_heads: 1,
+            q_len: 9,
+            kv_len: 12_000,
+            head_dim: 256,
+            value_dim: 256,
+        },
+        layout: Layout::Bhsd,
+        causal: None,
+        scale: None,
+        variant: Variant::Softmax,
+        path: Path::F32,
+        input_std: 1.0,
+        seed: 79,
+    };
+    for family in [Family::Unrolled, Family::Tiled] {
+        let engine = wflash_conformance::engine_with(Path::F32, Some(family)).unwrap();
+        let on_cpu = default.info().device_type == wgpu::DeviceType::Cpu;
+        match wflash_conformance::run_case_on(engine, &case) {
+            Ok(outcome) => assert!(outcome.ratio <= 1.0, "{family:?}: {outcome:?}"),
+            Err(msg) => {
+                // Only the tiled kernel on a CPU driver may refuse, and only with the limit named.
+                assert!(
+                    on_cpu && family == Family::Tiled && msg.contains("loop limit"),
+                    "{family:?}: {msg}"
+                );
+            }
+        }
+    }
 }

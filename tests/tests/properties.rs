@@ -2,7 +2,7 @@
 //! (scores near ±80) where a naive exp without max subtraction overflows.
 
 use proptest::prelude::*;
-use wflash::{Causal, Layout, Shape};
+use wflash::{Causal, Layout, Shape, Variant};
 use wflash_conformance::{Case, Path, run_case};
 
 fn arb_case() -> impl Strategy<Value = Case> {
@@ -15,6 +15,7 @@ fn arb_case() -> impl Strategy<Value = Case> {
         any::<bool>(),
         any::<u64>(),
         prop::option::of(0.05f32..2.0),
+        (any::<bool>(), prop::option::of(-8.0f32..2.0)),
     )
         .prop_map(
             |(
@@ -26,6 +27,7 @@ fn arb_case() -> impl Strategy<Value = Case> {
                 bshd,
                 seed,
                 scale,
+                (sigmoid, bias),
             )| Case {
                 shape: Shape {
                     batch,
@@ -39,6 +41,11 @@ fn arb_case() -> impl Strategy<Value = Case> {
                 layout: if bshd { Layout::Bshd } else { Layout::Bhsd },
                 causal: [None, Some(Causal::BottomRight), Some(Causal::TopLeft)][causal],
                 scale,
+                variant: if sigmoid {
+                    Variant::Sigmoid { bias }
+                } else {
+                    Variant::Softmax
+                },
                 path: Path::ALL[path],
                 input_std: 1.0,
                 seed,
@@ -58,8 +65,13 @@ proptest! {
 fn large_magnitude_logits_conform() {
     // With scale 1, q·k has standard deviation std² · sqrt(d): std² = 40/8 at d = 64 puts scores
     // at ±80 two standard deviations out, where exp overflows f32 without the running max.
+    // Sigmoid must not overflow either: σ(±80) is 1 or a tiny positive number, never NaN.
+    let variants = [Variant::Softmax, Variant::Sigmoid { bias: None }];
     for (i, path) in Path::ALL.into_iter().enumerate() {
-        for causal in [None, Some(Causal::BottomRight)] {
+        for (causal, variant) in [None, Some(Causal::BottomRight)]
+            .into_iter()
+            .flat_map(|c| variants.map(|v| (c, v)))
+        {
             let case = Case {
                 shape: Shape {
                     batch: 1,
@@ -73,6 +85,7 @@ fn large_magnitude_logits_conform() {
                 layout: Layout::Bshd,
                 causal,
                 scale: Some(1.0),
+                variant,
                 path,
                 input_std: (40.0f32 / 8.0).sqrt(),
                 seed: 400 + i as u64,

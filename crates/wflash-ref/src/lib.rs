@@ -48,6 +48,17 @@ pub enum CausalAlign {
     TopLeft,
 }
 
+/// The attention function.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub enum Variant {
+    /// `O = softmax(s) V` over the visible keys, with the natural-log LSE of each row.
+    #[default]
+    Softmax,
+    /// `O = σ(s + bias) V` over the visible keys (FlashSigmoid): elementwise, no normalisation,
+    /// no LSE.
+    Sigmoid { bias: f64 },
+}
+
 /// One attention problem: shapes, layout and options.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Problem {
@@ -62,6 +73,7 @@ pub struct Problem {
     /// Multiplier of `q·k`; callers usually pass `1/sqrt(head_dim)`.
     pub scale: f64,
     pub causal: Option<CausalAlign>,
+    pub variant: Variant,
 }
 
 impl Problem {
@@ -100,6 +112,22 @@ impl Problem {
         }
     }
 
+    /// The scaled score `scale · q·k` of query `i` of (batch `b`, query head `h`) with key `j`.
+    pub fn score(&self, q: &[f64], k: &[f64], b: usize, h: usize, i: usize, j: usize) -> f64 {
+        let kh = self.kv_head_of(h);
+        let dot: f64 = (0..self.head_dim)
+            .map(|d| {
+                q[self
+                    .layout
+                    .index(b, h, i, d, self.q_heads, self.q_len, self.head_dim)]
+                    * k[self
+                        .layout
+                        .index(b, kh, j, d, self.kv_heads, self.kv_len, self.head_dim)]
+            })
+            .sum();
+        self.scale * dot
+    }
+
     /// Number of visible (query, key) pairs per (batch, head): the FLOP count's unit.
     pub fn visible_pairs(&self) -> u64 {
         (0..self.q_len)
@@ -108,12 +136,67 @@ impl Problem {
     }
 }
 
-/// Output of a softmax forward: `output` in the problem's layout, `lse` as `[batch, q_heads, q_len]`.
+/// Output of a forward pass: `output` in the problem's layout, `lse` as `[batch, q_heads, q_len]`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Forward {
     pub output: Vec<f64>,
-    /// Natural-log logsumexp of the scaled scores of each query row; `-inf` for a row with no visible key.
+    /// Softmax: natural-log logsumexp of the scaled scores of each query row; `-inf` for a row
+    /// with no visible key. Sigmoid: empty (there is no row statistic).
     pub lse: Vec<f64>,
+}
+
+/// The forward pass of `p.variant`.
+///
+/// # Panics
+/// If a slice length does not match the problem (the reference trusts its caller).
+pub fn forward(p: &Problem, q: &[f64], k: &[f64], v: &[f64]) -> Forward {
+    match p.variant {
+        Variant::Softmax => softmax_forward(p, q, k, v),
+        Variant::Sigmoid { bias } => sigmoid_forward(p, bias, q, k, v),
+    }
+}
+
+/// The numerically stable logistic function: no overflow for any finite `x`.
+pub fn sigmoid(x: f64) -> f64 {
+    if x >= 0.0 {
+        1.0 / (1.0 + (-x).exp())
+    } else {
+        let e = x.exp();
+        e / (1.0 + e)
+    }
+}
+
+/// Sigmoid attention forward: `O[i] = Σ_j visible σ(scale · q_i·k_j + bias) v_j`, per (batch,
+/// query head). Invisible keys contribute nothing; a row with no visible key gets output 0.
+///
+/// # Panics
+/// If a slice length does not match the problem.
+pub fn sigmoid_forward(p: &Problem, bias: f64, q: &[f64], k: &[f64], v: &[f64]) -> Forward {
+    assert_eq!(q.len(), p.q_elems(), "q length");
+    assert_eq!(k.len(), p.k_elems(), "k length");
+    assert_eq!(v.len(), p.v_elems(), "v length");
+    let mut output = vec![0.0; p.o_elems()];
+    for b in 0..p.batch {
+        for h in 0..p.q_heads {
+            let kh = p.kv_head_of(h);
+            for i in 0..p.q_len {
+                for j in (0..p.kv_len).filter(|&j| p.is_visible(i, j)) {
+                    let weight = sigmoid(p.score(q, k, b, h, i, j) + bias);
+                    for e in 0..p.value_dim {
+                        output[p.layout.index(b, h, i, e, p.q_heads, p.q_len, p.value_dim)] +=
+                            weight
+                                * v[p
+                                    .layout
+                                    .index(b, kh, j, e, p.kv_heads, p.kv_len, p.value_dim)];
+                    }
+                }
+            }
+        }
+    }
+    Forward {
+        output,
+        lse: Vec::new(),
+    }
 }
 
 /// Softmax attention forward: `O = softmax(scale · Q Kᵀ + mask) V`, per (batch, query head).
@@ -138,15 +221,7 @@ pub fn softmax_forward(p: &Problem, q: &[f64], k: &[f64], v: &[f64]) -> Forward 
                     continue; // output already 0, lse already -inf
                 }
                 for &j in &visible {
-                    let dot: f64 = (0..p.head_dim)
-                        .map(|d| {
-                            q[p.layout.index(b, h, i, d, p.q_heads, p.q_len, p.head_dim)]
-                                * k[p
-                                    .layout
-                                    .index(b, kh, j, d, p.kv_heads, p.kv_len, p.head_dim)]
-                        })
-                        .sum();
-                    logits[j] = p.scale * dot;
+                    logits[j] = p.score(q, k, b, h, i, j);
                 }
                 let max = visible
                     .iter()
@@ -176,22 +251,13 @@ pub fn softmax_forward(p: &Problem, q: &[f64], k: &[f64], v: &[f64]) -> Forward 
 ///
 /// Used by property tests (rows of P sum to 1 where any key is visible).
 pub fn softmax_probabilities(p: &Problem, q: &[f64], k: &[f64], b: usize, h: usize) -> Vec<f64> {
-    let kh = p.kv_head_of(h);
     let mut probs = vec![0.0; p.q_len * p.kv_len];
     for i in 0..p.q_len {
         let row = &mut probs[i * p.kv_len..(i + 1) * p.kv_len];
         let mut max = f64::NEG_INFINITY;
         for (j, slot) in row.iter_mut().enumerate() {
             *slot = if p.is_visible(i, j) {
-                p.scale
-                    * (0..p.head_dim)
-                        .map(|d| {
-                            q[p.layout.index(b, h, i, d, p.q_heads, p.q_len, p.head_dim)]
-                                * k[p
-                                    .layout
-                                    .index(b, kh, j, d, p.kv_heads, p.kv_len, p.head_dim)]
-                        })
-                        .sum::<f64>()
+                p.score(q, k, b, h, i, j)
             } else {
                 f64::NEG_INFINITY
             };

@@ -6,7 +6,93 @@
 //! stored in the storage type), a max-subtracted softmax in f32 stored as `P` in the storage
 //! type, then `O = P V` (f32 accumulation) stored in the storage type.
 
-use crate::{Forward, Problem};
+use crate::{Forward, Problem, Variant};
+
+/// `q·k` of query `i` of (batch `b`, query head `h`) with key `j`, accumulated in f32.
+fn dot_f32(p: &Problem, q: &[f32], k: &[f32], b: usize, h: usize, i: usize, j: usize) -> f32 {
+    let kh = p.kv_head_of(h);
+    let mut dot = 0.0f32;
+    for d in 0..p.head_dim {
+        dot += q[p.layout.index(b, h, i, d, p.q_heads, p.q_len, p.head_dim)]
+            * k[p
+                .layout
+                .index(b, kh, j, d, p.kv_heads, p.kv_len, p.head_dim)];
+    }
+    dot
+}
+
+/// `O[i] = Σ_j P[i, j] V[j]` for one query row, accumulated in f32 and stored.
+#[expect(clippy::too_many_arguments, reason = "one output row's coordinates")]
+fn store_row_f32(
+    p: &Problem,
+    probs: &[f32],
+    v: &[f32],
+    b: usize,
+    h: usize,
+    i: usize,
+    store: &impl Fn(f32) -> f32,
+    output: &mut [f64],
+) {
+    let kh = p.kv_head_of(h);
+    for e in 0..p.value_dim {
+        let mut acc = 0.0f32;
+        for (j, &pj) in probs.iter().enumerate() {
+            acc += pj
+                * v[p
+                    .layout
+                    .index(b, kh, j, e, p.kv_heads, p.kv_len, p.value_dim)];
+        }
+        output[p.layout.index(b, h, i, e, p.q_heads, p.q_len, p.value_dim)] = f64::from(store(acc));
+    }
+}
+
+/// The naive computation of `p.variant` in `f32` (see [`softmax_forward_f32`]).
+pub fn forward_f32(
+    p: &Problem,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    store: impl Fn(f32) -> f32,
+) -> Forward {
+    match p.variant {
+        Variant::Softmax => softmax_forward_f32(p, q, k, v, store),
+        Variant::Sigmoid { bias } => sigmoid_forward_f32(p, bias as f32, q, k, v, store),
+    }
+}
+
+/// Naive sigmoid attention in `f32`: `S = scale · Q Kᵀ` stored, `P = σ(S + bias)` stored, then
+/// `O = P V` (f32 accumulation) stored.
+pub fn sigmoid_forward_f32(
+    p: &Problem,
+    bias: f32,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    store: impl Fn(f32) -> f32,
+) -> Forward {
+    let scale = p.scale as f32;
+    let mut output = vec![0.0; p.o_elems()];
+    let mut probs = vec![0.0f32; p.kv_len];
+    for b in 0..p.batch {
+        for h in 0..p.q_heads {
+            for i in 0..p.q_len {
+                for (j, slot) in probs.iter_mut().enumerate() {
+                    *slot = if p.is_visible(i, j) {
+                        let s = store(scale * dot_f32(p, q, k, b, h, i, j));
+                        store(crate::sigmoid(f64::from(s + bias)) as f32)
+                    } else {
+                        0.0
+                    };
+                }
+                store_row_f32(p, &probs, v, b, h, i, &store, &mut output);
+            }
+        }
+    }
+    Forward {
+        output,
+        lse: Vec::new(),
+    }
+}
 
 /// Runs the naive computation in `f32`, rounding every materialised tensor with `store`
 /// (identity for f32, a round trip through `half::f16` or `half::bf16` for those).
@@ -26,19 +112,11 @@ pub fn softmax_forward_f32(
     let mut probs = vec![0.0f32; p.kv_len];
     for b in 0..p.batch {
         for h in 0..p.q_heads {
-            let kh = p.kv_head_of(h);
             for i in 0..p.q_len {
                 let mut max = f32::NEG_INFINITY;
                 for (j, slot) in probs.iter_mut().enumerate() {
                     *slot = if p.is_visible(i, j) {
-                        let mut dot = 0.0f32;
-                        for d in 0..p.head_dim {
-                            dot += q[p.layout.index(b, h, i, d, p.q_heads, p.q_len, p.head_dim)]
-                                * k[p
-                                    .layout
-                                    .index(b, kh, j, d, p.kv_heads, p.kv_len, p.head_dim)];
-                        }
-                        store(scale * dot)
+                        store(scale * dot_f32(p, q, k, b, h, i, j))
                     } else {
                         f32::NEG_INFINITY
                     };
@@ -56,17 +134,7 @@ pub fn softmax_forward_f32(
                 for s in probs.iter_mut() {
                     *s = store(*s / sum);
                 }
-                for e in 0..p.value_dim {
-                    let mut acc = 0.0f32;
-                    for (j, &pj) in probs.iter().enumerate() {
-                        acc += pj
-                            * v[p
-                                .layout
-                                .index(b, kh, j, e, p.kv_heads, p.kv_len, p.value_dim)];
-                    }
-                    output[p.layout.index(b, h, i, e, p.q_heads, p.q_len, p.value_dim)] =
-                        f64::from(store(acc));
-                }
+                store_row_f32(p, &probs, v, b, h, i, &store, &mut output);
             }
         }
     }

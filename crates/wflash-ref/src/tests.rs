@@ -15,6 +15,7 @@ fn problem(q_len: usize, kv_len: usize, causal: Option<CausalAlign>) -> Problem 
         layout: Layout::Bhsd,
         scale: 1.0,
         causal,
+        variant: Variant::Softmax,
     }
 }
 
@@ -131,6 +132,7 @@ fn arb_problem() -> impl Strategy<Value = Problem> {
                     Some(CausalAlign::BottomRight),
                     Some(CausalAlign::TopLeft),
                 ][causal],
+                variant: Variant::Softmax,
             },
         )
 }
@@ -206,4 +208,32 @@ proptest! {
             prop_assert!(a == b || (a - b).abs() < 1e-5);
         }
     }
+}
+
+#[test]
+fn sigmoid_is_stable_and_symmetric() {
+    for x in [-1000.0, -80.0, -1.0, 0.0, 1.0, 80.0, 1000.0] {
+        let y = sigmoid(x);
+        assert!(y.is_finite() && (0.0..=1.0).contains(&y), "σ({x}) = {y}");
+        assert!(
+            (y + sigmoid(-x) - 1.0).abs() < 1e-15,
+            "σ(x) + σ(-x) = 1 at {x}"
+        );
+    }
+    assert_eq!(sigmoid(0.0), 0.5);
+}
+
+#[test]
+fn sigmoid_attention_worked_by_hand() {
+    // One query (q = 1), keys k = [0, 2], values v = [10, 20], scale 1, bias -1, top-left causal
+    // with q_len 1 sees key 0 only; non-causal sees both.
+    let mut p = problem(1, 2, None);
+    p.variant = Variant::Sigmoid { bias: -1.0 };
+    let out = forward(&p, &[1.0], &[0.0, 2.0], &[10.0, 20.0]);
+    let expected = sigmoid(-1.0) * 10.0 + sigmoid(1.0) * 20.0;
+    assert!((out.output[0] - expected).abs() < 1e-12);
+    assert!(out.lse.is_empty());
+    p.causal = Some(CausalAlign::TopLeft);
+    let out = forward(&p, &[1.0], &[0.0, 2.0], &[10.0, 20.0]);
+    assert!((out.output[0] - sigmoid(-1.0) * 10.0).abs() < 1e-12);
 }

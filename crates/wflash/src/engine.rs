@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::kernel::{KernelKey, Storage};
+use crate::kernel::{self, Family, KernelKey, Storage};
 use crate::{DType, Error, Result};
 
 /// How f16 tensors are read and written.
@@ -38,6 +38,9 @@ pub struct EngineOptions {
     pub poison_outputs: bool,
     /// The longest a readback may wait for the GPU before failing with [`Error::ReadbackTimeout`].
     pub readback_timeout: Duration,
+    /// Which forward kernel to run; `None` picks by adapter: [`Family::Unrolled`] on CPU
+    /// adapters (llvmpipe, SwiftShader), [`Family::Tiled`] on GPUs. Tests set it to cover both.
+    pub family: Option<Family>,
 }
 
 impl Default for EngineOptions {
@@ -50,6 +53,7 @@ impl Default for EngineOptions {
             use_subgroups: true,
             poison_outputs: false,
             readback_timeout: Duration::from_secs(120),
+            family: None,
         }
     }
 }
@@ -61,6 +65,8 @@ pub struct EngineInfo {
     pub backend: wgpu::Backend,
     pub driver: String,
     pub driver_info: String,
+    /// Discrete GPU, integrated GPU, CPU (software rasteriser), ...
+    pub device_type: wgpu::DeviceType,
     /// Native f16 storage is enabled on the device and used for f16 tensors.
     pub shader_f16: bool,
     /// Subgroup operations are enabled on the device.
@@ -77,9 +83,10 @@ impl std::fmt::Display for EngineInfo {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{} ({:?}, driver {} {}; shader-f16 {}, subgroups {} [{}..{}], timestamps {}, workgroup memory {} B)",
+            "{} ({:?} {:?}, driver {} {}; shader-f16 {}, subgroups {} [{}..{}], timestamps {}, workgroup memory {} B)",
             self.adapter_name,
             self.backend,
+            self.device_type,
             self.driver,
             self.driver_info,
             yes_no(self.shader_f16),
@@ -109,9 +116,7 @@ pub(crate) struct Inner {
     pub(crate) queue: wgpu::Queue,
     pub(crate) info: EngineInfo,
     pub(crate) options: EngineOptions,
-    pub(crate) bind_group_layout: wgpu::BindGroupLayout,
-    pipeline_layout: wgpu::PipelineLayout,
-    pipelines: Mutex<HashMap<KernelKey, wgpu::ComputePipeline>>,
+    pipelines: Mutex<HashMap<PipelineKey, wgpu::ComputePipeline>>,
     pub(crate) lost: Arc<AtomicBool>,
 }
 
@@ -167,6 +172,7 @@ impl Engine {
             backend: adapter.backend,
             driver: adapter.driver.clone(),
             driver_info: adapter.driver_info.clone(),
+            device_type: adapter.device_type,
             shader_f16: features.contains(wgpu::Features::SHADER_F16)
                 && options.f16_path != F16Path::Packed,
             subgroups: features.contains(wgpu::Features::SUBGROUP) && options.use_subgroups,
@@ -183,49 +189,12 @@ impl Engine {
         // them must not panic the application.
         device.on_uncaptured_error(Arc::new(|_err: wgpu::Error| {}));
 
-        let storage = |binding: u32, read_only: bool| wgpu::BindGroupLayoutEntry {
-            binding,
-            visibility: wgpu::ShaderStages::COMPUTE,
-            ty: wgpu::BindingType::Buffer {
-                ty: wgpu::BufferBindingType::Storage { read_only },
-                has_dynamic_offset: false,
-                min_binding_size: None,
-            },
-            count: None,
-        };
-        let bind_group_layout = device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
-            label: Some("flash_fwd bindings"),
-            entries: &[
-                wgpu::BindGroupLayoutEntry {
-                    binding: 0,
-                    visibility: wgpu::ShaderStages::COMPUTE,
-                    ty: wgpu::BindingType::Buffer {
-                        ty: wgpu::BufferBindingType::Uniform,
-                        has_dynamic_offset: false,
-                        min_binding_size: None,
-                    },
-                    count: None,
-                },
-                storage(1, true),
-                storage(2, true),
-                storage(3, true),
-                storage(4, false),
-                storage(5, false),
-            ],
-        });
-        let pipeline_layout = device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
-            label: Some("flash_fwd layout"),
-            bind_group_layouts: &[Some(&bind_group_layout)],
-            immediate_size: 0,
-        });
         Ok(Engine {
             inner: Arc::new(Inner {
                 device,
                 queue,
                 info,
                 options,
-                bind_group_layout,
-                pipeline_layout,
                 pipelines: Mutex::new(HashMap::new()),
                 lost,
             }),
@@ -284,29 +253,49 @@ impl Engine {
         Ok(())
     }
 
-    /// The compiled pipeline for `key`, built on first use.
-    pub(crate) fn pipeline(&self, key: &KernelKey) -> Result<wgpu::ComputePipeline> {
+    /// The forward kernel family this engine runs: the option, else by adapter type.
+    pub fn family(&self) -> Family {
+        self.inner.options.family.unwrap_or(
+            if self.inner.info.device_type == wgpu::DeviceType::Cpu {
+                Family::Unrolled
+            } else {
+                Family::Tiled
+            },
+        )
+    }
+
+    /// The compiled pipeline for `key`, built on first use. Its bind group layout is derived
+    /// from the shader (`get_bind_group_layout(0)`).
+    pub(crate) fn pipeline(&self, key: PipelineKey) -> Result<wgpu::ComputePipeline> {
         let mut cache = self
             .inner
             .pipelines
             .lock()
             .map_err(|_| Error::Internal("pipeline cache poisoned".into()))?;
-        if let Some(pipeline) = cache.get(key) {
+        if let Some(pipeline) = cache.get(&key) {
             return Ok(pipeline.clone());
         }
         let device = &self.inner.device;
-        let label = key.label();
+        let (label, source, entry_point, constants) = match key {
+            PipelineKey::Forward(k) => (k.label(), k.source(), "flash_fwd", k.constants()),
+            PipelineKey::Pack(storage) => (
+                format!("pack_rows {}", storage.name()),
+                kernel::pack_source(storage),
+                "pack_rows",
+                Vec::new(),
+            ),
+        };
         let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let t0 = std::time::Instant::now();
         let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
             label: Some(&label),
-            source: wgpu::ShaderSource::Wgsl(key.source().into()),
+            source: wgpu::ShaderSource::Wgsl(source.into()),
         });
-        let constants = key.constants();
         let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
             label: Some(&label),
-            layout: Some(&self.inner.pipeline_layout),
+            layout: None,
             module: &module,
-            entry_point: Some("flash_fwd"),
+            entry_point: Some(entry_point),
             compilation_options: wgpu::PipelineCompilationOptions {
                 constants: &constants,
                 // Every workgroup variable is written before it is read.
@@ -317,9 +306,20 @@ impl Engine {
         if let Some(err) = pollster::block_on(scope.pop()) {
             return Err(Error::Internal(format!("building `{label}`: {err}")));
         }
-        cache.insert(*key, pipeline.clone());
+        if std::env::var_os("WFLASH_LOG_COMPILE").is_some() {
+            eprintln!("compiled {label} in {:.2} s", t0.elapsed().as_secs_f64());
+        }
+        cache.insert(key, pipeline.clone());
         Ok(pipeline)
     }
+}
+
+/// Everything that selects one compiled pipeline; the pipeline cache is keyed by it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) enum PipelineKey {
+    Forward(KernelKey),
+    /// The K/V packing kernel of the unrolled family, per storage type.
+    Pack(Storage),
 }
 
 async fn select_adapter(

@@ -46,6 +46,9 @@ pub enum Error {
     /// The scale is NaN, infinite or zero.
     #[error("scale {scale} must be finite and non-zero")]
     InvalidScale { scale: f32 },
+    /// The sigmoid bias is NaN or infinite.
+    #[error("sigmoid bias {bias} must be finite")]
+    InvalidBias { bias: f32 },
     /// The element type has no kernel path on this engine's adapter.
     #[error("{dtype:?} is not supported here: {reason}")]
     DTypeUnsupported { dtype: DType, reason: &'static str },

@@ -8,8 +8,78 @@
 
 use crate::DType;
 
-/// WGSL source of the forward kernel family.
+/// WGSL source of the workgroup-tiled forward kernel (GPUs).
 pub const FLASH_FWD_WGSL: &str = include_str!("../../../shaders/flash_fwd.wgsl");
+/// WGSL template of the unrolled, texture-fed forward kernel (CPU adapters).
+pub const FLASH_FWD_UNROLLED_WGSL: &str = include_str!("../../../shaders/flash_fwd_unrolled.wgsl");
+/// What both forward kernels share: the uniform block and the variants' weight function.
+pub const FLASH_COMMON_WGSL: &str = include_str!("../../../shaders/flash_common.wgsl");
+/// WGSL source of the K/V packing kernel that feeds the unrolled kernel.
+pub const PACK_ROWS_WGSL: &str = include_str!("../../../shaders/pack_rows.wgsl");
+
+/// Invocations per workgroup of the unrolled kernel: the SIMD width of CPU drivers (8 f32 lanes
+/// of AVX2 on llvmpipe), so a workgroup is one register's worth of lanes.
+pub const UNROLLED_LANES: u32 = 8;
+
+/// Keys per step of the unrolled kernel.
+pub const UNROLLED_KEYS: u32 = 4;
+/// The unrolled kernel keeps ROWS × max(D4, DV4) vec4s of Q and of O per invocation; this
+/// bounds that (and with it the generated code and its compile time).
+const UNROLLED_ROW_VEC4S: u32 = 128;
+const UNROLLED_MAX_ROWS: u32 = 8;
+
+/// The unrolled kernel's tile for these dims: as many rows per invocation as the bound allows.
+pub fn unrolled_tile(head_dim: u32, value_dim: u32) -> TileConfig {
+    let widest = head_dim.max(value_dim).div_ceil(4).max(1);
+    let rows = (UNROLLED_ROW_VEC4S / widest).clamp(1, UNROLLED_MAX_ROWS);
+    TileConfig {
+        block_m: UNROLLED_LANES * rows,
+        block_n: UNROLLED_KEYS,
+    }
+}
+
+/// What the kernel computes from a score: the part of [`crate::Variant`] that shapes the code
+/// (the sigmoid bias is a runtime uniform).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum VariantKind {
+    Softmax,
+    Sigmoid,
+}
+
+impl VariantKind {
+    pub fn of(variant: &crate::Variant) -> VariantKind {
+        match variant {
+            crate::Variant::Softmax => VariantKind::Softmax,
+            crate::Variant::Sigmoid { .. } => VariantKind::Sigmoid,
+        }
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            VariantKind::Softmax => "softmax",
+            VariantKind::Sigmoid => "sigmoid",
+        }
+    }
+    pub const ALL: [VariantKind; 2] = [VariantKind::Softmax, VariantKind::Sigmoid];
+}
+
+/// The two implementations of the forward pass.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Family {
+    /// `flash_fwd.wgsl`: one invocation per query row, K/V tiles in workgroup memory. For GPUs.
+    Tiled,
+    /// `flash_fwd_unrolled.wgsl`: several rows per invocation, K/V from packed textures, every
+    /// inner loop unrolled by the host. For CPU adapters, where it is ~40x faster (docs/PERF.md).
+    Unrolled,
+}
+
+impl Family {
+    pub fn name(self) -> &'static str {
+        match self {
+            Family::Tiled => "tiled",
+            Family::Unrolled => "unrolled",
+        }
+    }
+}
 
 /// How a tensor's elements sit in a storage buffer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -51,20 +121,22 @@ impl Storage {
 /// Tile sizes of the forward kernel.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct TileConfig {
-    /// Query rows per workgroup (= invocations per workgroup).
+    /// Query rows per workgroup (tiled: = invocations; unrolled: lanes × rows per invocation).
     pub block_m: u32,
-    /// Keys per K/V tile staged in workgroup memory.
+    /// Keys per K/V tile (tiled: staged in workgroup memory; unrolled: fetched per step).
     pub block_n: u32,
 }
 
 /// Everything that selects one compiled pipeline. The pipeline cache is keyed by it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct KernelKey {
+    pub family: Family,
     pub storage: Storage,
     pub head_dim: u32,
     pub value_dim: u32,
     pub tile: TileConfig,
     pub causal: bool,
+    pub variant: VariantKind,
 }
 
 /// The most floats a private array may hold. llvmpipe (Mesa 22.3) computes wrong results once an
@@ -77,10 +149,12 @@ pub fn dim_capacity(dim: u32) -> u32 {
 }
 
 impl KernelKey {
-    /// Readable key, used as the pipeline's wgpu label: `flash_fwd f16 bm64 bn32 d128 dv128 causal`.
+    /// Readable key, used as the pipeline's wgpu label: `flash_fwd softmax tiled f16 bm64 bn32 d128 dv128 causal`.
     pub fn label(&self) -> String {
         format!(
-            "flash_fwd {} bm{} bn{} d{} dv{}{}",
+            "flash_fwd {} {} {} bm{} bn{} d{} dv{}{}",
+            self.variant.name(),
+            self.family.name(),
             self.storage.name(),
             self.tile.block_m,
             self.tile.block_n,
@@ -92,7 +166,10 @@ impl KernelKey {
 
     /// Output columns each workgroup computes.
     pub fn value_slice(&self) -> u32 {
-        self.value_dim.min(PRIVATE_DIM_MAX)
+        match self.family {
+            Family::Tiled => self.value_dim.min(PRIVATE_DIM_MAX),
+            Family::Unrolled => self.value_dim,
+        }
     }
 
     /// Workgroups along x per query tile.
@@ -102,6 +179,9 @@ impl KernelKey {
 
     /// Bytes of workgroup memory the kernel declares.
     pub fn workgroup_bytes(&self) -> u32 {
+        if self.family == Family::Unrolled {
+            return 0;
+        }
         workgroup_bytes(
             self.tile.block_m,
             self.tile.block_n,
@@ -110,23 +190,64 @@ impl KernelKey {
         )
     }
 
-    /// The full WGSL source: generated prelude, then the family's file.
+    /// The full WGSL source: generated prelude, the shared Params block, then the family's file.
     pub fn source(&self) -> String {
         let mut src = String::new();
         if self.storage == Storage::F16Native {
             src.push_str("enable f16;\n");
         }
-        src.push_str(&format!("const BLOCK_N: u32 = {}u;\n", self.tile.block_n));
-        for (binding, name) in [(1, "q"), (2, "k"), (3, "v")] {
-            src.push_str(&load_accessor(self.storage, binding, name));
-        }
+        src.push_str(&load_accessor(self.storage, 1, "q"));
         src.push_str(&store_accessor(self.storage, 4, "o"));
-        src.push_str(FLASH_FWD_WGSL);
+        src.push_str(&format!(
+            "const SIGMOID: bool = {};\n",
+            self.variant == VariantKind::Sigmoid
+        ));
+        src.push_str(FLASH_COMMON_WGSL);
+        match self.family {
+            Family::Tiled => {
+                src.push_str(&format!("const BLOCK_N: u32 = {}u;\n", self.tile.block_n));
+                src.push_str(&load_accessor(self.storage, 2, "k"));
+                src.push_str(&load_accessor(self.storage, 3, "v"));
+                src.push_str(FLASH_FWD_WGSL);
+            }
+            Family::Unrolled => {
+                let counts = self.unrolled_counts();
+                for (name, value) in counts {
+                    src.push_str(&format!("const {name}: u32 = {value}u;\n"));
+                }
+                src.push_str(&format!(
+                    "const HEAD_DIM: u32 = {}u;\nconst VALUE_DIM: u32 = {}u;\nconst CAUSAL: bool = {};\n",
+                    self.head_dim, self.value_dim, self.causal
+                ));
+                src.push_str(&expand_unrolls(FLASH_FWD_UNROLLED_WGSL, &counts));
+            }
+        }
         src
+    }
+
+    /// The unrolled kernel's loop counts: rows per invocation, keys per step, vec4s per K and V row.
+    fn unrolled_counts(&self) -> [(&'static str, u32); 4] {
+        [
+            ("ROWS", self.tile.block_m / UNROLLED_LANES),
+            ("KEYS", self.tile.block_n),
+            ("D4", self.head_dim.div_ceil(4)),
+            ("DV4", self.value_dim.div_ceil(4)),
+        ]
+    }
+
+    /// Workgroup size along x.
+    pub fn workgroup_size(&self) -> u32 {
+        match self.family {
+            Family::Tiled => self.tile.block_m,
+            Family::Unrolled => UNROLLED_LANES,
+        }
     }
 
     /// Values of the WGSL `override` constants.
     pub fn constants(&self) -> Vec<(&'static str, f64)> {
+        if self.family == Family::Unrolled {
+            return Vec::new();
+        }
         vec![
             ("BLOCK_M", f64::from(self.tile.block_m)),
             ("HEAD_DIM", f64::from(self.head_dim)),
@@ -210,15 +331,94 @@ fn store_accessor(storage: Storage, binding: u32, name: &str) -> String {
     out
 }
 
-/// Every kernel specialisation the engine can build for these tile configurations:
-/// all storage types × the head/value dims given × causal on/off. Used by the naga validation test.
-pub fn variants(dims: &[(u32, u32)], tiles: &[TileConfig]) -> Vec<KernelKey> {
+/// Repeats each line block between `//#unroll NAME COUNT` and its `//#end` COUNT times (COUNT a
+/// number or a name in `counts`), replacing `{NAME}` with `0u`, `1u`, ... Blocks nest.
+///
+/// This is how the unrolled kernel gets straight-line code: CPU drivers neither unroll loops
+/// with large bodies nor keep dynamically indexed private arrays in registers.
+pub fn expand_unrolls(template: &str, counts: &[(&str, u32)]) -> String {
+    let lines: Vec<&str> = template.lines().collect();
+    let mut out = String::with_capacity(template.len() * 8);
+    expand_block(&lines, counts, &[], &mut out);
+    out
+}
+
+fn expand_block(lines: &[&str], counts: &[(&str, u32)], bound: &[(String, u32)], out: &mut String) {
+    let mut i = 0;
+    while i < lines.len() {
+        let line = lines[i];
+        let Some(spec) = line.trim().strip_prefix("//#unroll ") else {
+            let mut text = line.to_string();
+            for (name, value) in bound {
+                text = text.replace(&format!("{{{name}}}"), &format!("{value}u"));
+            }
+            out.push_str(&text);
+            out.push('\n');
+            i += 1;
+            continue;
+        };
+        // Find the matching `//#end`.
+        let mut depth = 1;
+        let mut end = i + 1;
+        while end < lines.len() {
+            let t = lines[end].trim();
+            if t.starts_with("//#unroll ") {
+                depth += 1;
+            } else if t == "//#end" {
+                depth -= 1;
+                if depth == 0 {
+                    break;
+                }
+            }
+            end += 1;
+        }
+        let mut words = spec.split_whitespace();
+        let (name, count) = (words.next().unwrap_or(""), words.next().unwrap_or("0"));
+        let count = count.parse::<u32>().unwrap_or_else(|_| {
+            counts
+                .iter()
+                .find(|(n, _)| *n == count)
+                .map_or(0, |&(_, v)| v)
+        });
+        for value in 0..count {
+            let mut inner = bound.to_vec();
+            inner.push((name.to_string(), value));
+            expand_block(&lines[i + 1..end.min(lines.len())], counts, &inner, out);
+        }
+        i = end + 1;
+    }
+}
+
+/// The packing kernel for one storage type: `load_x` accessor, then pack_rows.wgsl.
+pub fn pack_source(storage: Storage) -> String {
+    let mut src = String::new();
+    if storage == Storage::F16Native {
+        src.push_str("enable f16;\n");
+    }
+    src.push_str(&load_accessor(storage, 1, "x"));
+    src.push_str(PACK_ROWS_WGSL);
+    src
+}
+
+/// Every kernel specialisation the engine can build for these dims: all storage types × causal
+/// on/off × (tiled) the tile configurations given or (unrolled) the tile the planner picks.
+/// Used by the naga validation test.
+pub fn variants(family: Family, dims: &[(u32, u32)], tiles: &[TileConfig]) -> Vec<KernelKey> {
     let mut keys = Vec::new();
     for &storage in &Storage::ALL {
         for &(head_dim, value_dim) in dims {
-            for &tile in tiles {
-                for causal in [false, true] {
+            let tiles = match family {
+                Family::Tiled => tiles.to_vec(),
+                Family::Unrolled => vec![unrolled_tile(head_dim, value_dim)],
+            };
+            for tile in tiles {
+                for (causal, variant) in [false, true]
+                    .into_iter()
+                    .flat_map(|c| VariantKind::ALL.map(|v| (c, v)))
+                {
                     keys.push(KernelKey {
+                        variant,
+                        family,
                         storage,
                         head_dim,
                         value_dim,

@@ -35,9 +35,10 @@ mod readback;
 mod tensor;
 mod types;
 
-pub use attention::{FlashParams, GpuAttention, Plan};
+pub use attention::{FlashParams, GpuAttention, PackParams, Plan};
 pub use engine::{Engine, EngineInfo, EngineOptions, F16Path};
 pub use error::{Error, Result};
+pub use kernel::Family;
 pub use tensor::Tensor;
 pub use types::{
     Attention, AttentionOptions, Causal, DType, Element, Layout, MAX_HEAD_DIM, Shape, Variant,

@@ -121,12 +121,17 @@ pub enum Causal {
 }
 
 /// The attention function.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
 #[non_exhaustive]
 pub enum Variant {
     /// `O = softmax(scale · Q Kᵀ) V`, with the natural-log LSE of every query row.
     #[default]
     Softmax,
+    /// Sigmoid attention (FlashSigmoid): `O = σ(scale · Q Kᵀ + bias) V`, elementwise over the
+    /// visible keys, with no normalisation and no LSE. `bias: None` means `-ln(kv_len)`;
+    /// FlashSigmoid recommends `-ln(n)` for the *training* context length n, so models trained
+    /// at a fixed length should pass that value here.
+    Sigmoid { bias: Option<f32> },
 }
 
 /// Options of an attention call. `Default` is non-causal softmax with `scale = 1/sqrt(head_dim)`.
@@ -142,6 +147,20 @@ pub struct AttentionOptions {
 impl AttentionOptions {
     pub fn softmax() -> Self {
         Self::default()
+    }
+    /// Sigmoid attention with the default bias `-ln(kv_len)`.
+    pub fn sigmoid() -> Self {
+        Self {
+            variant: Variant::Sigmoid { bias: None },
+            ..Self::default()
+        }
+    }
+    /// Sigmoid attention with bias `bias`.
+    pub fn sigmoid_with_bias(bias: f32) -> Self {
+        Self {
+            variant: Variant::Sigmoid { bias: Some(bias) },
+            ..Self::default()
+        }
     }
     pub fn with_causal(mut self, causal: Causal) -> Self {
         self.causal = Some(causal);
@@ -159,6 +178,20 @@ impl AttentionOptions {
             return Err(Error::InvalidScale { scale });
         }
         Ok(scale)
+    }
+
+    /// The sigmoid bias the kernel uses for `shape` (0 for softmax), after validation.
+    pub fn resolved_sigmoid_bias(&self, shape: &Shape) -> Result<f32> {
+        match self.variant {
+            Variant::Softmax => Ok(0.0),
+            Variant::Sigmoid { bias } => {
+                let bias = bias.unwrap_or(-(shape.kv_len as f32).ln());
+                if !bias.is_finite() {
+                    return Err(Error::InvalidBias { bias });
+                }
+                Ok(bias)
+            }
+        }
     }
 }
 

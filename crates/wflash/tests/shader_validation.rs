@@ -4,7 +4,7 @@
 
 use naga::back::{hlsl, msl, spv};
 use naga::valid::{Capabilities, ValidationFlags, Validator};
-use wflash::kernel::{self, KernelKey, TileConfig};
+use wflash::kernel::{self, Family, KernelKey, Storage, TileConfig};
 
 /// Tile configurations the planner can choose: BLOCK_M 64, BLOCK_N halved from 32 as workgroup memory requires.
 fn tiles() -> Vec<TileConfig> {
@@ -34,37 +34,42 @@ const DIMS: [(u32, u32); 12] = [
 ];
 
 fn compile_everywhere(key: &KernelKey) {
-    let source = key.source();
-    let module = naga::front::wgsl::parse_str(&source)
-        .unwrap_or_else(|e| panic!("{}: {}", key.label(), e.emit_to_string(&source)));
+    compile_source_everywhere(&key.label(), &key.source(), "flash_fwd", &key.constants());
+}
+
+fn compile_source_everywhere(
+    label: &str,
+    source: &str,
+    entry_point: &str,
+    constants: &[(&str, f64)],
+) {
+    let module = naga::front::wgsl::parse_str(source)
+        .unwrap_or_else(|e| panic!("{label}: {}", e.emit_to_string(source)));
     let mut validator = Validator::new(ValidationFlags::all(), Capabilities::all());
     let info = validator
         .validate(&module)
-        .unwrap_or_else(|e| panic!("{}: {e:?}", key.label()));
-    let constants: naga::back::PipelineConstants = key
-        .constants()
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v))
-        .collect();
+        .unwrap_or_else(|e| panic!("{label}: {e:?}"));
+    let constants: naga::back::PipelineConstants =
+        constants.iter().map(|&(k, v)| (k.to_string(), v)).collect();
     let (module, info) =
         naga::back::pipeline_constants::process_overrides(&module, &info, None, &constants)
-            .unwrap_or_else(|e| panic!("{}: overrides: {e:?}", key.label()));
+            .unwrap_or_else(|e| panic!("{label}: overrides: {e:?}"));
     let module = module.into_owned();
     let info = info.into_owned();
 
     let pipeline = spv::PipelineOptions {
         shader_stage: naga::ShaderStage::Compute,
-        entry_point: "flash_fwd".into(),
+        entry_point: entry_point.into(),
     };
     spv::write_vec(&module, &info, &spv::Options::default(), Some(&pipeline))
-        .unwrap_or_else(|e| panic!("{}: SPIR-V: {e:?}", key.label()));
+        .unwrap_or_else(|e| panic!("{label}: SPIR-V: {e:?}"));
 
     let msl_pipeline = msl::PipelineOptions {
-        entry_point: Some((naga::ShaderStage::Compute, "flash_fwd".into())),
+        entry_point: Some((naga::ShaderStage::Compute, entry_point.into())),
         ..Default::default()
     };
     msl::write_string(&module, &info, &msl::Options::default(), &msl_pipeline)
-        .unwrap_or_else(|e| panic!("{}: MSL: {e:?}", key.label()));
+        .unwrap_or_else(|e| panic!("{label}: MSL: {e:?}"));
 
     let mut hlsl_out = String::new();
     let hlsl_options = hlsl::Options {
@@ -77,21 +82,62 @@ fn compile_everywhere(key: &KernelKey) {
         &hlsl::PipelineOptions::default(),
     )
     .write(&module, &info, None)
-    .unwrap_or_else(|e| panic!("{}: HLSL: {e:?}", key.label()));
+    .unwrap_or_else(|e| panic!("{label}: HLSL: {e:?}"));
+}
+
+/// Compiles `keys` on all cores (a plain loop over the unrolled variants takes minutes).
+fn compile_all(keys: &[KernelKey]) {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    std::thread::scope(|scope| {
+        for chunk in keys.chunks(keys.len().div_ceil(threads)) {
+            scope.spawn(move || chunk.iter().for_each(compile_everywhere));
+        }
+    });
+}
+
+/// Storage types × causal × variant kinds.
+const PER_DIMS_AND_TILE: usize = 4 * 2 * 2;
+
+#[test]
+fn every_tiled_variant_validates_and_translates() {
+    let keys = kernel::variants(Family::Tiled, &DIMS, &tiles());
+    assert_eq!(keys.len(), PER_DIMS_AND_TILE * DIMS.len() * tiles().len());
+    compile_all(&keys);
 }
 
 #[test]
-fn every_flash_fwd_variant_validates_and_translates() {
-    let keys = kernel::variants(&DIMS, &tiles());
-    assert_eq!(keys.len(), 4 * DIMS.len() * tiles().len() * 2);
+fn every_unrolled_variant_validates_and_translates() {
+    let keys = kernel::variants(Family::Unrolled, &DIMS, &tiles());
+    assert_eq!(keys.len(), PER_DIMS_AND_TILE * DIMS.len());
     for key in &keys {
-        compile_everywhere(key);
+        let source = key.source();
+        let unexpanded = source.lines().any(|l| l.trim_start().starts_with("//#"));
+        assert!(!unexpanded, "{}: unexpanded marker", key.label());
+    }
+    compile_all(&keys);
+}
+
+#[test]
+fn every_pack_variant_validates_and_translates() {
+    for storage in Storage::ALL {
+        let label = format!("pack_rows {}", storage.name());
+        compile_source_everywhere(&label, &kernel::pack_source(storage), "pack_rows", &[]);
     }
 }
 
 #[test]
+fn unroll_markers_expand_nested_blocks() {
+    let template = "a\n//#unroll i 2\nx{i}\n//#unroll j N\ny{i}{j}\n//#end\n//#end\nb\n";
+    let out = kernel::expand_unrolls(template, &[("N", 3)]);
+    assert_eq!(
+        out,
+        "a\nx0u\ny0u0u\ny0u1u\ny0u2u\nx1u\ny1u0u\ny1u1u\ny1u2u\nb\n"
+    );
+}
+
+#[test]
 fn params_struct_matches_wgsl_layout() {
-    let key = kernel::variants(&[(64, 64)], &tiles())[0];
+    let key = kernel::variants(Family::Tiled, &[(64, 64)], &tiles())[0];
     let module = naga::front::wgsl::parse_str(&key.source()).expect("parses");
     let mut layouter = naga::proc::Layouter::default();
     layouter.update(module.to_ctx()).expect("layout");
@@ -122,7 +168,10 @@ fn params_struct_matches_wgsl_layout() {
         ("v_stride", 48),
         ("o_stride", 64),
         ("causal_offset", 80),
-        ("scale_log2", 84),
+        ("q_scale", 84),
+        ("tex_rows_per_head", 88),
+        ("tex_fold", 92),
+        ("sigmoid_bias", 96),
     ];
     for (name, offset) in expected {
         let found = offsets
@@ -142,11 +191,15 @@ fn params_struct_matches_wgsl_layout() {
         v_stride: [0; 4],
         o_stride: [0; 4],
         causal_offset: 0,
-        scale_log2: 0.0,
-        _pad: [0; 2],
+        q_scale: 0.0,
+        tex_rows_per_head: 0,
+        tex_fold: 0,
+        sigmoid_bias: 0.0,
+        _pad: [0; 3],
     };
     let base = &p as *const _ as usize;
     assert_eq!(&p.causal_offset as *const _ as usize - base, 80);
-    assert_eq!(&p.scale_log2 as *const _ as usize - base, 84);
+    assert_eq!(&p.q_scale as *const _ as usize - base, 84);
+    assert_eq!(&p.sigmoid_bias as *const _ as usize - base, 96);
     assert_eq!(&p.o_stride as *const _ as usize - base, 64);
 }

@@ -1,0 +1,199 @@
+// FlashAttention-2 forward for CPU adapters (llvmpipe, SwiftShader): register tiles, fully
+// unrolled, fed from textures.
+//
+// A CPU Vulkan driver runs LANES invocations as the lanes of one SIMD register. What is cheap
+// there is arithmetic on values the compiler can keep in registers or on the stack; what is
+// dear (docs/PERF.md, measured on llvmpipe 22.3) is (1) any storage-buffer or workgroup-memory
+// load inside a loop, which becomes a per-lane scalar loop, (2) dynamically indexed private
+// arrays, which go to per-lane scratch memory, and (3) subgroup broadcasts. A texel fetch costs
+// a tenth of a buffer load. So:
+//   - K and V arrive as rgba32float textures (packed by pack_rows.wgsl), one texel per 4 dims;
+//   - each invocation owns ROWS query rows (rows r·LANES + lane of the block), held with their
+//     output accumulators in private arrays that are only ever indexed by constants;
+//   - keys are taken KEYS at a time; each fetched texel feeds ROWS rows;
+//   - every loop over rows, keys or dims is written out by the host: a line block between
+//     `//#unroll NAME COUNT` and `//#end` is repeated COUNT times with `{NAME}` replaced by
+//     0u, 1u, ... (kernel.rs, `expand_unrolls`). Only the loop over key tiles remains.
+// Softmax is FlashAttention-2's: base-2 logits (Q pre-scaled by scale·log2 e), a running max
+// and sum per row, one division at the end, natural-log LSE per row. Sigmoid (SIGMOID) weighs
+// each visible score by σ(s + b) and sums; no max, no division, no LSE.
+//
+// The host prelude defines: ROWS, KEYS, D4 (= ceil(HEAD_DIM / 4)), DV4, HEAD_DIM, VALUE_DIM,
+// CAUSAL, SIGMOID, the storage bindings 1 (`q_buf`) and 4 (`o_buf`) with `load_q` / `store_o`,
+// and from flash_common.wgsl `struct Params` with its binding 0 and `weight()`.
+//
+// Dispatch: (ceil(q_len / (LANES · ROWS)), q_heads, batch).
+
+@group(0) @binding(2) var k_tex: texture_2d<f32>;
+@group(0) @binding(3) var v_tex: texture_2d<f32>;
+@group(0) @binding(5) var<storage, read_write> lse_buf: array<f32>;
+
+const LANES: u32 = 8u;
+
+@compute @workgroup_size(LANES)
+fn flash_fwd(
+    @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(local_invocation_index) lane: u32,
+) {
+    let head = wg.y;
+    let batch = wg.z;
+    let kv_head = head / (params.q_heads / params.kv_heads);
+    let block_row0 = wg.x * (LANES * ROWS);
+    let kv_row0 = (batch * params.kv_heads + kv_head) * params.tex_rows_per_head;
+
+    var q: array<vec4<f32>, ROWS * D4>;
+    var o: array<vec4<f32>, ROWS * DV4>;
+    var row_max: array<f32, ROWS>;
+    var row_sum: array<f32, ROWS>;
+    // Each row's visible keys are [0, row_end).
+    var row_end: array<u32, ROWS>;
+
+//#unroll r ROWS
+    {
+        let row = block_row0 + {r} * LANES + lane;
+        let valid = row < params.q_len;
+        let base = batch * params.q_stride.x + head * params.q_stride.y + row * params.q_stride.z;
+//#unroll d D4
+        q[{r} * D4 + {d}] = load_q4(valid, base, {d} * 4u) * params.q_scale;
+//#end
+//#unroll e DV4
+        o[{r} * DV4 + {e}] = vec4<f32>(0.0);
+//#end
+        row_max[{r}] = NO_MAX;
+        row_sum[{r}] = 0.0;
+        row_end[{r}] = select(0u, visible_end(row), valid);
+    }
+//#end
+
+    // Keys at or past kv_end are invisible to every row of the block: never fetched. The last
+    // row sees the most keys (causal masks only ever hide keys to the right).
+    let last_row = min(block_row0 + LANES * ROWS, params.q_len) - 1u;
+    let kv_end = visible_end(last_row);
+
+    var k: array<vec4<f32>, KEYS * D4>;
+    var v: array<vec4<f32>, KEYS * DV4>;
+    var s: array<f32, ROWS * KEYS>;
+    var alpha: array<f32, ROWS>;
+    for (var key0 = 0u; key0 < kv_end; key0 += KEYS) {
+        // K tile. Rows past kv_len are zero in the packed texture.
+//#unroll j KEYS
+        {
+            let at = packed_texel(kv_row0 + key0 + {j}, D4);
+//#unroll d D4
+            k[{j} * D4 + {d}] = textureLoad(k_tex, at + vec2<u32>({d}, 0u), 0);
+//#end
+        }
+//#end
+
+        // Base-2 logits; invisible keys get NO_MAX.
+//#unroll r ROWS
+//#unroll j KEYS
+        {
+            var dot = 0.0;
+//#unroll d D4
+            dot = fma(q[{r} * D4 + {d}].x, k[{j} * D4 + {d}].x, dot);
+            dot = fma(q[{r} * D4 + {d}].y, k[{j} * D4 + {d}].y, dot);
+            dot = fma(q[{r} * D4 + {d}].z, k[{j} * D4 + {d}].z, dot);
+            dot = fma(q[{r} * D4 + {d}].w, k[{j} * D4 + {d}].w, dot);
+//#end
+            s[{r} * KEYS + {j}] = select(NO_MAX, dot, key0 + {j} < row_end[{r}]);
+        }
+//#end
+//#end
+
+        // Online softmax: new running max, rescale factor, weights (in place of s).
+//#unroll r ROWS
+        {
+            var new_max = row_max[{r}];
+//#unroll j KEYS
+            new_max = max(new_max, s[{r} * KEYS + {j}]);
+//#end
+            // Sigmoid keeps no running max: alpha folds to 1 and the rescale disappears.
+            alpha[{r}] = select(exp2(row_max[{r}] - new_max), 1.0, SIGMOID);
+            row_max[{r}] = new_max;
+            var sum = row_sum[{r}] * alpha[{r}];
+//#unroll j KEYS
+            s[{r} * KEYS + {j}] = select(0.0, weight(s[{r} * KEYS + {j}], new_max), s[{r} * KEYS + {j}] > NO_MAX);
+            sum += s[{r} * KEYS + {j}];
+//#end
+            row_sum[{r}] = sum;
+        }
+//#end
+
+        // V tile, then O = alpha · O + P · V.
+//#unroll j KEYS
+        {
+            let at = packed_texel(kv_row0 + key0 + {j}, DV4);
+//#unroll e DV4
+            v[{j} * DV4 + {e}] = textureLoad(v_tex, at + vec2<u32>({e}, 0u), 0);
+//#end
+        }
+//#end
+//#unroll r ROWS
+//#unroll e DV4
+        {
+            var acc = o[{r} * DV4 + {e}] * alpha[{r}];
+//#unroll j KEYS
+            acc = fma(vec4<f32>(s[{r} * KEYS + {j}]), v[{j} * DV4 + {e}], acc);
+//#end
+            o[{r} * DV4 + {e}] = acc;
+        }
+//#end
+//#end
+    }
+
+    // The only division, once per row (softmax). A row that saw no key has row_sum 0: O = 0,
+    // LSE = -inf. Sigmoid is unnormalised and has no LSE.
+//#unroll r ROWS
+    {
+        let row = block_row0 + {r} * LANES + lane;
+        if row < params.q_len {
+            let seen = row_sum[{r}] > 0.0;
+            let inv_sum = select(select(0.0, 1.0 / row_sum[{r}], seen), 1.0, SIGMOID);
+            let base = batch * params.o_stride.x + head * params.o_stride.y + row * params.o_stride.z;
+//#unroll e DV4
+            store_o4(base, {e} * 4u, o[{r} * DV4 + {e}] * inv_sum);
+//#end
+            if !SIGMOID {
+                let lse_index = (batch * params.q_heads + head) * params.q_len + row;
+                lse_buf[lse_index] = select(bitcast<f32>(0xff800000u), (row_max[{r}] + log2(row_sum[{r}])) * LN_2, seen);
+            }
+        }
+    }
+//#end
+}
+
+// One past the last key that query `row` sees.
+fn visible_end(row: u32) -> u32 {
+    if CAUSAL {
+        return u32(clamp(i32(row) + params.causal_offset + 1, 0, i32(params.kv_len)));
+    }
+    return params.kv_len;
+}
+
+// Texel of dims 0..3 of packed K/V row `g` (see pack_rows.wgsl).
+fn packed_texel(g: u32, width4: u32) -> vec2<u32> {
+    return vec2<u32>((g % params.tex_fold) * width4, g / params.tex_fold);
+}
+
+// Elements [start, start + 4) of the query row at `base`, zero past HEAD_DIM or when `valid` is false.
+fn load_q4(valid: bool, base: u32, start: u32) -> vec4<f32> {
+    var x = vec4<f32>(0.0);
+    if valid {
+        for (var c = 0u; c < 4u; c++) {
+            if start + c < HEAD_DIM {
+                x[c] = load_q(base + start + c);
+            }
+        }
+    }
+    return x;
+}
+
+// Elements [start, start + 4) of the output row at `base`, those below VALUE_DIM.
+fn store_o4(base: u32, start: u32, x: vec4<f32>) {
+    for (var c = 0u; c < 4u; c++) {
+        if start + c < VALUE_DIM {
+            store_o(base + start + c, x[c]);
+        }
+    }
+}
