@@ -12,8 +12,9 @@ struct Params {
     k_stride: vec4<u32>,
     v_stride: vec4<u32>,
     o_stride: vec4<u32>,
-    // Key j is visible to query i iff j <= i + causal_offset (bottom-right: kv_len - q_len; top-left: 0).
-    causal_offset: i32,
+    // Query i's diagonal key is i + diag_offset (kv_len - q_len; 0 with top-left causal). The
+    // causal mask and the window are measured from it.
+    diag_offset: i32,
     // What Q is multiplied by: scale · log2(e) for softmax (base-2 logits, so each
     // probability is one exp2), scale for sigmoid.
     q_scale: f32,
@@ -23,9 +24,11 @@ struct Params {
     tex_fold: u32,
     // Sigmoid only: the scalar bias b of σ(s + b).
     sigmoid_bias: f32,
+    // Sliding window: keys at most window_left before / window_right after the diagonal; -1
+    // means unbounded.
+    window_left: i32,
+    window_right: i32,
     _pad0: u32,
-    _pad1: u32,
-    _pad2: u32,
 }
 
 @group(0) @binding(0) var<uniform> params: Params;
@@ -34,6 +37,27 @@ struct Params {
 // which fast-math compilers (llvmpipe among them) may not honour.
 const NO_MAX: f32 = -3.0e38;
 const LN_2: f32 = 0.6931471805599453;
+
+// Keys [x, y) that query `row` sees: the causal bound (CAUSAL), the window, and [0, kv_len).
+// Both bounds only grow with `row`, which is what lets a block skip whole key tiles.
+fn visible_keys(row: u32) -> vec2<u32> {
+    let diag = i32(row) + params.diag_offset;
+    let kv_len = i32(params.kv_len);
+    var lo = 0;
+    var hi = kv_len;
+    if CAUSAL {
+        hi = min(hi, diag + 1);
+    }
+    if params.window_left >= 0 {
+        lo = max(lo, diag - params.window_left);
+    }
+    if params.window_right >= 0 {
+        hi = min(hi, diag + params.window_right + 1);
+    }
+    lo = clamp(lo, 0, kv_len);
+    hi = clamp(hi, lo, kv_len);
+    return vec2<u32>(u32(lo), u32(hi));
+}
 
 // The weight of a visible score `s` (already scaled, see `q_scale`): exp2(s - row_max) for
 // softmax, whose caller normalises by the row sum at the end; σ(s + b) for sigmoid, final as is.

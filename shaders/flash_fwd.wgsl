@@ -34,7 +34,8 @@
 //   HEAD_DIM   length of q and k rows
 //   VALUE_DIM  length of v and o rows
 //   VALUE_SLICE output columns per workgroup (min(VALUE_DIM, 64))
-//   CAUSAL     mask keys j > i + causal_offset, and skip key tiles that no row of the block sees
+//   CAUSAL     mask keys right of the diagonal (see visible_keys in flash_common.wgsl); with a
+//              window, skip key tiles that no row of the block sees
 
 override BLOCK_M: u32 = 64u;
 override HEAD_DIM: u32 = 64u;
@@ -86,18 +87,16 @@ fn flash_fwd(
     var row_max = NO_MAX;
     var row_sum = 0.0;
 
-    // Keys past kv_end are invisible to every row of this block: their tiles are never loaded.
-    var kv_end = params.kv_len;
-    // This row's own last visible key (exclusive), for the per-element mask.
-    var row_end = params.kv_len;
-    if CAUSAL {
-        let last_row = min(block_row0 + BLOCK_M, params.q_len) - 1u;
-        kv_end = u32(clamp(i32(last_row) + params.causal_offset + 1, 0, i32(params.kv_len)));
-        row_end = u32(clamp(i32(row) + params.causal_offset + 1, 0, i32(params.kv_len)));
-    }
+    // Keys outside [kv_begin, kv_end) are invisible to every row of this block (causal mask,
+    // window): their tiles are never loaded. Visible ranges only move right as rows grow.
+    let last_row = min(block_row0 + BLOCK_M, params.q_len) - 1u;
+    let kv_begin = visible_keys(block_row0).x / BLOCK_N * BLOCK_N;
+    let kv_end = visible_keys(last_row).y;
+    // This row's own visible keys, for the per-element mask.
+    let row_keys = visible_keys(row);
 
     var s: array<f32, BLOCK_N>;
-    for (var key0 = 0u; key0 < kv_end; key0 += BLOCK_N) {
+    for (var key0 = kv_begin; key0 < kv_end; key0 += BLOCK_N) {
         // Stage the K tile and this slice of the V tile; elements past kv_len or past the row
         // length are zero so every lane does the same work.
         workgroupBarrier();
@@ -134,7 +133,7 @@ fn flash_fwd(
         // Invisible keys get NO_MAX and are excluded below.
         var tile_max = NO_MAX;
         for (var j = 0u; j < BLOCK_N; j++) {
-            s[j] = select(NO_MAX, s[j], key0 + j < row_end);
+            s[j] = select(NO_MAX, s[j], key0 + j >= row_keys.x && key0 + j < row_keys.y);
             tile_max = max(tile_max, s[j]);
         }
 

@@ -45,8 +45,8 @@ fn flash_fwd(
     var o: array<vec4<f32>, ROWS * DV4>;
     var row_max: array<f32, ROWS>;
     var row_sum: array<f32, ROWS>;
-    // Each row's visible keys are [0, row_end).
-    var row_end: array<u32, ROWS>;
+    // Each row's visible keys are [row_keys.x, row_keys.y).
+    var row_keys: array<vec2<u32>, ROWS>;
 
 //#unroll r ROWS
     {
@@ -61,20 +61,21 @@ fn flash_fwd(
 //#end
         row_max[{r}] = NO_MAX;
         row_sum[{r}] = 0.0;
-        row_end[{r}] = select(0u, visible_end(row), valid);
+        row_keys[{r}] = select(vec2<u32>(0u), visible_keys(row), valid);
     }
 //#end
 
-    // Keys at or past kv_end are invisible to every row of the block: never fetched. The last
-    // row sees the most keys (causal masks only ever hide keys to the right).
+    // Keys outside [kv_begin, kv_end) are invisible to every row of the block (causal mask,
+    // window): never fetched. Visible ranges only move right as rows grow.
     let last_row = min(block_row0 + LANES * ROWS, params.q_len) - 1u;
-    let kv_end = visible_end(last_row);
+    let kv_begin = visible_keys(block_row0).x / KEYS * KEYS;
+    let kv_end = visible_keys(last_row).y;
 
     var k: array<vec4<f32>, KEYS * D4>;
     var v: array<vec4<f32>, KEYS * DV4>;
     var s: array<f32, ROWS * KEYS>;
     var alpha: array<f32, ROWS>;
-    for (var key0 = 0u; key0 < kv_end; key0 += KEYS) {
+    for (var key0 = kv_begin; key0 < kv_end; key0 += KEYS) {
         // K tile. Rows past kv_len are zero in the packed texture.
 //#unroll j KEYS
         {
@@ -96,7 +97,7 @@ fn flash_fwd(
             dot = fma(q[{r} * D4 + {d}].z, k[{j} * D4 + {d}].z, dot);
             dot = fma(q[{r} * D4 + {d}].w, k[{j} * D4 + {d}].w, dot);
 //#end
-            s[{r} * KEYS + {j}] = select(NO_MAX, dot, key0 + {j} < row_end[{r}]);
+            s[{r} * KEYS + {j}] = select(NO_MAX, dot, key0 + {j} >= row_keys[{r}].x && key0 + {j} < row_keys[{r}].y);
         }
 //#end
 //#end
@@ -161,14 +162,6 @@ fn flash_fwd(
         }
     }
 //#end
-}
-
-// One past the last key that query `row` sees.
-fn visible_end(row: u32) -> u32 {
-    if CAUSAL {
-        return u32(clamp(i32(row) + params.causal_offset + 1, 0, i32(params.kv_len)));
-    }
-    return params.kv_len;
 }
 
 // Texel of dims 0..3 of packed K/V row `g` (see pack_rows.wgsl).

@@ -17,7 +17,7 @@ use rand::{Rng, SeedableRng};
 use rand_distr::StandardNormal;
 use serde::{Deserialize, Serialize};
 use wflash::{
-    AttentionOptions, Causal, DType, Element, Engine, EngineOptions, Layout, Shape, wgpu,
+    AttentionOptions, Causal, DType, Element, Engine, EngineOptions, Layout, Shape, Window, wgpu,
 };
 use wflash_ref::{CausalAlign, Problem};
 
@@ -80,6 +80,8 @@ struct Case {
     head_dim: usize,
     causal: bool,
     sigmoid: bool,
+    /// A trailing window of this many keys ([`Window::trailing`]).
+    window: Option<usize>,
 }
 
 const BATCH: usize = 1;
@@ -98,12 +100,13 @@ const GPU_TIMEOUT: Duration = Duration::from_secs(120);
 impl Case {
     fn name(&self) -> String {
         format!(
-            "{}_fwd_{}_b{BATCH}_h{HEADS}_n{}_d{}{}",
+            "{}_fwd_{}_b{BATCH}_h{HEADS}_n{}_d{}{}{}",
             self.variant_name(),
             self.dtype.name(),
             self.seq,
             self.head_dim,
-            if self.causal { "_causal" } else { "" }
+            if self.causal { "_causal" } else { "" },
+            self.window.map_or(String::new(), |w| format!("_window{w}")),
         )
     }
     fn shape(&self) -> Shape {
@@ -113,11 +116,14 @@ impl Case {
         if self.sigmoid { "sigmoid" } else { "softmax" }
     }
     fn options(&self) -> AttentionOptions {
-        let opts = if self.sigmoid {
+        let mut opts = if self.sigmoid {
             AttentionOptions::sigmoid()
         } else {
             AttentionOptions::softmax()
         };
+        if let Some(size) = self.window {
+            opts = opts.with_window(Window::trailing(size));
+        }
         if self.causal {
             opts.with_causal(Causal::BottomRight)
         } else {
@@ -137,6 +143,10 @@ impl Case {
             layout: wflash_ref::Layout::Bhsd,
             scale: 1.0 / (shape.head_dim as f64).sqrt(),
             causal: self.causal.then_some(CausalAlign::BottomRight),
+            window: self.window.map(|size| wflash_ref::Window {
+                left: Some(size - 1),
+                right: Some(0),
+            }),
             variant: if self.sigmoid {
                 wflash_ref::Variant::Sigmoid {
                     bias: f64::from(-(shape.kv_len as f32).ln()),
@@ -163,6 +173,7 @@ fn cases(quick: bool) -> Vec<Case> {
         head_dim,
         causal,
         sigmoid: false,
+        window: None,
     };
     let sigmoid = |seq, causal| Case {
         sigmoid: true,
@@ -187,6 +198,12 @@ fn cases(quick: bool) -> Vec<Case> {
             ]
         })
         .collect();
+    // Local attention against full attention at a length where the window is 1/32 of it.
+    cases.push(case(DType::F32, 8192, 64, false));
+    cases.push(Case {
+        window: Some(256),
+        ..case(DType::F32, 8192, 64, false)
+    });
     cases.push(sigmoid(2048, false));
     cases.push(sigmoid(2048, true));
     cases.push(case(DType::F32, 2048, 128, false));
@@ -621,7 +638,9 @@ fn main() -> ExitCode {
 
         if case.dtype == DType::F32 {
             match &naive {
-                _ if case.sigmoid => println!("{name}: naive-gpu skipped (softmax only)"),
+                _ if case.sigmoid || case.window.is_some() => {
+                    println!("{name}: naive-gpu skipped (plain softmax only)")
+                }
                 _ if case.seq > baseline_max_seq.min(NAIVE_MAX_SEQ) => {
                     println!(
                         "{name}: naive-gpu skipped (N > {})",

@@ -2,7 +2,7 @@
 //! every value of every other axis in at least one case.
 
 use rand::{Rng, SeedableRng};
-use wflash::{Causal, Layout, Shape, Variant};
+use wflash::{Causal, Layout, Shape, Variant, Window};
 
 use crate::{Case, Path};
 
@@ -24,6 +24,18 @@ pub const LAYOUTS: [Layout; 2] = [Layout::Bhsd, Layout::Bshd];
 /// value_dim relative to head_dim: equal, or a different (odd) size.
 pub const VALUE_DIMS: [ValueDim; 2] = [ValueDim::SameAsHead, ValueDim::Different];
 pub const BATCHES: [usize; 2] = [1, 2];
+/// No window; a trailing local window (Mistral-style); a two-sided one narrower than most tiles.
+pub const WINDOWS: [Option<Window>; 3] = [
+    None,
+    Some(Window {
+        left: Some(100),
+        right: Some(0),
+    }),
+    Some(Window {
+        left: Some(7),
+        right: Some(30),
+    }),
+];
 /// Sigmoid with its default bias (-ln kv_len) and with a given one.
 pub const VARIANTS: [Variant; 3] = [
     Variant::Softmax,
@@ -50,7 +62,7 @@ fn value_dim(head_dim: usize, v: ValueDim) -> usize {
 }
 
 /// Axis sizes, in the order of the index vector a row holds.
-const AXES: [usize; 9] = [
+const AXES: [usize; 10] = [
     SEQ_LENS.len(),
     HEAD_DIMS.len(),
     CAUSAL.len(),
@@ -60,11 +72,12 @@ const AXES: [usize; 9] = [
     VALUE_DIMS.len(),
     BATCHES.len(),
     VARIANTS.len(),
+    WINDOWS.len(),
 ];
 
 /// A greedy pairwise covering array (AETG-style): repeatedly take, among random candidates,
 /// the row that covers the most still-uncovered pairs. Deterministic for a given seed.
-pub fn pairwise_rows(seed: u64) -> Vec<[usize; 9]> {
+pub fn pairwise_rows(seed: u64) -> Vec<[usize; 10]> {
     let mut uncovered = std::collections::HashSet::new();
     for (a, &size_a) in AXES.iter().enumerate() {
         for (b, &size_b) in AXES.iter().enumerate().skip(a + 1) {
@@ -80,9 +93,9 @@ pub fn pairwise_rows(seed: u64) -> Vec<[usize; 9]> {
     while !uncovered.is_empty() {
         // Seed each candidate with one uncovered pair so every round makes progress.
         let &(a0, va0, b0, vb0) = uncovered.iter().min().expect("non-empty");
-        let mut best: Option<([usize; 9], usize)> = None;
+        let mut best: Option<([usize; 10], usize)> = None;
         for _ in 0..48 {
-            let mut row = [0; 9];
+            let mut row = [0; 10];
             for (axis, slot) in row.iter_mut().enumerate() {
                 *slot = rng.random_range(0..AXES[axis]);
             }
@@ -102,7 +115,7 @@ pub fn pairwise_rows(seed: u64) -> Vec<[usize; 9]> {
     rows
 }
 
-fn covered_by(row: &[usize; 9]) -> impl Iterator<Item = (usize, usize, usize, usize)> + '_ {
+fn covered_by(row: &[usize; 10]) -> impl Iterator<Item = (usize, usize, usize, usize)> + '_ {
     (0..AXES.len()).flat_map(move |a| (a + 1..AXES.len()).map(move |b| (a, row[a], b, row[b])))
 }
 
@@ -111,7 +124,7 @@ pub fn cases() -> Vec<Case> {
     pairwise_rows(0x5eed)
         .into_iter()
         .enumerate()
-        .map(|(i, [s, d, c, h, p, l, v, b, var])| {
+        .map(|(i, [s, d, c, h, p, l, v, b, var, w])| {
             let (q_len, kv_len) = SEQ_LENS[s];
             let head_dim = HEAD_DIMS[d];
             let (q_heads, kv_heads) = HEADS[h];
@@ -127,6 +140,7 @@ pub fn cases() -> Vec<Case> {
                 },
                 layout: LAYOUTS[l],
                 causal: CAUSAL[c],
+                window: WINDOWS[w],
                 scale: None,
                 variant: VARIANTS[var],
                 path: Path::ALL[p],

@@ -11,7 +11,7 @@ use rand::{Rng, SeedableRng};
 use rand_distr::StandardNormal;
 use wflash::{
     AttentionOptions, Causal, DType, Element, Engine, EngineOptions, F16Path, Family, Layout,
-    Shape, Variant,
+    Shape, Variant, Window,
 };
 use wflash_ref::{CausalAlign, Problem};
 
@@ -119,6 +119,7 @@ pub struct Case {
     pub shape: Shape,
     pub layout: Layout,
     pub causal: Option<Causal>,
+    pub window: Option<Window>,
     pub scale: Option<f32>,
     pub variant: Variant,
     pub path: Path,
@@ -157,6 +158,10 @@ pub fn problem(case: &Case) -> Problem {
             Causal::BottomRight => CausalAlign::BottomRight,
             Causal::TopLeft => CausalAlign::TopLeft,
         }),
+        window: case.window.map(|w| wflash_ref::Window {
+            left: w.left,
+            right: w.right,
+        }),
         variant: match case.variant {
             Variant::Sigmoid { .. } => wflash_ref::Variant::Sigmoid {
                 // Exactly the f32 bias the engine resolves.
@@ -176,6 +181,7 @@ impl Case {
     pub fn options(&self) -> AttentionOptions {
         AttentionOptions {
             causal: self.causal,
+            window: self.window,
             scale: self.scale,
             variant: self.variant,
         }

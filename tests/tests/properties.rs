@@ -2,7 +2,7 @@
 //! (scores near ±80) where a naive exp without max subtraction overflows.
 
 use proptest::prelude::*;
-use wflash::{Causal, Layout, Shape, Variant};
+use wflash::{Causal, Layout, Shape, Variant, Window};
 use wflash_conformance::{Case, Path, run_case};
 
 fn arb_case() -> impl Strategy<Value = Case> {
@@ -16,6 +16,7 @@ fn arb_case() -> impl Strategy<Value = Case> {
         any::<u64>(),
         prop::option::of(0.05f32..2.0),
         (any::<bool>(), prop::option::of(-8.0f32..2.0)),
+        prop::option::of((prop::option::of(0usize..40), prop::option::of(0usize..40))),
     )
         .prop_map(
             |(
@@ -28,6 +29,7 @@ fn arb_case() -> impl Strategy<Value = Case> {
                 seed,
                 scale,
                 (sigmoid, bias),
+                window,
             )| Case {
                 shape: Shape {
                     batch,
@@ -40,6 +42,7 @@ fn arb_case() -> impl Strategy<Value = Case> {
                 },
                 layout: if bshd { Layout::Bshd } else { Layout::Bhsd },
                 causal: [None, Some(Causal::BottomRight), Some(Causal::TopLeft)][causal],
+                window: window.map(|(left, right)| Window { left, right }),
                 scale,
                 variant: if sigmoid {
                     Variant::Sigmoid { bias }
@@ -84,6 +87,7 @@ fn large_magnitude_logits_conform() {
                 },
                 layout: Layout::Bshd,
                 causal,
+                window: None,
                 scale: Some(1.0),
                 variant,
                 path,

@@ -48,6 +48,15 @@ pub enum CausalAlign {
     TopLeft,
 }
 
+/// Sliding-window (local) attention: query `i` sees keys within `left` before and `right` after
+/// its diagonal key `i + offset` (offset as for the causal mask: `kv_len - q_len`, or 0 with
+/// top-left causal). `None` leaves that side unbounded. FlashAttention's `window_size`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Window {
+    pub left: Option<usize>,
+    pub right: Option<usize>,
+}
+
 /// The attention function.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub enum Variant {
@@ -73,6 +82,7 @@ pub struct Problem {
     /// Multiplier of `q·k`; callers usually pass `1/sqrt(head_dim)`.
     pub scale: f64,
     pub causal: Option<CausalAlign>,
+    pub window: Option<Window>,
     pub variant: Variant,
 }
 
@@ -100,31 +110,61 @@ impl Problem {
         h / (self.q_heads / self.kv_heads)
     }
 
-    /// Whether key `j` is visible to query `i` under the causal option.
-    pub fn is_visible(&self, i: usize, j: usize) -> bool {
+    /// The key on query `i`'s diagonal: `i + kv_len - q_len` (bottom-right), or `i` with
+    /// top-left causal alignment. Causal masks and windows are measured from it.
+    pub fn diagonal(&self, i: usize) -> i64 {
         match self.causal {
-            None => true,
-            Some(CausalAlign::TopLeft) => j <= i,
-            // Written in signed arithmetic: `i + kv_len - q_len` is negative when q_len > kv_len.
-            Some(CausalAlign::BottomRight) => {
-                (j as i64) <= i as i64 + self.kv_len as i64 - self.q_len as i64
-            }
+            Some(CausalAlign::TopLeft) => i as i64,
+            // Signed: negative when q_len > kv_len.
+            _ => i as i64 + self.kv_len as i64 - self.q_len as i64,
         }
+    }
+
+    /// Whether key `j` is visible to query `i` under the causal and window options.
+    pub fn is_visible(&self, i: usize, j: usize) -> bool {
+        let (j, diag) = (j as i64, self.diagonal(i));
+        let causal_ok = self.causal.is_none() || j <= diag;
+        let window_ok = self.window.is_none_or(|w| {
+            w.left.is_none_or(|left| j >= diag - left as i64)
+                && w.right.is_none_or(|right| j <= diag + right as i64)
+        });
+        causal_ok && window_ok
+    }
+
+    /// Query row `i` of (batch `b`, query head `h`). A row's elements are contiguous in both layouts.
+    pub fn q_row<'a, T>(&self, q: &'a [T], b: usize, h: usize, i: usize) -> &'a [T] {
+        let start = self
+            .layout
+            .index(b, h, i, 0, self.q_heads, self.q_len, self.head_dim);
+        &q[start..start + self.head_dim]
+    }
+    /// Key row `j` of (batch `b`, kv head `kh`).
+    pub fn k_row<'a, T>(&self, k: &'a [T], b: usize, kh: usize, j: usize) -> &'a [T] {
+        let start = self
+            .layout
+            .index(b, kh, j, 0, self.kv_heads, self.kv_len, self.head_dim);
+        &k[start..start + self.head_dim]
+    }
+    /// Value row `j` of (batch `b`, kv head `kh`).
+    pub fn v_row<'a, T>(&self, v: &'a [T], b: usize, kh: usize, j: usize) -> &'a [T] {
+        let start = self
+            .layout
+            .index(b, kh, j, 0, self.kv_heads, self.kv_len, self.value_dim);
+        &v[start..start + self.value_dim]
+    }
+    /// Output row `i` of (batch `b`, query head `h`).
+    pub fn o_row_range(&self, b: usize, h: usize, i: usize) -> std::ops::Range<usize> {
+        let start = self
+            .layout
+            .index(b, h, i, 0, self.q_heads, self.q_len, self.value_dim);
+        start..start + self.value_dim
     }
 
     /// The scaled score `scale · q·k` of query `i` of (batch `b`, query head `h`) with key `j`.
     pub fn score(&self, q: &[f64], k: &[f64], b: usize, h: usize, i: usize, j: usize) -> f64 {
-        let kh = self.kv_head_of(h);
-        let dot: f64 = (0..self.head_dim)
-            .map(|d| {
-                q[self
-                    .layout
-                    .index(b, h, i, d, self.q_heads, self.q_len, self.head_dim)]
-                    * k[self
-                        .layout
-                        .index(b, kh, j, d, self.kv_heads, self.kv_len, self.head_dim)]
-            })
-            .sum();
+        let q_row = self.q_row(q, b, h, i);
+        let k_row = self.k_row(k, b, self.kv_head_of(h), j);
+        let dot: f64 = q_row.iter().zip(k_row).map(|(a, b)| a * b).sum();
         self.scale * dot
     }
 
@@ -180,14 +220,11 @@ pub fn sigmoid_forward(p: &Problem, bias: f64, q: &[f64], k: &[f64], v: &[f64]) 
         for h in 0..p.q_heads {
             let kh = p.kv_head_of(h);
             for i in 0..p.q_len {
+                let out = &mut output[p.o_row_range(b, h, i)];
                 for j in (0..p.kv_len).filter(|&j| p.is_visible(i, j)) {
                     let weight = sigmoid(p.score(q, k, b, h, i, j) + bias);
-                    for e in 0..p.value_dim {
-                        output[p.layout.index(b, h, i, e, p.q_heads, p.q_len, p.value_dim)] +=
-                            weight
-                                * v[p
-                                    .layout
-                                    .index(b, kh, j, e, p.kv_heads, p.kv_len, p.value_dim)];
+                    for (o, x) in out.iter_mut().zip(p.v_row(v, b, kh, j)) {
+                        *o += weight * x;
                     }
                 }
             }
@@ -229,18 +266,14 @@ pub fn softmax_forward(p: &Problem, q: &[f64], k: &[f64], v: &[f64]) -> Forward 
                     .fold(f64::NEG_INFINITY, f64::max);
                 let sum: f64 = visible.iter().map(|&j| (logits[j] - max).exp()).sum();
                 lse[(b * p.q_heads + h) * p.q_len + i] = max + sum.ln();
-                for e in 0..p.value_dim {
-                    let acc: f64 = visible
-                        .iter()
-                        .map(|&j| {
-                            (logits[j] - max).exp()
-                                * v[p
-                                    .layout
-                                    .index(b, kh, j, e, p.kv_heads, p.kv_len, p.value_dim)]
-                        })
-                        .sum();
-                    output[p.layout.index(b, h, i, e, p.q_heads, p.q_len, p.value_dim)] = acc / sum;
+                let out = &mut output[p.o_row_range(b, h, i)];
+                for &j in &visible {
+                    let weight = (logits[j] - max).exp();
+                    for (o, x) in out.iter_mut().zip(p.v_row(v, b, kh, j)) {
+                        *o += weight * x;
+                    }
                 }
+                out.iter_mut().for_each(|o| *o /= sum);
             }
         }
     }

@@ -10,18 +10,15 @@ use crate::{Forward, Problem, Variant};
 
 /// `q·k` of query `i` of (batch `b`, query head `h`) with key `j`, accumulated in f32.
 fn dot_f32(p: &Problem, q: &[f32], k: &[f32], b: usize, h: usize, i: usize, j: usize) -> f32 {
-    let kh = p.kv_head_of(h);
+    let k_row = p.k_row(k, b, p.kv_head_of(h), j);
     let mut dot = 0.0f32;
-    for d in 0..p.head_dim {
-        dot += q[p.layout.index(b, h, i, d, p.q_heads, p.q_len, p.head_dim)]
-            * k[p
-                .layout
-                .index(b, kh, j, d, p.kv_heads, p.kv_len, p.head_dim)];
+    for (a, b) in p.q_row(q, b, h, i).iter().zip(k_row) {
+        dot += a * b;
     }
     dot
 }
 
-/// `O[i] = Σ_j P[i, j] V[j]` for one query row, accumulated in f32 and stored.
+/// `O[i] = Σ_j P[i, j] V[j]` for one query row, accumulated in f32 (in key order) and stored.
 #[expect(clippy::too_many_arguments, reason = "one output row's coordinates")]
 fn store_row_f32(
     p: &Problem,
@@ -34,15 +31,14 @@ fn store_row_f32(
     output: &mut [f64],
 ) {
     let kh = p.kv_head_of(h);
-    for e in 0..p.value_dim {
-        let mut acc = 0.0f32;
-        for (j, &pj) in probs.iter().enumerate() {
-            acc += pj
-                * v[p
-                    .layout
-                    .index(b, kh, j, e, p.kv_heads, p.kv_len, p.value_dim)];
+    let mut acc = vec![0.0f32; p.value_dim];
+    for (j, &pj) in probs.iter().enumerate() {
+        for (a, x) in acc.iter_mut().zip(p.v_row(v, b, kh, j)) {
+            *a += pj * x;
         }
-        output[p.layout.index(b, h, i, e, p.q_heads, p.q_len, p.value_dim)] = f64::from(store(acc));
+    }
+    for (o, a) in output[p.o_row_range(b, h, i)].iter_mut().zip(acc) {
+        *o = f64::from(store(a));
     }
 }
 

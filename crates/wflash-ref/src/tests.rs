@@ -15,6 +15,7 @@ fn problem(q_len: usize, kv_len: usize, causal: Option<CausalAlign>) -> Problem 
         layout: Layout::Bhsd,
         scale: 1.0,
         causal,
+        window: None,
         variant: Variant::Softmax,
     }
 }
@@ -132,6 +133,7 @@ fn arb_problem() -> impl Strategy<Value = Problem> {
                     Some(CausalAlign::BottomRight),
                     Some(CausalAlign::TopLeft),
                 ][causal],
+                window: None,
                 variant: Variant::Softmax,
             },
         )
@@ -236,4 +238,40 @@ fn sigmoid_attention_worked_by_hand() {
     p.causal = Some(CausalAlign::TopLeft);
     let out = forward(&p, &[1.0], &[0.0, 2.0], &[10.0, 20.0]);
     assert!((out.output[0] - sigmoid(-1.0) * 10.0).abs() < 1e-12);
+}
+
+#[test]
+fn window_mask_worked_by_hand() {
+    // q_len 3, kv_len 5: diagonals (bottom-right) are keys 2, 3, 4. Window left 1, right 0:
+    // each query sees its diagonal key and the one before.
+    let mut p = problem(3, 5, None);
+    p.window = Some(Window {
+        left: Some(1),
+        right: Some(0),
+    });
+    let seen: Vec<Vec<usize>> = (0..3)
+        .map(|i| (0..5).filter(|&j| p.is_visible(i, j)).collect())
+        .collect();
+    assert_eq!(seen, vec![vec![1, 2], vec![2, 3], vec![3, 4]]);
+    // Right 1 with top-left causal: causal wins on the right, the window bounds the left.
+    p.causal = Some(CausalAlign::TopLeft);
+    p.window = Some(Window {
+        left: Some(1),
+        right: Some(1),
+    });
+    let seen: Vec<Vec<usize>> = (0..3)
+        .map(|i| (0..5).filter(|&j| p.is_visible(i, j)).collect())
+        .collect();
+    assert_eq!(seen, vec![vec![0], vec![0, 1], vec![1, 2]]);
+    // A window left of every key (q_len > kv_len pushes diagonals negative) hides everything.
+    let mut p = problem(4, 2, None);
+    p.window = Some(Window {
+        left: Some(0),
+        right: Some(0),
+    });
+    assert!((0..2).all(|j| !p.is_visible(0, j) && !p.is_visible(1, j)));
+    let out = forward(&p, &[1.0; 4], &[1.0; 2], &[3.0; 2]);
+    assert_eq!(out.output[0], 0.0);
+    assert_eq!(out.lse[0], f64::NEG_INFINITY);
+    assert_eq!(out.output[2], 3.0); // query 2's diagonal is key 0
 }

@@ -22,14 +22,18 @@ pub struct FlashParams {
     pub k_stride: [u32; 4],
     pub v_stride: [u32; 4],
     pub o_stride: [u32; 4],
-    pub causal_offset: i32,
+    /// Query i's diagonal key is `i + diag_offset`; causal masks and windows are measured from it.
+    pub diag_offset: i32,
     /// What Q is multiplied by: `scale · log2 e` (softmax) or `scale` (sigmoid).
     pub q_scale: f32,
     /// Unrolled family: packed K/V rows per (batch, kv head), and packed rows per texture line.
     pub tex_rows_per_head: u32,
     pub tex_fold: u32,
     pub sigmoid_bias: f32,
-    pub _pad: [u32; 3],
+    /// Window bounds left/right of the diagonal; -1 for unbounded.
+    pub window_left: i32,
+    pub window_right: i32,
+    pub _pad: u32,
 }
 
 /// The uniform block of `pack_rows.wgsl` (`struct PackParams`).
@@ -572,12 +576,16 @@ pub(crate) fn flash_params(
         let [b, h, s] = layout.strides(heads, seq, dim);
         [b as u32, h as u32, s as u32, 1]
     };
-    let causal_offset = match opts.causal {
-        Some(Causal::BottomRight) => shape.kv_len as i64 - shape.q_len as i64,
-        Some(Causal::TopLeft) | None => 0,
+    let diag_offset = match opts.causal {
+        Some(Causal::TopLeft) => 0,
+        Some(Causal::BottomRight) | None => shape.kv_len as i64 - shape.q_len as i64,
     };
-    // Offsets beyond ±2^31 mean "every key" or "no key"; clamping keeps that meaning.
-    let causal_offset = causal_offset.clamp(-(1 << 31) + 1, (1 << 31) - 1) as i32;
+    // Offsets and windows are clamped to ±2^30 so the kernel's i32 sums cannot overflow; a
+    // bound that far out already means "every key" or "no key" for any problem that fits.
+    const FAR: i64 = 1 << 30;
+    let diag_offset = diag_offset.clamp(-FAR, FAR) as i32;
+    let side = |bound: Option<usize>| bound.map_or(-1, |b| (b as i64).min(FAR) as i32);
+    let window = opts.window.unwrap_or_default();
     Ok(FlashParams {
         q_heads: shape.q_heads as u32,
         kv_heads: shape.kv_heads as u32,
@@ -587,7 +595,7 @@ pub(crate) fn flash_params(
         k_stride: stride(shape.kv_heads, shape.kv_len, shape.head_dim),
         v_stride: stride(shape.kv_heads, shape.kv_len, shape.value_dim),
         o_stride: stride(shape.q_heads, shape.q_len, shape.value_dim),
-        causal_offset,
+        diag_offset,
         q_scale: match opts.variant {
             Variant::Softmax => opts.resolved_scale(shape)? * std::f32::consts::LOG2_E,
             Variant::Sigmoid { .. } => opts.resolved_scale(shape)?,
@@ -595,6 +603,8 @@ pub(crate) fn flash_params(
         tex_rows_per_head: 0,
         tex_fold: 0,
         sigmoid_bias: opts.resolved_sigmoid_bias(shape)?,
-        _pad: [0; 3],
+        window_left: side(window.left),
+        window_right: side(window.right),
+        _pad: 0,
     })
 }

@@ -42,6 +42,7 @@ pub use kernel::Family;
 pub use tensor::Tensor;
 pub use types::{
     Attention, AttentionOptions, Causal, DType, Element, Layout, MAX_HEAD_DIM, Shape, Variant,
+    Window,
 };
 
 pub use half;

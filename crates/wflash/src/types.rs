@@ -134,6 +134,27 @@ pub enum Variant {
     Sigmoid { bias: Option<f32> },
 }
 
+/// Sliding-window (local) attention, FlashAttention's `window_size`: query `i` sees the keys
+/// from `left` before to `right` after its diagonal key `i + kv_len - q_len` (bottom-right; `i`
+/// when the causal mask is top-left). `None` leaves a side unbounded. With a causal mask the
+/// right side is the causal bound already (`right: Some(0)` changes nothing). Key tiles outside
+/// every row's window are skipped, so the cost is O(N · window), not O(N²).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Window {
+    pub left: Option<usize>,
+    pub right: Option<usize>,
+}
+
+impl Window {
+    /// The `size` keys ending at the diagonal (Mistral / Gemma local attention): left `size - 1`, right 0.
+    pub fn trailing(size: usize) -> Window {
+        Window {
+            left: Some(size.saturating_sub(1)),
+            right: Some(0),
+        }
+    }
+}
+
 /// Options of an attention call. `Default` is non-causal softmax with `scale = 1/sqrt(head_dim)`.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct AttentionOptions {
@@ -142,6 +163,8 @@ pub struct AttentionOptions {
     pub scale: Option<f32>,
     /// `None` for full attention.
     pub causal: Option<Causal>,
+    /// `None` for no window.
+    pub window: Option<Window>,
 }
 
 impl AttentionOptions {
@@ -164,6 +187,10 @@ impl AttentionOptions {
     }
     pub fn with_causal(mut self, causal: Causal) -> Self {
         self.causal = Some(causal);
+        self
+    }
+    pub fn with_window(mut self, window: Window) -> Self {
+        self.window = Some(window);
         self
     }
     pub fn with_scale(mut self, scale: f32) -> Self {

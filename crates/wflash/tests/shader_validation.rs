@@ -167,11 +167,13 @@ fn params_struct_matches_wgsl_layout() {
         ("k_stride", 32),
         ("v_stride", 48),
         ("o_stride", 64),
-        ("causal_offset", 80),
+        ("diag_offset", 80),
         ("q_scale", 84),
         ("tex_rows_per_head", 88),
         ("tex_fold", 92),
         ("sigmoid_bias", 96),
+        ("window_left", 100),
+        ("window_right", 104),
     ];
     for (name, offset) in expected {
         let found = offsets
@@ -190,15 +192,17 @@ fn params_struct_matches_wgsl_layout() {
         k_stride: [0; 4],
         v_stride: [0; 4],
         o_stride: [0; 4],
-        causal_offset: 0,
+        diag_offset: 0,
         q_scale: 0.0,
         tex_rows_per_head: 0,
         tex_fold: 0,
         sigmoid_bias: 0.0,
-        _pad: [0; 3],
+        window_left: 0,
+        window_right: 0,
+        _pad: 0,
     };
     let base = &p as *const _ as usize;
-    assert_eq!(&p.causal_offset as *const _ as usize - base, 80);
+    assert_eq!(&p.diag_offset as *const _ as usize - base, 80);
     assert_eq!(&p.q_scale as *const _ as usize - base, 84);
     assert_eq!(&p.sigmoid_bias as *const _ as usize - base, 96);
     assert_eq!(&p.o_stride as *const _ as usize - base, 64);
