@@ -17,7 +17,8 @@ use rand::{Rng, SeedableRng};
 use rand_distr::StandardNormal;
 use serde::{Deserialize, Serialize};
 use wflash::{
-    AttentionOptions, Causal, DType, Element, Engine, EngineOptions, Layout, Shape, Window, wgpu,
+    AttentionOptions, Causal, DType, Element, Engine, EngineOptions, F16Path, Layout, Shape,
+    Window, wgpu,
 };
 use wflash_ref::{CausalAlign, Problem};
 
@@ -44,6 +45,17 @@ struct Args {
     /// Compare with the records of an earlier `--json` file; flags cases more than 10% slower.
     #[arg(long, value_name = "PATH")]
     baseline: Option<PathBuf>,
+    /// How f16 tensors travel: `auto` (native where the adapter has SHADER_F16), `packed` (u32
+    /// words, as on adapters without it) or `native` (fail where unsupported).
+    #[arg(long, value_name = "PATH", default_value = "auto")]
+    f16_path: F16PathArg,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum F16PathArg {
+    Auto,
+    Packed,
+    Native,
 }
 
 /// One measurement: the JSON record of DESIGN.md's benchmark contract.
@@ -509,7 +521,15 @@ fn compare_baseline(records: &[Record], path: &PathBuf) -> Result<usize, String>
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    let engine = match Engine::new_blocking(EngineOptions::default()) {
+    let f16_path = match args.f16_path {
+        F16PathArg::Auto => F16Path::Auto,
+        F16PathArg::Packed => F16Path::Packed,
+        F16PathArg::Native => F16Path::RequireNative,
+    };
+    let engine = match Engine::new_blocking(EngineOptions {
+        f16_path,
+        ..EngineOptions::default()
+    }) {
         Ok(engine) => engine,
         Err(err) => {
             eprintln!("wflash-bench: no usable GPU adapter: {err}");
