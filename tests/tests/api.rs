@@ -537,3 +537,39 @@ fn long_key_sequences_are_exact_or_refused_on_cpu_drivers() {
         }
     }
 }
+
+#[test]
+fn the_same_call_twice_is_bitwise_identical() {
+    if engine(Path::F32).is_none() {
+        return;
+    }
+    let s = Shape {
+        batch: 2,
+        q_heads: 4,
+        kv_heads: 2,
+        q_len: 70,
+        kv_len: 90,
+        head_dim: 40,
+        value_dim: 24,
+    };
+    let (q, k, v) = inputs(&s);
+    let opts = AttentionOptions::softmax()
+        .with_causal(Causal::BottomRight)
+        .with_window(wflash::Window::trailing(33));
+    for family in [Family::Unrolled, Family::Tiled] {
+        let engine = wflash_conformance::engine_with(Path::F32, Some(family)).unwrap();
+        let run = || {
+            engine
+                .attention_blocking(&s, Layout::Bshd, &opts, &q, &k, &v)
+                .unwrap()
+        };
+        let (a, b) = (run(), run());
+        let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<u32>>();
+        assert_eq!(bits(&a.output), bits(&b.output), "{family:?} output");
+        assert_eq!(
+            bits(a.lse.as_deref().unwrap()),
+            bits(b.lse.as_deref().unwrap()),
+            "{family:?} lse"
+        );
+    }
+}
