@@ -20,7 +20,7 @@ use wflash::{
     AttentionOptions, Causal, DType, Element, Engine, EngineOptions, F16Path, Layout, Shape,
     Window, wgpu,
 };
-use wflash_ref::{CausalAlign, Problem};
+use wflash_ref::Problem;
 
 use naive::{Naive, NaiveShape};
 
@@ -143,30 +143,7 @@ impl Case {
         }
     }
     fn problem(&self) -> Problem {
-        let shape = self.shape();
-        Problem {
-            batch: shape.batch,
-            q_heads: shape.q_heads,
-            kv_heads: shape.kv_heads,
-            q_len: shape.q_len,
-            kv_len: shape.kv_len,
-            head_dim: shape.head_dim,
-            value_dim: shape.value_dim,
-            layout: wflash_ref::Layout::Bhsd,
-            scale: 1.0 / (shape.head_dim as f64).sqrt(),
-            causal: self.causal.then_some(CausalAlign::BottomRight),
-            window: self.window.map(|size| wflash_ref::Window {
-                left: Some(size - 1),
-                right: Some(0),
-            }),
-            variant: if self.sigmoid {
-                wflash_ref::Variant::Sigmoid {
-                    bias: f64::from(-(shape.kv_len as f32).ln()),
-                }
-            } else {
-                wflash_ref::Variant::Softmax
-            },
-        }
+        wflash_conformance::reference_problem(&self.shape(), Layout::Bhsd, &self.options())
     }
     fn seed(&self) -> u64 {
         let dtype = match self.dtype {

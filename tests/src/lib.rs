@@ -139,37 +139,38 @@ pub struct Outcome {
     pub ratio: f64,
 }
 
+/// The reference problem of a case.
 pub fn problem(case: &Case) -> Problem {
-    let s = &case.shape;
+    reference_problem(&case.shape, case.layout, &case.options())
+}
+
+/// The `wflash-ref` problem that an engine call with these arguments computes: the scale and
+/// the sigmoid bias exactly as the engine resolves them (in f32). Invalid options give NaN.
+pub fn reference_problem(shape: &Shape, layout: Layout, opts: &AttentionOptions) -> Problem {
     Problem {
-        batch: s.batch,
-        q_heads: s.q_heads,
-        kv_heads: s.kv_heads,
-        q_len: s.q_len,
-        kv_len: s.kv_len,
-        head_dim: s.head_dim,
-        value_dim: s.value_dim,
-        layout: match case.layout {
+        batch: shape.batch,
+        q_heads: shape.q_heads,
+        kv_heads: shape.kv_heads,
+        q_len: shape.q_len,
+        kv_len: shape.kv_len,
+        head_dim: shape.head_dim,
+        value_dim: shape.value_dim,
+        layout: match layout {
             Layout::Bhsd => wflash_ref::Layout::Bhsd,
             Layout::Bshd => wflash_ref::Layout::Bshd,
         },
-        scale: f64::from(case.scale.unwrap_or(1.0 / (s.head_dim as f32).sqrt())),
-        causal: case.causal.map(|c| match c {
+        scale: f64::from(opts.resolved_scale(shape).unwrap_or(f32::NAN)),
+        causal: opts.causal.map(|c| match c {
             Causal::BottomRight => CausalAlign::BottomRight,
             Causal::TopLeft => CausalAlign::TopLeft,
         }),
-        window: case.window.map(|w| wflash_ref::Window {
+        window: opts.window.map(|w| wflash_ref::Window {
             left: w.left,
             right: w.right,
         }),
-        variant: match case.variant {
+        variant: match opts.variant {
             Variant::Sigmoid { .. } => wflash_ref::Variant::Sigmoid {
-                // Exactly the f32 bias the engine resolves.
-                bias: f64::from(
-                    case.options()
-                        .resolved_sigmoid_bias(&case.shape)
-                        .unwrap_or(f32::NAN),
-                ),
+                bias: f64::from(opts.resolved_sigmoid_bias(shape).unwrap_or(f32::NAN)),
             },
             _ => wflash_ref::Variant::Softmax,
         },
