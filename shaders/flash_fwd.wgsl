@@ -12,7 +12,10 @@
 // log2 units: Q is pre-multiplied by scale·log2(e) so each probability is one exp2. The output
 // is divided by the row sum once, at the end, and the natural-log LSE of every row is written.
 //
-// Dispatch: (ceil(q_len / BLOCK_M) · value_slices, q_heads, batch).
+// Score modifiers go through modified_score (flash_common.wgsl); the bias and key mask are
+// read from textures (`bias4` / `key_mask4`, zeros when absent).
+//
+// Dispatch: (ceil(longest q_len / BLOCK_M) · value_slices, q_heads, batch elements or sequences).
 //
 // Bindings (group 0):
 //   0 params  uniform Params
@@ -56,6 +59,8 @@ var<workgroup> v_tile: array<vec4<f32>, BLOCK_N * SLICE_VEC4>;
 const CHUNK_VEC4: u32 = 16u;
 // Output accumulators, column-major so the invocations of a row block touch adjacent words.
 var<workgroup> acc: array<f32, VALUE_SLICE * BLOCK_M>;
+// This workgroup's sequence, read once and made uniform for the barriers in the key loop.
+var<workgroup> wg_seq: Sequence;
 
 
 @compute @workgroup_size(BLOCK_M)
@@ -69,31 +74,45 @@ fn flash_fwd(
     let v_len = min(VALUE_SLICE, VALUE_DIM - v0);
     let head = wg.y;
     let batch = wg.z;
+    if lid == 0u {
+        wg_seq = sequences[batch];
+    }
+    let seq = workgroupUniformLoad(&wg_seq);
     let kv_head = head / (params.q_heads / params.kv_heads);
     let block_row0 = query_tile * BLOCK_M;
     let row = block_row0 + lid;
-    let row_valid = row < params.q_len;
+    let row_valid = row < seq.q_len;
 
-    let q_base = batch * params.q_stride.x + head * params.q_stride.y + row * params.q_stride.z;
-    let k_base = batch * params.k_stride.x + kv_head * params.k_stride.y;
-    let v_base = batch * params.v_stride.x + kv_head * params.v_stride.y + v0;
+    let q_base = batch * params.q_stride.x + head * params.q_stride.y + (seq.q_offset + row) * params.q_stride.z;
+    let k_base = batch * params.k_stride.x + kv_head * params.k_stride.y + seq.kv_offset * params.k_stride.z;
+    let v_base = batch * params.v_stride.x + kv_head * params.v_stride.y + seq.kv_offset * params.v_stride.z + v0;
+    let q_scale = select(0.0, row_q_scale(row_index(seq, batch, head, row)), row_valid);
+    let slope = alibi_slope(head);
+    let diag = i32(row) + seq.diag_offset;
+    let bias_row = batch * params.bias_batch_rows + head * params.bias_head_rows + row;
 
     // When the whole query row fits in one chunk it is loaded once, else chunk by chunk per tile.
     var q: array<vec4<f32>, CHUNK_VEC4>;
     if HEAD_VEC4 <= CHUNK_VEC4 {
-        q = load_q_chunk(row_valid, q_base, 0u);
+        q = load_q_chunk(row_valid, q_base, 0u, q_scale);
     }
     var acc: array<vec4<f32>, CHUNK_VEC4>;
-    var row_max = NO_MAX;
-    var row_sum = 0.0;
+    let start = softmax_start(head);
+    var row_max = start.x;
+    var row_sum = start.y;
 
     // Keys outside [kv_begin, kv_end) are invisible to every row of this block (causal mask,
-    // window): their tiles are never loaded. Visible ranges only move right as rows grow.
-    let last_row = min(block_row0 + BLOCK_M, params.q_len) - 1u;
-    let kv_begin = visible_keys(block_row0).x / BLOCK_N * BLOCK_N;
-    let kv_end = visible_keys(last_row).y;
+    // window, key mask span): their tiles are never loaded. Visible ranges only move right as
+    // rows grow. A block past the sequence's rows loads nothing.
+    var kv_begin = 0u;
+    var kv_end = 0u;
+    if block_row0 < seq.q_len {
+        let last_row = min(block_row0 + BLOCK_M, seq.q_len) - 1u;
+        kv_begin = visible_keys(seq, block_row0).x / BLOCK_N * BLOCK_N;
+        kv_end = visible_keys(seq, last_row).y;
+    }
     // This row's own visible keys, for the per-element mask.
-    let row_keys = visible_keys(row);
+    let row_keys = select(vec2<u32>(0u), visible_keys(seq, row), row_valid);
 
     var s: array<f32, BLOCK_N>;
     for (var key0 = kv_begin; key0 < kv_end; key0 += BLOCK_N) {
@@ -103,12 +122,12 @@ fn flash_fwd(
         for (var i = lid; i < BLOCK_N * HEAD_VEC4; i += BLOCK_M) {
             let key = key0 + i / HEAD_VEC4;
             let d = (i % HEAD_VEC4) * 4u;
-            k_tile[i] = load_row4(key < params.kv_len, k_base + key * params.k_stride.z, d, HEAD_DIM, 0u);
+            k_tile[i] = load_row4(key < seq.kv_len, k_base + key * params.k_stride.z, d, HEAD_DIM, 0u);
         }
         for (var i = lid; i < BLOCK_N * SLICE_VEC4; i += BLOCK_M) {
             let key = key0 + i / SLICE_VEC4;
             let e = (i % SLICE_VEC4) * 4u;
-            v_tile[i] = load_row4(key < params.kv_len, v_base + key * params.v_stride.z, e, v_len, 1u);
+            v_tile[i] = load_row4(key < seq.kv_len, v_base + key * params.v_stride.z, e, v_len, 1u);
         }
         workgroupBarrier();
 
@@ -118,7 +137,7 @@ fn flash_fwd(
         }
         for (var c0 = 0u; c0 < HEAD_VEC4; c0 += CHUNK_VEC4) {
             if HEAD_VEC4 > CHUNK_VEC4 {
-                q = load_q_chunk(row_valid, q_base, c0 * 4u);
+                q = load_q_chunk(row_valid, q_base, c0 * 4u, q_scale);
             }
             for (var j = 0u; j < BLOCK_N; j++) {
                 var dot = vec4<f32>(0.0);
@@ -130,10 +149,13 @@ fn flash_fwd(
                 s[j] += (dot.x + dot.y) + (dot.z + dot.w);
             }
         }
-        // Invisible keys get NO_MAX and are excluded below.
+        // Modifiers; invisible keys get NO_MAX and are excluded below.
         var tile_max = NO_MAX;
         for (var j = 0u; j < BLOCK_N; j++) {
-            s[j] = select(NO_MAX, s[j], key0 + j >= row_keys.x && key0 + j < row_keys.y);
+            let key = key0 + j;
+            let additive = key_mask4(batch, key & ~3u)[key & 3u] + bias4(bias_row, key & ~3u)[key & 3u];
+            let x = modified_score(s[j], key, diag, slope, additive);
+            s[j] = select(NO_MAX, x, key >= row_keys.x && key < row_keys.y);
             tile_max = max(tile_max, s[j]);
         }
 
@@ -147,7 +169,7 @@ fn flash_fwd(
             acc[c] *= alpha;
         }
         for (var j = 0u; j < BLOCK_N; j++) {
-            let p = select(0.0, weight(s[j], new_max), s[j] > NO_MAX);
+            let p = select(0.0, weight(s[j], new_max, seq.sigmoid_bias), s[j] > NO_MAX);
             row_sum += p;
             for (var c = 0u; c < CHUNK_VEC4; c++) {
                 if c < SLICE_VEC4 {
@@ -162,7 +184,7 @@ fn flash_fwd(
     if row_valid {
         let seen = row_sum > 0.0;
         let inv_sum = select(select(0.0, 1.0 / row_sum, seen), 1.0, SIGMOID);
-        let o_base = batch * params.o_stride.x + head * params.o_stride.y + row * params.o_stride.z + v0;
+        let o_base = batch * params.o_stride.x + head * params.o_stride.y + (seq.q_offset + row) * params.o_stride.z + v0;
         for (var c = 0u; c < CHUNK_VEC4; c++) {
             let out = acc[c] * inv_sum;
             for (var k = 0u; k < 4u; k++) {
@@ -172,8 +194,7 @@ fn flash_fwd(
             }
         }
         if v0 == 0u && !SIGMOID {
-            let lse_index = (batch * params.q_heads + head) * params.q_len + row;
-            lse_buf[lse_index] = select(bitcast<f32>(0xff800000u), (row_max + log2(row_sum)) * LN_2, seen);
+            lse_buf[row_index(seq, batch, head, row)] = select(bitcast<f32>(0xff800000u), (row_max + log2(row_sum)) * LN_2, seen);
         }
     }
 }
@@ -192,15 +213,15 @@ fn load_row4(valid: bool, base: u32, start: u32, len: u32, tensor: u32) -> vec4<
     return x;
 }
 
-// CHUNK_VEC4 vec4 steps of this invocation's query row from element `start`, scaled to base-2 logits.
-fn load_q_chunk(valid: bool, base: u32, start: u32) -> array<vec4<f32>, CHUNK_VEC4> {
+// CHUNK_VEC4 vec4 steps of this invocation's query row from element `start`, times `scale`.
+fn load_q_chunk(valid: bool, base: u32, start: u32, scale: f32) -> array<vec4<f32>, CHUNK_VEC4> {
     var q: array<vec4<f32>, CHUNK_VEC4>;
     if valid {
         for (var c = 0u; c < CHUNK_VEC4; c++) {
             for (var k = 0u; k < 4u; k++) {
                 let d = start + c * 4u + k;
                 if d < HEAD_DIM {
-                    q[c][k] = load_q(base + d) * params.q_scale;
+                    q[c][k] = load_q(base + d) * scale;
                 }
             }
         }

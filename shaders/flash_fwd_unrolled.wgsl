@@ -16,13 +16,16 @@
 //     0u, 1u, ... (kernel.rs, `expand_unrolls`). Only the loop over key tiles remains.
 // Softmax is FlashAttention-2's: base-2 logits (Q pre-scaled by scale·log2 e), a running max
 // and sum per row, one division at the end, natural-log LSE per row. Sigmoid (SIGMOID) weighs
-// each visible score by σ(s + b) and sums; no max, no division, no LSE.
+// each visible score by σ(s + b) and sums; no max, no division, no LSE. Score modifiers go
+// through modified_score (flash_common.wgsl); the bias and key mask arrive as textures, one
+// texel per row per step of KEYS = 4 keys.
 //
 // The host prelude defines: ROWS, KEYS, D4 (= ceil(HEAD_DIM / 4)), DV4, HEAD_DIM, VALUE_DIM,
-// CAUSAL, SIGMOID, the storage bindings 1 (`q_buf`) and 4 (`o_buf`) with `load_q` / `store_o`,
-// and from flash_common.wgsl `struct Params` with its binding 0 and `weight()`.
+// CAUSAL, SIGMOID, SOFTCAP, ALIBI, BIAS, KEY_MASK, the storage bindings 1 (`q_buf`) and 4
+// (`o_buf`) with `load_q` / `store_o`, and `bias4` / `key_mask4` (texel readers, or zeros);
+// flash_common.wgsl brings `struct Params`, the sequences and `modified_score` / `weight`.
 //
-// Dispatch: (ceil(q_len / (LANES · ROWS)), q_heads, batch).
+// Dispatch: (ceil(longest q_len / (LANES · ROWS)), q_heads, batch elements or sequences).
 
 @group(0) @binding(2) var k_tex: texture_2d<f32>;
 @group(0) @binding(3) var v_tex: texture_2d<f32>;
@@ -37,39 +40,52 @@ fn flash_fwd(
 ) {
     let head = wg.y;
     let batch = wg.z;
-    let kv_head = head / (params.q_heads / params.kv_heads);
+    let seq = sequences[batch];
     let block_row0 = wg.x * (LANES * ROWS);
-    let kv_row0 = (batch * params.kv_heads + kv_head) * params.tex_rows_per_head;
+    if block_row0 >= seq.q_len {
+        return; // past this sequence's rows (varlen: sequences are shorter than the longest)
+    }
+    let kv_head = head / (params.q_heads / params.kv_heads);
+    let kv_row0 = batch * params.tex_rows_per_batch + kv_head * params.tex_rows_per_head + seq.kv_offset;
+    let slope = alibi_slope(head);
+    let start = softmax_start(head);
 
     var q: array<vec4<f32>, ROWS * D4>;
     var o: array<vec4<f32>, ROWS * DV4>;
     var row_max: array<f32, ROWS>;
     var row_sum: array<f32, ROWS>;
-    // Each row's visible keys are [row_keys.x, row_keys.y).
+    // Each row's visible keys are [row_keys.x, row_keys.y); its diagonal key is row_diag.
     var row_keys: array<vec2<u32>, ROWS>;
+    var row_diag: array<i32, ROWS>;
+    // Each row's first texel row in the bias texture.
+    var bias_row: array<u32, ROWS>;
 
 //#unroll r ROWS
     {
         let row = block_row0 + {r} * LANES + lane;
-        let valid = row < params.q_len;
-        let base = batch * params.q_stride.x + head * params.q_stride.y + row * params.q_stride.z;
+        let valid = row < seq.q_len;
+        let at = seq.q_offset + row;
+        let base = batch * params.q_stride.x + head * params.q_stride.y + at * params.q_stride.z;
+        let scale = select(0.0, row_q_scale(row_index(seq, batch, head, row)), valid);
 //#unroll d D4
-        q[{r} * D4 + {d}] = load_q4(valid, base, {d} * 4u) * params.q_scale;
+        q[{r} * D4 + {d}] = load_q4(valid, base, {d} * 4u) * scale;
 //#end
 //#unroll e DV4
         o[{r} * DV4 + {e}] = vec4<f32>(0.0);
 //#end
-        row_max[{r}] = NO_MAX;
-        row_sum[{r}] = 0.0;
-        row_keys[{r}] = select(vec2<u32>(0u), visible_keys(row), valid);
+        row_max[{r}] = start.x;
+        row_sum[{r}] = start.y;
+        row_keys[{r}] = select(vec2<u32>(0u), visible_keys(seq, row), valid);
+        row_diag[{r}] = i32(row) + seq.diag_offset;
+        bias_row[{r}] = batch * params.bias_batch_rows + head * params.bias_head_rows + row;
     }
 //#end
 
     // Keys outside [kv_begin, kv_end) are invisible to every row of the block (causal mask,
-    // window): never fetched. Visible ranges only move right as rows grow.
-    let last_row = min(block_row0 + LANES * ROWS, params.q_len) - 1u;
-    let kv_begin = visible_keys(block_row0).x / KEYS * KEYS;
-    let kv_end = visible_keys(last_row).y;
+    // window, key mask span): never fetched. Visible ranges only move right as rows grow.
+    let last_row = min(block_row0 + LANES * ROWS, seq.q_len) - 1u;
+    let kv_begin = visible_keys(seq, block_row0).x / KEYS * KEYS;
+    let kv_end = visible_keys(seq, last_row).y;
 
     var k: array<vec4<f32>, KEYS * D4>;
     var v: array<vec4<f32>, KEYS * DV4>;
@@ -86,20 +102,26 @@ fn flash_fwd(
         }
 //#end
 
-        // Base-2 logits; invisible keys get NO_MAX.
+        // Logits after the modifiers; invisible keys get NO_MAX. The key mask is one texel
+        // for the block, the bias one texel per row (both zeros when absent).
+        let mask = key_mask4(batch, key0);
 //#unroll r ROWS
-//#unroll j KEYS
         {
-            var dot = 0.0;
+            let additive = mask + bias4(bias_row[{r}], key0);
+//#unroll j KEYS
+            {
+                var dot = 0.0;
 //#unroll d D4
-            dot = fma(q[{r} * D4 + {d}].x, k[{j} * D4 + {d}].x, dot);
-            dot = fma(q[{r} * D4 + {d}].y, k[{j} * D4 + {d}].y, dot);
-            dot = fma(q[{r} * D4 + {d}].z, k[{j} * D4 + {d}].z, dot);
-            dot = fma(q[{r} * D4 + {d}].w, k[{j} * D4 + {d}].w, dot);
+                dot = fma(q[{r} * D4 + {d}].x, k[{j} * D4 + {d}].x, dot);
+                dot = fma(q[{r} * D4 + {d}].y, k[{j} * D4 + {d}].y, dot);
+                dot = fma(q[{r} * D4 + {d}].z, k[{j} * D4 + {d}].z, dot);
+                dot = fma(q[{r} * D4 + {d}].w, k[{j} * D4 + {d}].w, dot);
 //#end
-            s[{r} * KEYS + {j}] = select(NO_MAX, dot, key0 + {j} >= row_keys[{r}].x && key0 + {j} < row_keys[{r}].y);
+                let x = modified_score(dot, key0 + {j}, row_diag[{r}], slope, additive[{j}]);
+                s[{r} * KEYS + {j}] = select(NO_MAX, x, key0 + {j} >= row_keys[{r}].x && key0 + {j} < row_keys[{r}].y);
+            }
+//#end
         }
-//#end
 //#end
 
         // Online softmax: new running max, rescale factor, weights (in place of s).
@@ -114,7 +136,7 @@ fn flash_fwd(
             row_max[{r}] = new_max;
             var sum = row_sum[{r}] * alpha[{r}];
 //#unroll j KEYS
-            s[{r} * KEYS + {j}] = select(0.0, weight(s[{r} * KEYS + {j}], new_max), s[{r} * KEYS + {j}] > NO_MAX);
+            s[{r} * KEYS + {j}] = select(0.0, weight(s[{r} * KEYS + {j}], new_max, seq.sigmoid_bias), s[{r} * KEYS + {j}] > NO_MAX);
             sum += s[{r} * KEYS + {j}];
 //#end
             row_sum[{r}] = sum;
@@ -143,21 +165,20 @@ fn flash_fwd(
 //#end
     }
 
-    // The only division, once per row (softmax). A row that saw no key has row_sum 0: O = 0,
-    // LSE = -inf. Sigmoid is unnormalised and has no LSE.
+    // The only division, once per row (softmax). A row that saw no key (and no sink) has
+    // row_sum 0: O = 0, LSE = -inf. Sigmoid is unnormalised and has no LSE.
 //#unroll r ROWS
     {
         let row = block_row0 + {r} * LANES + lane;
-        if row < params.q_len {
+        if row < seq.q_len {
             let seen = row_sum[{r}] > 0.0;
             let inv_sum = select(select(0.0, 1.0 / row_sum[{r}], seen), 1.0, SIGMOID);
-            let base = batch * params.o_stride.x + head * params.o_stride.y + row * params.o_stride.z;
+            let base = batch * params.o_stride.x + head * params.o_stride.y + (seq.q_offset + row) * params.o_stride.z;
 //#unroll e DV4
             store_o4(base, {e} * 4u, o[{r} * DV4 + {e}] * inv_sum);
 //#end
             if !SIGMOID {
-                let lse_index = (batch * params.q_heads + head) * params.q_len + row;
-                lse_buf[lse_index] = select(bitcast<f32>(0xff800000u), (row_max[{r}] + log2(row_sum[{r}])) * LN_2, seen);
+                lse_buf[row_index(seq, batch, head, row)] = select(bitcast<f32>(0xff800000u), (row_max[{r}] + log2(row_sum[{r}])) * LN_2, seen);
             }
         }
     }

@@ -17,9 +17,10 @@ use rand::{Rng, SeedableRng};
 use rand_distr::StandardNormal;
 use serde::{Deserialize, Serialize};
 use wflash::{
-    AttentionOptions, Causal, DType, Element, Engine, EngineOptions, F16Path, Layout, Shape,
-    Window, wgpu,
+    AttentionOptions, Bias, Causal, DType, Element, Engine, EngineOptions, F16Path, Layout, Shape,
+    Varlen, Window, wgpu,
 };
+use wflash_conformance::ModData;
 use wflash_ref::Problem;
 
 use naive::{Naive, NaiveShape};
@@ -94,6 +95,49 @@ struct Case {
     sigmoid: bool,
     /// A trailing window of this many keys ([`Window::trailing`]).
     window: Option<usize>,
+    modifier: Option<Modifier>,
+}
+
+/// One score modifier, as a model would use it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Modifier {
+    /// Gemma 2's attention soft-cap, 50.
+    Softcap,
+    /// ALiBi with the standard slopes.
+    Alibi,
+    /// A dense f32 bias shared by all heads, `[1, 1, N, N]` (e.g. a relative-position bias).
+    Bias,
+    /// The last quarter of the keys is padding.
+    KeyMask,
+    /// A sink logit per head.
+    Sinks,
+    /// A per-query inverse temperature in [0.5, 2).
+    Temperature,
+    /// Four packed sequences of N/4 (compare with one of N: a quarter of the pairs).
+    Varlen,
+}
+
+impl Modifier {
+    const ALL: [Modifier; 7] = [
+        Modifier::Softcap,
+        Modifier::Alibi,
+        Modifier::Bias,
+        Modifier::KeyMask,
+        Modifier::Sinks,
+        Modifier::Temperature,
+        Modifier::Varlen,
+    ];
+    fn name(self) -> &'static str {
+        match self {
+            Modifier::Softcap => "softcap",
+            Modifier::Alibi => "alibi",
+            Modifier::Bias => "bias",
+            Modifier::KeyMask => "keymask",
+            Modifier::Sinks => "sinks",
+            Modifier::Temperature => "temperature",
+            Modifier::Varlen => "varlen4",
+        }
+    }
 }
 
 const BATCH: usize = 1;
@@ -119,7 +163,9 @@ impl Case {
             self.head_dim,
             if self.causal { "_causal" } else { "" },
             self.window.map_or(String::new(), |w| format!("_window{w}")),
-        )
+        ) + &self
+            .modifier
+            .map_or(String::new(), |m| format!("_{}", m.name()))
     }
     fn shape(&self) -> Shape {
         Shape::mha(BATCH, HEADS, self.seq, self.head_dim)
@@ -127,7 +173,34 @@ impl Case {
     fn variant_name(&self) -> &'static str {
         if self.sigmoid { "sigmoid" } else { "softmax" }
     }
-    fn options(&self) -> AttentionOptions {
+    /// The modifier's data for this case's shape.
+    fn data(&self) -> ModData {
+        let shape = self.shape();
+        let mut rng = StdRng::seed_from_u64(self.seed() ^ 0x6d6f_6473);
+        let mut data = ModData::default();
+        let n = self.seq;
+        match self.modifier {
+            None | Some(Modifier::Softcap) => {}
+            Some(Modifier::Alibi) => data.alibi_slopes = wflash::alibi_slopes(shape.q_heads),
+            Some(Modifier::Bias) => data.bias_f32 = random_normals(&mut rng, n * n),
+            Some(Modifier::KeyMask) => {
+                data.key_mask = (0..shape.batch * n).map(|j| j % n < n - n / 4).collect();
+            }
+            Some(Modifier::Sinks) => data.sinks = random_normals(&mut rng, shape.q_heads),
+            Some(Modifier::Temperature) => {
+                data.temperature = (0..shape.lse_elems())
+                    .map(|_| rng.random_range(0.5..2.0))
+                    .collect();
+            }
+            Some(Modifier::Varlen) => {
+                let cu: Vec<u32> = (0..=4).map(|s| (s * n / 4) as u32).collect();
+                data.cu_seqlens_q = cu.clone();
+                data.cu_seqlens_k = cu;
+            }
+        }
+        data
+    }
+    fn options<'a>(&self, data: &'a ModData) -> AttentionOptions<'a> {
         let mut opts = if self.sigmoid {
             AttentionOptions::sigmoid()
         } else {
@@ -137,13 +210,27 @@ impl Case {
             opts = opts.with_window(Window::trailing(size));
         }
         if self.causal {
-            opts.with_causal(Causal::BottomRight)
-        } else {
-            opts
+            opts = opts.with_causal(Causal::BottomRight);
         }
+        match self.modifier {
+            None => {}
+            Some(Modifier::Softcap) => opts.softcap = Some(50.0),
+            Some(Modifier::Alibi) => opts.alibi_slopes = Some(&data.alibi_slopes),
+            Some(Modifier::Bias) => opts.bias = Some(Bias::f32(&data.bias_f32, 1, 1)),
+            Some(Modifier::KeyMask) => opts.key_mask = Some(&data.key_mask),
+            Some(Modifier::Sinks) => opts.sinks = Some(&data.sinks),
+            Some(Modifier::Temperature) => opts.temperature = Some(&data.temperature),
+            Some(Modifier::Varlen) => {
+                opts.varlen = Some(Varlen {
+                    cu_seqlens_q: &data.cu_seqlens_q,
+                    cu_seqlens_k: &data.cu_seqlens_k,
+                })
+            }
+        }
+        opts
     }
-    fn problem(&self) -> Problem {
-        wflash_conformance::reference_problem(&self.shape(), Layout::Bhsd, &self.options())
+    fn problem(&self, data: &ModData) -> Problem {
+        wflash_conformance::reference_problem(&self.shape(), Layout::Bhsd, &self.options(data))
     }
     fn seed(&self) -> u64 {
         let dtype = match self.dtype {
@@ -152,6 +239,10 @@ impl Case {
             DType::Bf16 => 3,
         };
         0x5eed_0000 ^ ((self.seq as u64) << 4) ^ (dtype << 1) ^ u64::from(self.causal)
+    }
+    /// Whether the naive three-dispatch baseline computes this case (plain softmax only).
+    fn naive_applies(&self) -> bool {
+        !self.sigmoid && self.window.is_none() && self.modifier.is_none()
     }
 }
 
@@ -163,6 +254,12 @@ fn cases(quick: bool) -> Vec<Case> {
         causal,
         sigmoid: false,
         window: None,
+        modifier: None,
+    };
+    let modified = |modifier, sigmoid| Case {
+        modifier: Some(modifier),
+        sigmoid,
+        ..case(DType::F32, 2048, 64, false)
     };
     let sigmoid = |seq, causal| Case {
         sigmoid: true,
@@ -176,6 +273,10 @@ fn cases(quick: bool) -> Vec<Case> {
             case(DType::F32, 1024, 64, true),
             case(DType::F16, 1024, 64, false),
             case(DType::Bf16, 1024, 64, false),
+            Case {
+                seq: 512,
+                ..modified(Modifier::Bias, false)
+            },
         ];
     }
     let mut cases: Vec<Case> = [512, 1024, 2048, 4096]
@@ -198,6 +299,13 @@ fn cases(quick: bool) -> Vec<Case> {
     cases.push(case(DType::F32, 2048, 128, false));
     cases.push(case(DType::F16, 2048, 64, false));
     cases.push(case(DType::Bf16, 2048, 64, false));
+    // Each score modifier at N=2048, to compare with plain softmax (and sigmoid) there.
+    for modifier in Modifier::ALL {
+        cases.push(modified(modifier, false));
+        if modifier != Modifier::Sinks {
+            cases.push(modified(modifier, true));
+        }
+    }
     cases
 }
 
@@ -261,20 +369,23 @@ fn time_fused<T: Element>(
     samples: usize,
 ) -> Result<(Stats, Option<Vec<f32>>), String> {
     let shape = case.shape();
-    let opts = case.options();
+    let data = case.data();
+    let opts = case.options(&data);
     let convert = |x: &[f32]| x.iter().map(|&v| T::from_f32(v)).collect::<Vec<T>>();
     let [q, k, v] = inputs.map(|x| engine.upload(&convert(x)).map_err(|e| e.to_string()));
     let (q, k, v) = (q?, k?, v?);
     let device = engine.device();
     // The kernel key does not depend on sequence length: a small problem compiles the pipeline.
-    let small = Case { seq: 64, ..*case }.shape();
+    let small_case = Case { seq: 64, ..*case };
+    let (small, small_data) = (small_case.shape(), small_case.data());
     let [sq, sk, sv] = [small.q_elems(), small.k_elems(), small.v_elems()].map(|n| {
         engine
             .upload(&convert(&inputs[0][..n]))
             .map_err(|e| e.to_string())
     });
+    let small_opts = small_case.options(&small_data);
     engine
-        .attention_gpu(&small, Layout::Bhsd, &opts, &sq?, &sk?, &sv?)
+        .attention_gpu(&small, Layout::Bhsd, &small_opts, &sq?, &sk?, &sv?)
         .map_err(|e| e.to_string())?;
     wait(device)?;
     let mut last = None;
@@ -320,7 +431,7 @@ fn time_naive(
     let [q, k, v] = inputs.map(|x| engine.upload(x).map_err(|e| e.to_string()));
     let (q, k, v) = (q?, k?, v?);
     let scale = case
-        .options()
+        .options(&ModData::default())
         .resolved_scale(&shape)
         .map_err(|e| e.to_string())?;
     let (device, queue) = (engine.device(), engine.queue());
@@ -605,10 +716,8 @@ fn main() -> ExitCode {
         let name = case.name();
         let case_start = Instant::now();
         let shape = case.shape();
-        let problem = case.problem();
-        let flops = 4.0
-            * (shape.batch * shape.q_heads * shape.head_dim) as f64
-            * problem.visible_pairs() as f64;
+        let problem = case.problem(&case.data());
+        let flops = 4.0 * shape.head_dim as f64 * problem.visible_pairs_total() as f64;
         let mut rng = StdRng::seed_from_u64(case.seed());
         let q = random_normals(&mut rng, shape.q_elems());
         let k = random_normals(&mut rng, shape.k_elems());
@@ -635,7 +744,7 @@ fn main() -> ExitCode {
 
         if case.dtype == DType::F32 {
             match &naive {
-                _ if case.sigmoid || case.window.is_some() => {
+                _ if !case.naive_applies() => {
                     println!("{name}: naive-gpu skipped (plain softmax only)")
                 }
                 _ if case.seq > baseline_max_seq.min(NAIVE_MAX_SEQ) => {

@@ -10,8 +10,8 @@ use std::sync::OnceLock;
 use rand::{Rng, SeedableRng};
 use rand_distr::StandardNormal;
 use wflash::{
-    AttentionOptions, Causal, DType, Element, Engine, EngineOptions, F16Path, Family, Layout,
-    Shape, Variant, Window,
+    AttentionOptions, Bias, BiasValues, Causal, DType, Element, Engine, EngineOptions, F16Path,
+    Family, Layout, Shape, Variant, Varlen, Window,
 };
 use wflash_ref::{CausalAlign, Problem};
 
@@ -125,7 +125,143 @@ pub struct Case {
     pub path: Path,
     /// Standard deviation of the random inputs (1 for ordinary cases; large for big-logit cases).
     pub input_std: f32,
+    /// Score modifiers; their data is drawn from `seed` ([`Case::data`]).
+    pub mods: Mods,
     pub seed: u64,
+}
+
+/// The score modifiers a case turns on.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Mods {
+    pub softcap: Option<f32>,
+    /// ALiBi with the standard slopes for the case's heads.
+    pub alibi: bool,
+    pub bias: Option<BiasForm>,
+    /// A key mask with padding at both ends, holes, and (batch > 1) a batch row with no key.
+    pub key_mask: bool,
+    pub sinks: bool,
+    pub temperature: bool,
+    /// The case's shape (batch 1) holds three packed sequences cut at random points (some may
+    /// be empty).
+    pub varlen: bool,
+}
+
+/// The shape of a case's bias tensor: per batch element or broadcast, per head or broadcast,
+/// f32 or f16. Random normal values, about one in ten `-inf`, and the first row all `-inf`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BiasForm {
+    pub per_batch: bool,
+    pub per_head: bool,
+    pub f16: bool,
+}
+
+/// The modifier data of a case, drawn from its seed; [`Case::options`] borrows from it.
+#[derive(Clone, Debug, Default)]
+pub struct ModData {
+    pub alibi_slopes: Vec<f32>,
+    pub bias_f32: Vec<f32>,
+    pub bias_f16: Vec<half::f16>,
+    pub key_mask: Vec<bool>,
+    pub sinks: Vec<f32>,
+    pub temperature: Vec<f32>,
+    pub cu_seqlens_q: Vec<u32>,
+    pub cu_seqlens_k: Vec<u32>,
+}
+
+impl Case {
+    /// Draws the case's modifier data.
+    pub fn data(&self) -> ModData {
+        let s = &self.shape;
+        let m = &self.mods;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(self.seed ^ 0x6d6f_6473);
+        let mut data = ModData::default();
+        if m.alibi {
+            data.alibi_slopes = wflash::alibi_slopes(s.q_heads);
+        }
+        if let Some(form) = m.bias {
+            let batch = if form.per_batch { s.batch } else { 1 };
+            let heads = if form.per_head { s.q_heads } else { 1 };
+            let values: Vec<f32> = (0..batch * heads * s.q_len * s.kv_len)
+                .map(|i| {
+                    if i < s.kv_len || rng.random_bool(0.1) {
+                        f32::NEG_INFINITY
+                    } else {
+                        rng.sample::<f32, _>(StandardNormal)
+                    }
+                })
+                .collect();
+            if form.f16 {
+                data.bias_f16 = values.iter().map(|&x| half::f16::from_f32(x)).collect();
+            } else {
+                data.bias_f32 = values;
+            }
+        }
+        if m.key_mask {
+            for b in 0..s.batch {
+                let lead = rng.random_range(0..=s.kv_len / 3);
+                let trail = rng.random_range(0..=s.kv_len / 3);
+                let no_keys = b == 1;
+                data.key_mask.extend((0..s.kv_len).map(|j| {
+                    !no_keys && j >= lead && j + trail < s.kv_len && rng.random_bool(0.8)
+                }));
+            }
+        }
+        if m.sinks {
+            data.sinks = (0..s.q_heads)
+                .map(|_| 2.0 * rng.sample::<f32, _>(StandardNormal))
+                .collect();
+        }
+        if m.temperature {
+            data.temperature = (0..s.batch * s.q_heads * s.q_len)
+                .map(|_| rng.random_range(0.5..2.0))
+                .collect();
+        }
+        if m.varlen {
+            let mut cuts = |total: usize| {
+                let mut cu = vec![
+                    0,
+                    rng.random_range(0..=total),
+                    rng.random_range(0..=total),
+                    total,
+                ];
+                cu.sort_unstable();
+                cu.into_iter().map(|x| x as u32).collect::<Vec<u32>>()
+            };
+            data.cu_seqlens_q = cuts(s.q_len);
+            data.cu_seqlens_k = cuts(s.kv_len);
+        }
+        data
+    }
+
+    /// The options the case calls the engine with.
+    pub fn options<'a>(&self, data: &'a ModData) -> AttentionOptions<'a> {
+        let m = &self.mods;
+        let some = |on: bool, values: &'a [f32]| on.then_some(values);
+        AttentionOptions {
+            causal: self.causal,
+            window: self.window,
+            scale: self.scale,
+            variant: self.variant,
+            softcap: m.softcap,
+            alibi_slopes: some(m.alibi, &data.alibi_slopes),
+            bias: m.bias.map(|form| Bias {
+                values: if form.f16 {
+                    BiasValues::F16(&data.bias_f16)
+                } else {
+                    BiasValues::F32(&data.bias_f32)
+                },
+                batch: if form.per_batch { self.shape.batch } else { 1 },
+                heads: if form.per_head { self.shape.q_heads } else { 1 },
+            }),
+            key_mask: m.key_mask.then_some(&data.key_mask[..]),
+            sinks: some(m.sinks, &data.sinks),
+            temperature: some(m.temperature, &data.temperature),
+            varlen: m.varlen.then_some(Varlen {
+                cu_seqlens_q: &data.cu_seqlens_q,
+                cu_seqlens_k: &data.cu_seqlens_k,
+            }),
+        }
+    }
 }
 
 /// What a case measured.
@@ -139,14 +275,26 @@ pub struct Outcome {
     pub ratio: f64,
 }
 
-/// The reference problem of a case.
-pub fn problem(case: &Case) -> Problem {
-    reference_problem(&case.shape, case.layout, &case.options())
-}
-
-/// The `wflash-ref` problem that an engine call with these arguments computes: the scale and
-/// the sigmoid bias exactly as the engine resolves them (in f32). Invalid options give NaN.
+/// The `wflash-ref` problem that an engine call with these arguments computes: the scale
+/// exactly as the engine resolves it (in f32; invalid gives NaN), every modifier's data.
 pub fn reference_problem(shape: &Shape, layout: Layout, opts: &AttentionOptions) -> Problem {
+    let wide = |x: &[f32]| x.iter().map(|&a| f64::from(a)).collect::<Vec<f64>>();
+    let modifiers = wflash_ref::Modifiers {
+        softcap: opts.softcap.map(f64::from),
+        alibi_slopes: opts.alibi_slopes.map(wide),
+        bias: opts.bias.map(|b| wflash_ref::Bias {
+            values: match b.values {
+                BiasValues::F32(v) => wide(v),
+                BiasValues::F16(v) => v.iter().map(|x| f64::from(x.to_f32())).collect(),
+            },
+            batch: b.batch,
+            heads: b.heads,
+        }),
+        key_mask: opts.key_mask.map(<[bool]>::to_vec),
+        sinks: opts.sinks.map(wide),
+        temperature: opts.temperature.map(wide),
+    };
+    let widen = |cu: &[u32]| cu.iter().map(|&x| x as usize).collect();
     Problem {
         batch: shape.batch,
         q_heads: shape.q_heads,
@@ -169,23 +317,16 @@ pub fn reference_problem(shape: &Shape, layout: Layout, opts: &AttentionOptions)
             right: w.right,
         }),
         variant: match opts.variant {
-            Variant::Sigmoid { .. } => wflash_ref::Variant::Sigmoid {
-                bias: f64::from(opts.resolved_sigmoid_bias(shape).unwrap_or(f32::NAN)),
+            Variant::Sigmoid { bias } => wflash_ref::Variant::Sigmoid {
+                bias: bias.map(f64::from),
             },
             _ => wflash_ref::Variant::Softmax,
         },
-    }
-}
-
-impl Case {
-    /// The options the case calls the engine with.
-    pub fn options(&self) -> AttentionOptions {
-        AttentionOptions {
-            causal: self.causal,
-            window: self.window,
-            scale: self.scale,
-            variant: self.variant,
-        }
+        modifiers,
+        varlen: opts.varlen.map(|v| wflash_ref::Varlen {
+            cu_seqlens_q: widen(v.cu_seqlens_q),
+            cu_seqlens_k: widen(v.cu_seqlens_k),
+        }),
     }
 }
 
@@ -239,12 +380,13 @@ pub fn run_case_on(engine: &Engine, case: &Case) -> Result<Outcome, String> {
 }
 
 fn judge<T: Element>(engine: &Engine, case: &Case) -> Result<Outcome, String> {
-    let p = problem(case);
+    let data = case.data();
+    let opts = case.options(&data);
+    let p = reference_problem(&case.shape, case.layout, &opts);
     let mut rng = rand::rngs::StdRng::seed_from_u64(case.seed);
     let (q, q32) = random::<T>(&mut rng, p.q_elems(), case.input_std);
     let (k, k32) = random::<T>(&mut rng, p.k_elems(), case.input_std);
     let (v, v32) = random::<T>(&mut rng, p.v_elems(), 1.0);
-    let opts = case.options();
     let gpu = engine
         .attention_blocking(&case.shape, case.layout, &opts, &q, &k, &v)
         .map_err(|e| format!("{case:?}: engine error {e}"))?;

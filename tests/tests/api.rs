@@ -240,6 +240,7 @@ fn too_large_problems_split_over_batch_or_fail_with_the_limit_named() {
         variant: Variant::Softmax,
         path: Path::F32,
         input_std: 1.0,
+        mods: Default::default(),
         seed: 77,
     };
     let outcome = wflash_conformance::run_case_on(&small, &case).expect("split call conforms");
@@ -327,6 +328,7 @@ fn f16_without_shader_f16_uses_the_packed_path_or_fails_when_native_is_required(
         variant: Variant::Softmax,
         path: Path::F16Packed,
         input_std: 1.0,
+        mods: Default::default(),
         seed: 5,
     };
     assert!(
@@ -421,6 +423,7 @@ fn a_row_with_no_visible_key_gives_zero_and_negative_infinity() {
         variant: Variant::Softmax,
         path: Path::F32,
         input_std: 1.0,
+        mods: Default::default(),
         seed: 9,
     };
     if run_case(&case).expect("conforms").is_none() {
@@ -479,6 +482,7 @@ fn texture_limits_split_the_unrolled_kernel_over_batch_or_fail_with_the_limit_na
         variant: Variant::Softmax,
         path: Path::F32,
         input_std: 1.0,
+        mods: Default::default(),
         seed: 78,
     };
     let outcome = wflash_conformance::run_case_on(&split, &case).expect("split call conforms");
@@ -520,6 +524,7 @@ fn long_key_sequences_are_exact_or_refused_on_cpu_drivers() {
         variant: Variant::Softmax,
         path: Path::F32,
         input_std: 1.0,
+        mods: Default::default(),
         seed: 79,
     };
     for family in [Family::Unrolled, Family::Tiled] {
@@ -571,5 +576,235 @@ fn the_same_call_twice_is_bitwise_identical() {
             bits(b.lse.as_deref().unwrap()),
             "{family:?} lse"
         );
+    }
+}
+
+/// Modifiers with wrong lengths or values, and combinations without meaning, are typed errors
+/// found before any dispatch; none falls back to an unfused path.
+#[test]
+fn bad_modifiers_and_unfusable_combinations_are_typed_errors() {
+    let Some(engine) = engine(Path::F32) else {
+        return;
+    };
+    let s = shape(); // batch 2, q_heads 4, q_len 33, kv_len 47
+    let heads = vec![0.5f32; s.q_heads];
+    let short = vec![0.5f32; s.q_heads - 1];
+    let nan = vec![f32::NAN; s.q_heads];
+    let rows = vec![1.0f32; s.batch * s.q_heads * s.q_len];
+    let bias = vec![0.0f32; s.q_len * s.kv_len];
+    let mask = vec![true; s.batch * s.kv_len];
+    let cu_q = [0u32, 10, 33];
+    let cu_k = [0u32, 20, 47];
+    let varlen = wflash::Varlen {
+        cu_seqlens_q: &cu_q,
+        cu_seqlens_k: &cu_k,
+    };
+    let packed = Shape { batch: 1, ..s };
+    let softmax = AttentionOptions::softmax;
+    type Expect = fn(&Error) -> bool;
+    let cases: Vec<(&str, Shape, AttentionOptions, Expect)> = vec![
+        ("softcap 0", s, softmax().with_softcap(0.0), |e| {
+            matches!(
+                e,
+                Error::InvalidModifier {
+                    modifier: "softcap",
+                    ..
+                }
+            )
+        }),
+        ("softcap NaN", s, softmax().with_softcap(f32::NAN), |e| {
+            matches!(
+                e,
+                Error::InvalidModifier {
+                    modifier: "softcap",
+                    ..
+                }
+            )
+        }),
+        ("short slopes", s, softmax().with_alibi(&short), |e| {
+            matches!(
+                e,
+                Error::LengthMismatch {
+                    tensor: "alibi_slopes",
+                    ..
+                }
+            )
+        }),
+        ("NaN sinks", s, softmax().with_sinks(&nan), |e| {
+            matches!(
+                e,
+                Error::InvalidModifier {
+                    modifier: "sinks",
+                    ..
+                }
+            )
+        }),
+        (
+            "short temperature",
+            s,
+            softmax().with_temperature(&rows[1..]),
+            |e| {
+                matches!(
+                    e,
+                    Error::LengthMismatch {
+                        tensor: "temperature",
+                        ..
+                    }
+                )
+            },
+        ),
+        (
+            "short key mask",
+            s,
+            softmax().with_key_mask(&mask[1..]),
+            |e| {
+                matches!(
+                    e,
+                    Error::LengthMismatch {
+                        tensor: "key_mask",
+                        ..
+                    }
+                )
+            },
+        ),
+        (
+            "bias of 3 batches",
+            s,
+            softmax().with_bias(wflash::Bias::f32(&bias, 3, 1)),
+            |e| {
+                matches!(
+                    e,
+                    Error::InvalidModifier {
+                        modifier: "bias",
+                        ..
+                    }
+                )
+            },
+        ),
+        (
+            "bias length",
+            s,
+            softmax().with_bias(wflash::Bias::f32(&bias[1..], 1, 1)),
+            |e| matches!(e, Error::LengthMismatch { tensor: "bias", .. }),
+        ),
+        (
+            "sinks with sigmoid",
+            s,
+            AttentionOptions::sigmoid().with_sinks(&heads),
+            |e| matches!(e, Error::Unsupported { .. }),
+        ),
+        (
+            "bias with varlen",
+            packed,
+            softmax()
+                .with_varlen(varlen)
+                .with_bias(wflash::Bias::f32(&bias, 1, 1)),
+            |e| matches!(e, Error::Unsupported { .. }),
+        ),
+        (
+            "key mask with varlen",
+            packed,
+            softmax()
+                .with_varlen(varlen)
+                .with_key_mask(&mask[..s.kv_len]),
+            |e| matches!(e, Error::Unsupported { .. }),
+        ),
+        (
+            "varlen with batch 2",
+            s,
+            softmax().with_varlen(varlen),
+            |e| {
+                matches!(
+                    e,
+                    Error::InvalidModifier {
+                        modifier: "varlen",
+                        ..
+                    }
+                )
+            },
+        ),
+        (
+            "cu_seqlens not ending at the total",
+            packed,
+            softmax().with_varlen(wflash::Varlen {
+                cu_seqlens_q: &[0, 10, 30],
+                cu_seqlens_k: &cu_k,
+            }),
+            |e| {
+                matches!(
+                    e,
+                    Error::InvalidModifier {
+                        modifier: "varlen",
+                        ..
+                    }
+                )
+            },
+        ),
+        (
+            "cu_seqlens decreasing",
+            packed,
+            softmax().with_varlen(wflash::Varlen {
+                cu_seqlens_q: &cu_q,
+                cu_seqlens_k: &[0, 30, 20, 47],
+            }),
+            |e| {
+                matches!(
+                    e,
+                    Error::InvalidModifier {
+                        modifier: "varlen",
+                        ..
+                    }
+                )
+            },
+        ),
+    ];
+    for (what, shape, opts, expected) in cases {
+        let err = call(engine, &shape, &opts).expect_err(what);
+        assert!(expected(&err), "{what}: {err}");
+        assert!(
+            engine.plan(&shape, &opts, wflash::DType::F32).is_err(),
+            "{what}: planned"
+        );
+    }
+}
+
+/// A bias that hides every key of some rows, a key mask that hides every key of a batch
+/// element: those rows are exactly 0 (LSE -inf), never NaN; with a sink the LSE is the sink.
+#[test]
+fn rows_hidden_by_bias_or_key_mask_are_zero() {
+    let Some(engine) = engine(Path::F32) else {
+        return;
+    };
+    let s = shape();
+    let (q, k, v) = inputs(&s);
+    let mut bias = vec![0.0f32; s.q_len * s.kv_len];
+    bias[..2 * s.kv_len].fill(f32::NEG_INFINITY); // rows 0 and 1 see nothing
+    let mut mask = vec![true; s.batch * s.kv_len];
+    mask[s.kv_len..].fill(false); // batch 1 sees nothing
+    let sinks = vec![0.25f32; s.q_heads];
+    for sinks in [None, Some(&sinks[..])] {
+        let opts = AttentionOptions {
+            bias: Some(wflash::Bias::f32(&bias, 1, 1)),
+            key_mask: Some(&mask),
+            sinks,
+            ..AttentionOptions::softmax()
+        };
+        let out = engine
+            .attention_blocking(&s, Layout::Bhsd, &opts, &q, &k, &v)
+            .expect("runs");
+        let lse = out.lse.expect("softmax has an LSE");
+        let row = |b: usize, h: usize, i: usize| (b * s.q_heads + h) * s.q_len + i;
+        for h in 0..s.q_heads {
+            for (b, i) in [(0, 0), (0, 1), (1, 0), (1, 20)] {
+                let o = &out.output[row(b, h, i) * s.value_dim..][..s.value_dim];
+                assert!(o.iter().all(|&x| x == 0.0), "b{b} h{h} i{i}: {o:?}");
+                let (got, want) = (lse[row(b, h, i)], sinks.map_or(f32::NEG_INFINITY, |s| s[h]));
+                assert!(
+                    got == want || (got - want).abs() < 1e-6,
+                    "b{b} h{h} i{i}: {got} vs {want}"
+                );
+            }
+            assert!(lse[row(0, h, 2)].is_finite());
+        }
     }
 }

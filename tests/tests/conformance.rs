@@ -10,19 +10,33 @@ use wflash_conformance::{Path, grid, run_case_with};
 /// Runs the grid's cases for `path` on the kernel `family` (`None`: the adapter's default) and
 /// writes a one-line summary to target/conformance/<name>.txt.
 fn run_path(path: Path, family: Option<Family>) {
-    run_cases(path, family, |_| true);
+    run_cases(grid::cases(), "", path, family, |_| true);
 }
 
-fn run_cases(path: Path, family: Option<Family>, keep: impl Fn(&wflash_conformance::Case) -> bool) {
-    let cases: Vec<_> = grid::cases()
+fn run_cases(
+    cases: Vec<wflash_conformance::Case>,
+    grid_name: &str,
+    path: Path,
+    family: Option<Family>,
+    keep: impl Fn(&wflash_conformance::Case) -> bool,
+) {
+    // WFLASH_SEEDS=5004,5005 runs only those cases (to chase one failure).
+    let seeds: Option<Vec<u64>> = std::env::var("WFLASH_SEEDS")
+        .ok()
+        .map(|s| s.split(',').filter_map(|x| x.trim().parse().ok()).collect());
+    let cases: Vec<_> = cases
         .into_iter()
         .filter(|c| c.path == path && keep(c))
+        .filter(|c| seeds.as_ref().is_none_or(|s| s.contains(&c.seed)))
         .collect();
     let name = match family {
-        None => format!("{path:?}"),
-        Some(f) => format!("{path:?}-{}", f.name()),
+        None => format!("{grid_name}{path:?}"),
+        Some(f) => format!("{grid_name}{path:?}-{}", f.name()),
     };
-    assert!(!cases.is_empty());
+    if cases.is_empty() {
+        assert!(seeds.is_some(), "no cases for {name}");
+        return;
+    }
     let mut failures = Vec::new();
     let mut worst = 0.0f64;
     let mut ran = 0;
@@ -108,8 +122,80 @@ fn conformance_other_family_every_path() {
         Family::Unrolled => (Family::Tiled, 512 * 256),
     };
     for path in Path::ALL {
-        run_cases(path, Some(other), |c| {
-            c.shape.q_len * c.shape.kv_len <= max_pairs
-        });
+        let small = |c: &wflash_conformance::Case| c.shape.q_len * c.shape.kv_len <= max_pairs;
+        run_cases(grid::cases(), "", path, Some(other), small);
+        run_cases(
+            grid::modifier_cases(),
+            "modifiers-",
+            path,
+            Some(other),
+            small,
+        );
+    }
+}
+
+/// Score modifiers (soft-capping, ALiBi, bias tensors, key masks, sinks, temperature, varlen)
+/// alone and in a pairwise covering sample with each other and every other option.
+#[test]
+fn conformance_modifiers_every_path() {
+    for path in Path::ALL {
+        run_cases(grid::modifier_cases(), "modifiers-", path, None, |_| true);
+    }
+}
+
+#[test]
+fn kernel_configs_cover_every_pair() {
+    let configs = grid::KERNEL_CONFIGS.map(|c| c.axes());
+    for a in 0..6 {
+        for b in a + 1..6 {
+            for (va, vb) in [(false, false), (false, true), (true, false), (true, true)] {
+                assert!(
+                    configs.iter().any(|c| c[a] == va && c[b] == vb),
+                    "axes {a}={va} and {b}={vb} never meet"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn modifier_grid_covers_modifiers_alone_and_with_causal() {
+    let cases = grid::modifier_cases();
+    type Has = fn(&wflash_conformance::Mods) -> bool;
+    let modifiers: [(&str, Has); 7] = [
+        ("softcap", |m| m.softcap.is_some()),
+        ("alibi", |m| m.alibi),
+        ("bias", |m| m.bias.is_some()),
+        ("key_mask", |m| m.key_mask),
+        ("sinks", |m| m.sinks),
+        ("temperature", |m| m.temperature),
+        ("varlen", |m| m.varlen),
+    ];
+    for (name, has) in modifiers {
+        let alone = cases
+            .iter()
+            .any(|c| has(&c.mods) && modifiers.iter().filter(|(_, h)| h(&c.mods)).count() == 1);
+        assert!(alone, "{name} never alone");
+        for causal in grid::CAUSAL {
+            assert!(
+                cases.iter().any(|c| c.causal == causal && has(&c.mods)),
+                "{name} never with {causal:?}"
+            );
+        }
+        for path in Path::ALL {
+            assert!(
+                cases.iter().any(|c| c.path == path && has(&c.mods)),
+                "{name} never on {path:?}"
+            );
+        }
+    }
+    // No case asks for a combination the engine refuses.
+    for c in &cases {
+        let m = &c.mods;
+        assert!(!(m.sinks && c.variant != wflash::Variant::Softmax), "{c:?}");
+        assert!(
+            !(m.varlen && (m.bias.is_some() || m.key_mask || c.shape.batch != 1)),
+            "{c:?}"
+        );
     }
 }

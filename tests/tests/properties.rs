@@ -51,6 +51,7 @@ fn arb_case() -> impl Strategy<Value = Case> {
                 },
                 path: Path::ALL[path],
                 input_std: 1.0,
+                mods: Default::default(),
                 seed,
             },
         )
@@ -92,6 +93,7 @@ fn large_magnitude_logits_conform() {
                 variant,
                 path,
                 input_std: (40.0f32 / 8.0).sqrt(),
+                mods: Default::default(),
                 seed: 400 + i as u64,
             };
             run_case(&case).unwrap_or_else(|e| panic!("{e}"));

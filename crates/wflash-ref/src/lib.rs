@@ -64,8 +64,53 @@ pub enum Variant {
     #[default]
     Softmax,
     /// `O = σ(s + bias) V` over the visible keys (FlashSigmoid): elementwise, no normalisation,
-    /// no LSE.
-    Sigmoid { bias: f64 },
+    /// no LSE. `bias: None` is [`default_sigmoid_bias`] of each sequence's key count.
+    Sigmoid { bias: Option<f64> },
+}
+
+/// The sigmoid bias when none is given: `-ln(kv_len)`, rounded to f32 as the engine computes it.
+pub fn default_sigmoid_bias(kv_len: usize) -> f64 {
+    f64::from(-(kv_len as f32).ln())
+}
+
+/// An additive bias / mask over the scores, `[batch, heads, q_len, kv_len]` row-major, where
+/// `batch` is 1 or the problem's batch and `heads` 1 or its q_heads (broadcast when 1).
+/// `-inf` hides a key.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Bias {
+    pub values: Vec<f64>,
+    pub batch: usize,
+    pub heads: usize,
+}
+
+/// Packed variable-length sequences (FlashAttention's varlen interface): sequence `s` owns
+/// query rows `cu_seqlens_q[s]..cu_seqlens_q[s + 1]` and key rows
+/// `cu_seqlens_k[s]..cu_seqlens_k[s + 1]` of a batch-1 problem, and attends only within itself,
+/// as if it were its own problem (its own causal diagonal and default sigmoid bias).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Varlen {
+    pub cu_seqlens_q: Vec<usize>,
+    pub cu_seqlens_k: Vec<usize>,
+}
+
+/// Score and mask modifiers. Applied in this order to the score of a visible key:
+/// `s = scale · temperature[b, h, i] · q·k`; `s = softcap · tanh(s / softcap)`;
+/// `s -= alibi_slopes[h] · |j - diagonal(i)|`; `s += bias[b, h, i, j]`. A key is hidden by the
+/// causal mask, the window, `key_mask[b, j] == false` or a bias of `-inf`.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Modifiers {
+    /// Logit soft-capping (Gemma 2).
+    pub softcap: Option<f64>,
+    /// ALiBi slope per query head, applied in full (not only its row-varying part).
+    pub alibi_slopes: Option<Vec<f64>>,
+    pub bias: Option<Bias>,
+    /// `[batch, kv_len]`: `true` where the key takes part.
+    pub key_mask: Option<Vec<bool>>,
+    /// Softmax only: one sink logit per query head that joins every row's denominator (and
+    /// its LSE) as a key with a zero value (gpt-oss).
+    pub sinks: Option<Vec<f64>>,
+    /// Per-query inverse temperature `[batch, q_heads, q_len]` multiplying the scores.
+    pub temperature: Option<Vec<f64>>,
 }
 
 /// One attention problem: shapes, layout and options.
@@ -84,9 +129,45 @@ pub struct Problem {
     pub causal: Option<CausalAlign>,
     pub window: Option<Window>,
     pub variant: Variant,
+    pub modifiers: Modifiers,
+    /// `Some` for packed variable-length sequences (then `batch` is 1).
+    pub varlen: Option<Varlen>,
 }
 
 impl Problem {
+    /// A problem with no causal mask, window, modifiers or varlen.
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "the seven sizes of a problem and its layout"
+    )]
+    pub fn new(
+        batch: usize,
+        q_heads: usize,
+        kv_heads: usize,
+        q_len: usize,
+        kv_len: usize,
+        head_dim: usize,
+        value_dim: usize,
+        layout: Layout,
+    ) -> Problem {
+        Problem {
+            batch,
+            q_heads,
+            kv_heads,
+            q_len,
+            kv_len,
+            head_dim,
+            value_dim,
+            layout,
+            scale: 1.0 / (head_dim as f64).sqrt(),
+            causal: None,
+            window: None,
+            variant: Variant::Softmax,
+            modifiers: Modifiers::default(),
+            varlen: None,
+        }
+    }
+
     /// Element counts of Q, K, V and O.
     pub fn q_elems(&self) -> usize {
         self.batch * self.q_heads * self.q_len * self.head_dim
@@ -160,15 +241,124 @@ impl Problem {
         start..start + self.value_dim
     }
 
-    /// The scaled score `scale · q·k` of query `i` of (batch `b`, query head `h`) with key `j`.
-    pub fn score(&self, q: &[f64], k: &[f64], b: usize, h: usize, i: usize, j: usize) -> f64 {
+    /// The score of query `i` of (batch `b`, query head `h`) with key `j` after every modifier
+    /// (see [`Modifiers`]), or `None` when the key is hidden from the query.
+    pub fn logit(
+        &self,
+        q: &[f64],
+        k: &[f64],
+        b: usize,
+        h: usize,
+        i: usize,
+        j: usize,
+    ) -> Option<f64> {
+        if !self.is_visible(i, j) || !self.key_visible(b, j) {
+            return None;
+        }
         let q_row = self.q_row(q, b, h, i);
         let k_row = self.k_row(k, b, self.kv_head_of(h), j);
         let dot: f64 = q_row.iter().zip(k_row).map(|(a, b)| a * b).sum();
-        self.scale * dot
+        self.modified(self.scale * self.temperature(b, h, i) * dot, b, h, i, j)
     }
 
-    /// Number of visible (query, key) pairs per (batch, head): the FLOP count's unit.
+    /// Query `i`'s inverse temperature (1 without one).
+    pub fn temperature(&self, b: usize, h: usize, i: usize) -> f64 {
+        let m = &self.modifiers;
+        m.temperature
+            .as_ref()
+            .map_or(1.0, |t| t[(b * self.q_heads + h) * self.q_len + i])
+    }
+
+    /// Whether `key_mask` lets key `j` of batch `b` take part.
+    pub fn key_visible(&self, b: usize, j: usize) -> bool {
+        let m = &self.modifiers;
+        m.key_mask
+            .as_ref()
+            .is_none_or(|mask| mask[b * self.kv_len + j])
+    }
+
+    /// Soft-capping, ALiBi and the bias applied to score `s` (already scaled and tempered);
+    /// `None` where the bias is `-inf`.
+    pub fn modified(&self, s: f64, b: usize, h: usize, i: usize, j: usize) -> Option<f64> {
+        let m = &self.modifiers;
+        let mut s = s;
+        if let Some(cap) = m.softcap {
+            s = cap * (s / cap).tanh();
+        }
+        if let Some(slopes) = &m.alibi_slopes {
+            s -= slopes[h] * (j as f64 - self.diagonal(i) as f64).abs();
+        }
+        if let Some(bias) = &m.bias {
+            let (bb, bh) = (b.min(bias.batch - 1), h.min(bias.heads - 1));
+            let x = bias.values[((bb * bias.heads + bh) * self.q_len + i) * self.kv_len + j];
+            if x == f64::NEG_INFINITY {
+                return None;
+            }
+            s += x;
+        }
+        Some(s)
+    }
+
+    /// Query head `h`'s sink logit, if there are sinks.
+    pub fn sink(&self, h: usize) -> Option<f64> {
+        self.modifiers.sinks.as_ref().map(|s| s[h])
+    }
+
+    /// The sigmoid bias of this problem (its default resolved), or `None` for softmax.
+    pub fn sigmoid_bias(&self) -> Option<f64> {
+        match self.variant {
+            Variant::Softmax => None,
+            Variant::Sigmoid { bias } => Some(bias.unwrap_or(default_sigmoid_bias(self.kv_len))),
+        }
+    }
+
+    /// Visible (query, key) pairs summed over batch elements and query heads under every mask
+    /// (causal, window, key mask, `-inf` bias, varlen): what a fused kernel must compute, and
+    /// the unit of the FLOP count.
+    pub fn visible_pairs_total(&self) -> u64 {
+        if let Some(varlen) = &self.varlen {
+            let spans = varlen
+                .cu_seqlens_q
+                .windows(2)
+                .zip(varlen.cu_seqlens_k.windows(2));
+            return spans
+                .map(|(q, k)| {
+                    let sub = Problem {
+                        q_len: q[1] - q[0],
+                        kv_len: k[1] - k[0],
+                        varlen: None,
+                        modifiers: Modifiers::default(),
+                        ..self.clone()
+                    };
+                    sub.visible_pairs() * self.q_heads as u64
+                })
+                .sum();
+        }
+        let bias = self.modifiers.bias.as_ref();
+        // A bias that varies by head must be counted per head; otherwise heads share the count.
+        let counted_heads = bias.map_or(1, |b| b.heads);
+        let mut total = 0;
+        for b in 0..self.batch {
+            for h in 0..counted_heads {
+                let pairs = (0..self.q_len)
+                    .map(|i| {
+                        (0..self.kv_len)
+                            .filter(|&j| {
+                                self.is_visible(i, j)
+                                    && self.key_visible(b, j)
+                                    && bias.is_none_or(|_| self.modified(0.0, b, h, i, j).is_some())
+                            })
+                            .count() as u64
+                    })
+                    .sum::<u64>();
+                total += pairs * (self.q_heads / counted_heads) as u64;
+            }
+        }
+        total
+    }
+
+    /// Number of (query, key) pairs per (batch, head) that the causal mask and the window leave
+    /// visible.
     pub fn visible_pairs(&self) -> u64 {
         (0..self.q_len)
             .map(|i| (0..self.kv_len).filter(|&j| self.is_visible(i, j)).count() as u64)
@@ -190,10 +380,82 @@ pub struct Forward {
 /// # Panics
 /// If a slice length does not match the problem (the reference trusts its caller).
 pub fn forward(p: &Problem, q: &[f64], k: &[f64], v: &[f64]) -> Forward {
-    match p.variant {
+    per_sequence(p, q, k, v, |p, q, k, v| match p.variant {
         Variant::Softmax => softmax_forward(p, q, k, v),
-        Variant::Sigmoid { bias } => sigmoid_forward(p, bias, q, k, v),
+        Variant::Sigmoid { .. } => sigmoid_forward(p, q, k, v),
+    })
+}
+
+/// Runs `f` on each sequence of a varlen problem as its own batch-1 problem and assembles the
+/// results in the packed layout (LSE `[q_heads, total_q]`); calls `f` once otherwise.
+///
+/// # Panics
+/// If the varlen offsets are inconsistent with the problem.
+pub fn per_sequence<T: Copy + Default>(
+    p: &Problem,
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    f: impl Fn(&Problem, &[T], &[T], &[T]) -> Forward,
+) -> Forward {
+    let Some(varlen) = &p.varlen else {
+        return f(p, q, k, v);
+    };
+    assert_eq!(p.batch, 1, "varlen problems have batch 1");
+    let mut output = vec![0.0; p.o_elems()];
+    let mut lse = match p.variant {
+        Variant::Softmax => vec![f64::NEG_INFINITY; p.lse_elems()],
+        Variant::Sigmoid { .. } => Vec::new(),
+    };
+    let spans = varlen
+        .cu_seqlens_q
+        .windows(2)
+        .zip(varlen.cu_seqlens_k.windows(2));
+    for (qs, ks) in spans {
+        let (q0, nq, k0, nk) = (qs[0], qs[1] - qs[0], ks[0], ks[1] - ks[0]);
+        if nq == 0 {
+            continue;
+        }
+        let mut sub = Problem {
+            q_len: nq,
+            kv_len: nk,
+            varlen: None,
+            ..p.clone()
+        };
+        sub.modifiers.temperature = p.modifiers.temperature.as_ref().map(|t| {
+            (0..p.q_heads)
+                .flat_map(|h| t[h * p.q_len + q0..h * p.q_len + q0 + nq].iter().copied())
+                .collect()
+        });
+        // Rows (heads, seq) of the packed tensor, gathered into the sub-problem's layout.
+        let gather = |x: &[T], heads: usize, len: usize, start: usize, n: usize, dim: usize| {
+            let mut out = vec![T::default(); heads * n * dim];
+            for h in 0..heads {
+                for s in 0..n {
+                    let from = p.layout.index(0, h, start + s, 0, heads, len, dim);
+                    let to = sub.layout.index(0, h, s, 0, heads, n, dim);
+                    out[to..to + dim].copy_from_slice(&x[from..from + dim]);
+                }
+            }
+            out
+        };
+        let sq = gather(q, p.q_heads, p.q_len, q0, nq, p.head_dim);
+        let sk = gather(k, p.kv_heads, p.kv_len, k0, nk, p.head_dim);
+        let sv = gather(v, p.kv_heads, p.kv_len, k0, nk, p.value_dim);
+        // A sequence without keys is a problem with kv_len 0: every row sees nothing.
+        let result = f(&sub, &sq, &sk, &sv);
+        for h in 0..p.q_heads {
+            for s in 0..nq {
+                let from = sub.o_row_range(0, h, s);
+                let to = p.o_row_range(0, h, q0 + s);
+                output[to].copy_from_slice(&result.output[from]);
+                if !lse.is_empty() {
+                    lse[h * p.q_len + q0 + s] = result.lse[h * nq + s];
+                }
+            }
+        }
     }
+    Forward { output, lse }
 }
 
 /// The numerically stable logistic function: no overflow for any finite `x`.
@@ -206,23 +468,28 @@ pub fn sigmoid(x: f64) -> f64 {
     }
 }
 
-/// Sigmoid attention forward: `O[i] = Σ_j visible σ(scale · q_i·k_j + bias) v_j`, per (batch,
-/// query head). Invisible keys contribute nothing; a row with no visible key gets output 0.
+/// Sigmoid attention forward: `O[i] = Σ_j visible σ(logit(i, j) + bias) v_j`, per (batch,
+/// query head). Hidden keys contribute nothing; a row with no visible key gets output 0.
+/// One sequence: see [`forward`] for varlen problems.
 ///
 /// # Panics
 /// If a slice length does not match the problem.
-pub fn sigmoid_forward(p: &Problem, bias: f64, q: &[f64], k: &[f64], v: &[f64]) -> Forward {
+pub fn sigmoid_forward(p: &Problem, q: &[f64], k: &[f64], v: &[f64]) -> Forward {
     assert_eq!(q.len(), p.q_elems(), "q length");
     assert_eq!(k.len(), p.k_elems(), "k length");
     assert_eq!(v.len(), p.v_elems(), "v length");
+    let bias = p.sigmoid_bias().expect("a sigmoid problem");
     let mut output = vec![0.0; p.o_elems()];
     for b in 0..p.batch {
         for h in 0..p.q_heads {
             let kh = p.kv_head_of(h);
             for i in 0..p.q_len {
                 let out = &mut output[p.o_row_range(b, h, i)];
-                for j in (0..p.kv_len).filter(|&j| p.is_visible(i, j)) {
-                    let weight = sigmoid(p.score(q, k, b, h, i, j) + bias);
+                for j in 0..p.kv_len {
+                    let Some(s) = p.logit(q, k, b, h, i, j) else {
+                        continue;
+                    };
+                    let weight = sigmoid(s + bias);
                     for (o, x) in out.iter_mut().zip(p.v_row(v, b, kh, j)) {
                         *o += weight * x;
                     }
@@ -236,9 +503,10 @@ pub fn sigmoid_forward(p: &Problem, bias: f64, q: &[f64], k: &[f64], v: &[f64]) 
     }
 }
 
-/// Softmax attention forward: `O = softmax(scale · Q Kᵀ + mask) V`, per (batch, query head).
+/// Softmax attention forward: `O = softmax(logits) V` over the visible keys (and the sink,
+/// whose value is zero), per (batch, query head). One sequence: see [`forward`] for varlen.
 ///
-/// A query row with no visible key gets output 0 and LSE `-inf`.
+/// A query row with no visible key gets output 0 and LSE `-inf` (the sink logit with a sink).
 ///
 /// # Panics
 /// If a slice length does not match the problem (the reference trusts its caller).
@@ -248,27 +516,34 @@ pub fn softmax_forward(p: &Problem, q: &[f64], k: &[f64], v: &[f64]) -> Forward 
     assert_eq!(v.len(), p.v_elems(), "v length");
     let mut output = vec![0.0; p.o_elems()];
     let mut lse = vec![f64::NEG_INFINITY; p.lse_elems()];
-    let mut logits = vec![0.0; p.kv_len];
     for b in 0..p.batch {
         for h in 0..p.q_heads {
             let kh = p.kv_head_of(h);
             for i in 0..p.q_len {
-                let visible: Vec<usize> = (0..p.kv_len).filter(|&j| p.is_visible(i, j)).collect();
-                if visible.is_empty() {
-                    continue; // output already 0, lse already -inf
+                let logits: Vec<(usize, f64)> = (0..p.kv_len)
+                    .filter_map(|j| p.logit(q, k, b, h, i, j).map(|s| (j, s)))
+                    .collect();
+                let sink = p.sink(h);
+                if logits.is_empty() {
+                    // Output stays 0; the LSE is the sink's (or -inf).
+                    lse[(b * p.q_heads + h) * p.q_len + i] = sink.unwrap_or(f64::NEG_INFINITY);
+                    continue;
                 }
-                for &j in &visible {
-                    logits[j] = p.score(q, k, b, h, i, j);
-                }
-                let max = visible
+                let max = logits
                     .iter()
-                    .map(|&j| logits[j])
+                    .map(|&(_, s)| s)
+                    .chain(sink)
                     .fold(f64::NEG_INFINITY, f64::max);
-                let sum: f64 = visible.iter().map(|&j| (logits[j] - max).exp()).sum();
+                let sum: f64 = logits
+                    .iter()
+                    .map(|&(_, s)| s)
+                    .chain(sink)
+                    .map(|s| (s - max).exp())
+                    .sum();
                 lse[(b * p.q_heads + h) * p.q_len + i] = max + sum.ln();
                 let out = &mut output[p.o_row_range(b, h, i)];
-                for &j in &visible {
-                    let weight = (logits[j] - max).exp();
+                for &(j, s) in &logits {
+                    let weight = (s - max).exp();
                     for (o, x) in out.iter_mut().zip(p.v_row(v, b, kh, j)) {
                         *o += weight * x;
                     }
@@ -280,27 +555,30 @@ pub fn softmax_forward(p: &Problem, q: &[f64], k: &[f64], v: &[f64]) -> Forward 
     Forward { output, lse }
 }
 
-/// The attention probabilities `P` of one (batch, query head) as a `q_len × kv_len` row-major matrix.
+/// The attention probabilities `P` of one (batch, query head) as a `q_len × kv_len` row-major
+/// matrix (one sequence).
 ///
-/// Used by property tests (rows of P sum to 1 where any key is visible).
+/// Used by property tests (rows of P sum to 1 where any key is visible and there is no sink).
 pub fn softmax_probabilities(p: &Problem, q: &[f64], k: &[f64], b: usize, h: usize) -> Vec<f64> {
     let mut probs = vec![0.0; p.q_len * p.kv_len];
     for i in 0..p.q_len {
         let row = &mut probs[i * p.kv_len..(i + 1) * p.kv_len];
         let mut max = f64::NEG_INFINITY;
         for (j, slot) in row.iter_mut().enumerate() {
-            *slot = if p.is_visible(i, j) {
-                p.score(q, k, b, h, i, j)
-            } else {
-                f64::NEG_INFINITY
-            };
+            *slot = p.logit(q, k, b, h, i, j).unwrap_or(f64::NEG_INFINITY);
             max = max.max(*slot);
         }
         if max == f64::NEG_INFINITY {
             row.fill(0.0);
             continue;
         }
-        let sum: f64 = row.iter().map(|s| (s - max).exp()).sum();
+        let sink = p.sink(h);
+        let max = max.max(sink.unwrap_or(f64::NEG_INFINITY));
+        let sum: f64 = row
+            .iter()
+            .chain(sink.as_ref())
+            .map(|s| (s - max).exp())
+            .sum();
         row.iter_mut().for_each(|s| *s = (*s - max).exp() / sum);
     }
     probs

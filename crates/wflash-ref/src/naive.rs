@@ -8,14 +8,46 @@
 
 use crate::{Forward, Problem, Variant};
 
-/// `q·k` of query `i` of (batch `b`, query head `h`) with key `j`, accumulated in f32.
-fn dot_f32(p: &Problem, q: &[f32], k: &[f32], b: usize, h: usize, i: usize, j: usize) -> f32 {
+/// The logit of query `i` of (batch `b`, query head `h`) with key `j` in f32: `q·k` accumulated
+/// in f32, scaled, then the modifiers in f32 (as [`Problem::logit`] defines them), stored once.
+/// `None` where the key is hidden.
+#[expect(clippy::too_many_arguments, reason = "one score's coordinates")]
+fn logit_f32(
+    p: &Problem,
+    q: &[f32],
+    k: &[f32],
+    b: usize,
+    h: usize,
+    i: usize,
+    j: usize,
+    store: &impl Fn(f32) -> f32,
+) -> Option<f32> {
+    if !p.is_visible(i, j) || !p.key_visible(b, j) {
+        return None;
+    }
     let k_row = p.k_row(k, b, p.kv_head_of(h), j);
     let mut dot = 0.0f32;
     for (a, b) in p.q_row(q, b, h, i).iter().zip(k_row) {
         dot += a * b;
     }
-    dot
+    let m = &p.modifiers;
+    let mut s = p.scale as f32 * p.temperature(b, h, i) as f32 * dot;
+    if let Some(cap) = m.softcap {
+        let cap = cap as f32;
+        s = cap * (s / cap).tanh();
+    }
+    if let Some(slopes) = &m.alibi_slopes {
+        s -= slopes[h] as f32 * (j as f32 - p.diagonal(i) as f32).abs();
+    }
+    if let Some(bias) = &m.bias {
+        let (bb, bh) = (b.min(bias.batch - 1), h.min(bias.heads - 1));
+        let x = bias.values[((bb * bias.heads + bh) * p.q_len + i) * p.kv_len + j] as f32;
+        if x == f32::NEG_INFINITY {
+            return None;
+        }
+        s += x;
+    }
+    Some(store(s))
 }
 
 /// `O[i] = Σ_j P[i, j] V[j]` for one query row, accumulated in f32 (in key order) and stored.
@@ -50,37 +82,34 @@ pub fn forward_f32(
     v: &[f32],
     store: impl Fn(f32) -> f32,
 ) -> Forward {
-    match p.variant {
-        Variant::Softmax => softmax_forward_f32(p, q, k, v, store),
-        Variant::Sigmoid { bias } => sigmoid_forward_f32(p, bias as f32, q, k, v, store),
-    }
+    crate::per_sequence(p, q, k, v, |p, q, k, v| match p.variant {
+        Variant::Softmax => softmax_forward_f32(p, q, k, v, &store),
+        Variant::Sigmoid { .. } => sigmoid_forward_f32(p, q, k, v, &store),
+    })
 }
 
-/// Naive sigmoid attention in `f32`: `S = scale · Q Kᵀ` stored, `P = σ(S + bias)` stored, then
-/// `O = P V` (f32 accumulation) stored.
+/// Naive sigmoid attention in `f32` (one sequence): `S` (the logits) stored, `P = σ(S + bias)`
+/// stored, then `O = P V` (f32 accumulation) stored.
 pub fn sigmoid_forward_f32(
     p: &Problem,
-    bias: f32,
     q: &[f32],
     k: &[f32],
     v: &[f32],
-    store: impl Fn(f32) -> f32,
+    store: &impl Fn(f32) -> f32,
 ) -> Forward {
-    let scale = p.scale as f32;
+    let bias = p.sigmoid_bias().expect("a sigmoid problem") as f32;
     let mut output = vec![0.0; p.o_elems()];
     let mut probs = vec![0.0f32; p.kv_len];
     for b in 0..p.batch {
         for h in 0..p.q_heads {
             for i in 0..p.q_len {
                 for (j, slot) in probs.iter_mut().enumerate() {
-                    *slot = if p.is_visible(i, j) {
-                        let s = store(scale * dot_f32(p, q, k, b, h, i, j));
-                        store(crate::sigmoid(f64::from(s + bias)) as f32)
-                    } else {
-                        0.0
+                    *slot = match logit_f32(p, q, k, b, h, i, j, store) {
+                        Some(s) => store(crate::sigmoid(f64::from(s + bias)) as f32),
+                        None => 0.0,
                     };
                 }
-                store_row_f32(p, &probs, v, b, h, i, &store, &mut output);
+                store_row_f32(p, &probs, v, b, h, i, store, &mut output);
             }
         }
     }
@@ -90,8 +119,8 @@ pub fn sigmoid_forward_f32(
     }
 }
 
-/// Runs the naive computation in `f32`, rounding every materialised tensor with `store`
-/// (identity for f32, a round trip through `half::f16` or `half::bf16` for those).
+/// Runs the naive computation in `f32` (one sequence), rounding every materialised tensor with
+/// `store` (identity for f32, a round trip through `half::f16` or `half::bf16` for those).
 ///
 /// Inputs are the values the kernel sees (already representable in the storage type).
 /// Returns `f64` copies so callers can compare against the reference directly.
@@ -100,28 +129,28 @@ pub fn softmax_forward_f32(
     q: &[f32],
     k: &[f32],
     v: &[f32],
-    store: impl Fn(f32) -> f32,
+    store: &impl Fn(f32) -> f32,
 ) -> Forward {
-    let scale = p.scale as f32;
     let mut output = vec![0.0; p.o_elems()];
     let mut lse = vec![f64::NEG_INFINITY; p.lse_elems()];
     let mut probs = vec![0.0f32; p.kv_len];
     for b in 0..p.batch {
         for h in 0..p.q_heads {
+            let sink = p.sink(h).map(|s| s as f32);
             for i in 0..p.q_len {
                 let mut max = f32::NEG_INFINITY;
                 for (j, slot) in probs.iter_mut().enumerate() {
-                    *slot = if p.is_visible(i, j) {
-                        store(scale * dot_f32(p, q, k, b, h, i, j))
-                    } else {
-                        f32::NEG_INFINITY
-                    };
+                    *slot = logit_f32(p, q, k, b, h, i, j, store).unwrap_or(f32::NEG_INFINITY);
                     max = max.max(*slot);
                 }
                 if max == f32::NEG_INFINITY {
-                    continue; // no visible key: output 0, lse -inf
+                    // No visible key: output 0, lse -inf (or the sink's logit).
+                    lse[(b * p.q_heads + h) * p.q_len + i] =
+                        sink.map_or(f64::NEG_INFINITY, f64::from);
+                    continue;
                 }
-                let mut sum = 0.0f32;
+                let max = max.max(sink.unwrap_or(f32::NEG_INFINITY));
+                let mut sum = sink.map_or(0.0, |s| (s - max).exp());
                 for s in probs.iter_mut() {
                     *s = (*s - max).exp();
                     sum += *s;
@@ -130,7 +159,7 @@ pub fn softmax_forward_f32(
                 for s in probs.iter_mut() {
                     *s = store(*s / sum);
                 }
-                store_row_f32(p, &probs, v, b, h, i, &store, &mut output);
+                store_row_f32(p, &probs, v, b, h, i, store, &mut output);
             }
         }
     }

@@ -5,18 +5,8 @@ use proptest::prelude::*;
 
 fn problem(q_len: usize, kv_len: usize, causal: Option<CausalAlign>) -> Problem {
     Problem {
-        batch: 1,
-        q_heads: 1,
-        kv_heads: 1,
-        q_len,
-        kv_len,
-        head_dim: 1,
-        value_dim: 1,
-        layout: Layout::Bhsd,
-        scale: 1.0,
         causal,
-        window: None,
-        variant: Variant::Softmax,
+        ..Problem::new(1, 1, 1, q_len, kv_len, 1, 1, Layout::Bhsd)
     }
 }
 
@@ -135,6 +125,8 @@ fn arb_problem() -> impl Strategy<Value = Problem> {
                 ][causal],
                 window: None,
                 variant: Variant::Softmax,
+                modifiers: Modifiers::default(),
+                varlen: None,
             },
         )
 }
@@ -202,7 +194,7 @@ proptest! {
         let v = values(p.v_elems(), seed ^ 2);
         let truth = softmax_forward(&p, &q, &k, &v);
         let f = |x: &[f64]| x.iter().map(|&a| a as f32).collect::<Vec<f32>>();
-        let naive = naive::softmax_forward_f32(&p, &f(&q), &f(&k), &f(&v), |x| x);
+        let naive = naive::softmax_forward_f32(&p, &f(&q), &f(&k), &f(&v), &|x| x);
         for (a, b) in naive.output.iter().zip(&truth.output) {
             prop_assert!((a - b).abs() < 1e-5);
         }
@@ -230,7 +222,7 @@ fn sigmoid_attention_worked_by_hand() {
     // One query (q = 1), keys k = [0, 2], values v = [10, 20], scale 1, bias -1, top-left causal
     // with q_len 1 sees key 0 only; non-causal sees both.
     let mut p = problem(1, 2, None);
-    p.variant = Variant::Sigmoid { bias: -1.0 };
+    p.variant = Variant::Sigmoid { bias: Some(-1.0) };
     let out = forward(&p, &[1.0], &[0.0, 2.0], &[10.0, 20.0]);
     let expected = sigmoid(-1.0) * 10.0 + sigmoid(1.0) * 20.0;
     assert!((out.output[0] - expected).abs() < 1e-12);
@@ -274,4 +266,110 @@ fn window_mask_worked_by_hand() {
     assert_eq!(out.output[0], 0.0);
     assert_eq!(out.lse[0], f64::NEG_INFINITY);
     assert_eq!(out.output[2], 3.0); // query 2's diagonal is key 0
+}
+
+#[test]
+fn softcap_alibi_and_bias_worked_by_hand() {
+    // One query (q = 1) over keys k = [0, 2, 4], values [10, 20, 30], scale 1, bottom-right:
+    // the query's diagonal is key 2.
+    let mut p = problem(1, 3, None);
+    let (q, k, v) = ([1.0], [0.0, 2.0, 4.0], [10.0, 20.0, 30.0]);
+    let weighted = |logits: [f64; 3]| {
+        let sum: f64 = logits.iter().map(|s| s.exp()).sum();
+        logits.iter().zip(v).map(|(s, x)| s.exp() * x).sum::<f64>() / sum
+    };
+    // Soft-capping at 3: logits 3·tanh(s/3).
+    p.modifiers.softcap = Some(3.0);
+    let want = weighted([
+        0.0,
+        3.0 * (2.0f64 / 3.0).tanh(),
+        3.0 * (4.0f64 / 3.0).tanh(),
+    ]);
+    assert!((forward(&p, &q, &k, &v).output[0] - want).abs() < 1e-12);
+    // ALiBi slope 0.5, distances 2, 1, 0 from the diagonal key 2: logits 0 - 1, 2 - 0.5, 4.
+    p.modifiers.softcap = None;
+    p.modifiers.alibi_slopes = Some(vec![0.5]);
+    let want = weighted([-1.0, 1.5, 4.0]);
+    assert!((forward(&p, &q, &k, &v).output[0] - want).abs() < 1e-12);
+    // A bias that adds 1 to key 0 and hides key 2.
+    p.modifiers.alibi_slopes = None;
+    p.modifiers.bias = Some(Bias {
+        values: vec![1.0, 0.0, f64::NEG_INFINITY],
+        batch: 1,
+        heads: 1,
+    });
+    let fwd = forward(&p, &q, &k, &v);
+    let (e1, e2) = (1f64.exp(), 2f64.exp());
+    assert!((fwd.output[0] - (10.0 * e1 + 20.0 * e2) / (e1 + e2)).abs() < 1e-12);
+    assert!((fwd.lse[0] - (e1 + e2).ln()).abs() < 1e-12);
+    // Sigmoid applies ALiBi in full (not shift invariant): σ(s - slope·d + b).
+    p.modifiers.bias = None;
+    p.modifiers.alibi_slopes = Some(vec![0.5]);
+    p.variant = Variant::Sigmoid { bias: Some(-1.0) };
+    let want = 10.0 * sigmoid(-2.0) + 20.0 * sigmoid(0.5) + 30.0 * sigmoid(3.0);
+    assert!((forward(&p, &q, &k, &v).output[0] - want).abs() < 1e-12);
+}
+
+#[test]
+fn sinks_temperature_and_key_mask_worked_by_hand() {
+    let mut p = problem(1, 2, None);
+    let (q, k, v) = ([1.0], [0.0, 3f64.ln()], [4.0, 8.0]);
+    // A sink of logit ln 4 joins the denominator: weights 1/8 and 3/8 (the sink takes 4/8).
+    p.modifiers.sinks = Some(vec![4f64.ln()]);
+    let fwd = forward(&p, &q, &k, &v);
+    assert!((fwd.output[0] - (4.0 + 3.0 * 8.0) / 8.0).abs() < 1e-12);
+    assert!((fwd.lse[0] - 8f64.ln()).abs() < 1e-12);
+    // Every key hidden: output 0 and the LSE is the sink's logit.
+    p.modifiers.key_mask = Some(vec![false, false]);
+    let fwd = forward(&p, &q, &k, &v);
+    assert_eq!(fwd.output[0], 0.0);
+    assert!((fwd.lse[0] - 4f64.ln()).abs() < 1e-12);
+    // Without the sink a fully masked row is 0 / -inf; key 0 alone gives v[0].
+    p.modifiers.sinks = None;
+    assert_eq!(forward(&p, &q, &k, &v).lse[0], f64::NEG_INFINITY);
+    p.modifiers.key_mask = Some(vec![true, false]);
+    assert_eq!(forward(&p, &q, &k, &v).output[0], 4.0);
+    // Temperature 2 doubles the logits: weights 1 and 9.
+    p.modifiers.key_mask = None;
+    p.modifiers.temperature = Some(vec![2.0]);
+    assert!((forward(&p, &q, &k, &v).output[0] - (4.0 + 9.0 * 8.0) / 10.0).abs() < 1e-12);
+}
+
+#[test]
+fn varlen_is_each_sequence_on_its_own() {
+    // Two sequences packed in one BSHD batch: (q 2, kv 3) and (q 1, kv 2); two heads.
+    let mut p = Problem::new(1, 2, 2, 3, 5, 2, 2, Layout::Bshd);
+    p.causal = Some(CausalAlign::BottomRight);
+    p.varlen = Some(Varlen {
+        cu_seqlens_q: vec![0, 2, 3],
+        cu_seqlens_k: vec![0, 3, 5],
+    });
+    let (q, k, v) = (values(12, 1), values(20, 2), values(20, 3));
+    let packed = forward(&p, &q, &k, &v);
+    // Sequence by sequence, as separate problems.
+    let slice = |x: &[f64], rows: std::ops::Range<usize>| x[rows.start * 4..rows.end * 4].to_vec();
+    for (qr, kr) in [(0..2, 0..3), (2..3, 3..5)] {
+        let mut one = Problem::new(1, 2, 2, qr.len(), kr.len(), 2, 2, Layout::Bshd);
+        one.causal = p.causal;
+        let alone = forward(
+            &one,
+            &slice(&q, qr.clone()),
+            &slice(&k, kr.clone()),
+            &slice(&v, kr),
+        );
+        assert_eq!(&packed.output[qr.start * 4..qr.end * 4], &alone.output[..]);
+        for h in 0..2 {
+            for (s, row) in qr.clone().enumerate() {
+                assert_eq!(packed.lse[h * 3 + row], alone.lse[h * qr.len() + s]);
+            }
+        }
+    }
+    // A sequence with no keys: its rows are 0 / -inf.
+    p.varlen = Some(Varlen {
+        cu_seqlens_q: vec![0, 2, 3],
+        cu_seqlens_k: vec![0, 5, 5],
+    });
+    let fwd = forward(&p, &q, &k, &v);
+    assert!(fwd.output[8..12].iter().all(|&x| x == 0.0));
+    assert_eq!(fwd.lse[2], f64::NEG_INFINITY);
 }

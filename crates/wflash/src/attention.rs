@@ -3,38 +3,71 @@
 use wgpu::util::DeviceExt;
 
 use crate::engine::PipelineKey;
-use crate::kernel::{self, Family, KernelKey, TileConfig, UNROLLED_KEYS, VariantKind};
+use crate::kernel::{
+    self, Conversion, Family, KernelKey, ScoreMods, Storage, TileConfig, UNROLLED_KEYS, VariantKind,
+};
 use crate::tensor::buffer_bytes;
 use crate::{
-    Attention, AttentionOptions, Causal, DType, Element, Engine, Error, Layout, Result, Shape,
-    Tensor, Variant,
+    Attention, AttentionOptions, BiasValues, Causal, DType, Element, Engine, Error, Layout, Result,
+    Shape, Tensor, Variant,
 };
 
-/// The uniform block of `flash_fwd.wgsl` (`struct Params`); a test checks the layout against naga's.
+/// The uniform block of the forward kernels (`struct Params` in flash_common.wgsl); a test
+/// checks the layout against naga's.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
 pub struct FlashParams {
     pub q_heads: u32,
     pub kv_heads: u32,
-    pub q_len: u32,
-    pub kv_len: u32,
+    /// Unrolled family: packed K/V rows per kv head and per batch element (0 for varlen).
+    pub tex_rows_per_head: u32,
+    pub tex_rows_per_batch: u32,
     pub q_stride: [u32; 4],
     pub k_stride: [u32; 4],
     pub v_stride: [u32; 4],
     pub o_stride: [u32; 4],
-    /// Query i's diagonal key is `i + diag_offset`; causal masks and windows are measured from it.
-    pub diag_offset: i32,
+    /// (batch, head) strides of per-row data (LSE, temperature).
+    pub row_batch_stride: u32,
+    pub row_head_stride: u32,
+    /// Unrolled family: packed K/V rows per texture line.
+    pub tex_fold: u32,
+    /// `HAS_SINKS` (1) | `HAS_TEMPERATURE` (2).
+    pub flags: u32,
     /// What Q is multiplied by: `scale · log2 e` (softmax) or `scale` (sigmoid).
     pub q_scale: f32,
-    /// Unrolled family: packed K/V rows per (batch, kv head), and packed rows per texture line.
-    pub tex_rows_per_head: u32,
-    pub tex_fold: u32,
-    pub sigmoid_bias: f32,
+    /// `log2 e` (softmax) or 1 (sigmoid).
+    pub score_unit: f32,
+    /// `softcap · score_unit`.
+    pub softcap: f32,
     /// Window bounds left/right of the diagonal; -1 for unbounded.
     pub window_left: i32,
     pub window_right: i32,
-    pub _pad: u32,
+    pub bias_batch_rows: u32,
+    pub bias_head_rows: u32,
+    pub bias_fold: u32,
+    pub bias_width4: u32,
+    pub mask_fold: u32,
+    pub mask_width4: u32,
+    pub _pad0: u32,
 }
+
+/// One batch element or varlen sequence (`struct Sequence` in flash_common.wgsl).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct SequenceInfo {
+    pub q_offset: u32,
+    pub q_len: u32,
+    pub kv_offset: u32,
+    pub kv_len: u32,
+    /// Keys outside `[key_lo, key_hi)` are hidden from every row (the key mask's span).
+    pub key_lo: u32,
+    pub key_hi: u32,
+    pub diag_offset: i32,
+    pub sigmoid_bias: f32,
+}
+
+const HAS_SINKS: u32 = 1;
+const HAS_TEMPERATURE: u32 = 2;
 
 /// The uniform block of `pack_rows.wgsl` (`struct PackParams`).
 #[repr(C)]
@@ -68,8 +101,14 @@ const CPU_TILED_MAX_KV_TIMES_CHUNKS: usize = 8192;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Plan {
     pub key: KernelKey,
+    /// How Q, K, V and O are stored (the kernel's `key.storage` is f32 for the unrolled
+    /// family, which converts Q and O at its edges).
+    pub io_storage: Storage,
     /// Unrolled family: packed K/V rows per texture line (see pack_rows.wgsl).
     pub tex_fold: u32,
+    /// Packed bias and key-mask rows per texture line (0 without them).
+    pub bias_fold: u32,
+    pub mask_fold: u32,
     /// Batch elements per dispatch; less than the batch when buffers would exceed a limit.
     pub batch_per_dispatch: usize,
     /// Workgroups along x (query tiles × value slices); y is heads, z the dispatch's batch.
@@ -78,11 +117,15 @@ pub struct Plan {
 
 impl Engine {
     /// Checks a call and decides how it runs, without touching the GPU.
-    pub fn plan(&self, shape: &Shape, opts: &AttentionOptions, dtype: DType) -> Result<Plan> {
+    pub fn plan(&self, shape: &Shape, opts: &AttentionOptions<'_>, dtype: DType) -> Result<Plan> {
         shape.validate()?;
         opts.resolved_scale(shape)?;
-        opts.resolved_sigmoid_bias(shape)?;
+        opts.validate_modifiers(shape)?;
+        opts.resolved_sigmoid_bias(shape.kv_len)?;
         let storage = self.storage_for(dtype)?;
+        if let Some(bias) = opts.bias {
+            self.storage_for(bias.values.dtype())?;
+        }
         let limits = &self.inner.info.limits;
 
         let family = self.family();
@@ -118,23 +161,35 @@ impl Engine {
                 kernel::unrolled_tile(shape.head_dim as u32, shape.value_dim as u32)
             }
         };
+        // The unrolled family computes in f32; other types are converted at its edges.
+        let kernel_storage = match family {
+            Family::Tiled => storage,
+            Family::Unrolled => Storage::F32,
+        };
         let key = KernelKey {
             family,
-            storage,
+            storage: kernel_storage,
             head_dim: shape.head_dim as u32,
             value_dim: shape.value_dim as u32,
             tile,
             causal: opts.causal.is_some(),
             variant: VariantKind::of(&opts.variant),
+            mods: ScoreMods::of(opts),
         };
         let block_m = tile.block_m;
 
+        // A dispatch's rows are the longest sequence's (varlen) or q_len.
+        let rows = opts.varlen.map_or(shape.q_len, |v| {
+            v.spans().map(|(_, q_len, _, _)| q_len).max().unwrap_or(0)
+        });
         let max_groups = u64::from(limits.max_compute_workgroups_per_dimension);
         let query_tiles =
-            (shape.q_len as u64).div_ceil(u64::from(block_m)) * u64::from(key.value_slices());
+            (rows.max(1) as u64).div_ceil(u64::from(block_m)) * u64::from(key.value_slices());
+        let sequences = opts.varlen.map_or(1, |v| v.sequences()) as u64;
         for (needed, what) in [
             (query_tiles, " (query tiles × value slices)"),
             (shape.q_heads as u64, " (q_heads)"),
+            (sequences, " (varlen sequences)"),
         ] {
             if needed > max_groups {
                 return Err(Error::TooLarge {
@@ -158,8 +213,9 @@ impl Engine {
             .max()
             .unwrap_or(1)
             .max(shape.q_heads * shape.q_len);
-        let per_batch_bytes =
-            buffer_bytes(dtype, largest).max(buffer_bytes(DType::F32, shape.q_heads * shape.q_len));
+        let per_batch_bytes = buffer_bytes(kernel_storage.dtype(), largest)
+            .max(buffer_bytes(dtype, largest))
+            .max(buffer_bytes(DType::F32, shape.q_heads * shape.q_len));
         let binding_limit = limits
             .max_storage_buffer_binding_size
             .min(limits.max_buffer_size);
@@ -169,27 +225,6 @@ impl Engine {
             .min(index_limit / largest as u64)
             .min(max_groups)
             .min(shape.batch as u64) as usize;
-        let mut tex_fold = 0;
-        if family == Family::Unrolled {
-            // Packed rows fold into lines of at most max_texture_dimension_2d texels; the
-            // texture's height is bounded by the same limit.
-            let max_dim = u64::from(limits.max_texture_dimension_2d);
-            let widest = (shape.head_dim.max(shape.value_dim) as u64).div_ceil(4);
-            let fold = (max_dim / widest).max(1);
-            let rows_per_batch =
-                (shape.kv_heads * shape.kv_len.next_multiple_of(UNROLLED_KEYS as usize)) as u64;
-            let fits = (max_dim * fold / rows_per_batch) as usize;
-            if fits == 0 {
-                return Err(Error::TooLarge {
-                    limit: "max_texture_dimension_2d",
-                    needed: rows_per_batch.div_ceil(fold),
-                    max: max_dim,
-                    hint: " texture lines for K/V of one batch element",
-                });
-            }
-            batch_per_dispatch = batch_per_dispatch.min(fits);
-            tex_fold = fold as u32;
-        }
         if batch_per_dispatch == 0 {
             let (limit, needed, max) = if largest as u64 > index_limit {
                 ("u32 element index", largest as u64, index_limit)
@@ -207,9 +242,77 @@ impl Engine {
                 hint: " (even one batch element is too large)",
             });
         }
+
+        // Packed textures: rows fold into lines of at most max_texture_dimension_2d texels,
+        // and a texture has at most that many lines. Each constrains the batch per dispatch.
+        let max_dim = u64::from(limits.max_texture_dimension_2d);
+        let texture_batches = |width4: u64, rows_per_batch: u64, rows_fixed: u64, what| {
+            let too_large = |needed| Error::TooLarge {
+                limit: "max_texture_dimension_2d",
+                needed,
+                max: max_dim,
+                hint: what,
+            };
+            if width4 > max_dim {
+                return Err(too_large(width4));
+            }
+            let fold = max_dim / width4;
+            let capacity = max_dim * fold;
+            if rows_fixed > capacity
+                || (rows_per_batch > 0 && rows_per_batch + rows_fixed > capacity)
+            {
+                return Err(too_large((rows_per_batch + rows_fixed).div_ceil(fold)));
+            }
+            // A texture whose rows do not grow with the batch never limits it.
+            let fits = (capacity - rows_fixed)
+                .checked_div(rows_per_batch)
+                .map_or(usize::MAX, |n| n as usize);
+            Ok((fold as u32, fits))
+        };
+        let mut tex_fold = 0;
+        if family == Family::Unrolled {
+            let widest = (shape.head_dim.max(shape.value_dim) as u64).div_ceil(4);
+            let rows = (shape.kv_heads * tex_rows_per_head(shape, opts)) as u64;
+            let (fold, fits) = texture_batches(
+                widest,
+                rows,
+                0,
+                " texture lines for K/V of one batch element",
+            )?;
+            batch_per_dispatch = batch_per_dispatch.min(fits);
+            tex_fold = fold;
+        }
+        let key_width4 = (shape.kv_len as u64).div_ceil(4);
+        let mut bias_fold = 0;
+        if let Some(bias) = opts.bias {
+            let rows = (bias.heads * shape.q_len) as u64;
+            let (per_batch, fixed) = if bias.batch == 1 {
+                (0, rows)
+            } else {
+                (rows, 0)
+            };
+            let (fold, fits) = texture_batches(
+                key_width4,
+                per_batch,
+                fixed,
+                " texels or lines for the bias",
+            )?;
+            batch_per_dispatch = batch_per_dispatch.min(fits);
+            bias_fold = fold;
+        }
+        let mut mask_fold = 0;
+        if opts.key_mask.is_some() {
+            let (fold, fits) =
+                texture_batches(key_width4, 1, 0, " texels or lines for the key mask")?;
+            batch_per_dispatch = batch_per_dispatch.min(fits);
+            mask_fold = fold;
+        }
         Ok(Plan {
             key,
+            io_storage: storage,
             tex_fold,
+            bias_fold,
+            mask_fold,
             batch_per_dispatch,
             query_tiles: query_tiles as u32,
         })
@@ -253,7 +356,7 @@ impl Engine {
         &self,
         shape: &Shape,
         layout: Layout,
-        opts: &AttentionOptions,
+        opts: &AttentionOptions<'_>,
         q: &[T],
         k: &[T],
         v: &[T],
@@ -275,7 +378,7 @@ impl Engine {
             let q_t = self.upload(&q[range(shape.q_elems() / shape.batch)])?;
             let k_t = self.upload(&k[range(shape.k_elems() / shape.batch)])?;
             let v_t = self.upload(&v[range(shape.v_elems() / shape.batch)])?;
-            let out = self.run(&plan, &part, layout, opts, &q_t, &k_t, &v_t)?;
+            let out = self.run(&plan, &part, layout, opts, start, &q_t, &k_t, &v_t)?;
             output.extend(self.read::<T>(&out.output).await?);
             if let Some(l) = &out.lse {
                 lse.extend(self.read::<f32>(l).await?);
@@ -293,7 +396,7 @@ impl Engine {
         &self,
         shape: &Shape,
         layout: Layout,
-        opts: &AttentionOptions,
+        opts: &AttentionOptions<'_>,
         q: &[T],
         k: &[T],
         v: &[T],
@@ -307,7 +410,7 @@ impl Engine {
         &self,
         shape: &Shape,
         layout: Layout,
-        opts: &AttentionOptions,
+        opts: &AttentionOptions<'_>,
         q: &Tensor,
         k: &Tensor,
         v: &Tensor,
@@ -336,9 +439,11 @@ impl Engine {
                 hint: " batch elements per GPU tensor (host-slice calls split over batch; split GPU tensors yourself)",
             });
         }
-        self.run(&plan, shape, layout, opts, q, k, v)
+        self.run(&plan, shape, layout, opts, 0, q, k, v)
     }
 
+    /// Records and submits one dispatch: batch elements `batch0..batch0 + shape.batch` of the
+    /// call (the modifiers' per-batch data is sliced from there).
     #[expect(
         clippy::too_many_arguments,
         reason = "one call's full description; private"
@@ -348,17 +453,14 @@ impl Engine {
         plan: &Plan,
         shape: &Shape,
         layout: Layout,
-        opts: &AttentionOptions,
+        opts: &AttentionOptions<'_>,
+        batch0: usize,
         q: &Tensor,
         k: &Tensor,
         v: &Tensor,
     ) -> Result<GpuAttention> {
         self.check_alive()?;
         let pipeline = self.pipeline(PipelineKey::Forward(plan.key))?;
-        let pack_pipeline = match plan.key.family {
-            Family::Unrolled => Some(self.pipeline(PipelineKey::Pack(plan.key.storage))?),
-            Family::Tiled => None,
-        };
         let output = self.output_tensor(q.dtype, shape.o_elems())?;
         // Sigmoid has no row statistic; its kernel writes no LSE (one element keeps the binding).
         let lse = match opts.variant {
@@ -366,58 +468,220 @@ impl Engine {
             Variant::Sigmoid { .. } => self.output_tensor(DType::F32, 1)?,
         };
         let mut params = flash_params(shape, layout, opts)?;
+        let sequences = sequence_infos(shape, opts, batch0)?;
+        let row_data = row_data(shape, opts, batch0);
+        if opts.sinks.is_some() {
+            params.flags |= HAS_SINKS;
+        }
+        if opts.temperature.is_some() {
+            params.flags |= HAS_TEMPERATURE;
+        }
+        let max_groups = self.inner.info.limits.max_compute_workgroups_per_dimension;
+        let key_width4 = shape.kv_len.div_ceil(4);
+
+        // Textures the kernel reads: packed K/V (unrolled), the bias and the key mask. Each
+        // is a pack_rows pass recorded ahead of the attention pass.
+        let mut packs: Vec<(PipelineKey, Tensor, PackShape, &str)> = Vec::new();
+        if plan.key.family == Family::Unrolled {
+            let rows_per_head = tex_rows_per_head(shape, opts);
+            params.tex_rows_per_head = rows_per_head as u32;
+            params.tex_rows_per_batch = if opts.varlen.is_some() {
+                0
+            } else {
+                (shape.kv_heads * rows_per_head) as u32
+            };
+            params.tex_fold = plan.tex_fold;
+            for (tensor, dim, stride, name) in [
+                (k, shape.head_dim, params.k_stride, "packed K"),
+                (v, shape.value_dim, params.v_stride, "packed V"),
+            ] {
+                let pack_shape = PackShape {
+                    stride,
+                    heads: shape.kv_heads,
+                    batch: shape.batch,
+                    seq_len: shape.kv_len,
+                    rows_per_head,
+                    dim,
+                    fold: plan.tex_fold,
+                    max_groups,
+                };
+                packs.push((
+                    PipelineKey::Pack(plan.io_storage),
+                    tensor.clone(),
+                    pack_shape,
+                    name,
+                ));
+            }
+        }
+        if let Some(bias) = opts.bias {
+            let (batches, first) = if bias.batch == 1 {
+                (1, 0)
+            } else {
+                (shape.batch, batch0)
+            };
+            let per_batch = bias.heads * shape.q_len * shape.kv_len;
+            let range = first * per_batch..(first + batches) * per_batch;
+            let tensor = match bias.values {
+                BiasValues::F32(values) => self.upload(&values[range])?,
+                BiasValues::F16(values) => self.upload(&values[range])?,
+            };
+            params.bias_batch_rows = if bias.batch == 1 {
+                0
+            } else {
+                (bias.heads * shape.q_len) as u32
+            };
+            params.bias_head_rows = if bias.heads == 1 {
+                0
+            } else {
+                shape.q_len as u32
+            };
+            params.bias_fold = plan.bias_fold;
+            params.bias_width4 = key_width4 as u32;
+            let pack_shape = PackShape {
+                stride: [
+                    (bias.heads * shape.q_len * shape.kv_len) as u32,
+                    (shape.q_len * shape.kv_len) as u32,
+                    shape.kv_len as u32,
+                    1,
+                ],
+                heads: bias.heads,
+                batch: batches,
+                seq_len: shape.q_len,
+                rows_per_head: shape.q_len,
+                dim: shape.kv_len,
+                fold: plan.bias_fold,
+                max_groups,
+            };
+            let storage = self.storage_for(bias.values.dtype())?;
+            packs.push((
+                PipelineKey::Pack(storage),
+                tensor,
+                pack_shape,
+                "packed bias",
+            ));
+        }
+        if let Some(mask) = opts.key_mask {
+            // Additive form: 0 where the key takes part, -inf where it is hidden.
+            let rows = &mask[batch0 * shape.kv_len..(batch0 + shape.batch) * shape.kv_len];
+            let additive: Vec<f32> = rows
+                .iter()
+                .map(|&keep| if keep { 0.0 } else { f32::NEG_INFINITY })
+                .collect();
+            params.mask_fold = plan.mask_fold;
+            params.mask_width4 = key_width4 as u32;
+            let pack_shape = PackShape {
+                stride: [
+                    shape.kv_len as u32,
+                    shape.kv_len as u32,
+                    shape.kv_len as u32,
+                    1,
+                ],
+                heads: 1,
+                batch: shape.batch,
+                seq_len: 1,
+                rows_per_head: 1,
+                dim: shape.kv_len,
+                fold: plan.mask_fold,
+                max_groups,
+            };
+            packs.push((
+                PipelineKey::Pack(Storage::F32),
+                self.upload(&additive)?,
+                pack_shape,
+                "packed key mask",
+            ));
+        }
+        let pack_pipelines = packs
+            .iter()
+            .map(|(key, ..)| self.pipeline(*key))
+            .collect::<Result<Vec<_>>>()?;
+        // Q and O in f32 around a kernel that computes in f32 on other storage types.
+        let converted = (plan.key.storage != plan.io_storage).then_some(());
+        let q_f32 = converted
+            .map(|()| self.output_tensor(DType::F32, q.len))
+            .transpose()?;
+        let o_f32 = converted
+            .map(|()| self.output_tensor(DType::F32, output.len))
+            .transpose()?;
+        let to_f32 = converted
+            .map(|()| self.pipeline(PipelineKey::Convert(Conversion::ToF32(plan.io_storage))))
+            .transpose()?;
+        let from_f32 = converted
+            .map(|()| self.pipeline(PipelineKey::Convert(Conversion::FromF32(plan.io_storage))))
+            .transpose()?;
+
         self.guarded(|device| {
             let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
                 label: Some("flash_fwd"),
             });
-            // The unrolled family reads K and V from textures packed here, in the same pass list.
-            let (k_binding, v_binding) = if let Some(pack_pipeline) = &pack_pipeline {
-                let rows_per_head = shape
-                    .kv_len
-                    .next_multiple_of(plan.key.tile.block_n as usize);
-                params.tex_rows_per_head = rows_per_head as u32;
-                params.tex_fold = plan.tex_fold;
-                let mut packed = |tensor: &Tensor, dim: usize, stride: [u32; 4], name: &str| {
-                    pack_rows(
-                        device,
-                        &mut encoder,
-                        pack_pipeline,
-                        tensor,
-                        PackShape {
-                            stride,
-                            heads: shape.kv_heads,
-                            batch: shape.batch,
-                            seq_len: shape.kv_len,
-                            rows_per_head,
-                            dim,
-                            fold: plan.tex_fold,
-                            max_groups: self.inner.info.limits.max_compute_workgroups_per_dimension,
-                        },
-                        name,
-                    )
-                };
-                let k_view = packed(k, shape.head_dim, params.k_stride, "packed K");
-                let v_view = packed(v, shape.value_dim, params.v_stride, "packed V");
-                (Binding::Texture(k_view), Binding::Texture(v_view))
-            } else {
-                (Binding::Buffer(&k.buffer), Binding::Buffer(&v.buffer))
-            };
+            let views: Vec<wgpu::TextureView> = packs
+                .iter()
+                .zip(&pack_pipelines)
+                .map(|((_, tensor, pack_shape, name), pipeline)| {
+                    pack_rows(device, &mut encoder, pipeline, tensor, *pack_shape, name)
+                })
+                .collect();
+            if let (Some(pipeline), Some(q_f32)) = (&to_f32, &q_f32) {
+                let convert = Conversion::ToF32(plan.io_storage);
+                convert_pass(
+                    device,
+                    &mut encoder,
+                    pipeline,
+                    convert,
+                    q,
+                    q_f32,
+                    max_groups,
+                );
+            }
             let uniform = device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
                 label: Some("flash_fwd params"),
                 contents: bytemuck::bytes_of(&params),
                 usage: wgpu::BufferUsages::UNIFORM,
             });
+            let storage_init = |label, contents: &[u8]| {
+                device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                    label: Some(label),
+                    contents,
+                    usage: wgpu::BufferUsages::STORAGE,
+                })
+            };
+            let row_data = storage_init("flash_fwd row data", bytemuck::cast_slice(&row_data));
+            let sequences = storage_init("flash_fwd sequences", bytemuck::cast_slice(&sequences));
+            let mut entries = vec![
+                entry(0, &uniform),
+                entry(1, &q_f32.as_ref().unwrap_or(q).buffer),
+                entry(4, &o_f32.as_ref().unwrap_or(&output).buffer),
+                entry(5, &lse.buffer),
+                entry(6, &row_data),
+                entry(7, &sequences),
+            ];
+            let mut views = views.iter();
+            let mut texture = |binding| wgpu::BindGroupEntry {
+                binding,
+                resource: wgpu::BindingResource::TextureView(
+                    views.next().expect("a packed view per texture binding"),
+                ),
+            };
+            match plan.key.family {
+                Family::Unrolled => {
+                    entries.push(texture(2));
+                    entries.push(texture(3));
+                }
+                Family::Tiled => {
+                    entries.push(entry(2, &k.buffer));
+                    entries.push(entry(3, &v.buffer));
+                }
+            }
+            if plan.key.mods.bias {
+                entries.push(texture(8));
+            }
+            if plan.key.mods.key_mask {
+                entries.push(texture(9));
+            }
             let bind_group = device.create_bind_group(&wgpu::BindGroupDescriptor {
                 label: Some("flash_fwd bind group"),
                 layout: &pipeline.get_bind_group_layout(0),
-                entries: &[
-                    entry(0, &uniform),
-                    entry(1, &q.buffer),
-                    k_binding.entry(2),
-                    v_binding.entry(3),
-                    entry(4, &output.buffer),
-                    entry(5, &lse.buffer),
-                ],
+                entries: &entries,
             });
             {
                 let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
@@ -429,7 +693,19 @@ impl Engine {
                 pass.dispatch_workgroups(
                     plan.query_tiles,
                     shape.q_heads as u32,
-                    shape.batch as u32,
+                    sequences_len(shape, opts) as u32,
+                );
+            }
+            if let (Some(pipeline), Some(o_f32)) = (&from_f32, &o_f32) {
+                let convert = Conversion::FromF32(plan.io_storage);
+                convert_pass(
+                    device,
+                    &mut encoder,
+                    pipeline,
+                    convert,
+                    o_f32,
+                    &output,
+                    max_groups,
                 );
             }
             self.inner.queue.submit([encoder.finish()]);
@@ -450,25 +726,8 @@ pub struct GpuAttention {
     pub lse: Option<Tensor>,
 }
 
-/// A K or V binding: the tensor's buffer (tiled) or its packed texture (unrolled).
-enum Binding<'a> {
-    Buffer(&'a wgpu::Buffer),
-    Texture(wgpu::TextureView),
-}
-
-impl Binding<'_> {
-    fn entry(&self, binding: u32) -> wgpu::BindGroupEntry<'_> {
-        match self {
-            Binding::Buffer(buffer) => entry(binding, buffer),
-            Binding::Texture(view) => wgpu::BindGroupEntry {
-                binding,
-                resource: wgpu::BindingResource::TextureView(view),
-            },
-        }
-    }
-}
-
-/// What `pack_rows` needs to know about one K or V tensor.
+/// What `pack_rows` needs to know about one tensor it packs (K, V, the bias, the key mask).
+#[derive(Clone, Copy, Debug)]
 struct PackShape {
     stride: [u32; 4],
     heads: usize,
@@ -548,6 +807,60 @@ fn pack_rows(
     view
 }
 
+/// The uniform block of `convert.wgsl` (`struct ConvertParams`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct ConvertParams {
+    pub len: u32,
+    pub units: u32,
+    pub groups_x: u32,
+    pub _pad0: u32,
+}
+
+/// Records `conversion` of every element of `src` into `dst` (same length).
+fn convert_pass(
+    device: &wgpu::Device,
+    encoder: &mut wgpu::CommandEncoder,
+    pipeline: &wgpu::ComputePipeline,
+    conversion: Conversion,
+    src: &Tensor,
+    dst: &Tensor,
+    max_groups: u32,
+) {
+    let len = src.len as u32;
+    let units = len.div_ceil(conversion.elements_per_unit());
+    let groups = units.div_ceil(64).max(1);
+    let groups_x = groups.min(max_groups);
+    let params = ConvertParams {
+        len,
+        units,
+        groups_x,
+        _pad0: 0,
+    };
+    let uniform = device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+        label: Some("convert params"),
+        contents: bytemuck::bytes_of(&params),
+        usage: wgpu::BufferUsages::UNIFORM,
+    });
+    let label = conversion.label();
+    let bind_group = device.create_bind_group(&wgpu::BindGroupDescriptor {
+        label: Some(&label),
+        layout: &pipeline.get_bind_group_layout(0),
+        entries: &[
+            entry(0, &uniform),
+            entry(1, &src.buffer),
+            entry(2, &dst.buffer),
+        ],
+    });
+    let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+        label: Some(&label),
+        timestamp_writes: None,
+    });
+    pass.set_pipeline(pipeline);
+    pass.set_bind_group(0, &bind_group, &[]);
+    pass.dispatch_workgroups(groups_x, groups.div_ceil(groups_x), 1);
+}
+
 fn entry(binding: u32, buffer: &wgpu::Buffer) -> wgpu::BindGroupEntry<'_> {
     wgpu::BindGroupEntry {
         binding,
@@ -566,45 +879,122 @@ fn check_len(tensor: &'static str, expected: usize, got: usize) -> Result<()> {
     Ok(())
 }
 
+/// Packed K/V rows per kv head: the keys rounded up to the unrolled kernel's key step (varlen:
+/// one step more, since a sequence's last step may start up to 3 rows before the total).
+fn tex_rows_per_head(shape: &Shape, opts: &AttentionOptions<'_>) -> usize {
+    let keys = UNROLLED_KEYS as usize;
+    shape.kv_len.next_multiple_of(keys) + if opts.varlen.is_some() { keys } else { 0 }
+}
+
+/// Workgroups along z: batch elements, or varlen sequences.
+fn sequences_len(shape: &Shape, opts: &AttentionOptions<'_>) -> usize {
+    opts.varlen.map_or(shape.batch, |v| v.sequences())
+}
+
+/// The per-sequence records of one dispatch (batch elements `batch0..batch0 + shape.batch`).
+fn sequence_infos(
+    shape: &Shape,
+    opts: &AttentionOptions<'_>,
+    batch0: usize,
+) -> Result<Vec<SequenceInfo>> {
+    // Offsets are clamped to ±2^30 so the kernel's i32 sums cannot overflow; a diagonal that
+    // far out already means "every key" or "no key" for any problem that fits.
+    const FAR: i64 = 1 << 30;
+    let info =
+        |q_offset: usize, q_len: usize, kv_offset: usize, kv_len: usize, keys: (usize, usize)| {
+            let diag_offset = match opts.causal {
+                Some(Causal::TopLeft) => 0,
+                Some(Causal::BottomRight) | None => kv_len as i64 - q_len as i64,
+            };
+            Ok(SequenceInfo {
+                q_offset: q_offset as u32,
+                q_len: q_len as u32,
+                kv_offset: kv_offset as u32,
+                kv_len: kv_len as u32,
+                key_lo: keys.0 as u32,
+                key_hi: keys.1 as u32,
+                diag_offset: diag_offset.clamp(-FAR, FAR) as i32,
+                sigmoid_bias: opts.resolved_sigmoid_bias(kv_len)?,
+            })
+        };
+    if let Some(varlen) = opts.varlen {
+        return varlen
+            .spans()
+            .map(|(q0, nq, k0, nk)| info(q0, nq, k0, nk, (0, nk)))
+            .collect();
+    }
+    (batch0..batch0 + shape.batch)
+        .map(|b| {
+            // The key mask's span: first to last key that takes part (none: an empty span).
+            let keys = opts.key_mask.map_or((0, shape.kv_len), |mask| {
+                let row = &mask[b * shape.kv_len..(b + 1) * shape.kv_len];
+                match (row.iter().position(|&x| x), row.iter().rposition(|&x| x)) {
+                    (Some(first), Some(last)) => (first, last + 1),
+                    _ => (0, 0),
+                }
+            });
+            info(0, shape.q_len, 0, shape.kv_len, keys)
+        })
+        .collect()
+}
+
+/// `row_data` of one dispatch: ALiBi slopes and sinks per query head (zeros when absent), then
+/// the temperature rows of batch elements `batch0..batch0 + shape.batch` when given.
+fn row_data(shape: &Shape, opts: &AttentionOptions<'_>, batch0: usize) -> Vec<f32> {
+    let heads = shape.q_heads;
+    let mut data = Vec::with_capacity(2 * heads);
+    data.extend_from_slice(opts.alibi_slopes.unwrap_or(&vec![0.0; heads]));
+    data.extend_from_slice(opts.sinks.unwrap_or(&vec![0.0; heads]));
+    if let Some(t) = opts.temperature {
+        let per_batch = heads * shape.q_len;
+        data.extend_from_slice(&t[batch0 * per_batch..(batch0 + shape.batch) * per_batch]);
+    }
+    data
+}
+
 /// The uniform values for one dispatch. Plan has already bounded every index to u32.
 pub(crate) fn flash_params(
     shape: &Shape,
     layout: Layout,
-    opts: &AttentionOptions,
+    opts: &AttentionOptions<'_>,
 ) -> Result<FlashParams> {
+    // A varlen dispatch's z index is the sequence, not a batch element: no batch stride.
+    let batch_strides = opts.varlen.is_none() as usize;
     let stride = |heads: usize, seq: usize, dim: usize| {
         let [b, h, s] = layout.strides(heads, seq, dim);
-        [b as u32, h as u32, s as u32, 1]
+        [(b * batch_strides) as u32, h as u32, s as u32, 1]
     };
-    let diag_offset = match opts.causal {
-        Some(Causal::TopLeft) => 0,
-        Some(Causal::BottomRight) | None => shape.kv_len as i64 - shape.q_len as i64,
-    };
-    // Offsets and windows are clamped to ±2^30 so the kernel's i32 sums cannot overflow; a
-    // bound that far out already means "every key" or "no key" for any problem that fits.
     const FAR: i64 = 1 << 30;
-    let diag_offset = diag_offset.clamp(-FAR, FAR) as i32;
     let side = |bound: Option<usize>| bound.map_or(-1, |b| (b as i64).min(FAR) as i32);
     let window = opts.window.unwrap_or_default();
+    let score_unit = match opts.variant {
+        Variant::Softmax => std::f32::consts::LOG2_E,
+        Variant::Sigmoid { .. } => 1.0,
+    };
     Ok(FlashParams {
         q_heads: shape.q_heads as u32,
         kv_heads: shape.kv_heads as u32,
-        q_len: shape.q_len as u32,
-        kv_len: shape.kv_len as u32,
+        tex_rows_per_head: 0,
+        tex_rows_per_batch: 0,
         q_stride: stride(shape.q_heads, shape.q_len, shape.head_dim),
         k_stride: stride(shape.kv_heads, shape.kv_len, shape.head_dim),
         v_stride: stride(shape.kv_heads, shape.kv_len, shape.value_dim),
         o_stride: stride(shape.q_heads, shape.q_len, shape.value_dim),
-        diag_offset,
-        q_scale: match opts.variant {
-            Variant::Softmax => opts.resolved_scale(shape)? * std::f32::consts::LOG2_E,
-            Variant::Sigmoid { .. } => opts.resolved_scale(shape)?,
-        },
-        tex_rows_per_head: 0,
+        row_batch_stride: (shape.q_heads * shape.q_len * batch_strides) as u32,
+        row_head_stride: shape.q_len as u32,
         tex_fold: 0,
-        sigmoid_bias: opts.resolved_sigmoid_bias(shape)?,
+        flags: 0,
+        q_scale: opts.resolved_scale(shape)? * score_unit,
+        score_unit,
+        softcap: opts.softcap.unwrap_or(1.0) * score_unit,
         window_left: side(window.left),
         window_right: side(window.right),
-        _pad: 0,
+        bias_batch_rows: 0,
+        bias_head_rows: 0,
+        bias_fold: 1,
+        bias_width4: 0,
+        mask_fold: 1,
+        mask_width4: 0,
+        _pad0: 0,
     })
 }

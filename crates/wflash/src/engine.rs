@@ -284,6 +284,7 @@ impl Engine {
                 "pack_rows",
                 Vec::new(),
             ),
+            PipelineKey::Convert(c) => (c.label(), c.source(), "convert", Vec::new()),
         };
         let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
         let t0 = std::time::Instant::now();
@@ -320,6 +321,8 @@ pub(crate) enum PipelineKey {
     Forward(KernelKey),
     /// The K/V packing kernel of the unrolled family, per storage type.
     Pack(Storage),
+    /// Q and O conversions around the unrolled family.
+    Convert(kernel::Conversion),
 }
 
 async fn select_adapter(

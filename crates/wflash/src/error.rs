@@ -49,6 +49,15 @@ pub enum Error {
     /// The sigmoid bias is NaN or infinite.
     #[error("sigmoid bias {bias} must be finite")]
     InvalidBias { bias: f32 },
+    /// A modifier's values or shape are wrong (lengths are [`Error::LengthMismatch`]).
+    #[error("invalid `{modifier}`: {reason}")]
+    InvalidModifier {
+        modifier: &'static str,
+        reason: String,
+    },
+    /// A combination of options that has no meaning or no fused kernel; never run unfused.
+    #[error("unsupported combination: {combination}")]
+    Unsupported { combination: &'static str },
     /// The element type has no kernel path on this engine's adapter.
     #[error("{dtype:?} is not supported here: {reason}")]
     DTypeUnsupported { dtype: DType, reason: &'static str },

@@ -16,6 +16,81 @@ pub const FLASH_FWD_UNROLLED_WGSL: &str = include_str!("../../../shaders/flash_f
 pub const FLASH_COMMON_WGSL: &str = include_str!("../../../shaders/flash_common.wgsl");
 /// WGSL source of the K/V packing kernel that feeds the unrolled kernel.
 pub const PACK_ROWS_WGSL: &str = include_str!("../../../shaders/pack_rows.wgsl");
+/// WGSL source of the element-type conversions at the unrolled kernel's edges.
+pub const CONVERT_WGSL: &str = include_str!("../../../shaders/convert.wgsl");
+
+/// An element-type conversion pass (convert.wgsl).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Conversion {
+    /// A tensor in this storage to f32.
+    ToF32(Storage),
+    /// f32 to a tensor in this storage.
+    FromF32(Storage),
+}
+
+impl Conversion {
+    pub fn label(self) -> String {
+        match self {
+            Conversion::ToF32(s) => format!("convert {} to f32", s.name()),
+            Conversion::FromF32(s) => format!("convert f32 to {}", s.name()),
+        }
+    }
+
+    /// Elements each invocation converts: two for a store into u32 words, else one.
+    pub fn elements_per_unit(self) -> u32 {
+        match self {
+            Conversion::FromF32(Storage::F16Packed | Storage::Bf16Packed) => 2,
+            _ => 1,
+        }
+    }
+
+    /// The pass's WGSL: bindings and `convert_unit` for this conversion, then convert.wgsl.
+    pub fn source(self) -> String {
+        let mut src = String::new();
+        let storage = match self {
+            Conversion::ToF32(s) | Conversion::FromF32(s) => s,
+        };
+        if storage == Storage::F16Native {
+            src.push_str("enable f16;\n");
+        }
+        match self {
+            Conversion::ToF32(storage) => {
+                src.push_str(&load_accessor(storage, 1, "x"));
+                src.push_str(
+                    "@group(0) @binding(2) var<storage, read_write> y: array<f32>;\n\
+                     fn convert_unit(i: u32) {\n    y[i] = load_x(i);\n}\n",
+                );
+            }
+            Conversion::FromF32(storage) => {
+                src.push_str("@group(0) @binding(1) var<storage, read> x: array<f32>;\n");
+                let (elem, body) = match storage {
+                    Storage::F32 => ("f32", "y[i] = x[i];"),
+                    Storage::F16Native => ("f16", "y[i] = f16(x[i]);"),
+                    // Word w holds elements 2w (low half) and 2w + 1; a missing last one is 0.
+                    Storage::F16Packed => (
+                        "u32",
+                        "let hi = select(0.0, x[min(2u * i + 1u, conv.len - 1u)], 2u * i + 1u < conv.len);\n    \
+                         y[i] = pack2x16float(vec2<f32>(x[2u * i], hi));",
+                    ),
+                    Storage::Bf16Packed => (
+                        "u32",
+                        "let hi = select(0.0, x[min(2u * i + 1u, conv.len - 1u)], 2u * i + 1u < conv.len);\n    \
+                         y[i] = f32_to_bf16_bits(x[2u * i]) | (f32_to_bf16_bits(hi) << 16u);",
+                    ),
+                };
+                src.push_str(&format!(
+                    "@group(0) @binding(2) var<storage, read_write> y: array<{elem}>;\n\
+                     fn convert_unit(i: u32) {{\n    {body}\n}}\n"
+                ));
+                if storage == Storage::Bf16Packed {
+                    src.push_str(F32_TO_BF16_WGSL);
+                }
+            }
+        }
+        src.push_str(CONVERT_WGSL);
+        src
+    }
+}
 
 /// Invocations per workgroup of the unrolled kernel: the SIMD width of CPU drivers (8 f32 lanes
 /// of AVX2 on llvmpipe), so a workgroup is one register's worth of lanes.
@@ -60,6 +135,46 @@ impl VariantKind {
         }
     }
     pub const ALL: [VariantKind; 2] = [VariantKind::Softmax, VariantKind::Sigmoid];
+}
+
+/// The score modifiers that change a kernel's code: each costs work per score, so a kernel
+/// without it must not pay for it. (Sinks, temperature and varlen cost nothing per score and
+/// are runtime data.)
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ScoreMods {
+    pub softcap: bool,
+    pub alibi: bool,
+    /// A bias tensor, read from a texture.
+    pub bias: bool,
+    /// A key mask, read from a texture.
+    pub key_mask: bool,
+}
+
+impl ScoreMods {
+    /// The modifiers of `opts`.
+    pub fn of(opts: &crate::AttentionOptions<'_>) -> ScoreMods {
+        ScoreMods {
+            softcap: opts.softcap.is_some(),
+            alibi: opts.alibi_slopes.is_some(),
+            bias: opts.bias.is_some(),
+            key_mask: opts.key_mask.is_some(),
+        }
+    }
+    /// Every modifier on: what the validation test compiles besides none.
+    pub const ALL: ScoreMods = ScoreMods {
+        softcap: true,
+        alibi: true,
+        bias: true,
+        key_mask: true,
+    };
+    fn flags(self) -> [(&'static str, bool); 4] {
+        [
+            ("SOFTCAP", self.softcap),
+            ("ALIBI", self.alibi),
+            ("BIAS", self.bias),
+            ("KEY_MASK", self.key_mask),
+        ]
+    }
 }
 
 /// The two implementations of the forward pass.
@@ -137,6 +252,7 @@ pub struct KernelKey {
     pub tile: TileConfig,
     pub causal: bool,
     pub variant: VariantKind,
+    pub mods: ScoreMods,
 }
 
 /// The most floats a private array may hold. llvmpipe (Mesa 22.3) computes wrong results once an
@@ -149,9 +265,10 @@ pub fn dim_capacity(dim: u32) -> u32 {
 }
 
 impl KernelKey {
-    /// Readable key, used as the pipeline's wgpu label: `flash_fwd softmax tiled f16 bm64 bn32 d128 dv128 causal`.
+    /// Readable key, used as the pipeline's wgpu label:
+    /// `flash_fwd softmax tiled f16 bm64 bn32 d128 dv128 causal softcap`.
     pub fn label(&self) -> String {
-        format!(
+        let mut label = format!(
             "flash_fwd {} {} {} bm{} bn{} d{} dv{}{}",
             self.variant.name(),
             self.family.name(),
@@ -161,7 +278,14 @@ impl KernelKey {
             self.head_dim,
             self.value_dim,
             if self.causal { " causal" } else { "" }
-        )
+        );
+        for (name, on) in self.mods.flags() {
+            if on {
+                label.push(' ');
+                label.push_str(&name.to_lowercase());
+            }
+        }
+        label
     }
 
     /// Output columns each workgroup computes.
@@ -201,6 +325,16 @@ impl KernelKey {
         src.push_str(&format!(
             "const SIGMOID: bool = {};\n",
             self.variant == VariantKind::Sigmoid
+        ));
+        for (name, on) in self.mods.flags() {
+            src.push_str(&format!("const {name}: bool = {on};\n"));
+        }
+        src.push_str(&texture_accessor(self.mods.bias, 8, "bias4", "bias"));
+        src.push_str(&texture_accessor(
+            self.mods.key_mask,
+            9,
+            "key_mask4",
+            "mask",
         ));
         src.push_str(FLASH_COMMON_WGSL);
         match self.family {
@@ -265,6 +399,25 @@ pub fn workgroup_bytes(block_m: u32, block_n: u32, head_dim: u32, value_dim: u32
         * 4
 }
 
+/// `fn {func}(row: u32, key0: u32) -> vec4<f32>`: keys `key0..key0 + 4` (key0 a multiple of 4)
+/// of packed row `row` of the texture at `binding`, whose geometry is `params.{prefix}_fold`
+/// rows per line of `params.{prefix}_width4` texels (pack_rows.wgsl). Without the modifier
+/// the function returns zeros and the binding does not exist.
+fn texture_accessor(present: bool, binding: u32, func: &str, prefix: &str) -> String {
+    if !present {
+        return format!(
+            "fn {func}(row: u32, key0: u32) -> vec4<f32> {{\n    return vec4<f32>(0.0);\n}}\n"
+        );
+    }
+    format!(
+        "@group(0) @binding({binding}) var {prefix}_tex: texture_2d<f32>;\n\
+         fn {func}(row: u32, key0: u32) -> vec4<f32> {{\n    \
+             let texel = vec2<u32>((row % params.{prefix}_fold) * params.{prefix}_width4 + key0 / 4u, row / params.{prefix}_fold);\n    \
+             return textureLoad({prefix}_tex, texel, 0);\n\
+         }}\n"
+    )
+}
+
 /// A read-only binding `{name}_buf` and `fn load_{name}(i: u32) -> f32` reading element `i`.
 fn load_accessor(storage: Storage, binding: u32, name: &str) -> String {
     let (elem, body) = match storage {
@@ -319,17 +472,17 @@ fn store_accessor(storage: Storage, binding: u32, name: &str) -> String {
         ));
     }
     if storage == Storage::Bf16Packed {
-        // Round to nearest even; NaN stays a (quiet) NaN.
-        out.push_str(
-            "fn f32_to_bf16_bits(x: f32) -> u32 {\n    \
-                 let b = bitcast<u32>(x);\n    \
-                 if (b & 0x7fffffffu) > 0x7f800000u { return (b >> 16u) | 0x40u; }\n    \
-                 return (b + 0x7fffu + ((b >> 16u) & 1u)) >> 16u;\n\
-             }\n",
-        );
+        out.push_str(F32_TO_BF16_WGSL);
     }
     out
 }
+
+/// f32 to bf16 bits, rounding to nearest even; NaN stays a (quiet) NaN.
+const F32_TO_BF16_WGSL: &str = "fn f32_to_bf16_bits(x: f32) -> u32 {\n    \
+         let b = bitcast<u32>(x);\n    \
+         if (b & 0x7fffffffu) > 0x7f800000u { return (b >> 16u) | 0x40u; }\n    \
+         return (b + 0x7fffu + ((b >> 16u) & 1u)) >> 16u;\n\
+     }\n";
 
 /// Repeats each line block between `//#unroll NAME COUNT` and its `//#end` COUNT times (COUNT a
 /// number or a name in `counts`), replacing `{NAME}` with `0u`, `1u`, ... Blocks nest.
@@ -400,12 +553,23 @@ pub fn pack_source(storage: Storage) -> String {
     src
 }
 
-/// Every kernel specialisation the engine can build for these dims: all storage types × causal
-/// on/off × (tiled) the tile configurations given or (unrolled) the tile the planner picks.
-/// Used by the naga validation test.
-pub fn variants(family: Family, dims: &[(u32, u32)], tiles: &[TileConfig]) -> Vec<KernelKey> {
+/// Every kernel specialisation the engine can build for these dims: all storage types (tiled;
+/// the unrolled family is f32 only) × causal
+/// on/off × variants × `mods` × (tiled) the tile configurations given or (unrolled) the tile
+/// the planner picks. Used by the naga validation test.
+pub fn variants(
+    family: Family,
+    dims: &[(u32, u32)],
+    tiles: &[TileConfig],
+    mods: &[ScoreMods],
+) -> Vec<KernelKey> {
     let mut keys = Vec::new();
-    for &storage in &Storage::ALL {
+    // The unrolled family computes in f32 only; other types are converted at its edges.
+    let storages: &[Storage] = match family {
+        Family::Tiled => &Storage::ALL,
+        Family::Unrolled => &[Storage::F32],
+    };
+    for &storage in storages {
         for &(head_dim, value_dim) in dims {
             let tiles = match family {
                 Family::Tiled => tiles.to_vec(),
@@ -416,15 +580,18 @@ pub fn variants(family: Family, dims: &[(u32, u32)], tiles: &[TileConfig]) -> Ve
                     .into_iter()
                     .flat_map(|c| VariantKind::ALL.map(|v| (c, v)))
                 {
-                    keys.push(KernelKey {
-                        variant,
-                        family,
-                        storage,
-                        head_dim,
-                        value_dim,
-                        tile,
-                        causal,
-                    });
+                    for &mods in mods {
+                        keys.push(KernelKey {
+                            variant,
+                            family,
+                            storage,
+                            head_dim,
+                            value_dim,
+                            tile,
+                            causal,
+                            mods,
+                        });
+                    }
                 }
             }
         }

@@ -35,14 +35,14 @@ mod readback;
 mod tensor;
 mod types;
 
-pub use attention::{FlashParams, GpuAttention, PackParams, Plan};
+pub use attention::{FlashParams, GpuAttention, PackParams, Plan, SequenceInfo};
 pub use engine::{Engine, EngineInfo, EngineOptions, F16Path};
 pub use error::{Error, Result};
 pub use kernel::Family;
 pub use tensor::Tensor;
 pub use types::{
-    Attention, AttentionOptions, Causal, DType, Element, Layout, MAX_HEAD_DIM, Shape, Variant,
-    Window,
+    Attention, AttentionOptions, Bias, BiasValues, Causal, DType, Element, Layout, MAX_HEAD_DIM,
+    Shape, Variant, Varlen, Window, alibi_slopes,
 };
 
 pub use half;

@@ -4,7 +4,7 @@
 
 use naga::back::{hlsl, msl, spv};
 use naga::valid::{Capabilities, ValidationFlags, Validator};
-use wflash::kernel::{self, Family, KernelKey, Storage, TileConfig};
+use wflash::kernel::{self, Conversion, Family, KernelKey, ScoreMods, Storage, TileConfig};
 
 /// Tile configurations the planner can choose: BLOCK_M 64, BLOCK_N halved from 32 as workgroup memory requires.
 fn tiles() -> Vec<TileConfig> {
@@ -98,17 +98,39 @@ fn compile_all(keys: &[KernelKey]) {
 /// Storage types × causal × variant kinds.
 const PER_DIMS_AND_TILE: usize = 4 * 2 * 2;
 
+/// No score modifier, and all of them (each one's code is independent of the others').
+const MODS: [ScoreMods; 2] = [
+    ScoreMods {
+        softcap: false,
+        alibi: false,
+        bias: false,
+        key_mask: false,
+    },
+    ScoreMods::ALL,
+];
+
 #[test]
 fn every_tiled_variant_validates_and_translates() {
-    let keys = kernel::variants(Family::Tiled, &DIMS, &tiles());
-    assert_eq!(keys.len(), PER_DIMS_AND_TILE * DIMS.len() * tiles().len());
+    // Every tile without modifiers; the modifiers with the largest tile.
+    let mut keys = kernel::variants(Family::Tiled, &DIMS, &tiles(), &MODS[..1]);
+    keys.extend(kernel::variants(
+        Family::Tiled,
+        &DIMS,
+        &tiles()[..1],
+        &MODS[1..],
+    ));
+    assert_eq!(
+        keys.len(),
+        PER_DIMS_AND_TILE * DIMS.len() * (tiles().len() + 1)
+    );
     compile_all(&keys);
 }
 
 #[test]
 fn every_unrolled_variant_validates_and_translates() {
-    let keys = kernel::variants(Family::Unrolled, &DIMS, &tiles());
-    assert_eq!(keys.len(), PER_DIMS_AND_TILE * DIMS.len());
+    let keys = kernel::variants(Family::Unrolled, &DIMS, &tiles(), &MODS);
+    // f32 only: other storage types are converted at the family's edges.
+    assert_eq!(keys.len(), PER_DIMS_AND_TILE / 4 * DIMS.len() * MODS.len());
     for key in &keys {
         let source = key.source();
         let unexpanded = source.lines().any(|l| l.trim_start().starts_with("//#"));
@@ -118,10 +140,13 @@ fn every_unrolled_variant_validates_and_translates() {
 }
 
 #[test]
-fn every_pack_variant_validates_and_translates() {
+fn every_pack_and_convert_variant_validates_and_translates() {
     for storage in Storage::ALL {
         let label = format!("pack_rows {}", storage.name());
         compile_source_everywhere(&label, &kernel::pack_source(storage), "pack_rows", &[]);
+        for conversion in [Conversion::ToF32(storage), Conversion::FromF32(storage)] {
+            compile_source_everywhere(&conversion.label(), &conversion.source(), "convert", &[]);
+        }
     }
 }
 
@@ -135,75 +160,87 @@ fn unroll_markers_expand_nested_blocks() {
     );
 }
 
-#[test]
-fn params_struct_matches_wgsl_layout() {
-    let key = kernel::variants(Family::Tiled, &[(64, 64)], &tiles())[0];
+/// Member offsets of WGSL struct `name` in a kernel's module, by member name.
+fn wgsl_layout(name: &str) -> (usize, Vec<(String, usize)>) {
+    let key = kernel::variants(Family::Unrolled, &[(64, 64)], &tiles(), &MODS[1..])[0];
     let module = naga::front::wgsl::parse_str(&key.source()).expect("parses");
     let mut layouter = naga::proc::Layouter::default();
     layouter.update(module.to_ctx()).expect("layout");
     let (handle, ty) = module
         .types
         .iter()
-        .find(|(_, t)| t.name.as_deref() == Some("Params"))
-        .expect("struct Params");
+        .find(|(_, t)| t.name.as_deref() == Some(name))
+        .unwrap_or_else(|| panic!("struct {name}"));
     let naga::TypeInner::Struct { members, span } = &ty.inner else {
-        panic!("Params is not a struct")
+        panic!("{name} is not a struct")
     };
-    assert_eq!(*span as usize, size_of::<wflash::FlashParams>(), "size");
-    assert_eq!(
-        layouter[handle].size as usize,
-        size_of::<wflash::FlashParams>()
-    );
-    let offsets: Vec<(String, u32)> = members
+    assert_eq!(layouter[handle].size, *span);
+    let members = members
         .iter()
-        .map(|m| (m.name.clone().unwrap_or_default(), m.offset))
+        .map(|m| (m.name.clone().unwrap_or_default(), m.offset as usize))
         .collect();
-    let expected = [
-        ("q_heads", 0),
-        ("kv_heads", 4),
-        ("q_len", 8),
-        ("kv_len", 12),
-        ("q_stride", 16),
-        ("k_stride", 32),
-        ("v_stride", 48),
-        ("o_stride", 64),
-        ("diag_offset", 80),
-        ("q_scale", 84),
-        ("tex_rows_per_head", 88),
-        ("tex_fold", 92),
-        ("sigmoid_bias", 96),
-        ("window_left", 100),
-        ("window_right", 104),
-    ];
-    for (name, offset) in expected {
-        let found = offsets
-            .iter()
-            .find(|(n, _)| n == name)
-            .unwrap_or_else(|| panic!("member {name}"));
-        assert_eq!(found.1, offset, "offset of {name}");
-    }
-    // Rust side, by construction of the repr(C) struct.
-    let p = wflash::FlashParams {
-        q_heads: 0,
-        kv_heads: 0,
-        q_len: 0,
-        kv_len: 0,
-        q_stride: [0; 4],
-        k_stride: [0; 4],
-        v_stride: [0; 4],
-        o_stride: [0; 4],
-        diag_offset: 0,
-        q_scale: 0.0,
-        tex_rows_per_head: 0,
-        tex_fold: 0,
-        sigmoid_bias: 0.0,
-        window_left: 0,
-        window_right: 0,
-        _pad: 0,
-    };
-    let base = &p as *const _ as usize;
-    assert_eq!(&p.diag_offset as *const _ as usize - base, 80);
-    assert_eq!(&p.q_scale as *const _ as usize - base, 84);
-    assert_eq!(&p.sigmoid_bias as *const _ as usize - base, 96);
-    assert_eq!(&p.o_stride as *const _ as usize - base, 64);
+    (*span as usize, members)
+}
+
+/// Asserts that a repr(C) Rust struct and a WGSL struct have the same size and the same offset
+/// for every member, matched by name.
+macro_rules! assert_same_layout {
+    ($rust:ty, $wgsl:literal, [$($field:ident),* $(,)?]) => {{
+        let (size, members) = wgsl_layout($wgsl);
+        assert_eq!(size, size_of::<$rust>(), "size of {}", $wgsl);
+        let rust = [$((stringify!($field), std::mem::offset_of!($rust, $field))),*];
+        assert_eq!(rust.len(), members.len(), "member count of {}", $wgsl);
+        for ((name, offset), (wgsl_name, wgsl_offset)) in rust.iter().zip(&members) {
+            assert_eq!(name, wgsl_name, "member order of {}", $wgsl);
+            assert_eq!(offset, wgsl_offset, "offset of {}.{name}", $wgsl);
+        }
+    }};
+}
+
+#[test]
+fn host_structs_match_wgsl_layout() {
+    assert_same_layout!(
+        wflash::FlashParams,
+        "Params",
+        [
+            q_heads,
+            kv_heads,
+            tex_rows_per_head,
+            tex_rows_per_batch,
+            q_stride,
+            k_stride,
+            v_stride,
+            o_stride,
+            row_batch_stride,
+            row_head_stride,
+            tex_fold,
+            flags,
+            q_scale,
+            score_unit,
+            softcap,
+            window_left,
+            window_right,
+            bias_batch_rows,
+            bias_head_rows,
+            bias_fold,
+            bias_width4,
+            mask_fold,
+            mask_width4,
+            _pad0,
+        ]
+    );
+    assert_same_layout!(
+        wflash::SequenceInfo,
+        "Sequence",
+        [
+            q_offset,
+            q_len,
+            kv_offset,
+            kv_len,
+            key_lo,
+            key_hi,
+            diag_offset,
+            sigmoid_bias
+        ]
+    );
 }
