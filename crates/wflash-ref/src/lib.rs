@@ -5,6 +5,7 @@
 //! The semantics (layouts, mask alignment, GQA head mapping, fully masked rows) are the
 //! contract documented in the `wflash` crate; this crate is their executable definition.
 
+pub mod linear;
 pub mod naive;
 
 /// How a 4-D tensor is laid out in memory.
