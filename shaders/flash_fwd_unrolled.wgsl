@@ -42,9 +42,6 @@ fn flash_fwd(
     let batch = wg.z;
     let seq = sequences[batch];
     let block_row0 = wg.x * (LANES * ROWS);
-    if block_row0 >= seq.q_len {
-        return; // past this sequence's rows (varlen: sequences are shorter than the longest)
-    }
     let kv_head = head / (params.q_heads / params.kv_heads);
     let kv_row0 = batch * params.tex_rows_per_batch + kv_head * params.tex_rows_per_head + seq.kv_offset;
     let slope = alibi_slope(head);
@@ -82,10 +79,13 @@ fn flash_fwd(
 //#end
 
     // Keys outside [kv_begin, kv_end) are invisible to every row of the block (causal mask,
-    // window, key mask span): never fetched. Visible ranges only move right as rows grow.
+    // window, key mask span): never fetched. Visible ranges only move right as rows grow. A
+    // block past its sequence's rows (varlen) fetches nothing; no early return, which a CPU
+    // driver would carry as a mask through the whole body.
+    let has_rows = block_row0 < seq.q_len;
     let last_row = min(block_row0 + LANES * ROWS, seq.q_len) - 1u;
     let kv_begin = visible_keys(seq, block_row0).x / KEYS * KEYS;
-    let kv_end = visible_keys(seq, last_row).y;
+    let kv_end = select(0u, visible_keys(seq, last_row).y, has_rows);
 
     var k: array<vec4<f32>, KEYS * D4>;
     var v: array<vec4<f32>, KEYS * DV4>;

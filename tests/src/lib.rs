@@ -113,6 +113,41 @@ pub fn engine_with(path: Path, family: Option<Family>) -> Option<&'static Engine
     })
 }
 
+/// An engine on a fresh device with limits and features chosen by a test (e.g. lowered limits
+/// that force splitting), wrapped with `Engine::from_device`.
+pub fn custom_engine(
+    limits: impl FnOnce(&mut wflash::wgpu::Limits),
+    features: wflash::wgpu::Features,
+    options: EngineOptions,
+) -> Engine {
+    custom_device_engine(limits, features, options).0
+}
+
+/// [`custom_engine`], also returning the device (to destroy it in fault tests).
+pub fn custom_device_engine(
+    limits: impl FnOnce(&mut wflash::wgpu::Limits),
+    features: wflash::wgpu::Features,
+    options: EngineOptions,
+) -> (Engine, wflash::wgpu::Device) {
+    use wflash::wgpu;
+    let instance =
+        wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
+    let adapter =
+        pollster::block_on(instance.request_adapter(&wgpu::RequestAdapterOptions::default()))
+            .expect("adapter");
+    let mut required_limits = adapter.limits();
+    limits(&mut required_limits);
+    let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+        label: Some("wflash test device"),
+        required_features: features,
+        required_limits,
+        ..Default::default()
+    }))
+    .expect("device");
+    let engine = Engine::from_device(device.clone(), queue, options).expect("engine");
+    (engine, device)
+}
+
 /// One conformance case.
 #[derive(Clone, Debug)]
 pub struct Case {

@@ -5,7 +5,7 @@ use wflash::{
     AttentionOptions, Causal, Engine, EngineOptions, Error, F16Path, Family, Layout, Shape,
     Variant, wgpu,
 };
-use wflash_conformance::{Case, Path, engine, run_case};
+use wflash_conformance::{Case, Path, custom_engine, engine, run_case};
 
 fn shape() -> Shape {
     Shape {
@@ -33,29 +33,6 @@ fn call(engine: &Engine, s: &Shape, opts: &AttentionOptions) -> Result<(), Error
     engine
         .attention_blocking(s, Layout::Bhsd, opts, &q, &k, &v)
         .map(|_| ())
-}
-
-/// A device with features and limits chosen by the test, wrapped with `Engine::from_device`.
-fn custom_engine(
-    limits: impl FnOnce(&mut wgpu::Limits),
-    features: wgpu::Features,
-    options: EngineOptions,
-) -> Engine {
-    let instance =
-        wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
-    let adapter =
-        pollster::block_on(instance.request_adapter(&wgpu::RequestAdapterOptions::default()))
-            .expect("adapter");
-    let mut required_limits = adapter.limits();
-    limits(&mut required_limits);
-    let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
-        label: Some("wflash test device"),
-        required_features: features,
-        required_limits,
-        ..Default::default()
-    }))
-    .expect("device");
-    Engine::from_device(device, queue, options).expect("engine")
 }
 
 #[test]

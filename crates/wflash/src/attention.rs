@@ -1,12 +1,10 @@
 //! Attention calls: validation, planning, dispatch.
 
-use wgpu::util::DeviceExt;
-
 use crate::engine::PipelineKey;
 use crate::kernel::{
     self, Conversion, Family, KernelKey, ScoreMods, Storage, TileConfig, UNROLLED_KEYS, VariantKind,
 };
-use crate::tensor::buffer_bytes;
+use crate::tensor::{buffer_bytes, buffer_with_contents};
 use crate::{
     Attention, AttentionOptions, BiasValues, Causal, DType, Element, Engine, Error, Layout, Result,
     Shape, Tensor, Variant,
@@ -618,13 +616,22 @@ impl Engine {
                 .iter()
                 .zip(&pack_pipelines)
                 .map(|((_, tensor, pack_shape, name), pipeline)| {
-                    pack_rows(device, &mut encoder, pipeline, tensor, *pack_shape, name)
+                    pack_rows(
+                        device,
+                        &self.inner.queue,
+                        &mut encoder,
+                        pipeline,
+                        tensor,
+                        *pack_shape,
+                        name,
+                    )
                 })
                 .collect();
             if let (Some(pipeline), Some(q_f32)) = (&to_f32, &q_f32) {
                 let convert = Conversion::ToF32(plan.io_storage);
                 convert_pass(
                     device,
+                    &self.inner.queue,
                     &mut encoder,
                     pipeline,
                     convert,
@@ -633,17 +640,16 @@ impl Engine {
                     max_groups,
                 );
             }
-            let uniform = device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                label: Some("flash_fwd params"),
-                contents: bytemuck::bytes_of(&params),
-                usage: wgpu::BufferUsages::UNIFORM,
-            });
+            let queue = &self.inner.queue;
+            let uniform = buffer_with_contents(
+                device,
+                queue,
+                "flash_fwd params",
+                bytemuck::bytes_of(&params),
+                wgpu::BufferUsages::UNIFORM,
+            );
             let storage_init = |label, contents: &[u8]| {
-                device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                    label: Some(label),
-                    contents,
-                    usage: wgpu::BufferUsages::STORAGE,
-                })
+                buffer_with_contents(device, queue, label, contents, wgpu::BufferUsages::STORAGE)
             };
             let row_data = storage_init("flash_fwd row data", bytemuck::cast_slice(&row_data));
             let sequences = storage_init("flash_fwd sequences", bytemuck::cast_slice(&sequences));
@@ -700,6 +706,7 @@ impl Engine {
                 let convert = Conversion::FromF32(plan.io_storage);
                 convert_pass(
                     device,
+                    &self.inner.queue,
                     &mut encoder,
                     pipeline,
                     convert,
@@ -743,6 +750,7 @@ struct PackShape {
 /// and returns its view. The plan has checked that the texture fits the adapter's limits.
 fn pack_rows(
     device: &wgpu::Device,
+    queue: &wgpu::Queue,
     encoder: &mut wgpu::CommandEncoder,
     pipeline: &wgpu::ComputePipeline,
     tensor: &Tensor,
@@ -780,11 +788,13 @@ fn pack_rows(
         texels,
         groups_x,
     };
-    let uniform = device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
-        label: Some("pack_rows params"),
-        contents: bytemuck::bytes_of(&params),
-        usage: wgpu::BufferUsages::UNIFORM,
-    });
+    let uniform = buffer_with_contents(
+        device,
+        queue,
+        "pack_rows params",
+        bytemuck::bytes_of(&params),
+        wgpu::BufferUsages::UNIFORM,
+    );
     let bind_group = device.create_bind_group(&wgpu::BindGroupDescriptor {
         label: Some(label),
         layout: &pipeline.get_bind_group_layout(0),
@@ -818,8 +828,13 @@ pub struct ConvertParams {
 }
 
 /// Records `conversion` of every element of `src` into `dst` (same length).
+#[expect(
+    clippy::too_many_arguments,
+    reason = "device, queue, encoder, pipeline, what, from, to, limit: one pass; private"
+)]
 fn convert_pass(
     device: &wgpu::Device,
+    queue: &wgpu::Queue,
     encoder: &mut wgpu::CommandEncoder,
     pipeline: &wgpu::ComputePipeline,
     conversion: Conversion,
@@ -837,11 +852,13 @@ fn convert_pass(
         groups_x,
         _pad0: 0,
     };
-    let uniform = device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
-        label: Some("convert params"),
-        contents: bytemuck::bytes_of(&params),
-        usage: wgpu::BufferUsages::UNIFORM,
-    });
+    let uniform = buffer_with_contents(
+        device,
+        queue,
+        "convert params",
+        bytemuck::bytes_of(&params),
+        wgpu::BufferUsages::UNIFORM,
+    );
     let label = conversion.label();
     let bind_group = device.create_bind_group(&wgpu::BindGroupDescriptor {
         label: Some(&label),

@@ -2,8 +2,6 @@
 
 use std::sync::{Arc, Mutex};
 
-use wgpu::util::DeviceExt;
-
 use crate::readback::wait_for;
 use crate::{DType, Element, Engine, Error, Result};
 
@@ -59,11 +57,13 @@ impl Engine {
             });
         }
         let buffer = self.guarded(|device| {
-            device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                label: Some("wflash tensor"),
-                contents: if bytes.is_empty() { &[0; 4] } else { bytes },
-                usage: TENSOR_USAGE,
-            })
+            buffer_with_contents(
+                device,
+                &self.inner.queue,
+                "wflash tensor",
+                bytes,
+                TENSOR_USAGE,
+            )
         })?;
         Ok(Tensor {
             buffer,
@@ -79,11 +79,13 @@ impl Engine {
             // All-ones bytes are NaN in f32, f16 and bf16 alike.
             let poison = vec![0xffu8; size as usize];
             self.guarded(|device| {
-                device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                    label: Some("wflash output"),
-                    contents: &poison,
-                    usage: TENSOR_USAGE,
-                })
+                buffer_with_contents(
+                    device,
+                    &self.inner.queue,
+                    "wflash output",
+                    &poison,
+                    TENSOR_USAGE,
+                )
             })?
         } else {
             self.guarded(|device| {
@@ -194,4 +196,31 @@ impl Engine {
         }
         Ok(value)
     }
+}
+
+/// A buffer holding `contents` (at least 4 bytes, zero-padded to a multiple of 4), written with
+/// `queue.write_buffer`. Not `create_buffer_init`: its mapping panics inside wgpu when the
+/// device has been lost, where this gives an error that the engine's error scopes catch.
+pub(crate) fn buffer_with_contents(
+    device: &wgpu::Device,
+    queue: &wgpu::Queue,
+    label: &str,
+    contents: &[u8],
+    usage: wgpu::BufferUsages,
+) -> wgpu::Buffer {
+    let size = (contents.len() as u64).next_multiple_of(4).max(4);
+    let buffer = device.create_buffer(&wgpu::BufferDescriptor {
+        label: Some(label),
+        size,
+        usage: usage | wgpu::BufferUsages::COPY_DST,
+        mapped_at_creation: false,
+    });
+    if contents.len() as u64 == size {
+        queue.write_buffer(&buffer, 0, contents);
+    } else {
+        let mut padded = contents.to_vec();
+        padded.resize(size as usize, 0);
+        queue.write_buffer(&buffer, 0, &padded);
+    }
+    buffer
 }
