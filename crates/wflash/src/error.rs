@@ -90,8 +90,17 @@ impl Error {
         match err {
             wgpu::Error::OutOfMemory { source } => Error::OutOfMemory(source.to_string()),
             other => {
-                let text = other.to_string();
-                if text.to_lowercase().contains("lost") {
+                // The Display of a wgpu error is a summary ("Validation Error"); the cause is
+                // in its source chain.
+                let mut text = other.to_string();
+                let mut source = std::error::Error::source(&other);
+                while let Some(cause) = source {
+                    text.push_str(": ");
+                    text.push_str(&cause.to_string());
+                    source = cause.source();
+                }
+                let lower = text.to_lowercase();
+                if lower.contains("lost") || lower.contains("destroyed") {
                     Error::DeviceLost(text)
                 } else {
                     Error::Internal(text)

@@ -51,23 +51,38 @@ fn off_thread<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> P
     Pending(shared)
 }
 
-/// Waits (off the caller's thread) until `submission` has finished on `device`, for at most `timeout`.
-/// Map callbacks registered before the call have run when it returns `Ok`.
+/// Waits (off the caller's thread) until `submission` has finished on `device` and `ready()`
+/// holds, for at most `timeout` in all.
+///
+/// `ready` is how the caller sees its map callbacks: when several threads poll one device, the
+/// thread whose poll completes a submission runs the callbacks of every buffer it unblocks,
+/// so this thread's own `poll(Wait)` can return before another thread has finished running
+/// this thread's callbacks. Until `ready()`, keep polling.
 pub(crate) async fn wait_for(
     device: &wgpu::Device,
     submission: wgpu::SubmissionIndex,
     timeout: Duration,
+    ready: impl Fn() -> bool + Send + 'static,
 ) -> Result<()> {
     let device = device.clone();
     let outcome = off_thread(move || {
+        let start = std::time::Instant::now();
         device.poll(wgpu::PollType::Wait {
             submission_index: Some(submission),
             timeout: Some(timeout),
-        })
+        })?;
+        while !ready() {
+            if start.elapsed() > timeout {
+                return Err(wgpu::PollError::Timeout);
+            }
+            device.poll(wgpu::PollType::Poll)?;
+            std::thread::yield_now();
+        }
+        Ok(())
     })
     .await;
     match outcome {
-        Ok(_) => Ok(()),
+        Ok(()) => Ok(()),
         Err(wgpu::PollError::Timeout) => Err(Error::ReadbackTimeout {
             seconds: timeout.as_secs(),
         }),

@@ -155,10 +155,19 @@ impl Engine {
                 status
             })
             .collect();
+        let pending = statuses.clone();
+        let lost = self.inner.lost.clone();
         wait_for(
             &self.inner.device,
             submission,
             self.inner.options.readback_timeout,
+            // Every callback has run (or the device is gone and none will).
+            move || {
+                lost.load(std::sync::atomic::Ordering::SeqCst)
+                    || pending
+                        .iter()
+                        .all(|s| s.lock().unwrap_or_else(|e| e.into_inner()).is_some())
+            },
         )
         .await?;
         let mut out = Vec::with_capacity(tensors.len());
@@ -191,6 +200,9 @@ impl Engine {
         let validation = pollster::block_on(validation.pop());
         let oom = pollster::block_on(oom.pop());
         if let Some(err) = oom.or(validation) {
+            // A lost device shows first as validation errors on everything; a poll lets its
+            // lost callback run, so the error says what really happened.
+            let _ = device.poll(wgpu::PollType::Poll);
             self.check_alive()?;
             return Err(Error::from_wgpu(err));
         }

@@ -1,0 +1,232 @@
+//! Reliability under many callers: one `Engine` shared by tokio tasks and OS threads making
+//! mixed calls, every result bitwise equal to the same call made alone, within a time bound.
+
+use std::sync::mpsc;
+use std::time::Duration;
+
+use wflash::{AttentionOptions, Causal, DType, Element, Engine, Layout, Shape, Window};
+use wflash_conformance::{Path, engine};
+
+/// Calls per task or thread (the figure).
+const CALLS_EACH: usize = 200;
+const TASKS: usize = 8;
+const THREADS: usize = 4;
+/// Generous for ~2400 small calls on lavapipe (about a minute there); a deadlock never ends.
+const TIME_BOUND: Duration = Duration::from_secs(600);
+
+/// One call: shape, layout, element type and options (with the modifier data it borrows).
+struct Spec {
+    shape: Shape,
+    layout: Layout,
+    dtype: DType,
+    causal: Option<Causal>,
+    window: Option<Window>,
+    sigmoid: bool,
+    slopes: Option<Vec<f32>>,
+    softcap: Option<f32>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+}
+
+impl Spec {
+    fn options(&self) -> AttentionOptions<'_> {
+        AttentionOptions {
+            causal: self.causal,
+            window: self.window,
+            softcap: self.softcap,
+            alibi_slopes: self.slopes.as_deref(),
+            ..if self.sigmoid {
+                AttentionOptions::sigmoid()
+            } else {
+                AttentionOptions::softmax()
+            }
+        }
+    }
+}
+
+/// A mix of variants, shapes, dtypes and layouts over few distinct kernels (each costs a cold
+/// compile on llvmpipe): head dim 32 throughout.
+fn specs() -> Vec<Spec> {
+    let mut specs = Vec::new();
+    let dtypes = [DType::F32, DType::F16, DType::Bf16];
+    let layouts = [Layout::Bhsd, Layout::Bshd];
+    for i in 0..12 {
+        let shape = Shape {
+            batch: 1 + i % 2,
+            q_heads: 4,
+            kv_heads: [4, 2, 1][i % 3],
+            q_len: [1, 17, 40, 64][i % 4],
+            kv_len: [23, 64, 9][i % 3],
+            head_dim: 32,
+            value_dim: 32,
+        };
+        let value = |n: usize, m: usize| {
+            (0..n)
+                .map(|x| (((x + i) * m % 101) as f32 - 50.0) / 50.0)
+                .collect::<Vec<f32>>()
+        };
+        specs.push(Spec {
+            shape,
+            layout: layouts[i % 2],
+            dtype: dtypes[i % 3],
+            causal: (i % 4 == 1).then_some(Causal::BottomRight),
+            window: (i % 5 == 2).then_some(Window::trailing(8)),
+            sigmoid: i % 3 == 2,
+            slopes: (i % 4 == 3).then(|| wflash::alibi_slopes(4)),
+            softcap: (i % 4 == 3).then_some(5.0),
+            q: value(shape.q_elems(), 7),
+            k: value(shape.k_elems(), 11),
+            v: value(shape.v_elems(), 13),
+        });
+    }
+    specs
+}
+
+/// The result of a call as bits: output, then the LSE (empty for sigmoid).
+type Bits = (Vec<u32>, Vec<u32>);
+
+async fn call_typed<T: Element>(engine: &Engine, spec: &Spec, bits: fn(T) -> u32) -> Bits {
+    let convert = |x: &[f32]| x.iter().map(|&v| T::from_f32(v)).collect::<Vec<T>>();
+    let out = engine
+        .attention(
+            &spec.shape,
+            spec.layout,
+            &spec.options(),
+            &convert(&spec.q),
+            &convert(&spec.k),
+            &convert(&spec.v),
+        )
+        .await
+        .expect("call succeeds");
+    let lse = out.lse.unwrap_or_default();
+    (
+        out.output.into_iter().map(bits).collect(),
+        lse.into_iter().map(f32::to_bits).collect(),
+    )
+}
+
+async fn call(engine: &Engine, spec: &Spec) -> Bits {
+    match spec.dtype {
+        DType::F32 => call_typed::<f32>(engine, spec, f32::to_bits).await,
+        DType::F16 => call_typed(engine, spec, |x: half::f16| u32::from(x.to_bits())).await,
+        DType::Bf16 => call_typed(engine, spec, |x: half::bf16| u32::from(x.to_bits())).await,
+    }
+}
+
+#[test]
+fn many_tasks_and_threads_get_the_results_of_calls_made_alone() {
+    let Some(engine) = engine(Path::F32) else {
+        return;
+    };
+    let specs = std::sync::Arc::new(specs());
+    let alone: Vec<Bits> = specs
+        .iter()
+        .map(|spec| pollster::block_on(call(engine, spec)))
+        .collect();
+    let alone = std::sync::Arc::new(alone);
+
+    // Everything runs on a worker; this thread only waits, so a deadlock fails the test.
+    let (done, finished) = mpsc::channel();
+    let worker = {
+        let (engine, specs, alone) = (engine.clone(), specs.clone(), alone.clone());
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .build()
+                .expect("tokio runtime");
+            let mut mismatches = Vec::new();
+            let threads: Vec<_> = (0..THREADS)
+                .map(|t| {
+                    let (engine, specs, alone) = (engine.clone(), specs.clone(), alone.clone());
+                    std::thread::spawn(move || {
+                        let mut bad = Vec::new();
+                        for n in 0..CALLS_EACH {
+                            let i = (t * 7 + n * 5) % specs.len();
+                            if pollster::block_on(call(&engine, &specs[i])) != alone[i] {
+                                bad.push(format!("thread {t} call {n} (spec {i})"));
+                            }
+                        }
+                        bad
+                    })
+                })
+                .collect();
+            let tasks: Vec<_> = (0..TASKS)
+                .map(|t| {
+                    let (engine, specs, alone) = (engine.clone(), specs.clone(), alone.clone());
+                    runtime.spawn(async move {
+                        let mut bad = Vec::new();
+                        for n in 0..CALLS_EACH {
+                            let i = (t * 3 + n * 7) % specs.len();
+                            if call(&engine, &specs[i]).await != alone[i] {
+                                bad.push(format!("task {t} call {n} (spec {i})"));
+                            }
+                        }
+                        bad
+                    })
+                })
+                .collect();
+            for task in tasks {
+                mismatches.extend(runtime.block_on(task).expect("task ran"));
+            }
+            for thread in threads {
+                mismatches.extend(thread.join().expect("thread ran"));
+            }
+            let _ = done.send(mismatches);
+        })
+    };
+    let start = std::time::Instant::now();
+    let mismatches = match finished.recv_timeout(TIME_BOUND) {
+        Ok(mismatches) => mismatches,
+        Err(mpsc::RecvTimeoutError::Timeout) => {
+            panic!("no result after {TIME_BOUND:?}: deadlock or hang")
+        }
+        Err(mpsc::RecvTimeoutError::Disconnected) => {
+            panic!("the callers failed: {:?}", worker.join().err())
+        }
+    };
+    worker.join().expect("worker");
+    eprintln!(
+        "{} calls from {TASKS} tasks and {THREADS} threads in {:.1} s",
+        (TASKS + THREADS) * CALLS_EACH,
+        start.elapsed().as_secs_f64()
+    );
+    assert!(
+        mismatches.is_empty(),
+        "{} calls differ from the same call made alone: {:?}",
+        mismatches.len(),
+        &mismatches[..mismatches.len().min(10)]
+    );
+}
+
+/// A device destroyed under an engine: the next call is a typed `DeviceLost` error (no panic,
+/// no hang), and a new engine works.
+#[test]
+fn a_lost_device_gives_typed_errors_and_a_new_engine_works() {
+    if engine(Path::F32).is_none() {
+        return;
+    }
+    let (lost, device) = wflash_conformance::custom_device_engine(
+        |_| {},
+        wflash::wgpu::Features::empty(),
+        wflash::EngineOptions::default(),
+    );
+    let specs = specs();
+    let spec = &specs[0];
+    pollster::block_on(call(&lost, spec));
+    device.destroy();
+    let err = lost
+        .attention_blocking(
+            &spec.shape,
+            spec.layout,
+            &spec.options(),
+            &spec.q,
+            &spec.k,
+            &spec.v,
+        )
+        .expect_err("a destroyed device cannot run");
+    assert!(matches!(err, wflash::Error::DeviceLost(_)), "{err}");
+    let fresh = Engine::new_blocking(wflash::EngineOptions::default()).expect("a new engine");
+    let expected = pollster::block_on(call(engine(Path::F32).unwrap(), spec));
+    assert_eq!(pollster::block_on(call(&fresh, spec)), expected);
+}
