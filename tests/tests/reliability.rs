@@ -230,3 +230,127 @@ fn a_lost_device_gives_typed_errors_and_a_new_engine_works() {
     let expected = pollster::block_on(call(engine(Path::F32).unwrap(), spec));
     assert_eq!(pollster::block_on(call(&fresh, spec)), expected);
 }
+
+mod hostile {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Hostile calls that ran (Ok), for the log.
+    static RAN: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+    #[test]
+    fn hostile_calls_include_calls_that_run() {
+        hostile_calls_end_in_ok_or_a_typed_error();
+        let ran = RAN.load(std::sync::atomic::Ordering::Relaxed);
+        eprintln!("hostile calls that ran: {ran} of 64 (the rest: typed errors)");
+        // About 12 are expected; fewer than 3 would mean validation refuses nearly everything.
+        assert!(ran >= 3, "only {ran} hostile calls got past validation");
+    }
+
+    /// Dimensions from empty to absurd; the head dims that can run are 32 (one kernel family
+    /// of few variants, so the cases do not each pay a cold compile).
+    fn dim() -> impl Strategy<Value = usize> {
+        prop_oneof![
+            Just(0),
+            1usize..40,
+            Just(1 << 31),
+            Just(1usize << 40),
+            Just(usize::MAX / 3)
+        ]
+    }
+    fn head_dim() -> impl Strategy<Value = usize> {
+        prop_oneof![Just(0), Just(32), Just(257), Just(usize::MAX)]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+        /// Random shapes (zero, huge, overflowing), options (NaN, infinite or zero scale,
+        /// soft-cap and sigmoid bias; windows out to usize::MAX), slices one element short or
+        /// long, and inputs with NaN or ±inf: every call ends in Ok with an output of the
+        /// right size, or in a typed error, never a panic; the engine works afterwards.
+        /// (Run by `hostile_calls_include_calls_that_run`.)
+        fn hostile_calls_end_in_ok_or_a_typed_error(
+            (batch, q_heads, group, q_len, kv_len) in (dim(), dim(), 1usize..3, dim(), dim()),
+            (head_dim, value_dim) in (head_dim(), head_dim()),
+            scale in prop_oneof![
+                3 => Just(None), 1 => Just(Some(f32::NAN)), 1 => Just(Some(0.0)),
+                1 => Just(Some(f32::INFINITY)), 3 => (-4.0f32..4.0).prop_map(Some)
+            ],
+            softcap in prop_oneof![
+                4 => Just(None), 1 => Just(Some(f32::NAN)), 1 => Just(Some(-1.0)), 2 => Just(Some(3.0))
+            ],
+            window in prop::option::of((prop::option::of(any::<usize>()), prop::option::of(0usize..50))),
+            sigmoid in prop_oneof![Just(None), Just(Some(None)), Just(Some(Some(f32::NAN))), Just(Some(Some(-1.0)))],
+            causal in any::<bool>(),
+            len_delta in prop_oneof![4 => Just(0i64), 1 => Just(-1), 1 => Just(1)],
+            poison in 0usize..4,
+            // Most cases keep the shape runnable, so options and values are what is hostile.
+            sane in prop::option::weighted(0.75, (1usize..3, 1usize..3, 1usize..40, 1usize..40)),
+        ) {
+            let Some(engine) = engine(Path::F32) else {
+                return Ok(());
+            };
+            let shape = match sane {
+                Some((batch, kv_heads, q_len, kv_len)) => Shape {
+                    batch,
+                    q_heads: kv_heads * group,
+                    kv_heads,
+                    q_len,
+                    kv_len,
+                    head_dim: 32,
+                    value_dim: 32,
+                },
+                None => Shape {
+                    batch,
+                    q_heads: q_heads.saturating_mul(group),
+                    kv_heads: q_heads,
+                    q_len,
+                    kv_len,
+                    head_dim,
+                    value_dim,
+                },
+            };
+            let mut opts = match sigmoid {
+                None => AttentionOptions::softmax(),
+                Some(bias) => AttentionOptions {
+                    variant: wflash::Variant::Sigmoid { bias },
+                    ..AttentionOptions::softmax()
+                },
+            };
+            opts.scale = scale;
+            opts.softcap = softcap;
+            opts.window = window.map(|(left, right)| Window { left, right });
+            opts.causal = causal.then_some(Causal::TopLeft);
+            // Real slices only for shapes small enough to hold; others get 7 elements.
+            let small = shape.validate().is_ok() && shape.q_elems().max(shape.k_elems()).max(shape.v_elems()) < 1 << 20;
+            let sized = |n: usize| {
+                let n = if small { (n as i64 + len_delta).max(0) as usize } else { 7 };
+                (0..n)
+                    .map(|i| match (poison, i % 17) {
+                        (1, 3) => f32::NAN,
+                        (2, 5) => f32::INFINITY,
+                        (3, 7) => f32::NEG_INFINITY,
+                        _ => ((i * 31 % 23) as f32 - 11.0) / 11.0,
+                    })
+                    .collect::<Vec<f32>>()
+            };
+            let (q, k, v) = if small {
+                (sized(shape.q_elems()), sized(shape.k_elems()), sized(shape.v_elems()))
+            } else {
+                (sized(0), sized(0), sized(0))
+            };
+            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                engine.attention_blocking(&shape, Layout::Bhsd, &opts, &q, &k, &v)
+            }));
+            let result = result.map_err(|_| TestCaseError::fail(format!("panicked: {shape:?} {opts:?}")))?;
+            if let Ok(out) = result {
+                prop_assert!(small && len_delta == 0, "Ok for a call with wrong lengths: {shape:?}");
+                prop_assert_eq!(out.output.len(), shape.o_elems());
+                RAN.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            // The engine is still usable.
+            let spec = &specs()[0];
+            prop_assert!(pollster::block_on(call(engine, spec)).0.len() == spec.shape.o_elems());
+        }
+    }
+}

@@ -359,6 +359,8 @@ impl Engine {
         k: &[T],
         v: &[T],
     ) -> Result<Attention<T>> {
+        // The shape first: its element counts are only defined (no overflow) once it is valid.
+        shape.validate()?;
         check_len("q", shape.q_elems(), q.len())?;
         check_len("k", shape.k_elems(), k.len())?;
         check_len("v", shape.v_elems(), v.len())?;
@@ -413,6 +415,7 @@ impl Engine {
         k: &Tensor,
         v: &Tensor,
     ) -> Result<GpuAttention> {
+        shape.validate()?;
         let dtype = q.dtype;
         for (name, t, expected) in [
             ("q", q, shape.q_elems()),

@@ -85,6 +85,37 @@ impl Shape {
                 });
             }
         }
+        // Every element count (and the bias's q_len · kv_len) must be a usize: after this,
+        // `q_elems()` and friends cannot overflow.
+        let counts = [
+            [
+                self.batch,
+                self.q_heads,
+                self.q_len,
+                self.head_dim.max(self.value_dim),
+            ],
+            [
+                self.batch,
+                self.kv_heads,
+                self.kv_len,
+                self.head_dim.max(self.value_dim),
+            ],
+            [self.batch, self.q_heads, self.q_len, self.kv_len],
+        ];
+        for dims in counts {
+            if dims
+                .iter()
+                .try_fold(1usize, |n, &d| n.checked_mul(d))
+                .is_none()
+            {
+                return Err(Error::TooLarge {
+                    limit: "usize element count",
+                    needed: u64::MAX,
+                    max: usize::MAX as u64,
+                    hint: " (the shape's element counts overflow)",
+                });
+            }
+        }
         Ok(())
     }
 }
@@ -381,6 +412,7 @@ impl<'a> AttentionOptions<'a> {
 
     /// Checks the modifiers against `shape`: lengths, values, and combinations.
     pub fn validate_modifiers(&self, shape: &Shape) -> Result<()> {
+        shape.validate()?;
         let invalid = |modifier: &'static str, reason: String| {
             Err(Error::InvalidModifier { modifier, reason })
         };
