@@ -1,4 +1,4 @@
-//! `cargo xtask test | bench | shaders | ci`: the project's entry points (see README.md).
+//! `cargo xtask test | bench | soak | shaders | ci`: the project's entry points (see README.md).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -19,6 +19,12 @@ enum Task {
     Test,
     /// Run the benchmark (`wflash-bench`); every argument is passed through (try `-- --help`).
     Bench {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Soak: 10,000 varied calls on one engine, resident memory at start and end (`wflash-soak`;
+    /// arguments pass through, try `-- --help`).
+    Soak {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
@@ -112,7 +118,12 @@ fn print_conformance_summaries() {
 fn bench(args: &[String]) -> Result<(), Failure> {
     // The dev profile builds dependencies at opt-level 2 and wflash-bench at 3 (workspace
     // Cargo.toml), so the bench shares one build with the tests instead of a second, release one.
-    let mut cargo_args = vec!["run", "--quiet", "-p", "wflash-bench", "--"];
+    run_bin("wflash-bench", args)
+}
+
+/// `cargo run` of a binary of the bench crate with `args`.
+fn run_bin(bin: &str, args: &[String]) -> Result<(), Failure> {
+    let mut cargo_args = vec!["run", "--quiet", "-p", "wflash-bench", "--bin", bin, "--"];
     cargo_args.extend(args.iter().map(String::as_str));
     run_cargo(&cargo_args)
 }
@@ -143,6 +154,7 @@ fn main() -> ExitCode {
     let result = match cli.task {
         Task::Test => test(),
         Task::Bench { args } => bench(&args),
+        Task::Soak { args } => run_bin("wflash-soak", &args),
         Task::Shaders => run_cargo(&["test", "-p", "wflash", "--test", "shader_validation"]),
         Task::Ci => ci(),
     };
