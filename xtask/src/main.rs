@@ -78,9 +78,7 @@ fn allow_no_gpu() -> bool {
 }
 
 fn test() -> Result<(), Failure> {
-    if let Err((msg, code)) =
-        run_cargo(&["run", "--quiet", "-p", "wflash-bench", "--", "--adapter"])
-    {
+    if let Err((msg, code)) = run_bin("wflash-bench", &["--adapter".to_string()]) {
         if !allow_no_gpu() {
             return Err((msg, code));
         }
