@@ -680,6 +680,7 @@ mod tests {
     //! values, and its quadratic form against independent formulations.
 
     use super::*;
+    use crate::tests::values;
     use proptest::prelude::*;
 
     /// The tiny problem worked by hand below: one head, len 2, key and value width 1, identity
@@ -845,21 +846,6 @@ mod tests {
         near(lightning_decay(1), &[1.0 / 256.0]);
         assert!(lightning_decay(0).is_empty());
         assert!(lightning_decay(12).iter().all(|&l| l > 0.0 && l < 1.0));
-    }
-
-    fn values(n: usize, seed: u64) -> Vec<f64> {
-        // The generator of the softmax tests: keeps the reference free of dependencies.
-        let mut x = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        (0..n)
-            .map(|_| {
-                x = x
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((x >> 11) as f64 / (1u64 << 53) as f64) * 4.0 - 2.0
-            })
-            .collect()
     }
 
     /// A random problem, the seed of its inputs, and whether (and after how many prefix tokens)

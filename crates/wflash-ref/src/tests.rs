@@ -131,7 +131,9 @@ fn arb_problem() -> impl Strategy<Value = Problem> {
         )
 }
 
-fn values(n: usize, seed: u64) -> Vec<f64> {
+/// Deterministic values in [-2, 2) (the reference crate has no RNG dependency); shared with
+/// the linear-attention tests.
+pub(crate) fn values(n: usize, seed: u64) -> Vec<f64> {
     // A small deterministic generator keeps the reference crate free of dependencies.
     let mut x = seed
         .wrapping_mul(6364136223846793005)

@@ -5,6 +5,7 @@ use crate::kernel::{
     self, Conversion, Family, KernelKey, ScoreMods, Storage, TileConfig, UNROLLED_KEYS, VariantKind,
 };
 use crate::tensor::{buffer_bytes, buffer_with_contents};
+use crate::types::check_len;
 use crate::{
     Attention, AttentionOptions, BiasValues, Causal, DType, Element, Engine, Error, Layout, Result,
     Shape, Tensor, Variant,
@@ -886,17 +887,6 @@ fn entry(binding: u32, buffer: &wgpu::Buffer) -> wgpu::BindGroupEntry<'_> {
         binding,
         resource: buffer.as_entire_binding(),
     }
-}
-
-fn check_len(tensor: &'static str, expected: usize, got: usize) -> Result<()> {
-    if expected != got {
-        return Err(Error::LengthMismatch {
-            tensor,
-            expected,
-            got,
-        });
-    }
-    Ok(())
 }
 
 /// Packed K/V rows per kv head: the keys rounded up to the unrolled kernel's key step (varlen:

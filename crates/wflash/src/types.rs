@@ -516,7 +516,8 @@ impl<'a> AttentionOptions<'a> {
     }
 }
 
-fn check_len(tensor: &'static str, expected: usize, got: usize) -> Result<()> {
+/// `LengthMismatch` unless a tensor holds the number of elements the call needs.
+pub(crate) fn check_len(tensor: &'static str, expected: usize, got: usize) -> Result<()> {
     if expected != got {
         return Err(Error::LengthMismatch {
             tensor,
