@@ -889,6 +889,10 @@ fn entry(binding: u32, buffer: &wgpu::Buffer) -> wgpu::BindGroupEntry<'_> {
     }
 }
 
+/// Diagonal offsets and window sides are clamped to ±FAR so the kernel's i32 sums cannot
+/// overflow; a bound that far out already means "every key" or "no key" for any problem that fits.
+const FAR: i64 = 1 << 30;
+
 /// Packed K/V rows per kv head: the keys rounded up to the unrolled kernel's key step (varlen:
 /// one step more, since a sequence's last step may start up to 3 rows before the total).
 fn tex_rows_per_head(shape: &Shape, opts: &AttentionOptions<'_>) -> usize {
@@ -907,9 +911,6 @@ fn sequence_infos(
     opts: &AttentionOptions<'_>,
     batch0: usize,
 ) -> Result<Vec<SequenceInfo>> {
-    // Offsets are clamped to ±2^30 so the kernel's i32 sums cannot overflow; a diagonal that
-    // far out already means "every key" or "no key" for any problem that fits.
-    const FAR: i64 = 1 << 30;
     let info =
         |q_offset: usize, q_len: usize, kv_offset: usize, kv_len: usize, keys: (usize, usize)| {
             let diag_offset = match opts.causal {
@@ -974,7 +975,6 @@ pub(crate) fn flash_params(
         let [b, h, s] = layout.strides(heads, seq, dim);
         [(b * batch_strides) as u32, h as u32, s as u32, 1]
     };
-    const FAR: i64 = 1 << 30;
     let side = |bound: Option<usize>| bound.map_or(-1, |b| (b as i64).min(FAR) as i32);
     let window = opts.window.unwrap_or_default();
     let score_unit = match opts.variant {
