@@ -17,8 +17,8 @@ use rand::{Rng, SeedableRng};
 use rand_distr::StandardNormal;
 use serde::{Deserialize, Serialize};
 use wflash::{
-    AttentionOptions, Bias, Causal, DType, Element, Engine, EngineOptions, F16Path, Layout, Shape,
-    Varlen, Window, wgpu,
+    AttentionOptions, Bias, Causal, DType, Element, Engine, EngineOptions, F16Path, GpuAttention,
+    Layout, Shape, Tensor, Varlen, Window, wgpu,
 };
 use wflash_conformance::ModData;
 use wflash_ref::Problem;
@@ -232,6 +232,12 @@ impl Case {
     fn problem(&self, data: &ModData) -> Problem {
         wflash_conformance::reference_problem(&self.shape(), Layout::Bhsd, &self.options(data))
     }
+    /// Seeded random normal Q, K and V.
+    fn inputs(&self) -> [Vec<f32>; 3] {
+        let shape = self.shape();
+        let mut rng = StdRng::seed_from_u64(self.seed());
+        [shape.q_elems(), shape.k_elems(), shape.v_elems()].map(|n| random_normals(&mut rng, n))
+    }
     fn seed(&self) -> u64 {
         let dtype = match self.dtype {
             DType::F32 => 1,
@@ -360,52 +366,103 @@ fn random_normals(rng: &mut StdRng, len: usize) -> Vec<f32> {
         .collect()
 }
 
-/// Times the fused kernel on pre-uploaded tensors; returns the timing and (f32 only) the output.
-fn time_fused<T: Element>(
+/// A case ready to time: its tensors uploaded and its pipelines compiled.
+struct Prepared {
+    case: Case,
+    data: ModData,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+}
+
+impl Prepared {
+    fn new<T: Element>(engine: &Engine, case: &Case, inputs: [&[f32]; 3]) -> Result<Self, String> {
+        let convert = |x: &[f32]| x.iter().map(|&v| T::from_f32(v)).collect::<Vec<T>>();
+        let upload = |x: &[f32]| engine.upload(&convert(x)).map_err(|e| e.to_string());
+        // The kernel key does not depend on sequence length: a small problem compiles the
+        // pipeline, so compile time stays out of the warm-ups' first run too.
+        let small_case = Case { seq: 64, ..*case };
+        let small_shape = small_case.shape();
+        let small = Prepared {
+            case: small_case,
+            data: small_case.data(),
+            q: upload(&inputs[0][..small_shape.q_elems()])?,
+            k: upload(&inputs[1][..small_shape.k_elems()])?,
+            v: upload(&inputs[2][..small_shape.v_elems()])?,
+        };
+        small.run(engine)?;
+        Ok(Prepared {
+            case: *case,
+            data: case.data(),
+            q: upload(inputs[0])?,
+            k: upload(inputs[1])?,
+            v: upload(inputs[2])?,
+        })
+    }
+
+    /// One forward pass, waited for.
+    fn run(&self, engine: &Engine) -> Result<GpuAttention, String> {
+        let out = engine
+            .attention_gpu(
+                &self.case.shape(),
+                Layout::Bhsd,
+                &self.case.options(&self.data),
+                &self.q,
+                &self.k,
+                &self.v,
+            )
+            .map_err(|e| e.to_string())?;
+        wait(engine.device())?;
+        Ok(out)
+    }
+}
+
+/// Times the cases of one group with their samples interleaved: sample `i` of every case runs
+/// before sample `i + 1` of any, so a drift of the host's clock or load (this machine's FMA probe
+/// moves 56-95 GFLOP/s between runs) falls on every case of the group alike and their ratios
+/// stay meaningful. Returns each case's timing and (f32 only) its output, in order.
+fn time_fused_group(
     engine: &Engine,
-    case: &Case,
-    inputs: [&[f32]; 3],
+    prepared: &[Prepared],
     warmups: usize,
     samples: usize,
-) -> Result<(Stats, Option<Vec<f32>>), String> {
-    let shape = case.shape();
-    let data = case.data();
-    let opts = case.options(&data);
-    let convert = |x: &[f32]| x.iter().map(|&v| T::from_f32(v)).collect::<Vec<T>>();
-    let [q, k, v] = inputs.map(|x| engine.upload(&convert(x)).map_err(|e| e.to_string()));
-    let (q, k, v) = (q?, k?, v?);
-    let device = engine.device();
-    // The kernel key does not depend on sequence length: a small problem compiles the pipeline.
-    let small_case = Case { seq: 64, ..*case };
-    let (small, small_data) = (small_case.shape(), small_case.data());
-    let [sq, sk, sv] = [small.q_elems(), small.k_elems(), small.v_elems()].map(|n| {
-        engine
-            .upload(&convert(&inputs[0][..n]))
-            .map_err(|e| e.to_string())
-    });
-    let small_opts = small_case.options(&small_data);
-    engine
-        .attention_gpu(&small, Layout::Bhsd, &small_opts, &sq?, &sk?, &sv?)
-        .map_err(|e| e.to_string())?;
-    wait(device)?;
-    let mut last = None;
-    let stats = measure(warmups, samples, || {
-        let out = engine
-            .attention_gpu(&shape, Layout::Bhsd, &opts, &q, &k, &v)
-            .map_err(|e| e.to_string())?;
-        wait(device)?;
-        last = Some(out);
-        Ok(())
-    })?;
-    let output = match (T::DTYPE, last) {
-        (DType::F32, Some(out)) => Some(
-            engine
-                .read_blocking::<f32>(&out.output)
-                .map_err(|e| e.to_string())?,
-        ),
-        _ => None,
-    };
-    Ok((stats, output))
+) -> Vec<Result<(Stats, Option<Vec<f32>>), String>> {
+    let mut times: Vec<Result<Vec<f64>, String>> =
+        prepared.iter().map(|_| Ok(Vec::new())).collect();
+    let mut last: Vec<Option<GpuAttention>> = prepared.iter().map(|_| None).collect();
+    for round in 0..warmups + samples.max(1) {
+        for (i, p) in prepared.iter().enumerate() {
+            let Ok(case_times) = &mut times[i] else {
+                continue;
+            };
+            let start = Instant::now();
+            match p.run(engine) {
+                Ok(out) => {
+                    if round >= warmups {
+                        case_times.push(start.elapsed().as_secs_f64());
+                    }
+                    last[i] = Some(out);
+                }
+                Err(err) => times[i] = Err(err),
+            }
+        }
+    }
+    times
+        .into_iter()
+        .zip(prepared.iter().zip(last))
+        .map(|(t, (p, out))| {
+            let stats = stats(t?);
+            let output = match (p.case.dtype, out) {
+                (DType::F32, Some(out)) => Some(
+                    engine
+                        .read_blocking::<f32>(&out.output)
+                        .map_err(|e| e.to_string())?,
+                ),
+                _ => None,
+            };
+            Ok((stats, output))
+        })
+        .collect()
 }
 
 /// Times the naive three-dispatch attention (f32). Returns the timing and its output.
@@ -561,6 +618,87 @@ fn print_ratios(records: &[Record]) {
     }
 }
 
+/// A speed-up an issue states, checked on this run's records: `slower` over `faster`.
+struct Comparison {
+    what: &'static str,
+    slower: Case,
+    faster: Case,
+    at_least: f64,
+}
+
+fn comparisons() -> Vec<Comparison> {
+    let plain = |seq, causal| Case {
+        dtype: DType::F32,
+        seq,
+        head_dim: 64,
+        causal,
+        sigmoid: false,
+        window: None,
+        modifier: None,
+    };
+    vec![
+        Comparison {
+            what: "sigmoid vs softmax, N=2048 (#3)",
+            slower: plain(2048, false),
+            faster: Case {
+                sigmoid: true,
+                ..plain(2048, false)
+            },
+            at_least: 1.0,
+        },
+        Comparison {
+            what: "causal vs non-causal softmax, N=4096 (#3)",
+            slower: plain(4096, false),
+            faster: plain(4096, true),
+            at_least: 1.6,
+        },
+        Comparison {
+            what: "window 256 vs full, N=8192 (#3)",
+            slower: plain(8192, false),
+            faster: Case {
+                window: Some(256),
+                ..plain(8192, false)
+            },
+            at_least: 8.0,
+        },
+    ]
+}
+
+/// Prints each stated speed-up that this run measured both sides of: the ratio of medians and
+/// of minima (the samples were interleaved, see `time_fused_group`).
+fn print_comparisons(records: &[Record]) {
+    let fused = |case: &Case| {
+        let name = case.name();
+        records
+            .iter()
+            .find(|r| r.implementation == "fused" && r.name == name)
+    };
+    println!();
+    println!("speed-ups (time of the first / time of the second, same run):");
+    let mut any = false;
+    for c in comparisons() {
+        let (Some(slower), Some(faster)) = (fused(&c.slower), fused(&c.faster)) else {
+            continue;
+        };
+        any = true;
+        let median = slower.median_ms / faster.median_ms;
+        let min = slower.min_ms / faster.min_ms;
+        println!(
+            "  {:<44} {median:>6.2}x median, {min:>6.2}x min  (needs >= {}: {})",
+            c.what,
+            c.at_least,
+            if median >= c.at_least {
+                "met"
+            } else {
+                "NOT MET"
+            }
+        );
+    }
+    if !any {
+        println!("  (no case pair of them ran)");
+    }
+}
+
 /// Prints new/old median ratios against a baseline file; returns the number of regressions.
 fn compare_baseline(records: &[Record], path: &PathBuf) -> Result<usize, String> {
     let text =
@@ -712,105 +850,145 @@ fn main() -> ExitCode {
         }
     };
 
+    // Cases of one sequence length are timed together, their samples interleaved (see
+    // `time_fused_group`): the ratios the issues state compare cases of one length.
+    let mut groups: Vec<Vec<Case>> = Vec::new();
     for case in &selected {
-        let name = case.name();
-        let case_start = Instant::now();
-        let shape = case.shape();
-        let problem = case.problem(&case.data());
-        let flops = 4.0 * shape.head_dim as f64 * problem.visible_pairs_total() as f64;
-        let mut rng = StdRng::seed_from_u64(case.seed());
-        let q = random_normals(&mut rng, shape.q_elems());
-        let k = random_normals(&mut rng, shape.k_elems());
-        let v = random_normals(&mut rng, shape.v_elems());
-        let inputs = [q.as_slice(), k.as_slice(), v.as_slice()];
-        let mut notes = Vec::new();
-
-        let fused = match case.dtype {
-            DType::F32 => time_fused::<f32>(&engine, case, inputs, warmups, samples),
-            DType::F16 => time_fused::<half::f16>(&engine, case, inputs, warmups, samples),
-            DType::Bf16 => time_fused::<half::bf16>(&engine, case, inputs, warmups, samples),
-        };
-        let fused_out = match fused {
-            Ok((stats, out)) => {
-                records.push(ctx.record(case, "fused", case.dtype.name(), flops, stats));
-                out
-            }
-            Err(err) => {
-                println!("{name}: fused FAILED: {err}");
-                fused_failures += 1;
-                None
-            }
-        };
-
-        if case.dtype == DType::F32 {
-            match &naive {
-                _ if !case.naive_applies() => {
-                    println!("{name}: naive-gpu skipped (plain softmax only)")
+        match groups.iter_mut().find(|g| g[0].seq == case.seq) {
+            Some(group) => group.push(*case),
+            None => groups.push(vec![*case]),
+        }
+    }
+    for group in &groups {
+        let group_start = Instant::now();
+        let inputs: Vec<[Vec<f32>; 3]> = group.iter().map(Case::inputs).collect();
+        let mut prepared = Vec::new();
+        let mut timed = Vec::new();
+        for (case, [q, k, v]) in group.iter().zip(&inputs) {
+            let inputs = [q.as_slice(), k.as_slice(), v.as_slice()];
+            let ready = match case.dtype {
+                DType::F32 => Prepared::new::<f32>(&engine, case, inputs),
+                DType::F16 => Prepared::new::<half::f16>(&engine, case, inputs),
+                DType::Bf16 => Prepared::new::<half::bf16>(&engine, case, inputs),
+            };
+            match ready {
+                Ok(ready) => {
+                    prepared.push(ready);
+                    timed.push(*case);
                 }
-                _ if case.seq > baseline_max_seq.min(NAIVE_MAX_SEQ) => {
-                    println!(
-                        "{name}: naive-gpu skipped (N > {})",
-                        baseline_max_seq.min(NAIVE_MAX_SEQ)
-                    );
+                Err(err) => {
+                    println!("{}: fused FAILED: {err}", case.name());
+                    fused_failures += 1;
                 }
-                Some(naive) => {
-                    let (naive_warmups, naive_samples) = if case.seq > NAIVE_FULL_SAMPLES_MAX_SEQ {
-                        (0, 1)
-                    } else {
-                        (warmups, naive_samples)
-                    };
-                    match time_naive(&engine, naive, case, inputs, naive_warmups, naive_samples) {
-                        Ok((stats, out)) => {
-                            records.push(ctx.record(case, "naive-gpu", "f32", flops, stats));
-                            if let Some(fused_out) = &fused_out {
-                                let diff =
-                                    max_abs_diff(fused_out, out.iter().map(|&x| f64::from(x)));
-                                notes.push(format!("max|fused-naive| {diff:.2e}"));
-                            }
-                        }
-                        Err(err) => println!("{name}: naive-gpu skipped: {err}"),
-                    }
-                }
-                None => println!("{name}: naive-gpu skipped (no pipelines)"),
-            }
-
-            if shape.q_len <= baseline_max_seq.min(CPU_REF_MAX_SEQ) {
-                let to_f64 = |x: &[f32]| x.iter().map(|&v| f64::from(v)).collect::<Vec<f64>>();
-                let (q64, k64, v64) = (to_f64(&q), to_f64(&k), to_f64(&v));
-                let start = Instant::now();
-                let reference = wflash_ref::forward(&problem, &q64, &k64, &v64);
-                let secs = start.elapsed().as_secs_f64();
-                records.push(ctx.record(
-                    case,
-                    "cpu-ref",
-                    "f64",
-                    flops,
-                    Stats {
-                        median: secs,
-                        min: secs,
-                        samples: 1,
-                    },
-                ));
-                if let Some(fused_out) = &fused_out {
-                    let diff = max_abs_diff(fused_out, reference.output.iter().copied());
-                    notes.push(format!("max|fused-ref| {diff:.2e}"));
-                }
-            } else {
-                println!(
-                    "{name}: cpu-ref skipped (N > {}: too slow)",
-                    baseline_max_seq.min(CPU_REF_MAX_SEQ)
-                );
             }
         }
+        let results = time_fused_group(&engine, &prepared, warmups, samples);
+        drop(prepared);
         println!(
-            "{name}: done in {:.1} s {}",
-            case_start.elapsed().as_secs_f64(),
-            notes.join(", ")
+            "n={}: {} fused case(s) timed, interleaved, in {:.1} s",
+            group[0].seq,
+            timed.len(),
+            group_start.elapsed().as_secs_f64()
         );
+        for (case, [q, k, v]) in group.iter().zip(&inputs) {
+            let name = case.name();
+            let case_start = Instant::now();
+            let shape = case.shape();
+            let problem = case.problem(&case.data());
+            let flops = 4.0 * shape.head_dim as f64 * problem.visible_pairs_total() as f64;
+            let inputs = [q.as_slice(), k.as_slice(), v.as_slice()];
+            let mut notes = Vec::new();
+
+            let fused = timed
+                .iter()
+                .position(|c| c.name() == name)
+                .map(|i| &results[i]);
+            let fused_out = match fused {
+                Some(Ok((stats, out))) => {
+                    records.push(ctx.record(case, "fused", case.dtype.name(), flops, *stats));
+                    out.clone()
+                }
+                Some(Err(err)) => {
+                    println!("{name}: fused FAILED: {err}");
+                    fused_failures += 1;
+                    None
+                }
+                None => None,
+            };
+
+            if case.dtype == DType::F32 {
+                match &naive {
+                    _ if !case.naive_applies() => {
+                        println!("{name}: naive-gpu skipped (plain softmax only)")
+                    }
+                    _ if case.seq > baseline_max_seq.min(NAIVE_MAX_SEQ) => {
+                        println!(
+                            "{name}: naive-gpu skipped (N > {})",
+                            baseline_max_seq.min(NAIVE_MAX_SEQ)
+                        );
+                    }
+                    Some(naive) => {
+                        let (naive_warmups, naive_samples) =
+                            if case.seq > NAIVE_FULL_SAMPLES_MAX_SEQ {
+                                (0, 1)
+                            } else {
+                                (warmups, naive_samples)
+                            };
+                        match time_naive(&engine, naive, case, inputs, naive_warmups, naive_samples)
+                        {
+                            Ok((stats, out)) => {
+                                records.push(ctx.record(case, "naive-gpu", "f32", flops, stats));
+                                if let Some(fused_out) = &fused_out {
+                                    let diff =
+                                        max_abs_diff(fused_out, out.iter().map(|&x| f64::from(x)));
+                                    notes.push(format!("max|fused-naive| {diff:.2e}"));
+                                }
+                            }
+                            Err(err) => println!("{name}: naive-gpu skipped: {err}"),
+                        }
+                    }
+                    None => println!("{name}: naive-gpu skipped (no pipelines)"),
+                }
+
+                if shape.q_len <= baseline_max_seq.min(CPU_REF_MAX_SEQ) {
+                    let to_f64 = |x: &[f32]| x.iter().map(|&v| f64::from(v)).collect::<Vec<f64>>();
+                    let (q64, k64, v64) = (to_f64(&q), to_f64(&k), to_f64(&v));
+                    let start = Instant::now();
+                    let reference = wflash_ref::forward(&problem, &q64, &k64, &v64);
+                    let secs = start.elapsed().as_secs_f64();
+                    records.push(ctx.record(
+                        case,
+                        "cpu-ref",
+                        "f64",
+                        flops,
+                        Stats {
+                            median: secs,
+                            min: secs,
+                            samples: 1,
+                        },
+                    ));
+                    if let Some(fused_out) = &fused_out {
+                        let diff = max_abs_diff(fused_out, reference.output.iter().copied());
+                        notes.push(format!("max|fused-ref| {diff:.2e}"));
+                    }
+                } else {
+                    println!(
+                        "{name}: cpu-ref skipped (N > {}: too slow)",
+                        baseline_max_seq.min(CPU_REF_MAX_SEQ)
+                    );
+                }
+            }
+            println!(
+                "{name}: done in {:.1} s {}",
+                case_start.elapsed().as_secs_f64(),
+                notes.join(", ")
+            );
+        }
     }
 
     print_table(&records);
     print_ratios(&records);
+    print_comparisons(&records);
 
     let mut ok = true;
     if let Some(path) = &args.json {
