@@ -366,6 +366,9 @@ fn random_normals(rng: &mut StdRng, len: usize) -> Vec<f32> {
         .collect()
 }
 
+/// One case's timing and (f32 only) its output, or why it failed.
+type Timed = Result<(Stats, Option<Vec<f32>>), String>;
+
 /// A case ready to time: its tensors uploaded and its pipelines compiled.
 struct Prepared {
     case: Case,
@@ -426,7 +429,7 @@ fn time_fused_group(
     prepared: &[Prepared],
     warmups: usize,
     samples: usize,
-) -> Vec<Result<(Stats, Option<Vec<f32>>), String>> {
+) -> Vec<Timed> {
     let mut times: Vec<Result<Vec<f64>, String>> =
         prepared.iter().map(|_| Ok(Vec::new())).collect();
     let mut last: Vec<Option<GpuAttention>> = prepared.iter().map(|_| None).collect();
@@ -952,7 +955,7 @@ fn main() -> ExitCode {
 
                 if shape.q_len <= baseline_max_seq.min(CPU_REF_MAX_SEQ) {
                     let to_f64 = |x: &[f32]| x.iter().map(|&v| f64::from(v)).collect::<Vec<f64>>();
-                    let (q64, k64, v64) = (to_f64(&q), to_f64(&k), to_f64(&v));
+                    let (q64, k64, v64) = (to_f64(q), to_f64(k), to_f64(v));
                     let start = Instant::now();
                     let reference = wflash_ref::forward(&problem, &q64, &k64, &v64);
                     let secs = start.elapsed().as_secs_f64();

@@ -16,6 +16,7 @@ use wflash::{
 use wflash_ref::{CausalAlign, Problem};
 
 pub mod grid;
+pub mod linear;
 pub mod soak;
 
 /// Which kernel path a case runs: the element type, and for f16 which storage path.

@@ -739,20 +739,20 @@ pub struct GpuAttention {
 
 /// What `pack_rows` needs to know about one tensor it packs (K, V, the bias, the key mask).
 #[derive(Clone, Copy, Debug)]
-struct PackShape {
-    stride: [u32; 4],
-    heads: usize,
-    batch: usize,
-    seq_len: usize,
-    rows_per_head: usize,
-    dim: usize,
-    fold: u32,
-    max_groups: u32,
+pub(crate) struct PackShape {
+    pub(crate) stride: [u32; 4],
+    pub(crate) heads: usize,
+    pub(crate) batch: usize,
+    pub(crate) seq_len: usize,
+    pub(crate) rows_per_head: usize,
+    pub(crate) dim: usize,
+    pub(crate) fold: u32,
+    pub(crate) max_groups: u32,
 }
 
 /// Records the packing of `tensor` into a new rgba32float texture (layout in pack_rows.wgsl)
 /// and returns its view. The plan has checked that the texture fits the adapter's limits.
-fn pack_rows(
+pub(crate) fn pack_rows(
     device: &wgpu::Device,
     queue: &wgpu::Queue,
     encoder: &mut wgpu::CommandEncoder,
@@ -882,7 +882,7 @@ fn convert_pass(
     pass.dispatch_workgroups(groups_x, groups.div_ceil(groups_x), 1);
 }
 
-fn entry(binding: u32, buffer: &wgpu::Buffer) -> wgpu::BindGroupEntry<'_> {
+pub(crate) fn entry(binding: u32, buffer: &wgpu::Buffer) -> wgpu::BindGroupEntry<'_> {
     wgpu::BindGroupEntry {
         binding,
         resource: buffer.as_entire_binding(),

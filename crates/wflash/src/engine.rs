@@ -285,6 +285,7 @@ impl Engine {
                 Vec::new(),
             ),
             PipelineKey::Convert(c) => (c.label(), c.source(), "convert", Vec::new()),
+            PipelineKey::Linear(k) => (k.label(), k.source(), k.pass.entry_point(), Vec::new()),
         };
         let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
         let t0 = std::time::Instant::now();
@@ -323,6 +324,8 @@ pub(crate) enum PipelineKey {
     Pack(Storage),
     /// Q and O conversions around the unrolled family.
     Convert(kernel::Conversion),
+    /// A linear-attention pass.
+    Linear(kernel::LinearKey),
 }
 
 async fn select_adapter(

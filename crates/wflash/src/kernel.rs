@@ -19,6 +19,9 @@ pub const PACK_ROWS_WGSL: &str = include_str!("../../../shaders/pack_rows.wgsl")
 /// WGSL source of the element-type conversions at the unrolled kernel's edges.
 pub const CONVERT_WGSL: &str = include_str!("../../../shaders/convert.wgsl");
 
+/// WGSL template of the linear-attention passes (chunked and recurrent).
+pub const LINEAR_WGSL: &str = include_str!("../../../shaders/linear.wgsl");
+
 /// An element-type conversion pass (convert.wgsl).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Conversion {
@@ -597,4 +600,89 @@ pub fn variants(
         }
     }
     keys
+}
+
+/// One of linear.wgsl's entry points.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum LinearPass {
+    /// Each chunk's own decayed state (parallel over chunks).
+    ChunkState,
+    /// The state before each chunk and the final state (sequential over chunks).
+    ChunkPrefix,
+    /// The output rows: intra-chunk quadratic part plus the carried state.
+    ChunkOutput,
+    /// The token-by-token recurrence, for decoding.
+    Recurrent,
+}
+
+impl LinearPass {
+    pub const ALL: [LinearPass; 4] = [
+        LinearPass::ChunkState,
+        LinearPass::ChunkPrefix,
+        LinearPass::ChunkOutput,
+        LinearPass::Recurrent,
+    ];
+    pub fn entry_point(self) -> &'static str {
+        match self {
+            LinearPass::ChunkState => "linear_chunk_state",
+            LinearPass::ChunkPrefix => "linear_chunk_prefix",
+            LinearPass::ChunkOutput => "linear_chunk_output",
+            LinearPass::Recurrent => "linear_recurrent",
+        }
+    }
+}
+
+/// Everything that selects one compiled linear-attention pipeline.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct LinearKey {
+    pub pass: LinearPass,
+    pub storage: Storage,
+    pub key_dim: u32,
+    pub value_dim: u32,
+    pub feature_map: crate::FeatureMap,
+    pub normalize: bool,
+}
+
+impl LinearKey {
+    /// `linear_chunk_output f16 d64 dv64 elu+1 normalize`.
+    pub fn label(&self) -> String {
+        format!(
+            "{} {} d{} dv{} {}{}",
+            self.pass.entry_point(),
+            self.storage.name(),
+            self.key_dim,
+            self.value_dim,
+            self.feature_map.name(),
+            if self.normalize { " normalize" } else { "" }
+        )
+    }
+
+    /// The prelude (accessors for the storage type, dims, feature map), then linear.wgsl with
+    /// its dim loops written out.
+    pub fn source(&self) -> String {
+        let mut src = String::new();
+        if self.storage == Storage::F16Native {
+            src.push_str("enable f16;\n");
+        }
+        src.push_str(&load_accessor(self.storage, 1, "q"));
+        src.push_str(&load_accessor(self.storage, 12, "k"));
+        src.push_str(&load_accessor(self.storage, 13, "v"));
+        src.push_str(&store_accessor(self.storage, 4, "o"));
+        let counts = [
+            ("D4", self.key_dim.div_ceil(4)),
+            ("DV4", self.value_dim.div_ceil(4)),
+        ];
+        for (name, value) in counts {
+            src.push_str(&format!("const {name}: u32 = {value}u;\n"));
+        }
+        src.push_str(&format!(
+            "const KEY_DIM: u32 = {}u;\nconst VALUE_DIM: u32 = {}u;\nconst FEATURE: u32 = {}u;\nconst NORMALIZE: bool = {};\n",
+            self.key_dim,
+            self.value_dim,
+            self.feature_map.code(),
+            self.normalize
+        ));
+        src.push_str(&expand_unrolls(LINEAR_WGSL, &counts));
+        src
+    }
 }

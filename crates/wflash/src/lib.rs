@@ -31,6 +31,7 @@ mod attention;
 mod engine;
 mod error;
 pub mod kernel;
+mod linear;
 mod readback;
 mod tensor;
 mod types;
@@ -39,6 +40,11 @@ pub use attention::{FlashParams, GpuAttention, PackParams, Plan, SequenceInfo};
 pub use engine::{Engine, EngineInfo, EngineOptions, F16Path};
 pub use error::{Error, Result};
 pub use kernel::Family;
+pub use linear::{
+    ChunkPlan, FeatureMap, GpuLinearAttention, GpuLinearState, LINEAR_MAX_CHUNK, LINEAR_MAX_DIM,
+    LINEAR_MAX_SEQUENTIAL_STEPS, LinearAttention, LinearKernel, LinearOptions, LinearParams,
+    LinearPlan, LinearState, RECURRENT_AUTO_MAX_LEN, lightning_decay,
+};
 pub use tensor::Tensor;
 pub use types::{
     Attention, AttentionOptions, Bias, BiasValues, Causal, DType, Element, Layout, MAX_HEAD_DIM,

@@ -4,7 +4,10 @@
 
 use naga::back::{hlsl, msl, spv};
 use naga::valid::{Capabilities, ValidationFlags, Validator};
-use wflash::kernel::{self, Conversion, Family, KernelKey, ScoreMods, Storage, TileConfig};
+use wflash::FeatureMap;
+use wflash::kernel::{
+    self, Conversion, Family, KernelKey, LinearKey, LinearPass, ScoreMods, Storage, TileConfig,
+};
 
 /// Tile configurations the planner can choose: BLOCK_M 64, BLOCK_N halved from 32 as workgroup memory requires.
 fn tiles() -> Vec<TileConfig> {
@@ -150,6 +153,50 @@ fn every_pack_and_convert_variant_validates_and_translates() {
     }
 }
 
+/// Every pass × storage type × dims (odd, unequal, the largest), without and with the
+/// normaliser; every feature map at 64.
+#[test]
+fn every_linear_variant_validates_and_translates() {
+    const LINEAR_DIMS: [(u32, u32); 6] = [(1, 1), (8, 8), (32, 59), (59, 32), (64, 64), (128, 128)];
+    let mut keys = Vec::new();
+    for pass in LinearPass::ALL {
+        for storage in Storage::ALL {
+            let key = |key_dim, value_dim, feature_map, normalize| LinearKey {
+                pass,
+                storage,
+                key_dim,
+                value_dim,
+                feature_map,
+                normalize,
+            };
+            for (key_dim, value_dim) in LINEAR_DIMS {
+                for normalize in [false, true] {
+                    keys.push(key(key_dim, value_dim, FeatureMap::Identity, normalize));
+                }
+            }
+            for feature_map in [FeatureMap::EluPlusOne, FeatureMap::Relu] {
+                keys.push(key(64, 64, feature_map, true));
+            }
+        }
+    }
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    std::thread::scope(|scope| {
+        for chunk in keys.chunks(keys.len().div_ceil(threads)) {
+            scope.spawn(move || {
+                for key in chunk {
+                    let source = key.source();
+                    assert!(
+                        !source.lines().any(|l| l.trim_start().starts_with("//#")),
+                        "{}: unexpanded marker",
+                        key.label()
+                    );
+                    compile_source_everywhere(&key.label(), &source, key.pass.entry_point(), &[]);
+                }
+            });
+        }
+    });
+}
+
 #[test]
 fn unroll_markers_expand_nested_blocks() {
     let template = "a\n//#unroll i 2\nx{i}\n//#unroll j N\ny{i}{j}\n//#end\n//#end\nb\n";
@@ -160,10 +207,9 @@ fn unroll_markers_expand_nested_blocks() {
     );
 }
 
-/// Member offsets of WGSL struct `name` in a kernel's module, by member name.
-fn wgsl_layout(name: &str) -> (usize, Vec<(String, usize)>) {
-    let key = kernel::variants(Family::Unrolled, &[(64, 64)], &tiles(), &MODS[1..])[0];
-    let module = naga::front::wgsl::parse_str(&key.source()).expect("parses");
+/// Member offsets of WGSL struct `name` in `source`, by member name.
+fn wgsl_layout(source: &str, name: &str) -> (usize, Vec<(String, usize)>) {
+    let module = naga::front::wgsl::parse_str(source).expect("parses");
     let mut layouter = naga::proc::Layouter::default();
     layouter.update(module.to_ctx()).expect("layout");
     let (handle, ty) = module
@@ -185,8 +231,8 @@ fn wgsl_layout(name: &str) -> (usize, Vec<(String, usize)>) {
 /// Asserts that a repr(C) Rust struct and a WGSL struct have the same size and the same offset
 /// for every member, matched by name.
 macro_rules! assert_same_layout {
-    ($rust:ty, $wgsl:literal, [$($field:ident),* $(,)?]) => {{
-        let (size, members) = wgsl_layout($wgsl);
+    ($source:expr, $rust:ty, $wgsl:literal, [$($field:ident),* $(,)?]) => {{
+        let (size, members) = wgsl_layout($source, $wgsl);
         assert_eq!(size, size_of::<$rust>(), "size of {}", $wgsl);
         let rust = [$((stringify!($field), std::mem::offset_of!($rust, $field))),*];
         assert_eq!(rust.len(), members.len(), "member count of {}", $wgsl);
@@ -199,7 +245,9 @@ macro_rules! assert_same_layout {
 
 #[test]
 fn host_structs_match_wgsl_layout() {
+    let flash = kernel::variants(Family::Unrolled, &[(64, 64)], &tiles(), &MODS[1..])[0].source();
     assert_same_layout!(
+        &flash,
         wflash::FlashParams,
         "Params",
         [
@@ -230,6 +278,7 @@ fn host_structs_match_wgsl_layout() {
         ]
     );
     assert_same_layout!(
+        &flash,
         wflash::SequenceInfo,
         "Sequence",
         [
@@ -241,6 +290,42 @@ fn host_structs_match_wgsl_layout() {
             key_hi,
             diag_offset,
             sigmoid_bias
+        ]
+    );
+    let linear = LinearKey {
+        pass: LinearPass::ChunkOutput,
+        storage: Storage::F32,
+        key_dim: 64,
+        value_dim: 64,
+        feature_map: FeatureMap::Identity,
+        normalize: false,
+    }
+    .source();
+    assert_same_layout!(
+        &linear,
+        wflash::LinearParams,
+        "LinearParams",
+        [
+            q_stride,
+            k_stride,
+            v_stride,
+            o_stride,
+            q_heads,
+            group,
+            len,
+            chunk,
+            chunks,
+            columns,
+            pitch,
+            tex_rows_per_head,
+            tex_fold,
+            state_fold,
+            scale,
+            eps,
+            has_initial,
+            causal,
+            decay_stride,
+            _pad1,
         ]
     );
 }

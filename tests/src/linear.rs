@@ -1,0 +1,376 @@
+//! Linear attention's conformance harness: GPU results (output and final state) judged against
+//! `wflash_ref::linear::linear_forward` in f64 by the forward contract of DESIGN.md, with
+//! `naive_linear_f32` in the storage precision as the baseline.
+//!
+//! A case can feed its sequence in one call, in pieces (each piece's final state is the next
+//! piece's initial state, kept on the GPU), or token by token: all three are judged against
+//! the same one-call truth.
+
+use rand::{Rng, SeedableRng};
+use wflash::{
+    Element, Engine, FeatureMap, GpuLinearState, Layout, LinearKernel, LinearOptions, Shape,
+};
+use wflash_ref::linear::{self as reference, LinearProblem, LinearState};
+
+use crate::{Path, Tolerance, max_abs_err, random};
+
+/// How a case hands its sequence to the engine.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Feed {
+    OneCall,
+    /// This many calls of (nearly) equal length, the state carried from each to the next.
+    Pieces(usize),
+    /// One call per token (decoding).
+    TokenByToken,
+}
+
+/// One linear-attention conformance case.
+#[derive(Clone, Copy, Debug)]
+pub struct LinearCase {
+    pub path: Path,
+    pub layout: Layout,
+    pub batch: usize,
+    pub q_heads: usize,
+    pub kv_heads: usize,
+    pub len: usize,
+    pub key_dim: usize,
+    pub value_dim: usize,
+    pub causal: bool,
+    pub feature_map: FeatureMap,
+    /// Lightning Attention's per-head decay.
+    pub decay: bool,
+    pub normalize: bool,
+    pub kernel: LinearKernel,
+    pub chunk_size: Option<usize>,
+    /// Start from a random initial state.
+    pub initial: bool,
+    pub feed: Feed,
+    pub seed: u64,
+}
+
+impl LinearCase {
+    pub fn shape(&self) -> Shape {
+        Shape {
+            batch: self.batch,
+            q_heads: self.q_heads,
+            kv_heads: self.kv_heads,
+            q_len: self.len,
+            kv_len: self.len,
+            head_dim: self.key_dim,
+            value_dim: self.value_dim,
+        }
+    }
+
+    /// The decays this case uses, if any.
+    pub fn decays(&self) -> Option<Vec<f32>> {
+        self.decay.then(|| wflash::lightning_decay(self.q_heads))
+    }
+
+    pub fn options<'a>(&self, decay: Option<&'a [f32]>) -> LinearOptions<'a> {
+        LinearOptions {
+            causal: self.causal,
+            feature_map: self.feature_map,
+            decay,
+            normalize: self.normalize,
+            kernel: self.kernel,
+            chunk_size: self.chunk_size,
+            ..LinearOptions::default()
+        }
+    }
+
+    /// The reference problem for this case's whole sequence.
+    pub fn problem(&self, decay: Option<&[f32]>) -> LinearProblem {
+        LinearProblem {
+            causal: self.causal,
+            feature_map: reference_feature_map(self.feature_map),
+            decay: decay.map(|d| d.iter().map(|&x| f64::from(x)).collect()),
+            normalize: self.normalize,
+            ..LinearProblem::new(
+                self.batch,
+                self.q_heads,
+                self.kv_heads,
+                self.len,
+                self.key_dim,
+                self.value_dim,
+                ref_layout(self.layout),
+            )
+        }
+    }
+
+    /// The token ranges the case's calls cover, in order.
+    pub fn pieces(&self) -> Vec<std::ops::Range<usize>> {
+        let count = match self.feed {
+            Feed::OneCall => 1,
+            Feed::Pieces(n) => n.clamp(1, self.len),
+            Feed::TokenByToken => self.len,
+        };
+        (0..count)
+            .map(|p| p * self.len / count..(p + 1) * self.len / count)
+            .collect()
+    }
+}
+
+/// The reference crate's twin of a feature map.
+pub fn reference_feature_map(map: FeatureMap) -> reference::FeatureMap {
+    match map {
+        FeatureMap::Identity => reference::FeatureMap::Identity,
+        FeatureMap::EluPlusOne => reference::FeatureMap::EluPlusOne,
+        FeatureMap::Relu => reference::FeatureMap::Relu,
+        other => panic!("no reference for feature map {other:?}"),
+    }
+}
+
+fn ref_layout(layout: Layout) -> wflash_ref::Layout {
+    match layout {
+        Layout::Bhsd => wflash_ref::Layout::Bhsd,
+        Layout::Bshd => wflash_ref::Layout::Bshd,
+    }
+}
+
+/// Tokens `range` of a `[batch, heads, len, dim]` tensor (or BSHD), as a tensor of that many
+/// tokens in the same layout.
+pub fn take_tokens<T: Copy>(
+    x: &[T],
+    layout: Layout,
+    [batch, heads, len, dim]: [usize; 4],
+    range: std::ops::Range<usize>,
+) -> Vec<T> {
+    let n = range.len();
+    let mut out = Vec::with_capacity(batch * heads * n * dim);
+    let [sb, sh, ss] = layout.strides(heads, len, dim);
+    match layout {
+        Layout::Bhsd => {
+            for b in 0..batch {
+                for h in 0..heads {
+                    for s in range.clone() {
+                        let at = b * sb + h * sh + s * ss;
+                        out.extend_from_slice(&x[at..at + dim]);
+                    }
+                }
+            }
+        }
+        Layout::Bshd => {
+            for b in 0..batch {
+                for s in range.clone() {
+                    for h in 0..heads {
+                        let at = b * sb + h * sh + s * ss;
+                        out.extend_from_slice(&x[at..at + dim]);
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Writes `piece` (tokens `range`, laid out as [`take_tokens`] returns them) into `x`.
+pub fn put_tokens<T: Copy>(
+    x: &mut [T],
+    piece: &[T],
+    layout: Layout,
+    [batch, heads, len, dim]: [usize; 4],
+    range: std::ops::Range<usize>,
+) {
+    let [sb, sh, ss] = layout.strides(heads, len, dim);
+    let mut rows = piece.chunks(dim);
+    let mut put = |b: usize, h: usize, s: usize| {
+        let at = b * sb + h * sh + s * ss;
+        x[at..at + dim].copy_from_slice(rows.next().expect("a row per token"));
+    };
+    match layout {
+        Layout::Bhsd => {
+            for b in 0..batch {
+                for h in 0..heads {
+                    for s in range.clone() {
+                        put(b, h, s);
+                    }
+                }
+            }
+        }
+        Layout::Bshd => {
+            for b in 0..batch {
+                for s in range.clone() {
+                    for h in 0..heads {
+                        put(b, h, s);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// What a passing case measured.
+#[derive(Clone, Copy, Debug)]
+pub struct LinearOutcome {
+    /// Worst of the output's and the state's error over their bounds (pass ≤ 1).
+    pub ratio: f64,
+    pub output_err: f64,
+    pub naive_output_err: f64,
+    pub state_err: f64,
+    pub naive_state_err: f64,
+}
+
+/// Runs a case on `engine` and judges its output and final state.
+pub fn run_linear_case(engine: &Engine, case: &LinearCase) -> Result<LinearOutcome, String> {
+    match case.path.dtype() {
+        wflash::DType::F32 => judge::<f32>(engine, case),
+        wflash::DType::F16 => judge::<half::f16>(engine, case),
+        wflash::DType::Bf16 => judge::<half::bf16>(engine, case),
+    }
+}
+
+fn judge<T: Element>(engine: &Engine, case: &LinearCase) -> Result<LinearOutcome, String> {
+    let decay = case.decays();
+    let p = case.problem(decay.as_deref());
+    let mut rng = rand::rngs::StdRng::seed_from_u64(case.seed);
+    let (q, q32) = random::<T>(&mut rng, p.q_elems(), 1.0);
+    let (k, k32) = random::<T>(&mut rng, p.k_elems(), 1.0);
+    let (v, v32) = random::<T>(&mut rng, p.v_elems(), 1.0);
+    // An initial state of the size a few hundred tokens leave behind.
+    let initial = case.initial.then(|| {
+        let mut state = |n: usize, positive: bool| -> Vec<f32> {
+            (0..n)
+                .map(|_| {
+                    let x: f32 = rng.sample(rand_distr::StandardNormal);
+                    if positive { 4.0 * x.abs() } else { 4.0 * x }
+                })
+                .collect()
+        };
+        let z_positive = case.feature_map != FeatureMap::Identity;
+        wflash::LinearState {
+            kv: state(p.state_elems(), false),
+            z: if case.normalize {
+                state(p.norm_state_elems(), z_positive)
+            } else {
+                Vec::new()
+            },
+        }
+    });
+    let wide = |x: &[f32]| x.iter().map(|&a| f64::from(a)).collect::<Vec<f64>>();
+    let ref_initial = initial.as_ref().map(|s| LinearState {
+        kv: wide(&s.kv),
+        z: wide(&s.z),
+    });
+
+    let shape = case.shape();
+    let opts = case.options(decay.as_deref());
+    let err = |e: wflash::Error| format!("{case:?}: engine error {e}");
+    let q_dims = [case.batch, case.q_heads, case.len, case.key_dim];
+    let k_dims = [case.batch, case.kv_heads, case.len, case.key_dim];
+    let v_dims = [case.batch, case.kv_heads, case.len, case.value_dim];
+    let o_dims = [case.batch, case.q_heads, case.len, case.value_dim];
+    let mut output = vec![T::from_f32(f32::NAN); p.o_elems()];
+    let mut state: Option<GpuLinearState> = match &initial {
+        Some(s) => Some(GpuLinearState {
+            kv: engine.upload(&s.kv).map_err(err)?,
+            z: if s.z.is_empty() {
+                None
+            } else {
+                Some(engine.upload(&s.z).map_err(err)?)
+            },
+        }),
+        None => None,
+    };
+    for range in case.pieces() {
+        let piece_shape = Shape {
+            q_len: range.len(),
+            kv_len: range.len(),
+            ..shape
+        };
+        let upload =
+            |x: &[T], dims| engine.upload(&take_tokens(x, case.layout, dims, range.clone()));
+        let (qt, kt, vt) = (
+            upload(&q, q_dims).map_err(err)?,
+            upload(&k, k_dims).map_err(err)?,
+            upload(&v, v_dims).map_err(err)?,
+        );
+        let out = engine
+            .linear_attention_gpu(
+                &piece_shape,
+                case.layout,
+                &opts,
+                &qt,
+                &kt,
+                &vt,
+                state.as_ref(),
+            )
+            .map_err(err)?;
+        let piece: Vec<T> = engine.read_blocking(&out.output).map_err(err)?;
+        put_tokens(&mut output, &piece, case.layout, o_dims, range);
+        state = Some(out.state);
+    }
+    let state = state.expect("at least one piece");
+    let kv: Vec<f32> = engine.read_blocking(&state.kv).map_err(err)?;
+    let z: Vec<f32> = match &state.z {
+        Some(z) => engine.read_blocking(z).map_err(err)?,
+        None => Vec::new(),
+    };
+    if case.normalize == z.is_empty() {
+        return Err(format!("{case:?}: z state present = {}", !z.is_empty()));
+    }
+
+    let (truth, naive) = std::thread::scope(|scope| {
+        let truth = scope.spawn(|| {
+            reference::linear_forward(
+                &p,
+                &wide(&q32),
+                &wide(&k32),
+                &wide(&v32),
+                ref_initial.as_ref(),
+            )
+        });
+        let store = |x: f32| T::from_f32(x).to_f32();
+        let naive = reference::naive_linear_f32(&p, &q32, &k32, &v32, ref_initial.as_ref(), &store);
+        (truth.join().expect("reference thread"), naive)
+    });
+
+    let tol = Tolerance::FORWARD;
+    let (output_err, worst) =
+        max_abs_err(output.iter().map(|x| f64::from(x.to_f32())), &truth.output);
+    let (naive_output_err, _) = max_abs_err(naive.output.iter().copied(), &truth.output);
+    // The state is f32 on every path; its naive baseline accumulates it directly in f32.
+    let mut got_state = kv.clone();
+    got_state.extend(&z);
+    let mut want_state = truth.state.kv.clone();
+    want_state.extend(&truth.state.z);
+    let mut naive_state = naive.state.kv.clone();
+    naive_state.extend(&naive.state.z);
+    let (state_err, state_worst) =
+        max_abs_err(got_state.iter().map(|&x| f64::from(x)), &want_state);
+    let (naive_state_err, _) = max_abs_err(naive_state.iter().copied(), &want_state);
+    if got_state.len() != want_state.len() {
+        return Err(format!(
+            "{case:?}: state has {} elements, want {}",
+            got_state.len(),
+            want_state.len()
+        ));
+    }
+    let output_ratio = output_err / tol.bound(naive_output_err);
+    let state_ratio = state_err / tol.bound(naive_state_err);
+    let outcome = LinearOutcome {
+        ratio: output_ratio.max(state_ratio),
+        output_err,
+        naive_output_err,
+        state_err,
+        naive_state_err,
+    };
+    // NaN ratios fail too.
+    let passes = |ratio: f64| ratio.partial_cmp(&1.0).is_some_and(|o| o.is_le());
+    if !passes(output_ratio) {
+        return Err(format!(
+            "{case:?}\n  output: max abs err {output_err:e} at flat index {worst} (got {}, want {}) > bound {:e} (naive {naive_output_err:e})",
+            output[worst].to_f32(),
+            truth.output[worst],
+            tol.bound(naive_output_err)
+        ));
+    }
+    if !passes(state_ratio) {
+        return Err(format!(
+            "{case:?}\n  state: max abs err {state_err:e} at flat index {state_worst} (got {}, want {}) > bound {:e} (naive {naive_state_err:e})",
+            got_state[state_worst],
+            want_state[state_worst],
+            tol.bound(naive_state_err)
+        ));
+    }
+    Ok(outcome)
+}
