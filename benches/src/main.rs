@@ -17,8 +17,8 @@ use rand::{Rng, SeedableRng};
 use rand_distr::StandardNormal;
 use serde::{Deserialize, Serialize};
 use wflash::{
-    AttentionOptions, Bias, Causal, DType, Element, Engine, EngineOptions, F16Path, GpuAttention,
-    Layout, Shape, Tensor, Varlen, Window, wgpu,
+    AttentionOptions, Bias, Causal, DType, Element, Engine, EngineOptions, F16Path, Layout,
+    LinearOptions, Shape, Tensor, Varlen, Window, wgpu,
 };
 use wflash_conformance::ModData;
 use wflash_ref::Problem;
@@ -93,6 +93,9 @@ struct Case {
     head_dim: usize,
     causal: bool,
     sigmoid: bool,
+    /// Linear attention (Lightning Attention-2: identity feature map, Lightning's per-head
+    /// decay when causal) instead of softmax/sigmoid.
+    linear: bool,
     /// A trailing window of this many keys ([`Window::trailing`]).
     window: Option<usize>,
     modifier: Option<Modifier>,
@@ -171,7 +174,57 @@ impl Case {
         Shape::mha(BATCH, HEADS, self.seq, self.head_dim)
     }
     fn variant_name(&self) -> &'static str {
-        if self.sigmoid { "sigmoid" } else { "softmax" }
+        match (self.linear, self.sigmoid) {
+            (true, _) => "linear",
+            (false, true) => "sigmoid",
+            (false, false) => "softmax",
+        }
+    }
+    /// Useful FLOPs: FlashAttention's 4·D per visible (query, key) pair; for linear attention
+    /// the recurrent form's 4·Dk·Dv per token and head (state update and read-out).
+    fn flops(&self) -> f64 {
+        let shape = self.shape();
+        if self.linear {
+            let per_token = 4.0 * (shape.head_dim * shape.value_dim) as f64;
+            return per_token * (shape.batch * shape.q_heads * shape.q_len) as f64;
+        }
+        let problem = self.problem(&self.data());
+        4.0 * shape.head_dim as f64 * problem.visible_pairs_total() as f64
+    }
+    /// Cases of one group are timed with interleaved samples: attention cases by length (the
+    /// ratios #3 states compare cases of one length), linear cases all together (its scaling
+    /// over N is the ratio #4 states).
+    fn group(&self) -> usize {
+        if self.linear { usize::MAX } else { self.seq }
+    }
+    /// The decays of a linear case.
+    fn decay(&self) -> Option<Vec<f32>> {
+        (self.linear && self.causal).then(|| wflash::lightning_decay(HEADS))
+    }
+    fn linear_options<'a>(&self, decay: Option<&'a [f32]>) -> LinearOptions<'a> {
+        LinearOptions {
+            causal: self.causal,
+            decay,
+            ..LinearOptions::default()
+        }
+    }
+    fn linear_problem(&self) -> wflash_ref::linear::LinearProblem {
+        let shape = self.shape();
+        wflash_ref::linear::LinearProblem {
+            causal: self.causal,
+            decay: self
+                .decay()
+                .map(|d| d.iter().map(|&x| f64::from(x)).collect()),
+            ..wflash_ref::linear::LinearProblem::new(
+                shape.batch,
+                shape.q_heads,
+                shape.kv_heads,
+                shape.q_len,
+                shape.head_dim,
+                shape.value_dim,
+                wflash_ref::Layout::Bhsd,
+            )
+        }
     }
     /// The modifier's data for this case's shape.
     fn data(&self) -> ModData {
@@ -248,7 +301,7 @@ impl Case {
     }
     /// Whether the naive three-dispatch baseline computes this case (plain softmax only).
     fn naive_applies(&self) -> bool {
-        !self.sigmoid && self.window.is_none() && self.modifier.is_none()
+        !self.linear && !self.sigmoid && self.window.is_none() && self.modifier.is_none()
     }
 }
 
@@ -259,6 +312,7 @@ fn cases(quick: bool) -> Vec<Case> {
         head_dim,
         causal,
         sigmoid: false,
+        linear: false,
         window: None,
         modifier: None,
     };
@@ -269,6 +323,10 @@ fn cases(quick: bool) -> Vec<Case> {
     };
     let sigmoid = |seq, causal| Case {
         sigmoid: true,
+        ..case(DType::F32, seq, 64, causal)
+    };
+    let linear = |seq, causal| Case {
+        linear: true,
         ..case(DType::F32, seq, 64, causal)
     };
     if quick {
@@ -283,6 +341,7 @@ fn cases(quick: bool) -> Vec<Case> {
                 seq: 512,
                 ..modified(Modifier::Bias, false)
             },
+            linear(1024, true),
         ];
     }
     let mut cases: Vec<Case> = [512, 1024, 2048, 4096]
@@ -305,6 +364,13 @@ fn cases(quick: bool) -> Vec<Case> {
     cases.push(case(DType::F32, 2048, 128, false));
     cases.push(case(DType::F16, 2048, 64, false));
     cases.push(case(DType::Bf16, 2048, 64, false));
+    // Linear attention over N (its time should grow linearly), causal and not.
+    for n in [1024, 4096, 8192, 16384] {
+        cases.push(linear(n, true));
+    }
+    cases.push(linear(4096, false));
+    // Causal softmax at 8192 too, to compare with linear attention there.
+    cases.push(case(DType::F32, 8192, 64, true));
     // Each score modifier at N=2048, to compare with plain softmax (and sigmoid) there.
     for modifier in Modifier::ALL {
         cases.push(modified(modifier, false));
@@ -404,19 +470,24 @@ impl Prepared {
     }
 
     /// One forward pass, waited for.
-    fn run(&self, engine: &Engine) -> Result<GpuAttention, String> {
-        let out = engine
-            .attention_gpu(
-                &self.case.shape(),
-                Layout::Bhsd,
-                &self.case.options(&self.data),
-                &self.q,
-                &self.k,
-                &self.v,
-            )
-            .map_err(|e| e.to_string())?;
+    fn run(&self, engine: &Engine) -> Result<Tensor, String> {
+        let shape = self.case.shape();
+        let (q, k, v) = (&self.q, &self.k, &self.v);
+        let output = if self.case.linear {
+            let decay = self.case.decay();
+            let opts = self.case.linear_options(decay.as_deref());
+            engine
+                .linear_attention_gpu(&shape, Layout::Bhsd, &opts, q, k, v, None)
+                .map(|out| out.output)
+        } else {
+            let opts = self.case.options(&self.data);
+            engine
+                .attention_gpu(&shape, Layout::Bhsd, &opts, q, k, v)
+                .map(|out| out.output)
+        }
+        .map_err(|e| e.to_string())?;
         wait(engine.device())?;
-        Ok(out)
+        Ok(output)
     }
 }
 
@@ -432,7 +503,7 @@ fn time_fused_group(
 ) -> Vec<Timed> {
     let mut times: Vec<Result<Vec<f64>, String>> =
         prepared.iter().map(|_| Ok(Vec::new())).collect();
-    let mut last: Vec<Option<GpuAttention>> = prepared.iter().map(|_| None).collect();
+    let mut last: Vec<Option<Tensor>> = prepared.iter().map(|_| None).collect();
     for round in 0..warmups + samples.max(1) {
         for (i, p) in prepared.iter().enumerate() {
             let Ok(case_times) = &mut times[i] else {
@@ -458,7 +529,7 @@ fn time_fused_group(
             let output = match (p.case.dtype, out) {
                 (DType::F32, Some(out)) => Some(
                     engine
-                        .read_blocking::<f32>(&out.output)
+                        .read_blocking::<f32>(&out)
                         .map_err(|e| e.to_string())?,
                 ),
                 _ => None,
@@ -621,12 +692,18 @@ fn print_ratios(records: &[Record]) {
     }
 }
 
-/// A speed-up an issue states, checked on this run's records: `slower` over `faster`.
+/// A time ratio an issue states, checked on this run's records: `first`'s time over `second`'s.
 struct Comparison {
     what: &'static str,
-    slower: Case,
-    faster: Case,
-    at_least: f64,
+    first: Case,
+    second: Case,
+    needs: Needs,
+}
+
+#[derive(Clone, Copy)]
+enum Needs {
+    AtLeast(f64),
+    AtMost(f64),
 }
 
 fn comparisons() -> Vec<Comparison> {
@@ -636,39 +713,62 @@ fn comparisons() -> Vec<Comparison> {
         head_dim: 64,
         causal,
         sigmoid: false,
+        linear: false,
         window: None,
         modifier: None,
     };
+    let linear = |seq| Case {
+        linear: true,
+        ..plain(seq, true)
+    };
     vec![
         Comparison {
-            what: "sigmoid vs softmax, N=2048 (#3)",
-            slower: plain(2048, false),
-            faster: Case {
+            what: "softmax / sigmoid, N=2048 (#3)",
+            first: plain(2048, false),
+            second: Case {
                 sigmoid: true,
                 ..plain(2048, false)
             },
-            at_least: 1.0,
+            needs: Needs::AtLeast(1.0),
         },
         Comparison {
-            what: "causal vs non-causal softmax, N=4096 (#3)",
-            slower: plain(4096, false),
-            faster: plain(4096, true),
-            at_least: 1.6,
+            what: "non-causal / causal softmax, N=4096 (#3)",
+            first: plain(4096, false),
+            second: plain(4096, true),
+            needs: Needs::AtLeast(1.6),
         },
         Comparison {
-            what: "window 256 vs full, N=8192 (#3)",
-            slower: plain(8192, false),
-            faster: Case {
+            what: "full / window 256, N=8192 (#3)",
+            first: plain(8192, false),
+            second: Case {
                 window: Some(256),
                 ..plain(8192, false)
             },
-            at_least: 8.0,
+            needs: Needs::AtLeast(8.0),
+        },
+        Comparison {
+            what: "causal linear N=16384 / N=4096 (#4)",
+            first: linear(16384),
+            second: linear(4096),
+            needs: Needs::AtMost(4.5),
+        },
+        Comparison {
+            what: "causal softmax / causal linear, N=4096 (#4)",
+            first: plain(4096, true),
+            second: linear(4096),
+            needs: Needs::AtLeast(1.0),
+        },
+        Comparison {
+            what: "causal softmax / causal linear, N=8192 (#4)",
+            first: plain(8192, true),
+            second: linear(8192),
+            needs: Needs::AtLeast(1.0),
         },
     ]
 }
 
-/// Prints each stated speed-up that this run measured both sides of: the ratio of medians and
-/// of minima (the samples were interleaved, see `time_fused_group`).
+/// Prints each stated time ratio that this run measured both sides of: the ratio of medians
+/// and of minima (samples of one group were interleaved, see `time_fused_group`).
 fn print_comparisons(records: &[Record]) {
     let fused = |case: &Case| {
         let name = case.name();
@@ -677,24 +777,23 @@ fn print_comparisons(records: &[Record]) {
             .find(|r| r.implementation == "fused" && r.name == name)
     };
     println!();
-    println!("speed-ups (time of the first / time of the second, same run):");
+    println!("stated ratios (time of the first / time of the second, same run):");
     let mut any = false;
     for c in comparisons() {
-        let (Some(slower), Some(faster)) = (fused(&c.slower), fused(&c.faster)) else {
+        let (Some(first), Some(second)) = (fused(&c.first), fused(&c.second)) else {
             continue;
         };
         any = true;
-        let median = slower.median_ms / faster.median_ms;
-        let min = slower.min_ms / faster.min_ms;
+        let median = first.median_ms / second.median_ms;
+        let min = first.min_ms / second.min_ms;
+        let (relation, bound, met) = match c.needs {
+            Needs::AtLeast(x) => (">=", x, median >= x),
+            Needs::AtMost(x) => ("<=", x, median <= x),
+        };
         println!(
-            "  {:<44} {median:>6.2}x median, {min:>6.2}x min  (needs >= {}: {})",
+            "  {:<46} {median:>6.2}x median, {min:>6.2}x min  (needs {relation} {bound}: {})",
             c.what,
-            c.at_least,
-            if median >= c.at_least {
-                "met"
-            } else {
-                "NOT MET"
-            }
+            if met { "met" } else { "NOT MET" }
         );
     }
     if !any {
@@ -857,7 +956,7 @@ fn main() -> ExitCode {
     // `time_fused_group`): the ratios the issues state compare cases of one length.
     let mut groups: Vec<Vec<Case>> = Vec::new();
     for case in &selected {
-        match groups.iter_mut().find(|g| g[0].seq == case.seq) {
+        match groups.iter_mut().find(|g| g[0].group() == case.group()) {
             Some(group) => group.push(*case),
             None => groups.push(vec![*case]),
         }
@@ -888,8 +987,12 @@ fn main() -> ExitCode {
         let results = time_fused_group(&engine, &prepared, warmups, samples);
         drop(prepared);
         println!(
-            "n={}: {} fused case(s) timed, interleaved, in {:.1} s",
-            group[0].seq,
+            "{}: {} fused case(s) timed, interleaved, in {:.1} s",
+            if group[0].linear {
+                "linear".to_string()
+            } else {
+                format!("n={}", group[0].seq)
+            },
             timed.len(),
             group_start.elapsed().as_secs_f64()
         );
@@ -897,8 +1000,7 @@ fn main() -> ExitCode {
             let name = case.name();
             let case_start = Instant::now();
             let shape = case.shape();
-            let problem = case.problem(&case.data());
-            let flops = 4.0 * shape.head_dim as f64 * problem.visible_pairs_total() as f64;
+            let flops = case.flops();
             let inputs = [q.as_slice(), k.as_slice(), v.as_slice()];
             let mut notes = Vec::new();
 
@@ -957,7 +1059,12 @@ fn main() -> ExitCode {
                     let to_f64 = |x: &[f32]| x.iter().map(|&v| f64::from(v)).collect::<Vec<f64>>();
                     let (q64, k64, v64) = (to_f64(q), to_f64(k), to_f64(v));
                     let start = Instant::now();
-                    let reference = wflash_ref::forward(&problem, &q64, &k64, &v64);
+                    let reference = if case.linear {
+                        let p = case.linear_problem();
+                        wflash_ref::linear::linear_forward(&p, &q64, &k64, &v64, None).output
+                    } else {
+                        wflash_ref::forward(&case.problem(&case.data()), &q64, &k64, &v64).output
+                    };
                     let secs = start.elapsed().as_secs_f64();
                     records.push(ctx.record(
                         case,
@@ -971,7 +1078,7 @@ fn main() -> ExitCode {
                         },
                     ));
                     if let Some(fused_out) = &fused_out {
-                        let diff = max_abs_diff(fused_out, reference.output.iter().copied());
+                        let diff = max_abs_diff(fused_out, reference.iter().copied());
                         notes.push(format!("max|fused-ref| {diff:.2e}"));
                     }
                 } else {
