@@ -177,3 +177,393 @@ fn linear_grid_covers_every_option_pairwise_and_respects_exclusions() {
         assert!(c.causal || (!c.decay && !c.initial && c.feed == Feed::OneCall));
     }
 }
+
+fn linear_shape() -> wflash::Shape {
+    wflash::Shape {
+        batch: 2,
+        q_heads: 4,
+        kv_heads: 2,
+        q_len: 21,
+        kv_len: 21,
+        head_dim: 12,
+        value_dim: 10,
+    }
+}
+
+/// Every bad input of a linear call returns its typed error (each checked by variant), from the
+/// host API and, for tensor types, from the GPU-resident one.
+#[test]
+fn bad_linear_input_is_a_typed_error() {
+    use wflash::{Error, LinearOptions, LinearState, Shape};
+    let Some(engine) = engine(Path::F32) else {
+        return;
+    };
+    let s = linear_shape();
+    let decay = vec![0.9f32; s.q_heads];
+    let short_decay = vec![0.9f32; s.q_heads - 1];
+    let zero_decay = [0.9, 0.0, 0.9, 0.9];
+    let big_decay = [0.9, 1.5, 0.9, 0.9];
+    let nan_decay = [f32::NAN; 4];
+    let states = s.batch * s.q_heads * s.head_dim;
+    let good_state = LinearState {
+        kv: vec![0.0; states * s.value_dim],
+        z: Vec::new(),
+    };
+    let short_state = LinearState {
+        kv: vec![0.0; states * s.value_dim - 1],
+        z: Vec::new(),
+    };
+    let z_state = LinearState {
+        kv: vec![0.0; states * s.value_dim],
+        z: vec![0.0; states],
+    };
+    let short_z_state = LinearState {
+        kv: vec![0.0; states * s.value_dim],
+        z: vec![0.0; states + 1],
+    };
+    let causal = LinearOptions::causal;
+    type Expect = fn(&Error) -> bool;
+    let invalid = |name: &'static str| move |e: &Error| matches!(e, Error::InvalidModifier { modifier, .. } if *modifier == name);
+    type Check = Box<dyn Fn(&Error) -> bool>;
+    type Row<'a> = (
+        &'a str,
+        Shape,
+        LinearOptions<'a>,
+        Option<&'a LinearState>,
+        Check,
+    );
+    let cases: Vec<Row> = vec![
+        (
+            "q_len != kv_len",
+            Shape { kv_len: 22, ..s },
+            causal(),
+            None,
+            Box::new((|e| matches!(e, Error::Unsupported { .. })) as Expect),
+        ),
+        (
+            "key dim 129",
+            Shape { head_dim: 129, ..s },
+            causal(),
+            None,
+            Box::new(
+                (|e| {
+                    matches!(
+                        e,
+                        Error::HeadDimUnsupported {
+                            dim: "head_dim",
+                            ..
+                        }
+                    )
+                }) as Expect,
+            ),
+        ),
+        (
+            "value dim 200",
+            Shape {
+                value_dim: 200,
+                ..s
+            },
+            causal(),
+            None,
+            Box::new(
+                (|e| {
+                    matches!(
+                        e,
+                        Error::HeadDimUnsupported {
+                            dim: "value_dim",
+                            ..
+                        }
+                    )
+                }) as Expect,
+            ),
+        ),
+        (
+            "zero batch",
+            Shape { batch: 0, ..s },
+            causal(),
+            None,
+            Box::new((|e| matches!(e, Error::ZeroDimension { dim: "batch" })) as Expect),
+        ),
+        (
+            "heads 4 over 3",
+            Shape { kv_heads: 3, ..s },
+            causal(),
+            None,
+            Box::new((|e| matches!(e, Error::HeadsNotDivisible { .. })) as Expect),
+        ),
+        (
+            "decay too short",
+            s,
+            causal().with_decay(&short_decay),
+            None,
+            Box::new(
+                (|e| {
+                    matches!(
+                        e,
+                        Error::LengthMismatch {
+                            tensor: "decay",
+                            ..
+                        }
+                    )
+                }) as Expect,
+            ),
+        ),
+        (
+            "decay 0",
+            s,
+            causal().with_decay(&zero_decay),
+            None,
+            Box::new(invalid("decay")),
+        ),
+        (
+            "decay 1.5",
+            s,
+            causal().with_decay(&big_decay),
+            None,
+            Box::new(invalid("decay")),
+        ),
+        (
+            "decay NaN",
+            s,
+            causal().with_decay(&nan_decay),
+            None,
+            Box::new(invalid("decay")),
+        ),
+        (
+            "eps NaN",
+            s,
+            LinearOptions {
+                eps: f32::NAN,
+                ..causal()
+            },
+            None,
+            Box::new(invalid("eps")),
+        ),
+        (
+            "eps < 0",
+            s,
+            LinearOptions {
+                eps: -1.0,
+                ..causal()
+            },
+            None,
+            Box::new(invalid("eps")),
+        ),
+        (
+            "scale 0",
+            s,
+            causal().with_scale(0.0),
+            None,
+            Box::new((|e| matches!(e, Error::InvalidScale { .. })) as Expect),
+        ),
+        (
+            "scale inf",
+            s,
+            causal().with_scale(f32::INFINITY),
+            None,
+            Box::new((|e| matches!(e, Error::InvalidScale { .. })) as Expect),
+        ),
+        (
+            "chunk 0",
+            s,
+            causal().with_chunk_size(0),
+            None,
+            Box::new(invalid("chunk_size")),
+        ),
+        (
+            "chunk 2048",
+            s,
+            causal().with_chunk_size(2048),
+            None,
+            Box::new(invalid("chunk_size")),
+        ),
+        (
+            "non-causal with decay",
+            s,
+            LinearOptions::non_causal().with_decay(&decay),
+            None,
+            Box::new((|e| matches!(e, Error::Unsupported { .. })) as Expect),
+        ),
+        (
+            "non-causal with a state",
+            s,
+            LinearOptions::non_causal(),
+            Some(&good_state),
+            Box::new((|e| matches!(e, Error::Unsupported { .. })) as Expect),
+        ),
+        (
+            "non-causal recurrent",
+            s,
+            LinearOptions::non_causal().with_kernel(LinearKernel::Recurrent),
+            None,
+            Box::new((|e| matches!(e, Error::Unsupported { .. })) as Expect),
+        ),
+        (
+            "state too short",
+            s,
+            causal(),
+            Some(&short_state),
+            Box::new(
+                (|e| {
+                    matches!(
+                        e,
+                        Error::LengthMismatch {
+                            tensor: "initial kv state",
+                            ..
+                        }
+                    )
+                }) as Expect,
+            ),
+        ),
+        (
+            "z without the normaliser",
+            s,
+            causal(),
+            Some(&z_state),
+            Box::new(invalid("initial_state")),
+        ),
+        (
+            "z too long",
+            s,
+            causal().with_normalizer(),
+            Some(&short_z_state),
+            Box::new(
+                (|e| {
+                    matches!(
+                        e,
+                        Error::LengthMismatch {
+                            tensor: "initial z state",
+                            ..
+                        }
+                    )
+                }) as Expect,
+            ),
+        ),
+    ];
+    for (what, shape, opts, initial, expect) in &cases {
+        // Inputs sized for the valid shape: a bad shape must fail on the shape, not on lengths.
+        let (q, k, v) = (
+            vec![0.5f32; s.q_elems()],
+            vec![0.5f32; s.k_elems()],
+            vec![0.5f32; s.v_elems()],
+        );
+        match engine.linear_attention_blocking(shape, Layout::Bhsd, opts, &q, &k, &v, *initial) {
+            Err(e) => assert!(expect(&e), "{what}: unexpected error {e:?}"),
+            Ok(_) => panic!("{what}: accepted"),
+        }
+    }
+    // Lengths of Q, K, V.
+    let (q, k, v) = (
+        vec![0.5f32; s.q_elems()],
+        vec![0.5f32; s.k_elems()],
+        vec![0.5f32; s.v_elems()],
+    );
+    let err = engine
+        .linear_attention_blocking(&s, Layout::Bhsd, &causal(), &q, &k[1..], &v, None)
+        .expect_err("short k");
+    assert!(
+        matches!(err, Error::LengthMismatch { tensor: "k", .. }),
+        "{err:?}"
+    );
+    // GPU-resident: mixed element types, and a state that is not f32.
+    let qt = engine.upload(&q).expect("upload");
+    let kt = engine
+        .upload(
+            &k.iter()
+                .map(|&x| half::f16::from_f32(x))
+                .collect::<Vec<_>>(),
+        )
+        .expect("upload");
+    let vt = engine.upload(&v).expect("upload");
+    let err = engine
+        .linear_attention_gpu(&s, Layout::Bhsd, &causal(), &qt, &kt, &vt, None)
+        .expect_err("f16 k with f32 q");
+    assert!(
+        matches!(err, Error::DTypeMismatch { tensor: "k", .. }),
+        "{err:?}"
+    );
+    let kt = engine.upload(&k).expect("upload");
+    let f16_state = wflash::GpuLinearState {
+        kv: engine
+            .upload(&vec![half::f16::ZERO; states * s.value_dim])
+            .expect("upload"),
+        z: None,
+    };
+    let err = engine
+        .linear_attention_gpu(&s, Layout::Bhsd, &causal(), &qt, &kt, &vt, Some(&f16_state))
+        .expect_err("f16 state");
+    assert!(
+        matches!(
+            err,
+            Error::DTypeMismatch {
+                tensor: "initial kv state",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+}
+
+/// A call longer than one invocation may loop (llvmpipe ends any loop after 65,535 steps) is
+/// refused with the limit named, not computed wrong: tokens for the recurrent kernel, chunks
+/// for the chunked one.
+#[test]
+fn linear_calls_past_the_sequential_limit_are_refused() {
+    use wflash::{Error, LINEAR_MAX_SEQUENTIAL_STEPS, LinearOptions, Shape};
+    let Some(engine) = engine(Path::F32) else {
+        return;
+    };
+    let len = LINEAR_MAX_SEQUENTIAL_STEPS + 1;
+    let s = Shape::mha(1, 1, len, 1);
+    let x = vec![0.5f32; len];
+    for opts in [
+        LinearOptions::causal().with_kernel(LinearKernel::Recurrent),
+        LinearOptions::causal().with_chunk_size(1),
+    ] {
+        let err = engine
+            .linear_attention_blocking(&s, Layout::Bhsd, &opts, &x, &x, &x, None)
+            .expect_err("past the limit");
+        assert!(
+            matches!(
+                err,
+                Error::TooLarge {
+                    limit: "LINEAR_MAX_SEQUENTIAL_STEPS",
+                    ..
+                }
+            ),
+            "{opts:?}: {err:?}"
+        );
+    }
+}
+
+/// Many chunks (65 at the default 64 tokens, and 316 at 13): the carried state crosses every
+/// chunk boundary of a long sequence, with decay, the normaliser and GQA.
+#[test]
+fn long_sequences_carry_the_state_across_many_chunks() {
+    for (chunk_size, feed) in [(None, Feed::OneCall), (Some(13), Feed::Pieces(2))] {
+        let case = LinearCase {
+            path: Path::F32,
+            layout: Layout::Bshd,
+            batch: 1,
+            q_heads: 2,
+            kv_heads: 1,
+            len: 4100,
+            key_dim: 16,
+            value_dim: 24,
+            causal: true,
+            feature_map: FeatureMap::EluPlusOne,
+            decay: true,
+            normalize: true,
+            kernel: LinearKernel::Chunked,
+            chunk_size,
+            initial: true,
+            feed,
+            seed: 0x10_4100,
+        };
+        let Some(engine) = engine(case.path) else {
+            return;
+        };
+        let outcome = run_linear_case(engine, &case).unwrap_or_else(|e| panic!("{e}"));
+        eprintln!("{chunk_size:?}: {outcome:?}");
+    }
+}
