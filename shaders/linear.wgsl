@@ -27,8 +27,8 @@
 // `chunk_states`) from rgba32float textures; inner loops over dims are written out by the host
 // (`//#unroll`, kernel.rs).
 //
-// Host prelude: KEY_DIM, VALUE_DIM, D4 = ceil(KEY_DIM / 4), DV4, FEATURE (0 identity, 1 elu+1,
-// 2 relu), NORMALIZE, storage bindings 1 (`load_q`), 12 (`load_k`), 13 (`load_v`) and 4
+// Host prelude: KEY_DIM, VALUE_DIM, D4 = ceil(KEY_DIM / 4), DV4, ROWS (pass 3's rows per
+// invocation), FEATURE (0 identity, 1 elu+1, 2 relu), NORMALIZE, storage bindings 1 (`load_q`), 12 (`load_k`), 13 (`load_v`) and 4
 // (`store_o`) for the tensors' storage type.
 
 struct LinearParams {
@@ -69,8 +69,9 @@ struct LinearParams {
 // in f64, because a shader's exp2(n · log2 λ) is off by up to n · 2^-21 in the exponent
 // (Vulkan's log2 precision near 1), far more than one rounding.
 @group(0) @binding(5) var<storage, read> decay_powers: array<f32>;
-// [batch · q_heads, chunks + 1, KEY_DIM, pitch]: ΔS_t from pass 1, S_before[t] after pass 2.
-@group(0) @binding(6) var<storage, read_write> chunk_states: array<f32>;
+// [batch · q_heads, chunks + 1, KEY_DIM, pitch / 4] texels of 4 columns: ΔS_t from pass 1,
+// S_before[t] after pass 2.
+@group(0) @binding(6) var<storage, read_write> chunk_states: array<vec4<f32>>;
 // Initial and final states: kv [batch, q_heads, KEY_DIM, VALUE_DIM], z [batch, q_heads, KEY_DIM].
 @group(0) @binding(7) var<storage, read> kv_in: array<f32>;
 @group(0) @binding(8) var<storage, read> z_in: array<f32>;
@@ -126,21 +127,29 @@ fn initial(bh: u32, d: u32, c: u32) -> f32 {
         return 0.0;
     }
     if c == VALUE_DIM {
-        return select(0.0, z_in[bh * KEY_DIM + d], (params.has_initial & 2u) != 0u);
+        if (params.has_initial & 2u) == 0u {
+            return 0.0;
+        }
+        return z_in[bh * KEY_DIM + d];
     }
-    return select(0.0, kv_in[(bh * KEY_DIM + d) * VALUE_DIM + c], (params.has_initial & 1u) != 0u);
+    if (params.has_initial & 1u) == 0u {
+        return 0.0;
+    }
+    return kv_in[(bh * KEY_DIM + d) * VALUE_DIM + c];
 }
 
-// Pass 1: ΔS_t[:, c] for chunk t. Dispatch (chunks · ceil(columns / 64), q_heads, batch).
+// Pass 1: ΔS_t for chunk t, four state columns (4·c4 ..) per invocation, so each fetched key
+// texel feeds four columns. Dispatch (chunks · ceil(column groups / 64), q_heads, batch).
 @compute @workgroup_size(WORKGROUP)
 fn linear_chunk_state(
     @builtin(workgroup_id) wg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    let column_groups = (params.columns + WORKGROUP - 1u) / WORKGROUP;
-    let t = wg.x / column_groups;
-    let c = (wg.x % column_groups) * WORKGROUP + lid;
-    if c >= params.columns || t >= params.chunks {
+    let groups = (params.columns + 3u) / 4u;
+    let wg_per_chunk = (groups + WORKGROUP - 1u) / WORKGROUP;
+    let t = wg.x / wg_per_chunk;
+    let c4 = (wg.x % wg_per_chunk) * WORKGROUP + lid;
+    if c4 >= groups || t >= params.chunks {
         return;
     }
     let head = wg.y;
@@ -150,76 +159,92 @@ fn linear_chunk_state(
     let end = min(start + params.chunk, params.len);
     let k_width4 = (KEY_DIM + 3u) / 4u;
     let v_width4 = (VALUE_DIM + 3u) / 4u;
-    var s: array<vec4<f32>, D4>;
+    // Row d of this invocation's 4 columns is s[d].
+    var s: array<vec4<f32>, D4 * 4u>;
 //#unroll d D4
-    s[{d}] = vec4<f32>(0.0);
+//#unroll x 4
+    s[{d} * 4u + {x}] = vec4<f32>(0.0);
+//#end
 //#end
     for (var j = start; j < end; j++) {
         let row = kv_row(batch, head / params.group, j);
+        var v = vec4<f32>(0.0);
+        if c4 < v_width4 {
+            v = packed(v_tex, row, v_width4, c4);
+        }
         // The z column's "value" is 1.
-        var v = 1.0;
-        if c < VALUE_DIM {
-            v = packed(v_tex, row, v_width4, c / 4u)[c % 4u];
+        if NORMALIZE && c4 == VALUE_DIM / 4u {
+            v[VALUE_DIM % 4u] = 1.0;
         }
         // Decayed to the chunk's end: λ^(end - 1 - j).
         v *= decay_pow(head, end - 1u - j);
 //#unroll d D4
-        s[{d}] += phi_at(packed(k_tex, row, k_width4, {d}), {d}) * v;
+        {
+            let k = phi_at(packed(k_tex, row, k_width4, {d}), {d});
+//#unroll x 4
+            s[{d} * 4u + {x}] += k[{x}] * v;
+//#end
+        }
 //#end
     }
 //#unroll d D4
-    for (var x = 0u; x < 4u; x++) {
-        if {d} * 4u + x < KEY_DIM {
-            chunk_states[state_row(bh, t, {d} * 4u + x) * params.pitch + c] = s[{d}][x];
-        }
+//#unroll x 4
+    if {d} * 4u + {x} < KEY_DIM {
+        chunk_states[state_row(bh, t, {d} * 4u + {x}) * (params.pitch / 4u) + c4] = s[{d} * 4u + {x}];
     }
+//#end
 //#end
 }
 
-// Pass 2: S_before[t] for every chunk and the final state, one state column per invocation.
-// Dispatch (ceil(columns / 64), q_heads, batch).
+// Pass 2: S_before[t] for every chunk and the final state. One invocation per state row d and
+// group of 4 columns: a scan over chunks of one vec4 (small code; llvmpipe compiles unrolled
+// state rows slowly). Dispatch (ceil(KEY_DIM · column groups / 64), q_heads, batch).
 @compute @workgroup_size(WORKGROUP)
 fn linear_chunk_prefix(
     @builtin(workgroup_id) wg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    let c = wg.x * WORKGROUP + lid;
-    if c >= params.columns {
+    let groups = (params.columns + 3u) / 4u;
+    let g = wg.x * WORKGROUP + lid;
+    if g >= groups * KEY_DIM {
         return;
     }
+    let c4 = g % groups;
+    let d = g / groups;
     let head = wg.y;
     let batch = wg.z;
     let bh = batch * params.q_heads + head;
-    var s: array<vec4<f32>, D4>;
-//#unroll d D4
-    s[{d}] = vec4<f32>(initial(bh, {d} * 4u, c), initial(bh, {d} * 4u + 1u, c), initial(bh, {d} * 4u + 2u, c), initial(bh, {d} * 4u + 3u, c));
-//#end
+    let row4 = params.pitch / 4u;
+    var s = initial4(bh, d, c4);
     for (var t = 0u; t < params.chunks; t++) {
         let carried = decay_pow(head, min(params.chunk, params.len - t * params.chunk));
-//#unroll d D4
-        for (var x = 0u; x < 4u; x++) {
-            if {d} * 4u + x < KEY_DIM {
-                let at = state_row(bh, t, {d} * 4u + x) * params.pitch + c;
-                let own = chunk_states[at];
-                chunk_states[at] = s[{d}][x];
-                s[{d}][x] = s[{d}][x] * carried + own;
-            }
-        }
-//#end
+        let at = state_row(bh, t, d) * row4 + c4;
+        let own = chunk_states[at];
+        chunk_states[at] = s;
+        s = s * carried + own;
     }
-//#unroll d D4
-    for (var x = 0u; x < 4u; x++) {
-        let d = {d} * 4u + x;
-        if d < KEY_DIM {
-            chunk_states[state_row(bh, params.chunks, d) * params.pitch + c] = s[{d}][x];
-            if c < VALUE_DIM {
-                kv_out[(bh * KEY_DIM + d) * VALUE_DIM + c] = s[{d}][x];
-            } else {
-                z_out[bh * KEY_DIM + d] = s[{d}][x];
-            }
+    chunk_states[state_row(bh, params.chunks, d) * row4 + c4] = s;
+    for (var y = 0u; y < 4u; y++) {
+        let c = c4 * 4u + y;
+        if c < VALUE_DIM {
+            kv_out[(bh * KEY_DIM + d) * VALUE_DIM + c] = s[y];
+        } else if NORMALIZE && c == VALUE_DIM {
+            z_out[bh * KEY_DIM + d] = s[y];
         }
     }
-//#end
+}
+
+// Columns 4·c4 .. 4·c4 + 4 of row d of the initial state (the z column at VALUE_DIM; zeros
+// past it and without an initial state).
+fn initial4(bh: u32, d: u32, c4: u32) -> vec4<f32> {
+    var x = vec4<f32>(0.0);
+    for (var y = 0u; y < 4u; y++) {
+        let c = c4 * 4u + y;
+        if c <= VALUE_DIM {
+            x[y] = initial(bh, d, c);
+        }
+    }
+    return x;
 }
 
 // Texel e4 of row `d` of slot `slot` of the per-chunk states.
@@ -229,14 +254,16 @@ fn state_texel(bh: u32, slot: u32, d: u32, e4: u32) -> vec4<f32> {
     return textureLoad(state_tex, vec2<u32>(x, row / params.state_fold), 0);
 }
 
-// Pass 3: the output rows. Dispatch (ceil(len / 64), q_heads, batch).
+// Pass 3: the output rows, ROWS consecutive tokens per invocation, all in one chunk (the chunk
+// is a multiple of ROWS): every key, value and state texel fetched feeds ROWS rows.
+// Dispatch (ceil(len / (64 · ROWS)), q_heads, batch).
 @compute @workgroup_size(WORKGROUP)
 fn linear_chunk_output(
     @builtin(workgroup_id) wg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    let i = wg.x * WORKGROUP + lid;
-    if i >= params.len {
+    let i0 = (wg.x * WORKGROUP + lid) * ROWS;
+    if i0 >= params.len {
         return;
     }
     let head = wg.y;
@@ -244,53 +271,94 @@ fn linear_chunk_output(
     let bh = batch * params.q_heads + head;
     let k_width4 = (KEY_DIM + 3u) / 4u;
     let v_width4 = (VALUE_DIM + 3u) / 4u;
-    let q_base = batch * params.q_stride.x + head * params.q_stride.y + i * params.q_stride.z;
-    var q: array<vec4<f32>, D4>;
-//#unroll d D4
-    q[{d}] = phi_at(load_q4(q_base, {d} * 4u), {d}) * params.scale;
-//#end
-    var o: array<vec4<f32>, DV4>;
-//#unroll e DV4
-    o[{e}] = vec4<f32>(0.0);
-//#end
-    var den = 0.0;
-    let t = i / params.chunk;
+    let causal = params.causal != 0u;
+    let t = i0 / params.chunk;
     let start = t * params.chunk;
-    var slot = params.chunks;
-    var carried = 1.0;
-    if params.causal != 0u {
-        slot = t;
-        carried = decay_pow(head, i - start + 1u);
-        // Keys of this chunk up to i.
-        for (var j = i + 1u; j > start; j--) {
-            let row = kv_row(batch, head / params.group, j - 1u);
-            var qk = 0.0;
+    // Row r is token i0 + r; rows past the end compute on the last token and are not stored.
+    var q: array<vec4<f32>, ROWS * D4>;
+    var o: array<vec4<f32>, ROWS * DV4>;
+    var den: array<f32, ROWS>;
+    var carried: array<f32, ROWS>;
+//#unroll r ROWS
+    {
+        let i = min(i0 + {r}, params.len - 1u);
+        let q_base = batch * params.q_stride.x + head * params.q_stride.y + i * params.q_stride.z;
 //#unroll d D4
-            qk += dot(q[{d}], phi_at(packed(k_tex, row, k_width4, {d}), {d}));
+        q[{r} * D4 + {d}] = phi_at(load_q4(q_base, {d} * 4u), {d}) * params.scale;
 //#end
-            let score = qk * decay_pow(head, i + 1u - j);
 //#unroll e DV4
-            o[{e}] += score * packed(v_tex, row, v_width4, {e});
+        o[{r} * DV4 + {e}] = vec4<f32>(0.0);
 //#end
-            den += score;
+        den[{r}] = 0.0;
+        carried[{r}] = select(1.0, decay_pow(head, i - start + 1u), causal);
+    }
+//#end
+    var slot = params.chunks;
+    if causal {
+        slot = t;
+        // Keys of this chunk up to the last row; each row masks the keys after it.
+        let last = min(i0 + ROWS, params.len);
+        for (var j = start; j < last; j++) {
+            let row = kv_row(batch, head / params.group, j);
+            var k: array<vec4<f32>, D4>;
+//#unroll d D4
+            k[{d}] = phi_at(packed(k_tex, row, k_width4, {d}), {d});
+//#end
+            var score: array<f32, ROWS>;
+//#unroll r ROWS
+            {
+                var qk = 0.0;
+//#unroll d D4
+                qk += dot(q[{r} * D4 + {d}], k[{d}]);
+//#end
+                let i = i0 + {r};
+                score[{r}] = select(0.0, qk * decay_pow(head, select(0u, i - j, j <= i)), j <= i);
+                den[{r}] += score[{r}];
+            }
+//#end
+//#unroll e DV4
+            {
+                let v = packed(v_tex, row, v_width4, {e});
+//#unroll r ROWS
+                o[{r} * DV4 + {e}] += score[{r}] * v;
+//#end
+            }
+//#end
         }
     }
-    // The carried state: q's row times S_before (KEY_DIM rows of the state texture).
+    // The carried state: each row's q times S_before (KEY_DIM rows of the state texture). A
+    // dynamic loop over d keeps the code small (llvmpipe compiles unrolled code slowly); the
+    // price is ROWS dynamically indexed reads of q per d.
     let z4 = VALUE_DIM / 4u;
     let zx = VALUE_DIM % 4u;
     for (var d = 0u; d < KEY_DIM; d++) {
-        let qd = q[d / 4u][d % 4u] * carried;
+        var qd: array<f32, ROWS>;
+//#unroll r ROWS
+        qd[{r}] = q[{r} * D4 + d / 4u][d % 4u] * carried[{r}];
+//#end
 //#unroll e DV4
-        o[{e}] += qd * state_texel(bh, slot, d, {e});
+        {
+            let s = state_texel(bh, slot, d, {e});
+//#unroll r ROWS
+            o[{r} * DV4 + {e}] += qd[{r}] * s;
+//#end
+        }
 //#end
         if NORMALIZE {
-            den += qd * state_texel(bh, slot, d, z4)[zx];
+            let z = state_texel(bh, slot, d, z4)[zx];
+//#unroll r ROWS
+            den[{r}] += qd[{r}] * z;
+//#end
         }
     }
-    let o_base = batch * params.o_stride.x + head * params.o_stride.y + i * params.o_stride.z;
-    let inv = select(1.0, 1.0 / (den + params.eps), NORMALIZE);
+//#unroll r ROWS
+    if i0 + {r} < params.len {
+        let o_base = batch * params.o_stride.x + head * params.o_stride.y + (i0 + {r}) * params.o_stride.z;
+        let inv = select(1.0, 1.0 / (den[{r}] + params.eps), NORMALIZE);
 //#unroll e DV4
-    store_o4(o_base, {e} * 4u, o[{e}] * inv);
+        store_o4(o_base, {e} * 4u, o[{r} * DV4 + {e}] * inv);
+//#end
+    }
 //#end
 }
 

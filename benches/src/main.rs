@@ -50,6 +50,9 @@ struct Args {
     /// words, as on adapters without it) or `native` (fail where unsupported).
     #[arg(long, value_name = "PATH", default_value = "auto")]
     f16_path: F16PathArg,
+    /// Tokens per chunk of the chunked linear-attention kernel (default: the adapter's).
+    #[arg(long, value_name = "N")]
+    linear_chunk: Option<usize>,
 }
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
@@ -96,6 +99,8 @@ struct Case {
     /// Linear attention (Lightning Attention-2: identity feature map, Lightning's per-head
     /// decay when causal) instead of softmax/sigmoid.
     linear: bool,
+    /// The linear kernel's chunk size (`--linear-chunk`); `None` is the adapter's.
+    linear_chunk: Option<usize>,
     /// A trailing window of this many keys ([`Window::trailing`]).
     window: Option<usize>,
     modifier: Option<Modifier>,
@@ -205,6 +210,7 @@ impl Case {
         LinearOptions {
             causal: self.causal,
             decay,
+            chunk_size: self.linear_chunk,
             ..LinearOptions::default()
         }
     }
@@ -313,6 +319,7 @@ fn cases(quick: bool) -> Vec<Case> {
         causal,
         sigmoid: false,
         linear: false,
+        linear_chunk: None,
         window: None,
         modifier: None,
     };
@@ -714,6 +721,7 @@ fn comparisons() -> Vec<Comparison> {
         causal,
         sigmoid: false,
         linear: false,
+        linear_chunk: None,
         window: None,
         modifier: None,
     };
@@ -891,6 +899,10 @@ fn main() -> ExitCode {
     let selected: Vec<Case> = cases(args.quick)
         .into_iter()
         .filter(|c| args.filter.as_deref().is_none_or(|f| c.name().contains(f)))
+        .map(|c| Case {
+            linear_chunk: args.linear_chunk,
+            ..c
+        })
         .collect();
     if selected.is_empty() {
         eprintln!("wflash-bench: no case matches the filter");

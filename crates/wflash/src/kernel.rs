@@ -632,6 +632,17 @@ impl LinearPass {
     }
 }
 
+/// Rows per invocation of the chunked output pass for these dims and chunk: as many (4, 2 or 1)
+/// as divide the chunk, with ROWS × max(D4, DV4) at most 32 vec4s per private array: more rows
+/// save texel fetches but llvmpipe compiles their unrolled code slowly (docs/PERF.md).
+pub fn linear_rows(key_dim: u32, value_dim: u32, chunk: u32) -> u32 {
+    let widest = key_dim.max(value_dim).div_ceil(4).max(1);
+    [4, 2, 1]
+        .into_iter()
+        .find(|&rows| chunk % rows == 0 && rows * widest <= 32)
+        .unwrap_or(1)
+}
+
 /// Everything that selects one compiled linear-attention pipeline.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct LinearKey {
@@ -641,17 +652,20 @@ pub struct LinearKey {
     pub value_dim: u32,
     pub feature_map: crate::FeatureMap,
     pub normalize: bool,
+    /// Tokens per invocation of [`LinearPass::ChunkOutput`] (1 for the other passes).
+    pub rows: u32,
 }
 
 impl LinearKey {
     /// `linear_chunk_output f16 d64 dv64 elu+1 normalize`.
     pub fn label(&self) -> String {
         format!(
-            "{} {} d{} dv{} {}{}",
+            "{} {} d{} dv{} rows{} {}{}",
             self.pass.entry_point(),
             self.storage.name(),
             self.key_dim,
             self.value_dim,
+            self.rows,
             self.feature_map.name(),
             if self.normalize { " normalize" } else { "" }
         )
@@ -671,6 +685,7 @@ impl LinearKey {
         let counts = [
             ("D4", self.key_dim.div_ceil(4)),
             ("DV4", self.value_dim.div_ceil(4)),
+            ("ROWS", self.rows),
         ];
         for (name, value) in counts {
             src.push_str(&format!("const {name}: u32 = {value}u;\n"));

@@ -362,6 +362,8 @@ pub struct ChunkPlan {
     pub state_lines: u32,
     /// Packed K/V rows per texture line.
     pub tex_fold: u32,
+    /// Tokens per invocation of the output pass ([`crate::kernel::linear_rows`]).
+    pub rows: u32,
 }
 
 /// The per-chunk states' row pitch in floats (texture copies need rows of 256 bytes).
@@ -431,11 +433,17 @@ impl Engine {
             ));
         }
         let columns = shape.value_dim + usize::from(opts.normalize);
-        let column_groups = columns.div_ceil(64);
-        if chunks * column_groups > max_groups || len.div_ceil(64) > max_groups {
+        let column_groups = columns.div_ceil(4).div_ceil(64);
+        let rows = crate::kernel::linear_rows(
+            shape.head_dim as u32,
+            shape.value_dim as u32,
+            chunk as u32,
+        );
+        let row_groups = len.div_ceil(64 * rows as usize);
+        if chunks * column_groups > max_groups || row_groups > max_groups {
             return Err(too_large(
                 "max_compute_workgroups_per_dimension",
-                (chunks * column_groups).max(len.div_ceil(64)),
+                (chunks * column_groups).max(row_groups),
                 max_groups,
                 " workgroups along x (use a larger chunk_size, or pieces)",
             ));
@@ -484,6 +492,7 @@ impl Engine {
                 state_fold: state_fold as u32,
                 state_lines: state_lines as u32,
                 tex_fold: tex_fold as u32,
+                rows,
             }),
         })
     }
@@ -637,6 +646,10 @@ impl Engine {
                 value_dim: shape.value_dim as u32,
                 feature_map: opts.feature_map,
                 normalize: opts.normalize,
+                rows: match (pass, plan.chunked) {
+                    (LinearPass::ChunkOutput, Some(c)) => c.rows,
+                    _ => 1,
+                },
             })
         };
         let passes: &[LinearPass] = match plan.chunked {
@@ -674,6 +687,7 @@ impl Engine {
             state_fold: 1,
             state_lines: 0,
             tex_fold: 1,
+            rows: 1,
         });
         // λ_h^n for n = 0..=chunk (the recurrence needs λ^1), rounded once from f64.
         let decay_stride = match plan.chunked {
@@ -806,7 +820,9 @@ impl Engine {
                         usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
                         mapped_at_creation: false,
                     });
-                    let columns = params.columns.div_ceil(64);
+                    let column_groups = params.columns.div_ceil(4);
+                    let columns = column_groups.div_ceil(64);
+                    let prefix_groups = (column_groups * shape.head_dim as u32).div_ceil(64);
                     let entries = [
                         entry(0, &uniform),
                         texture_entry(2, &views[0]),
@@ -832,7 +848,7 @@ impl Engine {
                         &mut encoder,
                         &pipelines[1],
                         &entries,
-                        (columns, h, b),
+                        (prefix_groups, h, b),
                         "linear chunk prefix",
                     );
                     let size = wgpu::Extent3d {
@@ -873,7 +889,7 @@ impl Engine {
                         entry(5, &decay),
                         texture_entry(11, &state_view),
                     ];
-                    let groups = (shape.q_len.div_ceil(64) as u32, h, b);
+                    let groups = (shape.q_len.div_ceil(64 * c.rows as usize) as u32, h, b);
                     dispatch(
                         &mut encoder,
                         &pipelines[2],

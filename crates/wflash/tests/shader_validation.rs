@@ -168,10 +168,19 @@ fn every_linear_variant_validates_and_translates() {
                 value_dim,
                 feature_map,
                 normalize,
+                rows: 1,
             };
             for (key_dim, value_dim) in LINEAR_DIMS {
                 for normalize in [false, true] {
                     keys.push(key(key_dim, value_dim, FeatureMap::Identity, normalize));
+                    // The output pass with the rows the planner gives these dims.
+                    let rows = kernel::linear_rows(key_dim, value_dim, 64);
+                    if pass == LinearPass::ChunkOutput && rows > 1 {
+                        keys.push(LinearKey {
+                            rows,
+                            ..key(key_dim, value_dim, FeatureMap::Identity, normalize)
+                        });
+                    }
                 }
             }
             for feature_map in [FeatureMap::EluPlusOne, FeatureMap::Relu] {
@@ -299,6 +308,7 @@ fn host_structs_match_wgsl_layout() {
         value_dim: 64,
         feature_map: FeatureMap::Identity,
         normalize: false,
+        rows: 4,
     }
     .source();
     assert_same_layout!(
