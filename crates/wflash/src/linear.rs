@@ -434,11 +434,8 @@ impl Engine {
         }
         let columns = shape.value_dim + usize::from(opts.normalize);
         let column_groups = columns.div_ceil(4).div_ceil(64);
-        let rows = crate::kernel::linear_rows(
-            shape.head_dim as u32,
-            shape.value_dim as u32,
-            chunk as u32,
-        );
+        let rows =
+            crate::kernel::linear_rows(shape.head_dim as u32, shape.value_dim as u32, chunk as u32);
         let row_groups = len.div_ceil(64 * rows as usize);
         if chunks * column_groups > max_groups || row_groups > max_groups {
             return Err(too_large(
