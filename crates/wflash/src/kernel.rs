@@ -639,7 +639,7 @@ pub fn linear_rows(key_dim: u32, value_dim: u32, chunk: u32) -> u32 {
     let widest = key_dim.max(value_dim).div_ceil(4).max(1);
     [4, 2, 1]
         .into_iter()
-        .find(|&rows| chunk % rows == 0 && rows * widest <= 32)
+        .find(|&rows| chunk.is_multiple_of(rows) && rows * widest <= 32)
         .unwrap_or(1)
 }
 
