@@ -355,6 +355,139 @@ mod hostile {
     }
 }
 
+/// Linear attention under hostile input: the same promise as `hostile` (Ok with the right
+/// sizes, or a typed error; never a panic; the engine works afterwards).
+mod hostile_linear {
+    use super::*;
+    use proptest::prelude::*;
+    use wflash::{FeatureMap, LinearKernel, LinearOptions, LinearState};
+
+    static RAN: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+    #[test]
+    fn hostile_linear_calls_include_calls_that_run() {
+        hostile_linear_calls_end_in_ok_or_a_typed_error();
+        let ran = RAN.load(std::sync::atomic::Ordering::Relaxed);
+        eprintln!("hostile linear calls that ran: {ran} of 48 (the rest: typed errors)");
+        // About 12 are expected; fewer than 3 would mean validation refuses nearly everything.
+        assert!(
+            ran >= 3,
+            "only {ran} hostile linear calls got past validation"
+        );
+    }
+
+    fn dim() -> impl Strategy<Value = usize> {
+        prop_oneof![Just(0), 1usize..30, Just(1 << 31), Just(usize::MAX / 3)]
+    }
+
+    fn lambda() -> impl Strategy<Value = f32> {
+        prop_oneof![
+            12 => 0.5f32..=1.0,
+            1 => Just(0.0),
+            1 => Just(1.5),
+            1 => Just(f32::NAN),
+            1 => Just(f32::INFINITY)
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+        /// Random shapes (zero, huge, q_len != kv_len, dims past 128), decays outside (0, 1],
+        /// NaN eps and scale, chunk sizes from 0 up, either kernel, initial states of wrong
+        /// sizes, and inputs with NaN or ±inf. (Run by `hostile_linear_calls_include_calls_that_run`.)
+        fn hostile_linear_calls_end_in_ok_or_a_typed_error(
+            (batch, heads, len, other_len) in (dim(), dim(), dim(), dim()),
+            dims in prop_oneof![Just((0usize, 0usize)), Just((129, 8)), Just((8, usize::MAX))],
+            decay in prop::option::of(lambda()),
+            eps in prop_oneof![10 => Just(1e-10f32), 1 => Just(f32::NAN), 1 => Just(-1.0)],
+            scale in prop_oneof![10 => Just(None), 1 => Just(Some(f32::NAN)), 1 => Just(Some(0.0))],
+            chunk in prop_oneof![6 => Just(None), 1 => Just(Some(0usize)), 6 => (1usize..80).prop_map(Some), 1 => Just(Some(5000))],
+            kernel in prop_oneof![Just(LinearKernel::Auto), Just(LinearKernel::Chunked), Just(LinearKernel::Recurrent)],
+            (causal, normalize) in (any::<bool>(), any::<bool>()),
+            state_delta in prop_oneof![6 => Just(None), 6 => Just(Some(0i64)), 1 => Just(Some(-1)), 1 => Just(Some(1))],
+            len_delta in prop_oneof![10 => Just(0i64), 1 => Just(-1), 1 => Just(1)],
+            poison in 0usize..4,
+            // Most cases keep the shape runnable, so options and values are what is hostile.
+            sane in prop::option::weighted(0.85, (1usize..3, 1usize..3, 1usize..3, 1usize..70)),
+        ) {
+            let Some(engine) = engine(Path::F32) else {
+                return Ok(());
+            };
+            let shape = match sane {
+                Some((batch, kv_heads, group, len)) => Shape {
+                    batch,
+                    q_heads: kv_heads * group,
+                    kv_heads,
+                    q_len: len,
+                    kv_len: len,
+                    head_dim: 32,
+                    value_dim: 32,
+                },
+                None => Shape {
+                    batch,
+                    q_heads: heads,
+                    kv_heads: heads,
+                    q_len: len,
+                    kv_len: other_len,
+                    head_dim: dims.0,
+                    value_dim: dims.1,
+                },
+            };
+            let decays = decay.map(|l| vec![l; shape.q_heads.min(64)]);
+            let opts = LinearOptions {
+                causal,
+                feature_map: FeatureMap::EluPlusOne,
+                decay: decays.as_deref(),
+                normalize,
+                eps,
+                scale,
+                kernel,
+                chunk_size: chunk,
+            };
+            let small = shape.validate().is_ok() && shape.q_elems().max(shape.k_elems()).max(shape.v_elems()) < 1 << 20;
+            let sized = |n: usize, delta: i64| {
+                let n = if small { (n as i64 + delta).max(0) as usize } else { 7 };
+                (0..n)
+                    .map(|i| match (poison, i % 17) {
+                        (1, 3) => f32::NAN,
+                        (2, 5) => f32::INFINITY,
+                        (3, 7) => f32::NEG_INFINITY,
+                        _ => ((i * 31 % 23) as f32 - 11.0) / 11.0,
+                    })
+                    .collect::<Vec<f32>>()
+            };
+            // Element counts exist only for valid shapes; others get 7 elements.
+            let (q, k, v) = if small {
+                (
+                    sized(shape.q_elems(), len_delta),
+                    sized(shape.k_elems(), len_delta),
+                    sized(shape.v_elems(), len_delta),
+                )
+            } else {
+                (sized(0, 0), sized(0, 0), sized(0, 0))
+            };
+            let states = shape.batch.saturating_mul(shape.q_heads).saturating_mul(shape.head_dim);
+            let initial = state_delta.map(|delta| LinearState {
+                kv: sized(states.saturating_mul(shape.value_dim), delta),
+                z: if normalize { sized(states, delta) } else { Vec::new() },
+            });
+            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                engine.linear_attention_blocking(&shape, Layout::Bhsd, &opts, &q, &k, &v, initial.as_ref())
+            }));
+            let result = result.map_err(|_| TestCaseError::fail(format!("panicked: {shape:?} {opts:?}")))?;
+            if let Ok(out) = result {
+                prop_assert!(small && len_delta == 0, "Ok for a call with wrong lengths: {shape:?}");
+                prop_assert_eq!(out.output.len(), shape.o_elems());
+                prop_assert_eq!(out.state.kv.len(), states * shape.value_dim);
+                RAN.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            // The engine is still usable.
+            let spec = &specs()[0];
+            prop_assert!(pollster::block_on(call(engine, spec)).0.len() == spec.shape.o_elems());
+        }
+    }
+}
+
 /// The soak, scaled down for CI (`cargo xtask soak` runs 10,000 calls): resident memory after
 /// the warm-up and at the end stay within 64 MiB of each other.
 #[test]
