@@ -26,12 +26,15 @@
 //! - The LSE is the natural-log logsumexp of the scaled scores, f32, `[batch, q_heads, q_len]`.
 //!
 //! Invalid input returns a typed [`Error`] before anything is dispatched.
+//!
+//! Linear attention ([`Engine::linear_attention`], [`LinearOptions`]) has its own semantics and
+//! kernels: see the [`linear`] module.
 
 mod attention;
 mod engine;
 mod error;
 pub mod kernel;
-mod linear;
+pub mod linear;
 mod readback;
 mod tensor;
 mod types;
