@@ -24,12 +24,25 @@ struct Spec {
     sigmoid: bool,
     slopes: Option<Vec<f32>>,
     softcap: Option<f32>,
+    /// Linear attention instead (q_len == kv_len): (normaliser, decays) and its kernel.
+    linear: Option<(bool, Option<Vec<f32>>, wflash::LinearKernel)>,
     q: Vec<f32>,
     k: Vec<f32>,
     v: Vec<f32>,
 }
 
 impl Spec {
+    fn linear_options(&self) -> Option<wflash::LinearOptions<'_>> {
+        let (normalize, decay, kernel) = self.linear.as_ref()?;
+        Some(wflash::LinearOptions {
+            feature_map: wflash::FeatureMap::EluPlusOne,
+            normalize: *normalize,
+            decay: decay.as_deref(),
+            kernel: *kernel,
+            ..wflash::LinearOptions::causal()
+        })
+    }
+
     fn options(&self) -> AttentionOptions<'_> {
         AttentionOptions {
             causal: self.causal,
@@ -75,6 +88,47 @@ fn specs() -> Vec<Spec> {
             sigmoid: i % 3 == 2,
             slopes: (i % 4 == 3).then(|| wflash::alibi_slopes(4)),
             softcap: (i % 4 == 3).then_some(5.0),
+            linear: None,
+            q: value(shape.q_elems(), 7),
+            k: value(shape.k_elems(), 11),
+            v: value(shape.v_elems(), 13),
+        });
+    }
+    // Linear attention: chunked and recurrent, with and without decay and normaliser.
+    for i in 0..4 {
+        let len = [17, 64, 100, 5][i];
+        let shape = Shape {
+            batch: 1 + i % 2,
+            q_heads: 4,
+            kv_heads: [4, 2][i % 2],
+            q_len: len,
+            kv_len: len,
+            head_dim: 32,
+            value_dim: 32,
+        };
+        let value = |n: usize, m: usize| {
+            (0..n)
+                .map(|x| (((x + i) * m % 101) as f32 - 50.0) / 50.0)
+                .collect::<Vec<f32>>()
+        };
+        let kernel = [
+            wflash::LinearKernel::Chunked,
+            wflash::LinearKernel::Recurrent,
+        ][i % 2];
+        specs.push(Spec {
+            shape,
+            layout: layouts[i % 2],
+            dtype: dtypes[i % 3],
+            causal: None,
+            window: None,
+            sigmoid: false,
+            slopes: None,
+            softcap: None,
+            linear: Some((
+                i >= 2,
+                (i % 2 == 0).then(|| wflash::lightning_decay(4)),
+                kernel,
+            )),
             q: value(shape.q_elems(), 7),
             k: value(shape.k_elems(), 11),
             v: value(shape.v_elems(), 13),
@@ -83,11 +137,21 @@ fn specs() -> Vec<Spec> {
     specs
 }
 
-/// The result of a call as bits: output, then the LSE (empty for sigmoid).
+/// The result of a call as bits: output, then the LSE (empty for sigmoid; linear attention:
+/// its final state, kv then z).
 type Bits = (Vec<u32>, Vec<u32>);
 
 async fn call_typed<T: Element>(engine: &Engine, spec: &Spec, bits: fn(T) -> u32) -> Bits {
     let convert = |x: &[f32]| x.iter().map(|&v| T::from_f32(v)).collect::<Vec<T>>();
+    if let Some(opts) = spec.linear_options() {
+        let (q, k, v) = (convert(&spec.q), convert(&spec.k), convert(&spec.v));
+        let out = engine
+            .linear_attention(&spec.shape, spec.layout, &opts, &q, &k, &v, None)
+            .await
+            .expect("linear call succeeds");
+        let state = out.state.kv.iter().chain(&out.state.z).map(|x| x.to_bits());
+        return (out.output.into_iter().map(bits).collect(), state.collect());
+    }
     let out = engine
         .attention(
             &spec.shape,
