@@ -12,8 +12,8 @@ pub fn resident_bytes() -> Option<u64> {
 }
 
 /// Call `i` of the soak: lengths 1..=300, batch 1-2, MHA/GQA/MQA, both layouts, f32/f16/bf16,
-/// softmax / causal softmax / sigmoid, head dim 32 (few kernels, so the soak measures calls,
-/// not compiles).
+/// softmax / causal softmax / sigmoid, and every fourth call causal linear attention; head dim
+/// 32 (few kernels, so the soak measures calls, not compiles).
 pub fn soak_call(engine: &Engine, i: usize) -> wflash::Result<()> {
     let shape = Shape {
         batch: 1 + i % 2,
@@ -50,6 +50,24 @@ pub fn soak_call(engine: &Engine, i: usize) -> wflash::Result<()> {
             .map(|&a| half::bf16::from_f32(a))
             .collect::<Vec<_>>()
     };
+    // Every fourth call is causal linear attention with decay (f32; recurrent kernel for up to
+    // 16 tokens, chunked beyond).
+    if i % 4 == 3 {
+        let shape = Shape {
+            kv_len: shape.q_len,
+            ..shape
+        };
+        let (q, k, v) = (
+            values(shape.q_elems()),
+            values(shape.k_elems()),
+            values(shape.v_elems()),
+        );
+        let decay = wflash::lightning_decay(shape.q_heads);
+        let opts = wflash::LinearOptions::causal().with_decay(&decay);
+        return engine
+            .linear_attention_blocking(&shape, layout, &opts, &q, &k, &v, None)
+            .map(drop);
+    }
     // The dtype changes every third call, so it meets every variant.
     match [DType::F32, DType::F16, DType::Bf16][(i / 3) % 3] {
         DType::F32 => engine
