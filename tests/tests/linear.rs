@@ -573,3 +573,52 @@ fn long_sequences_carry_the_state_across_many_chunks() {
         eprintln!("{chunk_size:?}: {outcome:?}");
     }
 }
+
+/// The scratch pool (packed K/V, chunk states) serves repeated calls from what earlier ones gave
+/// back, and never holds more than its cap, whatever the mix of shapes.
+#[test]
+fn the_scratch_pool_reuses_and_stays_under_its_cap() {
+    use wflash::{Engine, EngineOptions, LinearOptions, Shape};
+    let Some(shared) = engine(Path::F32) else {
+        return;
+    };
+    let _ = shared;
+    let cap = 2 << 20;
+    let engine = Engine::new_blocking(EngineOptions {
+        scratch_pool_bytes: cap,
+        ..EngineOptions::default()
+    })
+    .expect("a second engine on the same adapter");
+    let opts = LinearOptions::causal().with_kernel(LinearKernel::Chunked);
+    let call = |len: usize| {
+        let s = Shape::mha(1, 2, len, 16);
+        let x = vec![0.25f32; s.q_elems()];
+        engine
+            .linear_attention_blocking(&s, Layout::Bhsd, &opts, &x, &x, &x, None)
+            .expect("call")
+    };
+    let first = call(300);
+    let before = engine.pool_stats();
+    for _ in 0..5 {
+        assert_eq!(
+            call(300).output,
+            first.output,
+            "a reused resource changed the result"
+        );
+    }
+    let after = engine.pool_stats();
+    assert!(
+        after.hits >= before.hits + 5 * 3,
+        "repeated calls were not served from the pool: {before:?} -> {after:?}"
+    );
+    assert_eq!(
+        after.misses, before.misses,
+        "repeated calls created new resources"
+    );
+    // Many shapes: the pool evicts to stay under the cap.
+    for len in (1..60).map(|i| i * 97) {
+        call(len);
+        let stats = engine.pool_stats();
+        assert!(stats.bytes <= cap, "{stats:?}");
+    }
+}

@@ -44,10 +44,15 @@ fn main() -> ExitCode {
     println!("resident memory at start: {}", mib(resident_bytes()));
     let start = std::time::Instant::now();
     let report = soak(&engine, args.calls, args.warmup, 1000, |done, rss| {
+        let pool = engine.pool_stats();
         println!(
-            "{done:>7} calls, {:.1} s, resident {}",
+            "{done:>7} calls, {:.1} s, resident {}, scratch pool {:.1} of {:.0} MiB ({} reused, {} new)",
             start.elapsed().as_secs_f64(),
-            mib(rss)
+            mib(rss),
+            pool.bytes as f64 / 1048576.0,
+            pool.cap as f64 / 1048576.0,
+            pool.hits,
+            pool.misses
         );
     });
     let report = match report {

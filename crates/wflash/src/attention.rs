@@ -1,9 +1,10 @@
 //! Attention calls: validation, planning, dispatch.
 
-use crate::engine::PipelineKey;
+use crate::engine::{Inner, PipelineKey};
 use crate::kernel::{
     self, Conversion, Family, KernelKey, ScoreMods, Storage, TileConfig, UNROLLED_KEYS, VariantKind,
 };
+use crate::pool::Scratch;
 use crate::tensor::{buffer_bytes, buffer_with_contents};
 use crate::types::check_len;
 use crate::{
@@ -616,13 +617,13 @@ impl Engine {
             let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
                 label: Some("flash_fwd"),
             });
-            let views: Vec<wgpu::TextureView> = packs
+            // The loans go back to the pool when this closure ends, after the submit.
+            let (_loans, views): (Vec<Scratch>, Vec<wgpu::TextureView>) = packs
                 .iter()
                 .zip(&pack_pipelines)
                 .map(|((_, tensor, pack_shape, name), pipeline)| {
                     pack_rows(
-                        device,
-                        &self.inner.queue,
+                        &self.inner,
                         &mut encoder,
                         pipeline,
                         tensor,
@@ -630,7 +631,7 @@ impl Engine {
                         name,
                     )
                 })
-                .collect();
+                .unzip();
             if let (Some(pipeline), Some(q_f32)) = (&to_f32, &q_f32) {
                 let convert = Conversion::ToF32(plan.io_storage);
                 convert_pass(
@@ -750,34 +751,35 @@ pub(crate) struct PackShape {
     pub(crate) max_groups: u32,
 }
 
-/// Records the packing of `tensor` into a new rgba32float texture (layout in pack_rows.wgsl)
-/// and returns its view. The plan has checked that the texture fits the adapter's limits.
+/// Records the packing of `tensor` into an rgba32float texture from the scratch pool (layout in
+/// pack_rows.wgsl) and returns the loan and its view; keep the loan until after the submit.
+/// The plan has checked that the texture fits the adapter's limits.
 pub(crate) fn pack_rows(
-    device: &wgpu::Device,
-    queue: &wgpu::Queue,
+    engine: &Inner,
     encoder: &mut wgpu::CommandEncoder,
     pipeline: &wgpu::ComputePipeline,
     tensor: &Tensor,
     shape: PackShape,
     label: &str,
-) -> wgpu::TextureView {
+) -> (Scratch, wgpu::TextureView) {
     let width4 = shape.dim.div_ceil(4) as u32;
     let rows = (shape.batch * shape.heads * shape.rows_per_head) as u32;
-    let texture = device.create_texture(&wgpu::TextureDescriptor {
-        label: Some(label),
-        size: wgpu::Extent3d {
-            width: shape.fold * width4,
-            height: rows.div_ceil(shape.fold),
-            depth_or_array_layers: 1,
-        },
-        mip_level_count: 1,
-        sample_count: 1,
-        dimension: wgpu::TextureDimension::D2,
-        format: wgpu::TextureFormat::Rgba32Float,
-        usage: wgpu::TextureUsages::STORAGE_BINDING | wgpu::TextureUsages::TEXTURE_BINDING,
-        view_formats: &[],
-    });
-    let view = texture.create_view(&wgpu::TextureViewDescriptor::default());
+    let size = wgpu::Extent3d {
+        width: shape.fold * width4,
+        height: rows.div_ceil(shape.fold),
+        depth_or_array_layers: 1,
+    };
+    let (device, queue) = (&engine.device, &engine.queue);
+    let texture = engine.pool.texture(
+        device,
+        label,
+        size,
+        wgpu::TextureFormat::Rgba32Float,
+        wgpu::TextureUsages::STORAGE_BINDING | wgpu::TextureUsages::TEXTURE_BINDING,
+    );
+    let view = texture
+        .texture()
+        .create_view(&wgpu::TextureViewDescriptor::default());
     let texels = rows * width4;
     let groups = texels.div_ceil(64);
     let groups_x = groups.min(shape.max_groups);
@@ -818,7 +820,7 @@ pub(crate) fn pack_rows(
     pass.set_pipeline(pipeline);
     pass.set_bind_group(0, &bind_group, &[]);
     pass.dispatch_workgroups(groups_x, groups.div_ceil(groups_x), 1);
-    view
+    (texture, view)
 }
 
 /// The uniform block of `convert.wgsl` (`struct ConvertParams`).

@@ -41,6 +41,10 @@ pub struct EngineOptions {
     /// Which forward kernel to run; `None` picks by adapter: [`Family::Unrolled`] on CPU
     /// adapters (llvmpipe, SwiftShader), [`Family::Tiled`] on GPUs. Tests set it to cover both.
     pub family: Option<Family>,
+    /// The most bytes of scratch textures and buffers the engine keeps between calls for reuse
+    /// (packed K/V, linear attention's chunk states); least recently used first out. 0 keeps
+    /// none.
+    pub scratch_pool_bytes: u64,
 }
 
 impl Default for EngineOptions {
@@ -54,6 +58,7 @@ impl Default for EngineOptions {
             poison_outputs: false,
             readback_timeout: Duration::from_secs(120),
             family: None,
+            scratch_pool_bytes: 256 << 20,
         }
     }
 }
@@ -118,6 +123,7 @@ pub(crate) struct Inner {
     pub(crate) options: EngineOptions,
     pipelines: Mutex<HashMap<PipelineKey, wgpu::ComputePipeline>>,
     pub(crate) lost: Arc<AtomicBool>,
+    pub(crate) pool: Arc<crate::pool::ScratchPool>,
 }
 
 impl Engine {
@@ -194,6 +200,7 @@ impl Engine {
                 device,
                 queue,
                 info,
+                pool: crate::pool::ScratchPool::new(options.scratch_pool_bytes),
                 options,
                 pipelines: Mutex::new(HashMap::new()),
                 lost,
@@ -219,6 +226,11 @@ impl Engine {
     /// The options the engine was created with.
     pub fn options(&self) -> &EngineOptions {
         &self.inner.options
+    }
+
+    /// The scratch pool's bytes held, cap, and takes served from it or not.
+    pub fn pool_stats(&self) -> crate::PoolStats {
+        self.inner.pool.stats()
     }
 
     /// Number of compiled pipelines in the cache.

@@ -35,6 +35,7 @@ mod engine;
 mod error;
 pub mod kernel;
 pub mod linear;
+mod pool;
 mod readback;
 mod tensor;
 mod types;
@@ -48,6 +49,7 @@ pub use linear::{
     LINEAR_MAX_SEQUENTIAL_STEPS, LinearAttention, LinearKernel, LinearOptions, LinearParams,
     LinearPlan, LinearState, RECURRENT_AUTO_MAX_LEN, lightning_decay,
 };
+pub use pool::PoolStats;
 pub use tensor::Tensor;
 pub use types::{
     Attention, AttentionOptions, Bias, BiasValues, Causal, DType, Element, Layout, MAX_HEAD_DIM,

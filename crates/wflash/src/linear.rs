@@ -32,6 +32,7 @@
 use crate::attention::{PackShape, entry, pack_rows};
 use crate::engine::PipelineKey;
 use crate::kernel::{LinearKey, LinearPass, Storage};
+use crate::pool::Scratch;
 use crate::tensor::buffer_with_contents;
 use crate::types::check_len;
 use crate::{DType, Element, Engine, Error, Layout, Result, Shape, Tensor, alibi_slopes};
@@ -791,7 +792,8 @@ impl Engine {
                 }
                 Some(c) => {
                     let pack = pack_pipeline.as_ref().expect("chunked plans pack K/V");
-                    let views: Vec<wgpu::TextureView> = [
+                    // Loans from the scratch pool go back when this closure ends, after the submit.
+                    let (_packed, views): (Vec<Scratch>, Vec<wgpu::TextureView>) = [
                         (k, shape.head_dim, params.k_stride, "linear packed K"),
                         (v, shape.value_dim, params.v_stride, "linear packed V"),
                     ]
@@ -807,16 +809,17 @@ impl Engine {
                             fold: c.tex_fold,
                             max_groups,
                         };
-                        pack_rows(device, queue, &mut encoder, pack, tensor, pack_shape, label)
+                        pack_rows(&self.inner, &mut encoder, pack, tensor, pack_shape, label)
                     })
-                    .collect();
+                    .unzip();
                     let row_bytes = c.state_fold * c.pitch * 4;
-                    let chunk_states = device.create_buffer(&wgpu::BufferDescriptor {
-                        label: Some("linear chunk states"),
-                        size: u64::from(row_bytes) * u64::from(c.state_lines),
-                        usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
-                        mapped_at_creation: false,
-                    });
+                    let chunk_states_loan = self.inner.pool.buffer(
+                        device,
+                        "linear chunk states",
+                        u64::from(row_bytes) * u64::from(c.state_lines),
+                        wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
+                    );
+                    let chunk_states = chunk_states_loan.buffer();
                     let column_groups = params.columns.div_ceil(4);
                     let columns = column_groups.div_ceil(64);
                     let prefix_groups = (column_groups * shape.head_dim as u32).div_ceil(64);
@@ -825,7 +828,7 @@ impl Engine {
                         texture_entry(2, &views[0]),
                         texture_entry(3, &views[1]),
                         entry(5, &decay),
-                        entry(6, &chunk_states),
+                        entry(6, chunk_states),
                     ];
                     let groups = (c.chunks * columns, h, b);
                     dispatch(
@@ -835,11 +838,8 @@ impl Engine {
                         groups,
                         "linear chunk states",
                     );
-                    let mut entries = vec![
-                        entry(0, &uniform),
-                        entry(5, &decay),
-                        entry(6, &chunk_states),
-                    ];
+                    let mut entries =
+                        vec![entry(0, &uniform), entry(5, &decay), entry(6, chunk_states)];
                     entries.extend(state_entries.iter().cloned());
                     dispatch(
                         &mut encoder,
@@ -853,19 +853,17 @@ impl Engine {
                         height: c.state_lines,
                         depth_or_array_layers: 1,
                     };
-                    let state_texture = device.create_texture(&wgpu::TextureDescriptor {
-                        label: Some("linear chunk states texture"),
+                    let state_loan = self.inner.pool.texture(
+                        device,
+                        "linear chunk states texture",
                         size,
-                        mip_level_count: 1,
-                        sample_count: 1,
-                        dimension: wgpu::TextureDimension::D2,
-                        format: wgpu::TextureFormat::Rgba32Float,
-                        usage: wgpu::TextureUsages::TEXTURE_BINDING | wgpu::TextureUsages::COPY_DST,
-                        view_formats: &[],
-                    });
+                        wgpu::TextureFormat::Rgba32Float,
+                        wgpu::TextureUsages::TEXTURE_BINDING | wgpu::TextureUsages::COPY_DST,
+                    );
+                    let state_texture = state_loan.texture();
                     encoder.copy_buffer_to_texture(
                         wgpu::TexelCopyBufferInfo {
-                            buffer: &chunk_states,
+                            buffer: chunk_states,
                             layout: wgpu::TexelCopyBufferLayout {
                                 offset: 0,
                                 bytes_per_row: Some(row_bytes),
