@@ -418,21 +418,7 @@ impl Engine {
         v: &Tensor,
     ) -> Result<GpuAttention> {
         shape.validate()?;
-        let dtype = q.dtype;
-        for (name, t, expected) in [
-            ("q", q, shape.q_elems()),
-            ("k", k, shape.k_elems()),
-            ("v", v, shape.v_elems()),
-        ] {
-            if t.dtype != dtype {
-                return Err(Error::DTypeMismatch {
-                    tensor: name,
-                    expected: dtype,
-                    got: t.dtype,
-                });
-            }
-            check_len(name, expected, t.len)?;
-        }
+        let dtype = check_qkv(shape, q, k, v)?;
         let plan = self.plan(shape, opts, dtype)?;
         if plan.batch_per_dispatch < shape.batch {
             return Err(Error::TooLarge {
@@ -882,6 +868,27 @@ fn convert_pass(
     pass.set_pipeline(pipeline);
     pass.set_bind_group(0, &bind_group, &[]);
     pass.dispatch_workgroups(groups_x, groups.div_ceil(groups_x), 1);
+}
+
+/// Checks that GPU tensors Q, K and V share one element type and have the shape's lengths
+/// (the shape already validated); returns their element type.
+pub(crate) fn check_qkv(shape: &Shape, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<DType> {
+    let dtype = q.dtype;
+    for (name, t, expected) in [
+        ("q", q, shape.q_elems()),
+        ("k", k, shape.k_elems()),
+        ("v", v, shape.v_elems()),
+    ] {
+        if t.dtype != dtype {
+            return Err(Error::DTypeMismatch {
+                tensor: name,
+                expected: dtype,
+                got: t.dtype,
+            });
+        }
+        check_len(name, expected, t.len)?;
+    }
+    Ok(dtype)
 }
 
 pub(crate) fn entry(binding: u32, buffer: &wgpu::Buffer) -> wgpu::BindGroupEntry<'_> {

@@ -29,12 +29,12 @@
 //! [`LinearKernel::Auto`] takes the recurrence for causal calls of at most
 //! [`RECURRENT_AUTO_MAX_LEN`] tokens and the chunked kernel otherwise.
 
-use crate::attention::{PackShape, entry, pack_rows};
+use crate::attention::{PackShape, check_qkv, entry, pack_rows};
 use crate::engine::PipelineKey;
 use crate::kernel::{LinearKey, LinearPass, Storage};
 use crate::pool::Scratch;
 use crate::tensor::buffer_with_contents;
-use crate::types::check_len;
+use crate::types::{check_len, resolve_scale};
 use crate::{DType, Element, Engine, Error, Layout, Result, Shape, Tensor, alibi_slopes};
 
 /// The widest key or value row the linear kernels take (their per-invocation state column and
@@ -177,11 +177,7 @@ impl<'a> LinearOptions<'a> {
 
     /// The scale the kernel uses.
     pub fn resolved_scale(&self, shape: &Shape) -> Result<f32> {
-        let scale = self.scale.unwrap_or(1.0 / (shape.head_dim as f32).sqrt());
-        if !scale.is_finite() || scale == 0.0 {
-            return Err(Error::InvalidScale { scale });
-        }
-        Ok(scale)
+        resolve_scale(self.scale, shape)
     }
 
     /// Checks the shape and the options against each other (everything that does not depend
@@ -585,21 +581,7 @@ impl Engine {
             shape,
             initial.map(|s| (s.kv.len, s.z.as_ref().map(|z| z.len))),
         )?;
-        let dtype = q.dtype;
-        for (name, t, expected) in [
-            ("q", q, shape.q_elems()),
-            ("k", k, shape.k_elems()),
-            ("v", v, shape.v_elems()),
-        ] {
-            if t.dtype != dtype {
-                return Err(Error::DTypeMismatch {
-                    tensor: name,
-                    expected: dtype,
-                    got: t.dtype,
-                });
-            }
-            check_len(name, expected, t.len)?;
-        }
+        let dtype = check_qkv(shape, q, k, v)?;
         if let Some(state) = initial {
             for (name, t) in [
                 ("initial kv state", Some(&state.kv)),

@@ -388,11 +388,7 @@ impl<'a> AttentionOptions<'a> {
 
     /// The scale the kernel uses for `shape`, after validation.
     pub fn resolved_scale(&self, shape: &Shape) -> Result<f32> {
-        let scale = self.scale.unwrap_or(1.0 / (shape.head_dim as f32).sqrt());
-        if !scale.is_finite() || scale == 0.0 {
-            return Err(Error::InvalidScale { scale });
-        }
-        Ok(scale)
+        resolve_scale(self.scale, shape)
     }
 
     /// The sigmoid bias the kernel uses for a sequence of `kv_len` keys (0 for softmax), after
@@ -517,6 +513,15 @@ impl<'a> AttentionOptions<'a> {
 }
 
 /// `LengthMismatch` unless a tensor holds the number of elements the call needs.
+/// `scale`, or `1/sqrt(head_dim)` when absent; finite and non-zero or `InvalidScale`.
+pub(crate) fn resolve_scale(scale: Option<f32>, shape: &Shape) -> Result<f32> {
+    let scale = scale.unwrap_or(1.0 / (shape.head_dim as f32).sqrt());
+    if !scale.is_finite() || scale == 0.0 {
+        return Err(Error::InvalidScale { scale });
+    }
+    Ok(scale)
+}
+
 pub(crate) fn check_len(tensor: &'static str, expected: usize, got: usize) -> Result<()> {
     if expected != got {
         return Err(Error::LengthMismatch {
