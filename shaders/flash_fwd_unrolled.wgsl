@@ -5,19 +5,22 @@
 // there is arithmetic on values the compiler can keep in registers or on the stack; what is
 // dear (docs/PERF.md, measured on llvmpipe 22.3) is (1) any storage-buffer or workgroup-memory
 // load inside a loop, which becomes a per-lane scalar loop, (2) dynamically indexed private
-// arrays, which go to per-lane scratch memory, and (3) subgroup broadcasts. A texel fetch costs
-// a tenth of a buffer load. So:
-//   - K and V arrive as rgba32float textures (packed by pack_rows.wgsl), one texel per 4 dims;
+// arrays, which go to per-lane scratch memory, and (3) subgroup broadcasts. A texel load costs
+// a tenth of a buffer load, and a read-only storage texture's load is inlined where a sampled
+// texture's fetch is a call (1.27× for the whole kernel, docs/PERF.md). So:
+//   - K and V arrive as read-only rgba32float storage textures (packed by pack_rows.wgsl), one
+//     texel per 4 dims;
 //   - each invocation owns ROWS query rows (rows r·LANES + lane of the block), held with their
 //     output accumulators in private arrays that are only ever indexed by constants;
-//   - keys are taken KEYS at a time; each fetched texel feeds ROWS rows;
+//   - keys are taken KEYS at a time; each fetched texel feeds ROWS rows, and each row's q·k
+//     is four partial sums (vec4 lanes) so that its adds do not form one long dependent chain;
 //   - every loop over rows, keys or dims is written out by the host: a line block between
 //     `//#unroll NAME COUNT` and `//#end` is repeated COUNT times with `{NAME}` replaced by
 //     0u, 1u, ... (kernel.rs, `expand_unrolls`). Only the loop over key tiles remains.
 // Softmax is FlashAttention-2's: base-2 logits (Q pre-scaled by scale·log2 e), a running max
 // and sum per row, one division at the end, natural-log LSE per row. Sigmoid (SIGMOID) weighs
 // each visible score by σ(s + b) and sums; no max, no division, no LSE. Score modifiers go
-// through modified_score (flash_common.wgsl); the bias and key mask arrive as textures, one
+// through modified_score (flash_common.wgsl); the bias and key mask arrive as storage textures, one
 // texel per row per step of KEYS = 4 keys.
 //
 // The host prelude defines: ROWS, KEYS, D4 (= ceil(HEAD_DIM / 4)), DV4, HEAD_DIM, VALUE_DIM,
@@ -27,8 +30,8 @@
 //
 // Dispatch: (ceil(longest q_len / (LANES · ROWS)), q_heads, batch elements or sequences).
 
-@group(0) @binding(2) var k_tex: texture_2d<f32>;
-@group(0) @binding(3) var v_tex: texture_2d<f32>;
+@group(0) @binding(2) var k_tex: texture_storage_2d<rgba32float, read>;
+@group(0) @binding(3) var v_tex: texture_storage_2d<rgba32float, read>;
 @group(0) @binding(5) var<storage, read_write> lse_buf: array<f32>;
 
 const LANES: u32 = 8u;
@@ -87,37 +90,42 @@ fn flash_fwd(
     let kv_begin = visible_keys(seq, block_row0).x / KEYS * KEYS;
     let kv_end = select(0u, visible_keys(seq, last_row).y, has_rows);
 
-    var k: array<vec4<f32>, KEYS * D4>;
     var v: array<vec4<f32>, KEYS * DV4>;
     var s: array<f32, ROWS * KEYS>;
     var alpha: array<f32, ROWS>;
     for (var key0 = kv_begin; key0 < kv_end; key0 += KEYS) {
-        // K tile. Rows past kv_len are zero in the packed texture.
+        // Logits, one key at a time: the key's texels are fetched, then used by every row
+        // (8 independent sums), so only one key of K is live. Rows past kv_len are zero in
+        // the packed texture.
 //#unroll j KEYS
         {
             let at = packed_texel(kv_row0 + key0 + {j}, D4);
+            // Four partial sums per row (one per vec4 lane): independent add chains, which a
+            // CPU needs to overlap the adds' latency (one chain per row ran latency-bound).
+            var dot: array<vec4<f32>, ROWS>;
 //#unroll d D4
-            k[{j} * D4 + {d}] = textureLoad(k_tex, at + vec2<u32>({d}, 0u), 0);
+            {
+                let kd = textureLoad(k_tex, at + vec2<u32>({d}, 0u));
+//#unroll r ROWS
+                dot[{r}] = fma(q[{r} * D4 + {d}], kd, dot[{r}]);
+//#end
+            }
+//#end
+//#unroll r ROWS
+            s[{r} * KEYS + {j}] = (dot[{r}].x + dot[{r}].y) + (dot[{r}].z + dot[{r}].w);
 //#end
         }
 //#end
 
-        // Logits after the modifiers; invisible keys get NO_MAX. The key mask is one texel
-        // for the block, the bias one texel per row (both zeros when absent).
+        // Modifiers and visibility; invisible keys get NO_MAX. The key mask is one texel for
+        // the block, the bias one texel per row (both zeros when absent).
         let mask = key_mask4(batch, key0);
 //#unroll r ROWS
         {
             let additive = mask + bias4(bias_row[{r}], key0);
 //#unroll j KEYS
             {
-                var dot = 0.0;
-//#unroll d D4
-                dot = fma(q[{r} * D4 + {d}].x, k[{j} * D4 + {d}].x, dot);
-                dot = fma(q[{r} * D4 + {d}].y, k[{j} * D4 + {d}].y, dot);
-                dot = fma(q[{r} * D4 + {d}].z, k[{j} * D4 + {d}].z, dot);
-                dot = fma(q[{r} * D4 + {d}].w, k[{j} * D4 + {d}].w, dot);
-//#end
-                let x = modified_score(dot, key0 + {j}, row_diag[{r}], slope, additive[{j}]);
+                let x = modified_score(s[{r} * KEYS + {j}], key0 + {j}, row_diag[{r}], slope, additive[{j}]);
                 s[{r} * KEYS + {j}] = select(NO_MAX, x, key0 + {j} >= row_keys[{r}].x && key0 + {j} < row_keys[{r}].y);
             }
 //#end
@@ -148,7 +156,7 @@ fn flash_fwd(
         {
             let at = packed_texel(kv_row0 + key0 + {j}, DV4);
 //#unroll e DV4
-            v[{j} * DV4 + {e}] = textureLoad(v_tex, at + vec2<u32>({e}, 0u), 0);
+            v[{j} * DV4 + {e}] = textureLoad(v_tex, at + vec2<u32>({e}, 0u));
 //#end
         }
 //#end

@@ -22,9 +22,10 @@
 //     updating its column of S (and z) and writing o_i. One dispatch: for decoding a token or
 //     a few, where the chunked passes would be mostly overhead.
 //
-// On CPU adapters a storage load in a loop costs ten texel fetches (docs/PERF.md), so the
+// On CPU adapters a storage-buffer load in a loop costs ten texel loads (docs/PERF.md), so the
 // chunked passes read K, V (packed by pack_rows.wgsl) and the per-chunk states (copied from
-// `chunk_states`) from rgba32float textures; inner loops over dims are written out by the host
+// `chunk_states`) from read-only rgba32float storage textures (whose loads llvmpipe inlines,
+// where a sampled texture's fetch is a function call); inner loops over dims are written out by the host
 // (`//#unroll`, kernel.rs).
 //
 // Host prelude: KEY_DIM, VALUE_DIM, D4 = ceil(KEY_DIM / 4), DV4, ROWS (pass 3's rows per
@@ -63,8 +64,8 @@ struct LinearParams {
 }
 
 @group(0) @binding(0) var<uniform> params: LinearParams;
-@group(0) @binding(2) var k_tex: texture_2d<f32>;
-@group(0) @binding(3) var v_tex: texture_2d<f32>;
+@group(0) @binding(2) var k_tex: texture_storage_2d<rgba32float, read>;
+@group(0) @binding(3) var v_tex: texture_storage_2d<rgba32float, read>;
 // λ_h^n for n in 0..decay_stride, per query head h (all 1 without decay): computed on the host
 // in f64, because a shader's exp2(n · log2 λ) is off by up to n · 2^-21 in the exponent
 // (Vulkan's log2 precision near 1), far more than one rounding.
@@ -78,7 +79,7 @@ struct LinearParams {
 @group(0) @binding(9) var<storage, read_write> kv_out: array<f32>;
 @group(0) @binding(10) var<storage, read_write> z_out: array<f32>;
 // `chunk_states` after pass 2, as texels: row r at ((r % state_fold) · pitch / 4, r / state_fold).
-@group(0) @binding(11) var state_tex: texture_2d<f32>;
+@group(0) @binding(11) var state_tex: texture_storage_2d<rgba32float, read>;
 
 const WORKGROUP: u32 = 64u;
 
@@ -105,9 +106,18 @@ fn decay_pow(head: u32, n: u32) -> f32 {
     return decay_powers[head * params.decay_stride + n];
 }
 
-// Texel `d4` of packed row `row` of a pack_rows texture.
-fn packed(tex: texture_2d<f32>, row: u32, width4: u32, d4: u32) -> vec4<f32> {
-    return textureLoad(tex, vec2<u32>((row % params.tex_fold) * width4 + d4, row / params.tex_fold), 0);
+// Texel `d4` of packed row `row` of the K or V texture (pack_rows.wgsl). Two functions, since
+// a storage texture passed as an argument does not translate to every backend (naga's MSL).
+fn packed_k(row: u32, width4: u32, d4: u32) -> vec4<f32> {
+    return textureLoad(k_tex, packed_texel(row, width4, d4));
+}
+
+fn packed_v(row: u32, width4: u32, d4: u32) -> vec4<f32> {
+    return textureLoad(v_tex, packed_texel(row, width4, d4));
+}
+
+fn packed_texel(row: u32, width4: u32, d4: u32) -> vec2<u32> {
+    return vec2<u32>((row % params.tex_fold) * width4 + d4, row / params.tex_fold);
 }
 
 // The packed row of token `token` of kv head `kv_head` of batch element `batch`.
@@ -170,7 +180,7 @@ fn linear_chunk_state(
         let row = kv_row(batch, head / params.group, j);
         var v = vec4<f32>(0.0);
         if c4 < v_width4 {
-            v = packed(v_tex, row, v_width4, c4);
+            v = packed_v(row, v_width4, c4);
         }
         // The z column's "value" is 1.
         if NORMALIZE && c4 == VALUE_DIM / 4u {
@@ -180,7 +190,7 @@ fn linear_chunk_state(
         v *= decay_pow(head, end - 1u - j);
 //#unroll d D4
         {
-            let k = phi_at(packed(k_tex, row, k_width4, {d}), {d});
+            let k = phi_at(packed_k(row, k_width4, {d}), {d});
 //#unroll x 4
             s[{d} * 4u + {x}] += k[{x}] * v;
 //#end
@@ -251,7 +261,7 @@ fn initial4(bh: u32, d: u32, c4: u32) -> vec4<f32> {
 fn state_texel(bh: u32, slot: u32, d: u32, e4: u32) -> vec4<f32> {
     let row = state_row(bh, slot, d);
     let x = (row % params.state_fold) * (params.pitch / 4u) + e4;
-    return textureLoad(state_tex, vec2<u32>(x, row / params.state_fold), 0);
+    return textureLoad(state_tex, vec2<u32>(x, row / params.state_fold));
 }
 
 // Pass 3: the output rows, ROWS consecutive tokens per invocation, all in one chunk (the chunk
@@ -302,7 +312,7 @@ fn linear_chunk_output(
             let row = kv_row(batch, head / params.group, j);
             var k: array<vec4<f32>, D4>;
 //#unroll d D4
-            k[{d}] = phi_at(packed(k_tex, row, k_width4, {d}), {d});
+            k[{d}] = phi_at(packed_k(row, k_width4, {d}), {d});
 //#end
             var score: array<f32, ROWS>;
 //#unroll r ROWS
@@ -318,7 +328,7 @@ fn linear_chunk_output(
 //#end
 //#unroll e DV4
             {
-                let v = packed(v_tex, row, v_width4, {e});
+                let v = packed_v(row, v_width4, {e});
 //#unroll r ROWS
                 o[{r} * DV4 + {e}] += score[{r}] * v;
 //#end

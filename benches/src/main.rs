@@ -2,16 +2,22 @@
 //! and the CPU reference, in one run on one adapter, and reports ms, GFLOP/s and % of the
 //! adapter's measured FMA peak (see DESIGN.md, "Benchmark contract").
 //!
-//! Timing is wall clock around submit + wait (every record says `"timing": "wall"`): warm-up
-//! runs first, then the median and minimum of `--samples` runs. Inputs are seeded random normals.
+//! GPU work is timed with GPU timestamp queries where the adapter has them, else wall clock
+//! around submit + wait (see `timing`); every record says which in `"timing"`
+//! (`"gpu-timestamp"` or `"wall-clock"`) and carries its wall-clock figures too. Warm-up runs
+//! first, then the median and minimum of `--samples` runs. Inputs are seeded random normals.
 
+mod chart;
 mod naive;
+mod timing;
+mod tune;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
+use indicatif::{ProgressBar, ProgressStyle};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rand_distr::StandardNormal;
@@ -24,6 +30,7 @@ use wflash_conformance::ModData;
 use wflash_ref::Problem;
 
 use naive::{Naive, NaiveShape};
+use timing::{GpuTimer, Sample, Timing, TimingSource, time_submission};
 
 #[derive(Parser, Debug)]
 #[command(name = "wflash-bench", about = "Benchmarks wflash's attention kernels")]
@@ -31,9 +38,16 @@ struct Args {
     /// CI smoke run: fewer cases and samples (well under 3 minutes on lavapipe).
     #[arg(long)]
     quick: bool,
-    /// Write the records as a JSON array to this file.
+    /// Write the run as JSON to this file (device info, probes and records), and its chart
+    /// beside it (the same path with `.svg`) unless `--chart` says where.
     #[arg(long, value_name = "PATH")]
     json: Option<PathBuf>,
+    /// Write the SVG chart (GFLOP/s against sequence length, one line per variant) here.
+    #[arg(long, value_name = "PATH")]
+    chart: Option<PathBuf>,
+    /// Time with wall clock even where the adapter has GPU timestamps.
+    #[arg(long)]
+    wall_clock: bool,
     /// Run only the cases whose name contains this substring.
     #[arg(long, value_name = "SUBSTR")]
     filter: Option<String>,
@@ -43,7 +57,8 @@ struct Args {
     /// Timed runs per measurement (default 7, or 3 with --quick).
     #[arg(long, value_name = "N")]
     samples: Option<usize>,
-    /// Compare with the records of an earlier `--json` file; flags cases more than 10% slower.
+    /// Compare with the records of an earlier `--json` file (either format: a bare array of
+    /// records, or the current object); flags cases more than 10% slower.
     #[arg(long, value_name = "PATH")]
     baseline: Option<PathBuf>,
     /// How f16 tensors travel: `auto` (native where the adapter has SHADER_F16), `packed` (u32
@@ -53,6 +68,14 @@ struct Args {
     /// Tokens per chunk of the chunked linear-attention kernel (default: the adapter's).
     #[arg(long, value_name = "N")]
     linear_chunk: Option<usize>,
+    /// Time every tile the forward kernel can run at head dims 32, 64 and 128 and store the
+    /// fastest in the tuning file, which engines on this adapter and driver then load.
+    #[arg(long)]
+    tune: bool,
+    /// The tuning file `--tune` writes (default: `$WFLASH_TUNING`, else
+    /// `~/.config/wflash/tuning.json`).
+    #[arg(long, value_name = "PATH")]
+    tune_file: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
@@ -79,14 +102,43 @@ struct Record {
     head_dim: usize,
     value_dim: usize,
     causal: bool,
+    /// Median and minimum of the source `timing` names.
     median_ms: f64,
     min_ms: f64,
     samples: usize,
     gflops: f64,
     pct_of_peak: Option<f64>,
+    /// `"gpu-timestamp"` or `"wall-clock"` (files written before timestamps say `"wall"`).
     timing: String,
+    /// Wall clock around submit + wait, whatever `timing` is (absent in older files).
+    #[serde(default)]
+    wall_median_ms: Option<f64>,
+    #[serde(default)]
+    wall_min_ms: Option<f64>,
     adapter: String,
     backend: String,
+}
+
+/// What `--json` writes: the adapter, its probes, and the records.
+#[derive(Debug, Serialize, Deserialize)]
+struct Report {
+    device: DeviceReport,
+    records: Vec<Record>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct DeviceReport {
+    adapter: String,
+    backend: String,
+    driver: String,
+    /// Where the GPU records' figures come from: `"gpu-timestamp"` or `"wall-clock"`.
+    timing: String,
+    /// `Queue::get_timestamp_period`, where timestamps are used.
+    timestamp_period_ns: Option<f64>,
+    fma_peak_gflops: Option<f64>,
+    /// Copy bandwidth, counting the bytes read and the bytes written (`copy_buffer_to_buffer`).
+    copy_gbps: Option<f64>,
+    copy_bytes: Option<u64>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -388,41 +440,7 @@ fn cases(quick: bool) -> Vec<Case> {
     cases
 }
 
-/// Median and minimum of some timed runs, in seconds.
-#[derive(Clone, Copy, Debug)]
-struct Stats {
-    median: f64,
-    min: f64,
-    samples: usize,
-}
-
-fn stats(mut times: Vec<f64>) -> Stats {
-    times.sort_by(f64::total_cmp);
-    Stats {
-        median: times[times.len() / 2],
-        min: times[0],
-        samples: times.len(),
-    }
-}
-
-/// Runs `once` `warmups` times untimed, then `samples` times timed.
-fn measure(
-    warmups: usize,
-    samples: usize,
-    mut once: impl FnMut() -> Result<(), String>,
-) -> Result<Stats, String> {
-    for _ in 0..warmups {
-        once()?;
-    }
-    let mut times = Vec::with_capacity(samples);
-    for _ in 0..samples.max(1) {
-        let start = Instant::now();
-        once()?;
-        times.push(start.elapsed().as_secs_f64());
-    }
-    Ok(stats(times))
-}
-
+/// Waits (up to `GPU_TIMEOUT`) until everything submitted so far has finished.
 fn wait(device: &wgpu::Device) -> Result<(), String> {
     device
         .poll(wgpu::PollType::Wait {
@@ -440,7 +458,7 @@ fn random_normals(rng: &mut StdRng, len: usize) -> Vec<f32> {
 }
 
 /// One case's timing and (f32 only) its output, or why it failed.
-type Timed = Result<(Stats, Option<Vec<f32>>), String>;
+type Timed = Result<(Timing, Option<Vec<f32>>), String>;
 
 /// A case ready to time: its tensors uploaded and its pipelines compiled.
 struct Prepared {
@@ -478,9 +496,16 @@ impl Prepared {
 
     /// One forward pass, waited for.
     fn run(&self, engine: &Engine) -> Result<Tensor, String> {
+        let output = self.submit(engine)?;
+        wait(engine.device())?;
+        Ok(output)
+    }
+
+    /// One forward pass, submitted and not waited for.
+    fn submit(&self, engine: &Engine) -> Result<Tensor, String> {
         let shape = self.case.shape();
         let (q, k, v) = (&self.q, &self.k, &self.v);
-        let output = if self.case.linear {
+        if self.case.linear {
             let decay = self.case.decay();
             let opts = self.case.linear_options(decay.as_deref());
             engine
@@ -492,9 +517,7 @@ impl Prepared {
                 .attention_gpu(&shape, Layout::Bhsd, &opts, q, k, v)
                 .map(|out| out.output)
         }
-        .map_err(|e| e.to_string())?;
-        wait(engine.device())?;
-        Ok(output)
+        .map_err(|e| e.to_string())
     }
 }
 
@@ -504,11 +527,13 @@ impl Prepared {
 /// stay meaningful. Returns each case's timing and (f32 only) its output, in order.
 fn time_fused_group(
     engine: &Engine,
+    timer: Option<&GpuTimer>,
+    progress: &ProgressBar,
     prepared: &[Prepared],
     warmups: usize,
     samples: usize,
 ) -> Vec<Timed> {
-    let mut times: Vec<Result<Vec<f64>, String>> =
+    let mut times: Vec<Result<Vec<Sample>, String>> =
         prepared.iter().map(|_| Ok(Vec::new())).collect();
     let mut last: Vec<Option<Tensor>> = prepared.iter().map(|_| None).collect();
     for round in 0..warmups + samples.max(1) {
@@ -516,23 +541,24 @@ fn time_fused_group(
             let Ok(case_times) = &mut times[i] else {
                 continue;
             };
-            let start = Instant::now();
-            match p.run(engine) {
-                Ok(out) => {
+            progress.set_message(p.case.name());
+            match time_submission(engine, timer, || p.submit(engine)) {
+                Ok((out, sample)) => {
                     if round >= warmups {
-                        case_times.push(start.elapsed().as_secs_f64());
+                        case_times.push(sample);
                     }
                     last[i] = Some(out);
                 }
                 Err(err) => times[i] = Err(err),
             }
+            progress.inc(1);
         }
     }
     times
         .into_iter()
         .zip(prepared.iter().zip(last))
         .map(|(t, (p, out))| {
-            let stats = stats(t?);
+            let timing = Timing::of(&t?);
             let output = match (p.case.dtype, out) {
                 (DType::F32, Some(out)) => Some(
                     engine
@@ -541,20 +567,22 @@ fn time_fused_group(
                 ),
                 _ => None,
             };
-            Ok((stats, output))
+            Ok((timing, output))
         })
         .collect()
 }
 
-/// Times the naive three-dispatch attention (f32). Returns the timing and its output.
+/// Times the naive three-dispatch attention (f32) with `(warm-ups, samples)` runs. Returns the
+/// timing and its output.
 fn time_naive(
     engine: &Engine,
+    timer: Option<&GpuTimer>,
+    progress: &ProgressBar,
     naive: &Naive,
     case: &Case,
     inputs: [&[f32]; 3],
-    warmups: usize,
-    samples: usize,
-) -> Result<(Stats, Vec<f32>), String> {
+    (warmups, samples): (usize, usize),
+) -> Result<(Timing, Vec<f32>), String> {
     let shape = case.shape();
     let naive_shape = NaiveShape {
         batch: shape.batch,
@@ -581,12 +609,19 @@ fn time_naive(
         k.buffer(),
         v.buffer(),
     )?;
-    let stats = measure(warmups, samples, || {
-        naive.submit(device, queue, &run);
-        wait(device)
-    })?;
+    let mut runs = Vec::with_capacity(samples);
+    for round in 0..warmups + samples.max(1) {
+        let (_, sample) = time_submission(engine, timer, || {
+            naive.submit(device, queue, &run);
+            Ok(())
+        })?;
+        if round >= warmups {
+            runs.push(sample);
+        }
+        progress.inc(1);
+    }
     let output = naive::read_f32(device, queue, run.output())?;
-    Ok((stats, output))
+    Ok((Timing::of(&runs), output))
 }
 
 fn max_abs_diff(a: &[f32], b: impl IntoIterator<Item = f64>) -> f64 {
@@ -608,10 +643,11 @@ impl Context<'_> {
         implementation: &str,
         dtype: &str,
         flops: f64,
-        stats: Stats,
+        timing: Timing,
     ) -> Record {
         let shape = case.shape();
         let info = self.engine.info();
+        let stats = timing.stats;
         let gflops = flops / stats.median / 1e9;
         let on_gpu = implementation != "cpu-ref";
         Record {
@@ -636,7 +672,9 @@ impl Context<'_> {
                 .peak_gflops
                 .filter(|_| on_gpu)
                 .map(|peak| gflops / peak * 100.0),
-            timing: "wall".into(),
+            timing: timing.source.name().into(),
+            wall_median_ms: Some(timing.wall.median * 1e3),
+            wall_min_ms: Some(timing.wall.min * 1e3),
             adapter: if on_gpu {
                 info.adapter_name.clone()
             } else {
@@ -651,25 +689,47 @@ impl Context<'_> {
     }
 }
 
+/// The table of records. `clock` is where median and min come from (`gpu`: timestamps, `wall`:
+/// wall clock); `wall ms` is the wall-clock median beside them.
 fn print_table(records: &[Record]) {
     println!();
     println!(
-        "{:<40} {:<10} {:<5} {:>6} {:>6} {:>11} {:>11} {:>9} {:>7}",
-        "name", "impl", "dtype", "N", "causal", "median ms", "min ms", "GFLOP/s", "% peak"
+        "{:<40} {:<10} {:<5} {:>6} {:>6} {:>5} {:>11} {:>11} {:>11} {:>9} {:>7}",
+        "name",
+        "impl",
+        "dtype",
+        "N",
+        "causal",
+        "clock",
+        "median ms",
+        "min ms",
+        "wall ms",
+        "GFLOP/s",
+        "% peak"
     );
     for r in records {
         let pct = r
             .pct_of_peak
             .map_or_else(|| "-".to_string(), |p| format!("{p:.1}"));
+        let clock = if r.timing == TimingSource::GpuTimestamp.name() {
+            "gpu"
+        } else {
+            "wall"
+        };
+        let wall = r
+            .wall_median_ms
+            .map_or_else(|| "-".to_string(), |ms| format!("{ms:.3}"));
         println!(
-            "{:<40} {:<10} {:<5} {:>6} {:>6} {:>11.3} {:>11.3} {:>9.2} {:>7}",
+            "{:<40} {:<10} {:<5} {:>6} {:>6} {:>5} {:>11.3} {:>11.3} {:>11} {:>9.2} {:>7}",
             r.name,
             r.implementation,
             r.dtype,
             r.q_len,
             if r.causal { "yes" } else { "no" },
+            clock,
             r.median_ms,
             r.min_ms,
+            wall,
             r.gflops,
             pct
         );
@@ -809,15 +869,47 @@ fn print_comparisons(records: &[Record]) {
     }
 }
 
-/// Prints new/old median ratios against a baseline file; returns the number of regressions.
-fn compare_baseline(records: &[Record], path: &PathBuf) -> Result<usize, String> {
+/// The records of a `--json` file: the current object, or the bare array of records that runs
+/// wrote before it (docs/results/ holds such files).
+fn load_records(path: &Path) -> Result<Vec<Record>, String> {
     let text =
         std::fs::read_to_string(path).map_err(|e| format!("reading {}: {e}", path.display()))?;
-    let old: Vec<Record> =
-        serde_json::from_str(&text).map_err(|e| format!("parsing {}: {e}", path.display()))?;
+    let parse_error = |e: serde_json::Error| format!("parsing {}: {e}", path.display());
+    let value: serde_json::Value = serde_json::from_str(&text).map_err(parse_error)?;
+    if value.is_array() {
+        serde_json::from_value(value).map_err(parse_error)
+    } else {
+        serde_json::from_value::<Report>(value)
+            .map(|report| report.records)
+            .map_err(parse_error)
+    }
+}
+
+/// The medians in ms of `new` and `old` by one clock: their own where both were timed alike,
+/// else wall clock for both (records carry it whatever their source; older files are all wall
+/// clock). `None` where one of them has no wall-clock figure.
+fn comparable_medians_ms(new: &Record, old: &Record) -> Option<(f64, f64)> {
+    let wall_median_ms = |r: &Record| {
+        if r.timing == "wall" || r.timing == TimingSource::WallClock.name() {
+            Some(r.median_ms)
+        } else {
+            r.wall_median_ms
+        }
+    };
+    if new.timing == old.timing {
+        Some((new.median_ms, old.median_ms))
+    } else {
+        wall_median_ms(new).zip(wall_median_ms(old))
+    }
+}
+
+/// Prints new/old median ratios against a baseline file; returns the number of regressions.
+fn compare_baseline(records: &[Record], path: &Path) -> Result<usize, String> {
+    let old = load_records(path)?;
     println!();
     println!(
-        "against baseline {} (median ratio new/old; > 1.10 is a regression):",
+        "against baseline {} (median ratio new/old; > 1.10 is a regression; `wall`: timed by \
+         different clocks, so both by wall clock):",
         path.display()
     );
     let mut regressions = 0;
@@ -832,11 +924,20 @@ fn compare_baseline(records: &[Record], path: &PathBuf) -> Result<usize, String>
             );
             continue;
         };
-        // The peak probe sizes its dispatch per run: compare its throughput, not its time.
+        let Some((new_ms, old_ms)) = comparable_medians_ms(r, o) else {
+            println!(
+                "  {:<40} {:<10} (timed by {}, baseline by {}: not comparable)",
+                r.name, r.implementation, r.timing, o.timing
+            );
+            continue;
+        };
+        let clock = if r.timing == o.timing { "" } else { ", wall" };
+        // The peak probe sizes its dispatch per run: compare its throughput (by the clock
+        // chosen), not its time.
         let ratio = if r.implementation == "probe" {
-            o.gflops / r.gflops
+            (o.gflops * o.median_ms / old_ms) / (r.gflops * r.median_ms / new_ms)
         } else {
-            r.median_ms / o.median_ms
+            new_ms / old_ms
         };
         let flag = if ratio > 1.10 {
             regressions += 1;
@@ -845,14 +946,115 @@ fn compare_baseline(records: &[Record], path: &PathBuf) -> Result<usize, String>
             ""
         };
         println!(
-            "  {:<40} {:<10} {ratio:>7.3}  ({:.3} ms -> {:.3} ms){flag}",
-            r.name, r.implementation, o.median_ms, r.median_ms
+            "  {:<40} {:<10} {ratio:>7.3}  ({old_ms:.3} ms -> {new_ms:.3} ms{clock}){flag}",
+            r.name, r.implementation
         );
     }
     if regressions > 0 {
         println!("  {regressions} regression(s) (> 10% slower)");
     }
     Ok(regressions)
+}
+
+/// How many runs each measurement makes in this bench run.
+#[derive(Clone, Copy, Debug)]
+struct RunCounts {
+    warmups: usize,
+    samples: usize,
+    naive_samples: usize,
+    /// The longest sequence the naive GPU baseline and the CPU reference are timed at.
+    baseline_max_seq: usize,
+}
+
+impl RunCounts {
+    /// The naive baseline's warm-ups and samples for `case`, or why it is not timed.
+    fn naive(&self, case: &Case) -> Result<(usize, usize), String> {
+        if case.dtype != DType::F32 || !case.naive_applies() {
+            return Err("plain f32 softmax only".into());
+        }
+        let max_seq = self.baseline_max_seq.min(NAIVE_MAX_SEQ);
+        if case.seq > max_seq {
+            return Err(format!("N > {max_seq}"));
+        }
+        Ok(if case.seq > NAIVE_FULL_SAMPLES_MAX_SEQ {
+            (0, 1)
+        } else {
+            (self.warmups, self.naive_samples)
+        })
+    }
+
+    /// Whether the CPU reference is timed for `case`, or why not.
+    fn cpu_ref(&self, case: &Case) -> Result<(), String> {
+        let max_seq = self.baseline_max_seq.min(CPU_REF_MAX_SEQ);
+        if case.dtype != DType::F32 {
+            Err("f32 only".into())
+        } else if case.seq > max_seq {
+            Err(format!("N > {max_seq}: too slow"))
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Every run `case` is planned to make, fused, naive and CPU reference: the progress bar's
+    /// unit.
+    fn planned(&self, case: &Case) -> u64 {
+        let fused = self.warmups + self.samples;
+        let naive = self.naive(case).map_or(0, |(w, s)| w + s);
+        let cpu_ref = usize::from(self.cpu_ref(case).is_ok());
+        (fused + naive + cpu_ref) as u64
+    }
+}
+
+/// A bar over every planned run, on stderr (hidden where stderr is not a terminal). Lines
+/// printed while it is drawn go through `ProgressBar::suspend`, so they do not mix with it.
+fn progress_bar(runs: u64) -> ProgressBar {
+    let style = ProgressStyle::with_template(
+        "{elapsed_precise} [{bar:30}] {pos}/{len} timed runs  {wide_msg}",
+    )
+    .map_or_else(
+        |_| ProgressStyle::default_bar(),
+        |s| s.progress_chars("=> "),
+    );
+    ProgressBar::new(runs).with_style(style)
+}
+
+/// The probe's record, so `--baseline` compares it and % of peak has its reference in the file.
+fn peak_record(engine: &Engine, peak: &naive::Peak) -> Record {
+    let info = engine.info();
+    Record {
+        name: "fma_peak".into(),
+        implementation: "probe".into(),
+        variant: "fma".into(),
+        dtype: "f32".into(),
+        layout: "-".into(),
+        batch: 0,
+        q_heads: 0,
+        kv_heads: 0,
+        q_len: 0,
+        kv_len: 0,
+        head_dim: 0,
+        value_dim: 0,
+        causal: false,
+        median_ms: peak.timing.stats.median * 1e3,
+        min_ms: peak.timing.stats.min * 1e3,
+        samples: peak.timing.stats.samples,
+        gflops: peak.gflops,
+        pct_of_peak: Some(100.0),
+        timing: peak.timing.source.name().into(),
+        wall_median_ms: Some(peak.timing.wall.median * 1e3),
+        wall_min_ms: Some(peak.timing.wall.min * 1e3),
+        adapter: info.adapter_name.clone(),
+        backend: format!("{:?}", info.backend),
+    }
+}
+
+/// Writes `report` as pretty JSON to `path`, creating its directory.
+fn write_json(path: &Path, report: &Report) -> Result<(), String> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+    }
+    let json = serde_json::to_string_pretty(report).map_err(|e| e.to_string())? + "\n";
+    std::fs::write(path, json).map_err(|e| e.to_string())
 }
 
 fn main() -> ExitCode {
@@ -876,24 +1078,70 @@ fn main() -> ExitCode {
         println!("wflash adapter: {}", engine.info());
         return ExitCode::SUCCESS;
     }
+    if args.tune {
+        println!("adapter: {}", engine.info());
+        return match tune::tune(
+            &engine,
+            args.tune_file.as_deref(),
+            args.samples.unwrap_or(5),
+        ) {
+            Ok(path) => {
+                println!("tuned tiles written to {}", path.display());
+                ExitCode::SUCCESS
+            }
+            Err(err) => {
+                eprintln!("wflash-bench: --tune: {err}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let started = Instant::now();
     let samples = args
         .samples
         .unwrap_or(if args.quick { 3 } else { 7 })
         .max(1);
-    // Every measurement first compiles its pipelines on a small problem; then full-size warm-ups.
-    let warmups = if args.quick { 0 } else { 2 };
-    // The naive baseline is slow (it materialises N×N scores): one timed run in quick mode.
-    let naive_samples = if args.quick { 1 } else { samples };
-    let baseline_max_seq = if args.quick {
-        QUICK_BASELINE_MAX_SEQ
-    } else {
-        usize::MAX
+    let counts = RunCounts {
+        // Every measurement first compiles its pipelines on a small problem; then full-size
+        // warm-ups.
+        warmups: if args.quick { 0 } else { 2 },
+        samples,
+        // The naive baseline is slow (it materialises N×N scores): one timed run in quick mode.
+        naive_samples: if args.quick { 1 } else { samples },
+        baseline_max_seq: if args.quick {
+            QUICK_BASELINE_MAX_SEQ
+        } else {
+            usize::MAX
+        },
     };
+    let timer = if args.wall_clock {
+        None
+    } else {
+        GpuTimer::new(&engine)
+    };
+    let timer = timer.as_ref();
     println!("adapter: {}", engine.info());
+    for (family, head_dim, value_dim, tile) in engine.tuned_tiles() {
+        println!(
+            "tuned tile: {} kernel, head dim {head_dim}, value dim {value_dim}: block_m {} block_n {}",
+            family.name(),
+            tile.block_m,
+            tile.block_n
+        );
+    }
+    let source = match timer {
+        Some(timer) => format!(
+            "GPU timestamps around each call ({} ns per tick), wall clock beside them",
+            timer.ns_per_tick()
+        ),
+        None if args.wall_clock => "wall clock around submit + wait (--wall-clock)".into(),
+        None => "wall clock around submit + wait (the device has no TIMESTAMP_QUERY and \
+                 TIMESTAMP_QUERY_INSIDE_ENCODERS)"
+            .into(),
+    };
     println!(
-        "timing: wall clock around submit + wait; pipelines compiled on a small problem, then {warmups} \
-         full-size warm-up run(s); median of {samples} run(s) (naive-gpu: {naive_samples})"
+        "timing: {source}; the CPU reference by wall clock; pipelines compiled on a small \
+         problem, then {} full-size warm-up run(s); median of {samples} run(s) (naive-gpu: {})",
+        counts.warmups, counts.naive_samples
     );
 
     let selected: Vec<Case> = cases(args.quick)
@@ -909,42 +1157,18 @@ fn main() -> ExitCode {
         return ExitCode::FAILURE;
     }
 
-    let device = engine.device();
-    let queue = engine.queue();
     let mut records = Vec::new();
     let mut fused_failures = 0;
-    let peak = match naive::fma_peak(device, queue, samples) {
+    let peak = match naive::fma_peak(&engine, timer, samples) {
         Ok(peak) => {
             println!(
-                "fma peak probe: {:.2} GFLOP/s ({:.2} GFLOP per run, median {:.3} ms)",
+                "fma peak probe: {:.2} GFLOP/s ({:.2} GFLOP per run, median {:.3} ms, wall {:.3} ms)",
                 peak.gflops,
                 peak.flops / 1e9,
-                peak.median_ms
+                peak.timing.stats.median * 1e3,
+                peak.timing.wall.median * 1e3,
             );
-            let info = engine.info();
-            records.push(Record {
-                name: "fma_peak".into(),
-                implementation: "probe".into(),
-                variant: "fma".into(),
-                dtype: "f32".into(),
-                layout: "-".into(),
-                batch: 0,
-                q_heads: 0,
-                kv_heads: 0,
-                q_len: 0,
-                kv_len: 0,
-                head_dim: 0,
-                value_dim: 0,
-                causal: false,
-                median_ms: peak.median_ms,
-                min_ms: peak.min_ms,
-                samples: peak.samples,
-                gflops: peak.gflops,
-                pct_of_peak: Some(100.0),
-                timing: "wall".into(),
-                adapter: info.adapter_name.clone(),
-                backend: format!("{:?}", info.backend),
-            });
+            records.push(peak_record(&engine, &peak));
             Some(peak.gflops)
         }
         Err(err) => {
@@ -952,11 +1176,28 @@ fn main() -> ExitCode {
             None
         }
     };
+    let copy = match naive::copy_bandwidth(&engine, timer, samples) {
+        Ok(copy) => {
+            println!(
+                "copy bandwidth probe: {:.2} GB/s, read + write bytes (copy_buffer_to_buffer of \
+                 {} MiB, median {:.3} ms, wall {:.3} ms)",
+                copy.gbps,
+                copy.bytes >> 20,
+                copy.timing.stats.median * 1e3,
+                copy.timing.wall.median * 1e3,
+            );
+            Some(copy)
+        }
+        Err(err) => {
+            println!("copy bandwidth probe failed ({err})");
+            None
+        }
+    };
     let ctx = Context {
         engine: &engine,
         peak_gflops: peak,
     };
-    let naive = match Naive::new(device) {
+    let naive = match Naive::new(engine.device()) {
         Ok(naive) => Some(naive),
         Err(err) => {
             println!("naive-gpu: building the pipelines failed ({err}); naive cases skipped");
@@ -973,12 +1214,16 @@ fn main() -> ExitCode {
             None => groups.push(vec![*case]),
         }
     }
+    let progress = progress_bar(selected.iter().map(|c| counts.planned(c)).sum());
+    let say = |line: String| progress.suspend(|| println!("{line}"));
+    let mut runs_planned_so_far = 0;
     for group in &groups {
         let group_start = Instant::now();
         let inputs: Vec<[Vec<f32>; 3]> = group.iter().map(Case::inputs).collect();
         let mut prepared = Vec::new();
         let mut timed = Vec::new();
         for (case, [q, k, v]) in group.iter().zip(&inputs) {
+            progress.set_message(format!("{} (compiling)", case.name()));
             let inputs = [q.as_slice(), k.as_slice(), v.as_slice()];
             let ready = match case.dtype {
                 DType::F32 => Prepared::new::<f32>(&engine, case, inputs),
@@ -991,14 +1236,21 @@ fn main() -> ExitCode {
                     timed.push(*case);
                 }
                 Err(err) => {
-                    println!("{}: fused FAILED: {err}", case.name());
+                    say(format!("{}: fused FAILED: {err}", case.name()));
                     fused_failures += 1;
                 }
             }
         }
-        let results = time_fused_group(&engine, &prepared, warmups, samples);
+        let results = time_fused_group(
+            &engine,
+            timer,
+            &progress,
+            &prepared,
+            counts.warmups,
+            samples,
+        );
         drop(prepared);
-        println!(
+        say(format!(
             "{}: {} fused case(s) timed, interleaved, in {:.1} s",
             if group[0].linear {
                 "linear".to_string()
@@ -1007,11 +1259,10 @@ fn main() -> ExitCode {
             },
             timed.len(),
             group_start.elapsed().as_secs_f64()
-        );
+        ));
         for (case, [q, k, v]) in group.iter().zip(&inputs) {
             let name = case.name();
             let case_start = Instant::now();
-            let shape = case.shape();
             let flops = case.flops();
             let inputs = [q.as_slice(), k.as_slice(), v.as_slice()];
             let mut notes = Vec::new();
@@ -1021,12 +1272,12 @@ fn main() -> ExitCode {
                 .position(|c| c.name() == name)
                 .map(|i| &results[i]);
             let fused_out = match fused {
-                Some(Ok((stats, out))) => {
-                    records.push(ctx.record(case, "fused", case.dtype.name(), flops, *stats));
+                Some(Ok((timing, out))) => {
+                    records.push(ctx.record(case, "fused", case.dtype.name(), flops, *timing));
                     out.clone()
                 }
                 Some(Err(err)) => {
-                    println!("{name}: fused FAILED: {err}");
+                    say(format!("{name}: fused FAILED: {err}"));
                     fused_failures += 1;
                     None
                 }
@@ -1034,103 +1285,115 @@ fn main() -> ExitCode {
             };
 
             if case.dtype == DType::F32 {
-                match &naive {
-                    _ if !case.naive_applies() => {
-                        println!("{name}: naive-gpu skipped (plain softmax only)")
-                    }
-                    _ if case.seq > baseline_max_seq.min(NAIVE_MAX_SEQ) => {
-                        println!(
-                            "{name}: naive-gpu skipped (N > {})",
-                            baseline_max_seq.min(NAIVE_MAX_SEQ)
-                        );
-                    }
-                    Some(naive) => {
-                        let (naive_warmups, naive_samples) =
-                            if case.seq > NAIVE_FULL_SAMPLES_MAX_SEQ {
-                                (0, 1)
-                            } else {
-                                (warmups, naive_samples)
-                            };
-                        match time_naive(&engine, naive, case, inputs, naive_warmups, naive_samples)
-                        {
-                            Ok((stats, out)) => {
-                                records.push(ctx.record(case, "naive-gpu", "f32", flops, stats));
+                progress.set_message(format!("{name} (naive-gpu)"));
+                match (counts.naive(case), &naive) {
+                    (Err(why), _) => say(format!("{name}: naive-gpu skipped ({why})")),
+                    (Ok(_), None) => say(format!("{name}: naive-gpu skipped (no pipelines)")),
+                    (Ok(runs), Some(naive)) => {
+                        match time_naive(&engine, timer, &progress, naive, case, inputs, runs) {
+                            Ok((timing, out)) => {
+                                records.push(ctx.record(case, "naive-gpu", "f32", flops, timing));
                                 if let Some(fused_out) = &fused_out {
                                     let diff =
                                         max_abs_diff(fused_out, out.iter().map(|&x| f64::from(x)));
                                     notes.push(format!("max|fused-naive| {diff:.2e}"));
                                 }
                             }
-                            Err(err) => println!("{name}: naive-gpu skipped: {err}"),
+                            Err(err) => say(format!("{name}: naive-gpu skipped: {err}")),
                         }
                     }
-                    None => println!("{name}: naive-gpu skipped (no pipelines)"),
                 }
 
-                if shape.q_len <= baseline_max_seq.min(CPU_REF_MAX_SEQ) {
-                    let to_f64 = |x: &[f32]| x.iter().map(|&v| f64::from(v)).collect::<Vec<f64>>();
-                    let (q64, k64, v64) = (to_f64(q), to_f64(k), to_f64(v));
-                    let start = Instant::now();
-                    let reference = if case.linear {
-                        let p = case.linear_problem();
-                        wflash_ref::linear::linear_forward(&p, &q64, &k64, &v64, None).output
-                    } else {
-                        wflash_ref::forward(&case.problem(&case.data()), &q64, &k64, &v64).output
-                    };
-                    let secs = start.elapsed().as_secs_f64();
-                    records.push(ctx.record(
-                        case,
-                        "cpu-ref",
-                        "f64",
-                        flops,
-                        Stats {
-                            median: secs,
-                            min: secs,
-                            samples: 1,
-                        },
-                    ));
-                    if let Some(fused_out) = &fused_out {
-                        let diff = max_abs_diff(fused_out, reference.iter().copied());
-                        notes.push(format!("max|fused-ref| {diff:.2e}"));
+                progress.set_message(format!("{name} (cpu-ref)"));
+                match counts.cpu_ref(case) {
+                    Err(why) => say(format!("{name}: cpu-ref skipped ({why})")),
+                    Ok(()) => {
+                        let to_f64 =
+                            |x: &[f32]| x.iter().map(|&v| f64::from(v)).collect::<Vec<f64>>();
+                        let (q64, k64, v64) = (to_f64(q), to_f64(k), to_f64(v));
+                        let start = Instant::now();
+                        let reference = if case.linear {
+                            let p = case.linear_problem();
+                            wflash_ref::linear::linear_forward(&p, &q64, &k64, &v64, None).output
+                        } else {
+                            wflash_ref::forward(&case.problem(&case.data()), &q64, &k64, &v64)
+                                .output
+                        };
+                        let timing = Timing::wall_once(start.elapsed().as_secs_f64());
+                        progress.inc(1);
+                        records.push(ctx.record(case, "cpu-ref", "f64", flops, timing));
+                        if let Some(fused_out) = &fused_out {
+                            let diff = max_abs_diff(fused_out, reference.iter().copied());
+                            notes.push(format!("max|fused-ref| {diff:.2e}"));
+                        }
                     }
-                } else {
-                    println!(
-                        "{name}: cpu-ref skipped (N > {}: too slow)",
-                        baseline_max_seq.min(CPU_REF_MAX_SEQ)
-                    );
                 }
             }
-            println!(
+            say(format!(
                 "{name}: done in {:.1} s {}",
                 case_start.elapsed().as_secs_f64(),
                 notes.join(", ")
-            );
+            ));
         }
+        // Runs that failed or were skipped never advanced the bar: catch it up.
+        runs_planned_so_far += group.iter().map(|c| counts.planned(c)).sum::<u64>();
+        progress.set_position(runs_planned_so_far);
     }
+    progress.finish_and_clear();
 
     print_table(&records);
     print_ratios(&records);
     print_comparisons(&records);
 
     let mut ok = true;
+    let info = engine.info();
+    let report = Report {
+        device: DeviceReport {
+            adapter: info.adapter_name.clone(),
+            backend: format!("{:?}", info.backend),
+            driver: format!("{} {}", info.driver, info.driver_info),
+            timing: if timer.is_some() {
+                TimingSource::GpuTimestamp
+            } else {
+                TimingSource::WallClock
+            }
+            .name()
+            .into(),
+            timestamp_period_ns: timer.map(GpuTimer::ns_per_tick),
+            fma_peak_gflops: peak,
+            copy_gbps: copy.map(|c| c.gbps),
+            copy_bytes: copy.map(|c| c.bytes),
+        },
+        records,
+    };
     if let Some(path) = &args.json {
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            let _ = std::fs::create_dir_all(dir);
-        }
-        let json = serde_json::to_string_pretty(&records).map(|s| s + "\n");
-        match json
-            .map_err(|e| e.to_string())
-            .and_then(|s| std::fs::write(path, s).map_err(|e| e.to_string()))
-        {
-            Ok(()) => println!("\nwrote {} records to {}", records.len(), path.display()),
+        match write_json(path, &report) {
+            Ok(()) => println!(
+                "\nwrote {} records to {}",
+                report.records.len(),
+                path.display()
+            ),
             Err(err) => {
                 eprintln!("wflash-bench: writing {}: {err}", path.display());
                 ok = false;
             }
         }
     }
+    let chart_path = args
+        .chart
+        .clone()
+        .or_else(|| args.json.as_ref().map(|json| json.with_extension("svg")));
+    if let Some(path) = &chart_path {
+        match chart::write_chart(path, &report.records, peak) {
+            Ok(()) => println!("wrote the chart to {}", path.display()),
+            Err(err) => {
+                eprintln!("wflash-bench: chart {}: {err}", path.display());
+                ok = false;
+            }
+        }
+    }
     if let Some(path) = &args.baseline
-        && let Err(err) = compare_baseline(&records, path)
+        && let Err(err) = compare_baseline(&report.records, path)
     {
         eprintln!("wflash-bench: baseline: {err}");
         ok = false;

@@ -1,10 +1,13 @@
 //! GPU baselines written for the benchmark: a naive materialised attention (`S = QKᵀ`, softmax,
-//! `PV` as three dispatches through an `[B·H, Nq, Nk]` f32 score buffer) and an FMA peak probe.
+//! `PV` as three dispatches through an `[B·H, Nq, Nk]` f32 score buffer), an FMA peak probe and
+//! a copy-bandwidth probe.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use wflash::wgpu;
 use wflash::wgpu::util::DeviceExt;
+use wflash::{Engine, wgpu};
+
+use crate::timing::{GpuTimer, Sample, Timing, time_submission};
 
 const NAIVE_WGSL: &str = include_str!("../../shaders/naive_attention.wgsl");
 const FMA_PEAK_WGSL: &str = include_str!("../../shaders/fma_peak.wgsl");
@@ -314,9 +317,7 @@ pub fn read_f32(
 #[derive(Clone, Copy, Debug)]
 pub struct Peak {
     pub gflops: f64,
-    pub median_ms: f64,
-    pub min_ms: f64,
-    pub samples: usize,
+    pub timing: Timing,
     pub flops: f64,
 }
 
@@ -326,11 +327,8 @@ const FMA_ITERATIONS: u32 = 512;
 const FMA_FLOPS_PER_STEP: f64 = 256.0;
 const FMA_WORKGROUP: u32 = 64;
 
-pub fn fma_peak(
-    device: &wgpu::Device,
-    queue: &wgpu::Queue,
-    samples: usize,
-) -> Result<Peak, String> {
+pub fn fma_peak(engine: &Engine, timer: Option<&GpuTimer>, samples: usize) -> Result<Peak, String> {
+    let (device, queue) = (engine.device(), engine.queue());
     let (pipeline, bind_group) = scoped(device, || {
         let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
             label: Some("fma_peak.wgsl"),
@@ -382,49 +380,110 @@ pub fn fma_peak(
         .limits()
         .max_compute_workgroups_per_dimension
         .min(32768);
-    let run = |groups: u32| -> Result<f64, String> {
+    let run = |groups: u32| -> Result<Sample, String> {
         let (x, y) = if groups <= max_x {
             (groups, 1)
         } else {
             (max_x, groups.div_ceil(max_x))
         };
-        let start = Instant::now();
-        let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
-            label: Some("fma_peak"),
-        });
-        {
-            let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+        let (_, sample) = time_submission(engine, timer, || {
+            let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
                 label: Some("fma_peak"),
-                timestamp_writes: None,
             });
-            pass.set_pipeline(&pipeline);
-            pass.set_bind_group(0, &bind_group, &[]);
-            pass.dispatch_workgroups(x, y, 1);
-        }
-        queue.submit([encoder.finish()]);
-        wait(device)?;
-        Ok(start.elapsed().as_secs_f64())
+            {
+                let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                    label: Some("fma_peak"),
+                    timestamp_writes: None,
+                });
+                pass.set_pipeline(&pipeline);
+                pass.set_bind_group(0, &bind_group, &[]);
+                pass.dispatch_workgroups(x, y, 1);
+            }
+            queue.submit([encoder.finish()]);
+            Ok(())
+        })?;
+        Ok(sample)
     };
     // Grow the dispatch until one run takes long enough for wall-clock timing to mean something.
     run(64)?; // compile and warm up
     let mut groups = 256u32;
-    while run(groups)? < 0.15 && groups < (1 << 22) {
+    while run(groups)?.wall < 0.15 && groups < (1 << 22) {
         groups *= 2;
     }
-    let mut times: Vec<f64> = (0..samples.max(1))
+    let runs: Vec<Sample> = (0..samples.max(1))
         .map(|_| run(groups))
         .collect::<Result<_, _>>()?;
-    times.sort_by(f64::total_cmp);
-    let median = times[times.len() / 2];
+    let timing = Timing::of(&runs);
     let flops = f64::from(groups)
         * f64::from(FMA_WORKGROUP)
         * f64::from(FMA_ITERATIONS)
         * FMA_FLOPS_PER_STEP;
     Ok(Peak {
-        gflops: flops / median / 1e9,
-        median_ms: median * 1e3,
-        min_ms: times[0] * 1e3,
-        samples: times.len(),
+        gflops: flops / timing.stats.median / 1e9,
+        timing,
         flops,
+    })
+}
+
+/// The copy-bandwidth probe: `copy_buffer_to_buffer` of one large buffer into another.
+#[derive(Clone, Copy, Debug)]
+pub struct CopyBandwidth {
+    /// Bytes read plus bytes written per second, in 10⁹.
+    pub gbps: f64,
+    /// Bytes of one copy (each is read once and written once).
+    pub bytes: u64,
+    pub timing: Timing,
+}
+
+/// The buffer size of the copy probe, if the device allows buffers this large.
+const COPY_PROBE_BYTES: u64 = 256 << 20;
+const COPY_PROBE_WARMUPS: usize = 2;
+
+pub fn copy_bandwidth(
+    engine: &Engine,
+    timer: Option<&GpuTimer>,
+    samples: usize,
+) -> Result<CopyBandwidth, String> {
+    let (device, queue) = (engine.device(), engine.queue());
+    let bytes = COPY_PROBE_BYTES.min(device.limits().max_buffer_size) / wgpu::COPY_BUFFER_ALIGNMENT
+        * wgpu::COPY_BUFFER_ALIGNMENT;
+    let (source, destination) = scoped(device, || {
+        let buffer = |label, usage| {
+            device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some(label),
+                size: bytes,
+                usage,
+                mapped_at_creation: false,
+            })
+        };
+        (
+            buffer("copy probe source", wgpu::BufferUsages::COPY_SRC),
+            buffer("copy probe destination", wgpu::BufferUsages::COPY_DST),
+        )
+    })?;
+    let run = || -> Result<Sample, String> {
+        let (_, sample) = time_submission(engine, timer, || {
+            let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("copy probe"),
+            });
+            encoder.copy_buffer_to_buffer(&source, 0, &destination, 0, bytes);
+            queue.submit([encoder.finish()]);
+            Ok(())
+        })?;
+        Ok(sample)
+    };
+    // The first copies also pay for wgpu's lazy zeroing of both buffers and the first touch of
+    // their pages.
+    for _ in 0..COPY_PROBE_WARMUPS {
+        run()?;
+    }
+    let runs: Vec<Sample> = (0..samples.max(3))
+        .map(|_| run())
+        .collect::<Result<_, _>>()?;
+    let timing = Timing::of(&runs);
+    Ok(CopyBandwidth {
+        gbps: 2.0 * bytes as f64 / timing.stats.median / 1e9,
+        bytes,
+        timing,
     })
 }

@@ -88,6 +88,9 @@ pub fn engine_with(path: Path, family: Option<Family>) -> Option<&'static Engine
             f16_path,
             family,
             poison_outputs: true,
+            // The grid's shapes are chosen around the default tiles; tuned tiles have their own
+            // test (api.rs).
+            tuning: wflash::TuningSource::Off,
             ..Default::default()
         };
         match Engine::new_blocking(options) {
@@ -206,6 +209,23 @@ pub struct ModData {
 }
 
 impl Case {
+    /// Plain softmax attention of `shape` on `path`: BHSD, not causal, no window or modifier,
+    /// default scale, unit-variance inputs drawn from `seed`. Tests change fields from here.
+    pub fn softmax(shape: Shape, path: Path, seed: u64) -> Case {
+        Case {
+            shape,
+            layout: Layout::Bhsd,
+            causal: None,
+            window: None,
+            scale: None,
+            variant: Variant::Softmax,
+            path,
+            input_std: 1.0,
+            mods: Mods::default(),
+            seed,
+        }
+    }
+
     /// Draws the case's modifier data.
     pub fn data(&self) -> ModData {
         let s = &self.shape;

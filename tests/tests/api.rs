@@ -1,9 +1,10 @@
 //! The public API beyond the grid: typed errors for bad input (each checked by variant),
 //! splitting over batch under small buffer limits, the GPU-resident path and the async path.
 
+use wflash::tuning::{TunedTile, TuningFile};
 use wflash::{
     AttentionOptions, Causal, Engine, EngineOptions, Error, F16Path, Family, Layout, Shape,
-    Variant, wgpu,
+    TileConfig, TuningSource, wgpu,
 };
 use wflash_conformance::{Case, Path, custom_engine, engine, run_case};
 
@@ -209,16 +210,9 @@ fn too_large_problems_split_over_batch_or_fail_with_the_limit_named() {
     );
     // The split result must equal the reference (checked like any conformance case).
     let case = Case {
-        shape: s,
         layout: Layout::Bshd,
         causal: Some(Causal::BottomRight),
-        window: None,
-        scale: None,
-        variant: Variant::Softmax,
-        path: Path::F32,
-        input_std: 1.0,
-        mods: Default::default(),
-        seed: 77,
+        ..Case::softmax(s, Path::F32, 77)
     };
     let outcome = wflash_conformance::run_case_on(&small, &case).expect("split call conforms");
     assert!(outcome.ratio <= 1.0);
@@ -296,18 +290,7 @@ fn f16_without_shader_f16_uses_the_packed_path_or_fails_when_native_is_required(
             ..Default::default()
         },
     );
-    let case = Case {
-        shape: shape(),
-        layout: Layout::Bhsd,
-        causal: None,
-        window: None,
-        scale: None,
-        variant: Variant::Softmax,
-        path: Path::F16Packed,
-        input_std: 1.0,
-        mods: Default::default(),
-        seed: 5,
-    };
+    let case = Case::softmax(shape(), Path::F16Packed, 5);
     assert!(
         wflash_conformance::run_case_on(&auto, &case)
             .expect("packed f16 conforms")
@@ -384,24 +367,20 @@ async fn async_calls_from_tasks_match_blocking_calls() {
 fn a_row_with_no_visible_key_gives_zero_and_negative_infinity() {
     // Bottom-right causal with q_len > kv_len hides every key from the first rows.
     let case = Case {
-        shape: Shape {
-            batch: 1,
-            q_heads: 1,
-            kv_heads: 1,
-            q_len: 100,
-            kv_len: 30,
-            head_dim: 32,
-            value_dim: 32,
-        },
-        layout: Layout::Bhsd,
         causal: Some(Causal::BottomRight),
-        window: None,
-        scale: None,
-        variant: Variant::Softmax,
-        path: Path::F32,
-        input_std: 1.0,
-        mods: Default::default(),
-        seed: 9,
+        ..Case::softmax(
+            Shape {
+                batch: 1,
+                q_heads: 1,
+                kv_heads: 1,
+                q_len: 100,
+                kv_len: 30,
+                head_dim: 32,
+                value_dim: 32,
+            },
+            Path::F32,
+            9,
+        )
     };
     if run_case(&case).expect("conforms").is_none() {
         return;
@@ -451,16 +430,8 @@ fn texture_limits_split_the_unrolled_kernel_over_batch_or_fail_with_the_limit_na
     let plan = split.plan(&s, &opts, wflash::DType::F32).unwrap();
     assert_eq!(plan.batch_per_dispatch, 1, "{plan:?}");
     let case = Case {
-        shape: s,
-        layout: Layout::Bhsd,
         causal: Some(Causal::TopLeft),
-        window: None,
-        scale: None,
-        variant: Variant::Softmax,
-        path: Path::F32,
-        input_std: 1.0,
-        mods: Default::default(),
-        seed: 78,
+        ..Case::softmax(s, Path::F32, 78)
     };
     let outcome = wflash_conformance::run_case_on(&split, &case).expect("split call conforms");
     assert!(outcome.ratio <= 1.0);
@@ -484,8 +455,8 @@ fn long_key_sequences_are_exact_or_refused_on_cpu_drivers() {
         return;
     };
     // Past where llvmpipe's loop limiter broke the tiled kernel at head dim 256 (docs/PERF.md).
-    let case = Case {
-        shape: Shape {
+    let case = Case::softmax(
+        Shape {
             batch: 1,
             q_heads: 1,
             kv_heads: 1,
@@ -494,16 +465,9 @@ fn long_key_sequences_are_exact_or_refused_on_cpu_drivers() {
             head_dim: 256,
             value_dim: 256,
         },
-        layout: Layout::Bhsd,
-        causal: None,
-        window: None,
-        scale: None,
-        variant: Variant::Softmax,
-        path: Path::F32,
-        input_std: 1.0,
-        mods: Default::default(),
-        seed: 79,
-    };
+        Path::F32,
+        79,
+    );
     for family in [Family::Unrolled, Family::Tiled] {
         let engine = wflash_conformance::engine_with(Path::F32, Some(family)).unwrap();
         let on_cpu = default.info().device_type == wgpu::DeviceType::Cpu;
@@ -784,4 +748,118 @@ fn rows_hidden_by_bias_or_key_mask_are_zero() {
             assert!(lse[row(0, h, 2)].is_finite());
         }
     }
+}
+
+/// Every tile `cargo xtask bench --tune` may pick conforms (causal and not, awkward lengths),
+/// a tile the kernel cannot run is a typed error, and a tuning file's entries for this adapter
+/// take effect while entries it cannot run and other adapters' entries do not.
+#[test]
+fn tuned_tiles_conform_and_tuning_files_apply() {
+    if engine(Path::F32).is_none() {
+        return;
+    }
+    let options = |family, tuning| EngineOptions {
+        family: Some(family),
+        poison_outputs: true,
+        tuning,
+        ..Default::default()
+    };
+    let (head_dim, value_dim) = (40, 24);
+    let mut tried = 0;
+    for family in [Family::Unrolled, Family::Tiled] {
+        let engine = custom_engine(
+            |_| {},
+            wgpu::Features::empty(),
+            options(family, TuningSource::Off),
+        );
+        let candidates = engine.tile_candidates(family, head_dim, value_dim);
+        assert!(!candidates.is_empty(), "{family:?} has no tile");
+        for tile in candidates {
+            engine
+                .set_tile(family, head_dim, value_dim, Some(tile))
+                .unwrap();
+            for causal in [None, Some(Causal::BottomRight)] {
+                let shape = Shape {
+                    kv_heads: 1,
+                    q_len: 77,
+                    kv_len: 93,
+                    value_dim: value_dim as usize,
+                    ..Shape::mha(1, 2, 93, head_dim as usize)
+                };
+                let case = Case {
+                    causal,
+                    ..Case::softmax(shape, Path::F32, 40 + tried)
+                };
+                let outcome = wflash_conformance::run_case_on(&engine, &case).unwrap();
+                assert!(
+                    outcome.ratio <= 1.0,
+                    "{family:?} {tile:?} causal {causal:?}: error ratio {}",
+                    outcome.ratio
+                );
+                tried += 1;
+            }
+        }
+        let bad = TileConfig {
+            block_m: 24,
+            block_n: 3,
+        };
+        let err = engine
+            .set_tile(family, head_dim, value_dim, Some(bad))
+            .unwrap_err();
+        assert!(matches!(err, Error::InvalidTile { .. }), "{err}");
+    }
+    eprintln!("{tried} tuned-tile cases conform");
+
+    // A tuning file: one usable entry for this adapter, one it cannot run, one for another.
+    let probe = custom_engine(
+        |_| {},
+        wgpu::Features::empty(),
+        options(Family::Unrolled, TuningSource::Off),
+    );
+    let info = probe.info();
+    let smallest = *probe
+        .tile_candidates(Family::Unrolled, head_dim, value_dim)
+        .last()
+        .unwrap();
+    let entry = |head_dim, tile: TileConfig| TunedTile {
+        family: Family::Unrolled,
+        head_dim,
+        value_dim: head_dim,
+        block_m: tile.block_m,
+        block_n: tile.block_n,
+    };
+    let mut file = TuningFile::default();
+    let tuned = TunedTile {
+        value_dim,
+        ..entry(head_dim, smallest)
+    };
+    file.set(&info.adapter_name, &info.driver, &info.driver_info, tuned);
+    let unrunnable = TileConfig {
+        block_m: 8 * 64,
+        block_n: 4,
+    };
+    file.set(
+        &info.adapter_name,
+        &info.driver,
+        &info.driver_info,
+        entry(128, unrunnable),
+    );
+    file.set("another adapter", "", "", entry(64, smallest));
+    let dir = std::env::temp_dir().join(format!("wflash-api-tuning-{}", std::process::id()));
+    let path = dir.join("tuning.json");
+    file.save(&path).unwrap();
+    let engine = custom_engine(
+        |_| {},
+        wgpu::Features::empty(),
+        options(Family::Unrolled, TuningSource::File(path.clone())),
+    );
+    assert_eq!(
+        engine.tuned_tiles(),
+        vec![(Family::Unrolled, head_dim, value_dim, smallest)]
+    );
+    std::fs::write(&path, "[1, 2").unwrap();
+    let instance_options = options(Family::Unrolled, TuningSource::File(path.clone()));
+    let err = Engine::new_blocking(instance_options).unwrap_err();
+    assert!(matches!(err, Error::TuningFile { .. }), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
 }

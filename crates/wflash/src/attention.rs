@@ -2,7 +2,7 @@
 
 use crate::engine::{Inner, PipelineKey};
 use crate::kernel::{
-    self, Conversion, Family, KernelKey, ScoreMods, Storage, TileConfig, UNROLLED_KEYS, VariantKind,
+    Conversion, Family, KernelKey, ScoreMods, Storage, UNROLLED_KEYS, VariantKind,
 };
 use crate::pool::Scratch;
 use crate::tensor::{buffer_bytes, buffer_with_contents};
@@ -84,11 +84,6 @@ pub struct PackParams {
     pub groups_x: u32,
 }
 
-/// Query rows per workgroup of the tiled kernel. One invocation owns one row.
-const BLOCK_M: u32 = 64;
-/// The largest key tile of the tiled kernel; smaller when workgroup memory is short.
-const MAX_BLOCK_N: u32 = 32;
-
 /// llvmpipe (Mesa 22.3) ends every loop of an invocation once 65535 loop iterations have run in
 /// total (docs/PERF.md). On CPU adapters calls whose loop count could reach that are refused.
 /// Unrolled kernel: one iteration per UNROLLED_KEYS keys, plus a few hundred elsewhere.
@@ -147,7 +142,7 @@ impl Engine {
                         });
                     }
                 }
-                self.tiled_tile(shape)?
+                self.tile_for(family, shape.head_dim as u32, shape.value_dim as u32)?
             }
             Family::Unrolled => {
                 if on_cpu && shape.kv_len > CPU_UNROLLED_MAX_KV {
@@ -158,7 +153,7 @@ impl Engine {
                         hint: " keys",
                     });
                 }
-                kernel::unrolled_tile(shape.head_dim as u32, shape.value_dim as u32)
+                self.tile_for(family, shape.head_dim as u32, shape.value_dim as u32)?
             }
         };
         // The unrolled family computes in f32; other types are converted at its edges.
@@ -316,35 +311,6 @@ impl Engine {
             batch_per_dispatch,
             query_tiles: query_tiles as u32,
         })
-    }
-
-    /// Tile sizes of the tiled kernel: the largest key tile that fits workgroup memory.
-    fn tiled_tile(&self, shape: &Shape) -> Result<TileConfig> {
-        let limits = &self.inner.info.limits;
-        let block_m = BLOCK_M
-            .min(limits.max_compute_invocations_per_workgroup)
-            .min(limits.max_compute_workgroup_size_x);
-        let tile_bytes = |block_n| {
-            kernel::workgroup_bytes(
-                block_m,
-                block_n,
-                shape.head_dim as u32,
-                shape.value_dim as u32,
-            )
-        };
-        let mut block_n = MAX_BLOCK_N;
-        while block_n > 1 && tile_bytes(block_n) > limits.max_compute_workgroup_storage_size {
-            block_n /= 2;
-        }
-        if tile_bytes(block_n) > limits.max_compute_workgroup_storage_size {
-            return Err(Error::TooLarge {
-                limit: "max_compute_workgroup_storage_size",
-                needed: u64::from(tile_bytes(1)),
-                max: u64::from(limits.max_compute_workgroup_storage_size),
-                hint: " (one key row of K and V does not fit)",
-            });
-        }
-        Ok(TileConfig { block_m, block_n })
     }
 
     /// Attention on host slices: uploads, runs, reads back. Splits over batch when the problem
@@ -761,7 +727,7 @@ pub(crate) fn pack_rows(
         label,
         size,
         wgpu::TextureFormat::Rgba32Float,
-        wgpu::TextureUsages::STORAGE_BINDING | wgpu::TextureUsages::TEXTURE_BINDING,
+        wgpu::TextureUsages::STORAGE_BINDING,
     );
     let view = texture
         .texture()

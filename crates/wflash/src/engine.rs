@@ -2,11 +2,20 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use crate::kernel::{self, Family, KernelKey, Storage};
+use crate::kernel::{self, Family, KernelKey, Storage, TileConfig};
+use crate::tuning::TuningFile;
 use crate::{DType, Error, Result};
+
+/// Query rows per workgroup of the tiled kernel by default (one invocation owns one row), and
+/// the other sizes a tuning may pick.
+const TILED_BLOCK_M: u32 = 64;
+const TILED_BLOCK_MS: [u32; 3] = [32, 64, 128];
+/// The largest key tile of the tiled kernel by default; smaller when workgroup memory is short.
+const TILED_MAX_BLOCK_N: u32 = 32;
+const TILED_BLOCK_NS: [u32; 5] = [4, 8, 16, 32, 64];
 
 /// How f16 tensors are read and written.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -45,6 +54,20 @@ pub struct EngineOptions {
     /// (packed K/V, linear attention's chunk states); least recently used first out. 0 keeps
     /// none.
     pub scratch_pool_bytes: u64,
+    /// Where measured tile choices come from (see [`crate::tuning`]).
+    pub tuning: TuningSource,
+}
+
+/// Where an engine reads its tuned tiles.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum TuningSource {
+    /// [`crate::tuning::default_tuning_path`]: `$WFLASH_TUNING`, else the user's config folder.
+    #[default]
+    Default,
+    /// This file.
+    File(std::path::PathBuf),
+    /// None: the planner's defaults only.
+    Off,
 }
 
 impl Default for EngineOptions {
@@ -59,6 +82,7 @@ impl Default for EngineOptions {
             readback_timeout: Duration::from_secs(120),
             family: None,
             scratch_pool_bytes: 256 << 20,
+            tuning: TuningSource::Default,
         }
     }
 }
@@ -122,6 +146,8 @@ pub(crate) struct Inner {
     pub(crate) info: EngineInfo,
     pub(crate) options: EngineOptions,
     pipelines: Mutex<HashMap<PipelineKey, wgpu::ComputePipeline>>,
+    /// Tiles chosen by measurement (tuning file, or [`Engine::set_tile`]) per family and dims.
+    tuned: RwLock<HashMap<(Family, u32, u32), TileConfig>>,
     pub(crate) lost: Arc<AtomicBool>,
     pub(crate) pool: Arc<crate::pool::ScratchPool>,
 }
@@ -140,7 +166,12 @@ impl Engine {
 
         let adapter_features = adapter.features();
         let mut features = wgpu::Features::empty();
-        for wanted in [wgpu::Features::SHADER_F16, wgpu::Features::TIMESTAMP_QUERY] {
+        // Timestamps inside encoders let a caller (the bench) bracket wflash's submissions.
+        for wanted in [
+            wgpu::Features::SHADER_F16,
+            wgpu::Features::TIMESTAMP_QUERY,
+            wgpu::Features::TIMESTAMP_QUERY_INSIDE_ENCODERS,
+        ] {
             if adapter_features.contains(wanted) {
                 features |= wanted;
             }
@@ -195,17 +226,217 @@ impl Engine {
         // them must not panic the application.
         device.on_uncaptured_error(Arc::new(|_err: wgpu::Error| {}));
 
-        Ok(Engine {
+        let tuning_path = match &options.tuning {
+            TuningSource::Default => crate::tuning::default_tuning_path(),
+            TuningSource::File(path) => Some(path.clone()),
+            TuningSource::Off => None,
+        };
+        let tuning = match &tuning_path {
+            Some(path) => TuningFile::load(path)?,
+            None => TuningFile::default(),
+        };
+        let engine = Engine {
             inner: Arc::new(Inner {
                 device,
                 queue,
-                info,
                 pool: crate::pool::ScratchPool::new(options.scratch_pool_bytes),
                 options,
                 pipelines: Mutex::new(HashMap::new()),
+                tuned: RwLock::new(HashMap::new()),
                 lost,
+                info,
             }),
-        })
+        };
+        // Entries this adapter cannot run (a file from another version or hand-edited) are
+        // skipped: the defaults stay. `tuned_tiles` shows what took effect.
+        let info = &engine.inner.info;
+        for tuned in tuning.tiles_for(&info.adapter_name, &info.driver, &info.driver_info) {
+            let _ = engine.set_tile(
+                tuned.family,
+                tuned.head_dim,
+                tuned.value_dim,
+                Some(tuned.tile()),
+            );
+        }
+        Ok(engine)
+    }
+
+    /// Every tile `family` can run at these dims on this adapter, the default first. These are
+    /// what `cargo xtask bench --tune` times.
+    pub fn tile_candidates(
+        &self,
+        family: Family,
+        head_dim: u32,
+        value_dim: u32,
+    ) -> Vec<TileConfig> {
+        let mut tiles = match family {
+            Family::Unrolled => kernel::unrolled_tiles(head_dim, value_dim),
+            Family::Tiled => {
+                let mut tiles = Vec::new();
+                for block_m in TILED_BLOCK_MS {
+                    for block_n in TILED_BLOCK_NS {
+                        tiles.push(TileConfig { block_m, block_n });
+                    }
+                }
+                tiles
+            }
+        };
+        tiles.retain(|&t| self.check_tile(family, head_dim, value_dim, t).is_ok());
+        if let Ok(default) = self.default_tile(family, head_dim, value_dim) {
+            tiles.retain(|&t| t != default);
+            tiles.insert(0, default);
+        }
+        tiles
+    }
+
+    /// Makes `family` use `tile` at these dims (`None`: back to the default), after checking
+    /// that it can run here ([`Error::InvalidTile`] otherwise). Affects later calls only.
+    pub fn set_tile(
+        &self,
+        family: Family,
+        head_dim: u32,
+        value_dim: u32,
+        tile: Option<TileConfig>,
+    ) -> Result<()> {
+        let mut tuned = self
+            .inner
+            .tuned
+            .write()
+            .map_err(|_| Error::Internal("tuned tiles poisoned".into()))?;
+        match tile {
+            Some(tile) => {
+                self.check_tile(family, head_dim, value_dim, tile)?;
+                tuned.insert((family, head_dim, value_dim), tile);
+            }
+            None => {
+                tuned.remove(&(family, head_dim, value_dim));
+            }
+        }
+        Ok(())
+    }
+
+    /// The tuned tiles in effect: (family, head dim, value dim, tile), sorted.
+    pub fn tuned_tiles(&self) -> Vec<(Family, u32, u32, TileConfig)> {
+        let mut tiles: Vec<_> = self
+            .inner
+            .tuned
+            .read()
+            .map(|t| {
+                t.iter()
+                    .map(|(&(f, d, dv), &tile)| (f, d, dv, tile))
+                    .collect()
+            })
+            .unwrap_or_default();
+        tiles.sort();
+        tiles
+    }
+
+    /// The tile `family` runs at these dims: the tuned one, else the default.
+    pub(crate) fn tile_for(
+        &self,
+        family: Family,
+        head_dim: u32,
+        value_dim: u32,
+    ) -> Result<TileConfig> {
+        let tuned = self
+            .inner
+            .tuned
+            .read()
+            .ok()
+            .and_then(|t| t.get(&(family, head_dim, value_dim)).copied());
+        match tuned {
+            Some(tile) => Ok(tile),
+            None => self.default_tile(family, head_dim, value_dim),
+        }
+    }
+
+    /// The planner's tile from the adapter's limits: the unrolled kernel's most rows per
+    /// invocation; the tiled kernel's 64 rows and the largest key tile that fits in workgroup
+    /// memory.
+    fn default_tile(&self, family: Family, head_dim: u32, value_dim: u32) -> Result<TileConfig> {
+        if family == Family::Unrolled {
+            return Ok(kernel::unrolled_tile(head_dim, value_dim));
+        }
+        let limits = &self.inner.info.limits;
+        let block_m = TILED_BLOCK_M
+            .min(limits.max_compute_invocations_per_workgroup)
+            .min(limits.max_compute_workgroup_size_x);
+        let tile_bytes = |block_n| kernel::workgroup_bytes(block_m, block_n, head_dim, value_dim);
+        let mut block_n = TILED_MAX_BLOCK_N;
+        while block_n > 1 && tile_bytes(block_n) > limits.max_compute_workgroup_storage_size {
+            block_n /= 2;
+        }
+        if tile_bytes(block_n) > limits.max_compute_workgroup_storage_size {
+            return Err(Error::TooLarge {
+                limit: "max_compute_workgroup_storage_size",
+                needed: u64::from(tile_bytes(1)),
+                max: u64::from(limits.max_compute_workgroup_storage_size),
+                hint: " (one key row of K and V does not fit)",
+            });
+        }
+        Ok(TileConfig { block_m, block_n })
+    }
+
+    /// Whether `family` can run `tile` at these dims here.
+    fn check_tile(
+        &self,
+        family: Family,
+        head_dim: u32,
+        value_dim: u32,
+        tile: TileConfig,
+    ) -> Result<()> {
+        let invalid = |reason| Error::InvalidTile {
+            family: family.name(),
+            head_dim,
+            value_dim,
+            block_m: tile.block_m,
+            block_n: tile.block_n,
+            reason,
+        };
+        match family {
+            Family::Unrolled => {
+                if !kernel::unrolled_tiles(head_dim, value_dim).contains(&tile) {
+                    return Err(invalid(
+                        "the unrolled kernel takes 4 keys per step and 8 lanes times a power of two rows, within its register bound",
+                    ));
+                }
+            }
+            Family::Tiled => {
+                let limits = &self.inner.info.limits;
+                if self.inner.info.device_type == wgpu::DeviceType::Cpu {
+                    // CPU drivers end an invocation's loops after 65535 iterations in all
+                    // (docs/PERF.md), and the planner's key limit was measured on the default
+                    // tile: fewer rows (more staging iterations each) or smaller key tiles (more
+                    // tiles) could pass it.
+                    let default = self.default_tile(family, head_dim, value_dim)?;
+                    if tile.block_m < default.block_m || tile.block_n < default.block_n {
+                        return Err(invalid(
+                            "on CPU adapters the tiled kernel's tile may not be smaller than its default",
+                        ));
+                    }
+                }
+                if !TILED_BLOCK_MS.contains(&tile.block_m)
+                    || !TILED_BLOCK_NS.contains(&tile.block_n)
+                {
+                    return Err(invalid(
+                        "block_m must be 32, 64 or 128 and block_n 4, 8, 16, 32 or 64",
+                    ));
+                }
+                if tile.block_m > limits.max_compute_invocations_per_workgroup
+                    || tile.block_m > limits.max_compute_workgroup_size_x
+                {
+                    return Err(invalid(
+                        "more invocations than the adapter allows per workgroup",
+                    ));
+                }
+                if kernel::workgroup_bytes(tile.block_m, tile.block_n, head_dim, value_dim)
+                    > limits.max_compute_workgroup_storage_size
+                {
+                    return Err(invalid("the K/V tiles do not fit in workgroup memory"));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The adapter and what it can do.

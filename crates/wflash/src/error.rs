@@ -70,6 +70,22 @@ pub enum Error {
         hint: &'static str,
     },
 
+    /// The tuning file (`cargo xtask bench --tune`) could not be read, parsed or written.
+    #[error("tuning file {path}: {reason}")]
+    TuningFile { path: String, reason: String },
+    /// A tile configuration that the kernel family cannot run at these dims on this adapter.
+    #[error(
+        "tile {block_m}x{block_n} is not valid for the {family} kernel at head dim {head_dim}, value dim {value_dim}: {reason}"
+    )]
+    InvalidTile {
+        family: &'static str,
+        head_dim: u32,
+        value_dim: u32,
+        block_m: u32,
+        block_n: u32,
+        reason: &'static str,
+    },
+
     /// The device was lost (driver reset, `destroy`, or unplugged).
     #[error("the GPU device was lost: {0}")]
     DeviceLost(String),

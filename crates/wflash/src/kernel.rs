@@ -102,18 +102,37 @@ pub const UNROLLED_LANES: u32 = 8;
 /// Keys per step of the unrolled kernel.
 pub const UNROLLED_KEYS: u32 = 4;
 /// The unrolled kernel keeps ROWS × max(D4, DV4) vec4s of Q and of O per invocation; this
-/// bounds that (and with it the generated code and its compile time).
+/// bounds that (and with it the generated code and its compile time). More rows than this spill
+/// out of the CPU's L1 cache: 16 rows at D=64 ran 1.6× slower than 8 (docs/PERF.md).
 const UNROLLED_ROW_VEC4S: u32 = 128;
 const UNROLLED_MAX_ROWS: u32 = 8;
 
 /// The unrolled kernel's tile for these dims: as many rows per invocation as the bound allows.
 pub fn unrolled_tile(head_dim: u32, value_dim: u32) -> TileConfig {
-    let widest = head_dim.max(value_dim).div_ceil(4).max(1);
-    let rows = (UNROLLED_ROW_VEC4S / widest).clamp(1, UNROLLED_MAX_ROWS);
+    let rows = unrolled_max_rows(head_dim, value_dim);
     TileConfig {
         block_m: UNROLLED_LANES * rows,
         block_n: UNROLLED_KEYS,
     }
+}
+
+fn unrolled_max_rows(head_dim: u32, value_dim: u32) -> u32 {
+    let widest = head_dim.max(value_dim).div_ceil(4).max(1);
+    (UNROLLED_ROW_VEC4S / widest).clamp(1, UNROLLED_MAX_ROWS)
+}
+
+/// Every tile the unrolled kernel can run at these dims: 1, 2, 4, ... rows per invocation up to
+/// the bound, largest (the default) first.
+pub fn unrolled_tiles(head_dim: u32, value_dim: u32) -> Vec<TileConfig> {
+    let max_rows = unrolled_max_rows(head_dim, value_dim);
+    (0..=max_rows.ilog2())
+        .rev()
+        .map(|shift| TileConfig {
+            block_m: UNROLLED_LANES << shift,
+            block_n: UNROLLED_KEYS,
+        })
+        .filter(|tile| tile.block_m <= UNROLLED_LANES * max_rows)
+        .collect()
 }
 
 /// What the kernel computes from a score: the part of [`crate::Variant`] that shapes the code
@@ -181,7 +200,10 @@ impl ScoreMods {
 }
 
 /// The two implementations of the forward pass.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
 pub enum Family {
     /// `flash_fwd.wgsl`: one invocation per query row, K/V tiles in workgroup memory. For GPUs.
     Tiled,
@@ -413,10 +435,10 @@ fn texture_accessor(present: bool, binding: u32, func: &str, prefix: &str) -> St
         );
     }
     format!(
-        "@group(0) @binding({binding}) var {prefix}_tex: texture_2d<f32>;\n\
+        "@group(0) @binding({binding}) var {prefix}_tex: texture_storage_2d<rgba32float, read>;\n\
          fn {func}(row: u32, key0: u32) -> vec4<f32> {{\n    \
              let texel = vec2<u32>((row % params.{prefix}_fold) * params.{prefix}_width4 + key0 / 4u, row / params.{prefix}_fold);\n    \
-             return textureLoad({prefix}_tex, texel, 0);\n\
+             return textureLoad({prefix}_tex, texel);\n\
          }}\n"
     )
 }

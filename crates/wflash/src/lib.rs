@@ -38,12 +38,13 @@ pub mod linear;
 mod pool;
 mod readback;
 mod tensor;
+pub mod tuning;
 mod types;
 
 pub use attention::{FlashParams, GpuAttention, PackParams, Plan, SequenceInfo};
-pub use engine::{Engine, EngineInfo, EngineOptions, F16Path};
+pub use engine::{Engine, EngineInfo, EngineOptions, F16Path, TuningSource};
 pub use error::{Error, Result};
-pub use kernel::Family;
+pub use kernel::{Family, TileConfig};
 pub use linear::{
     ChunkPlan, FeatureMap, GpuLinearAttention, GpuLinearState, LINEAR_MAX_CHUNK, LINEAR_MAX_DIM,
     LINEAR_MAX_SEQUENTIAL_STEPS, LinearAttention, LinearKernel, LinearOptions, LinearParams,

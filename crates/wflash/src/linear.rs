@@ -840,7 +840,7 @@ impl Engine {
                         "linear chunk states texture",
                         size,
                         wgpu::TextureFormat::Rgba32Float,
-                        wgpu::TextureUsages::TEXTURE_BINDING | wgpu::TextureUsages::COPY_DST,
+                        wgpu::TextureUsages::STORAGE_BINDING | wgpu::TextureUsages::COPY_DST,
                     );
                     let state_texture = state_loan.texture();
                     encoder.copy_buffer_to_texture(
