@@ -155,7 +155,7 @@ fn flash_fwd(
             let key = key0 + j;
             let additive = key_mask4(batch, key & ~3u)[key & 3u] + bias4(bias_row, key & ~3u)[key & 3u];
             let x = modified_score(s[j], key, diag, slope, additive);
-            s[j] = select(NO_MAX, x, key >= row_keys.x && key < row_keys.y);
+            s[j] = kept_score(x, key >= row_keys.x && key < row_keys.y);
             tile_max = max(tile_max, s[j]);
         }
 
@@ -169,7 +169,7 @@ fn flash_fwd(
             acc[c] *= alpha;
         }
         for (var j = 0u; j < BLOCK_N; j++) {
-            let p = select(0.0, weight(s[j], new_max, seq.sigmoid_bias), s[j] > NO_MAX);
+            let p = kept_weight(s[j], new_max, seq.sigmoid_bias);
             row_sum += p;
             for (var c = 0u; c < CHUNK_VEC4; c++) {
                 if c < SLICE_VEC4 {
@@ -180,9 +180,10 @@ fn flash_fwd(
     }
 
     // The only division, once per row (softmax). A row that saw no key has row_sum 0: O = 0,
-    // LSE = -inf. Sigmoid is unnormalised and has no LSE.
+    // LSE = -inf (a NaN row_sum is "seen": NaN reaches O and the LSE). Sigmoid is
+    // unnormalised and has no LSE.
     if row_valid {
-        let seen = row_sum > 0.0;
+        let seen = seen_any(row_sum);
         let inv_sum = select(select(0.0, 1.0 / row_sum, seen), 1.0, SIGMOID);
         let o_base = batch * params.o_stride.x + head * params.o_stride.y + (seq.q_offset + row) * params.o_stride.z + v0;
         for (var c = 0u; c < CHUNK_VEC4; c++) {

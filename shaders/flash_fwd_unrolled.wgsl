@@ -126,7 +126,7 @@ fn flash_fwd(
 //#unroll j KEYS
             {
                 let x = modified_score(s[{r} * KEYS + {j}], key0 + {j}, row_diag[{r}], slope, additive[{j}]);
-                s[{r} * KEYS + {j}] = select(NO_MAX, x, key0 + {j} >= row_keys[{r}].x && key0 + {j} < row_keys[{r}].y);
+                s[{r} * KEYS + {j}] = kept_score(x, key0 + {j} >= row_keys[{r}].x && key0 + {j} < row_keys[{r}].y);
             }
 //#end
         }
@@ -144,7 +144,7 @@ fn flash_fwd(
             row_max[{r}] = new_max;
             var sum = row_sum[{r}] * alpha[{r}];
 //#unroll j KEYS
-            s[{r} * KEYS + {j}] = select(0.0, weight(s[{r} * KEYS + {j}], new_max, seq.sigmoid_bias), s[{r} * KEYS + {j}] > NO_MAX);
+            s[{r} * KEYS + {j}] = kept_weight(s[{r} * KEYS + {j}], new_max, seq.sigmoid_bias);
             sum += s[{r} * KEYS + {j}];
 //#end
             row_sum[{r}] = sum;
@@ -174,12 +174,13 @@ fn flash_fwd(
     }
 
     // The only division, once per row (softmax). A row that saw no key (and no sink) has
-    // row_sum 0: O = 0, LSE = -inf. Sigmoid is unnormalised and has no LSE.
+    // row_sum 0: O = 0, LSE = -inf (a NaN row_sum is "seen": NaN reaches O and the LSE). Sigmoid
+    // is unnormalised and has no LSE.
 //#unroll r ROWS
     {
         let row = block_row0 + {r} * LANES + lane;
         if row < seq.q_len {
-            let seen = row_sum[{r}] > 0.0;
+            let seen = seen_any(row_sum[{r}]);
             let inv_sum = select(select(0.0, 1.0 / row_sum[{r}], seen), 1.0, SIGMOID);
             let base = batch * params.o_stride.x + head * params.o_stride.y + (seq.q_offset + row) * params.o_stride.z;
 //#unroll e DV4

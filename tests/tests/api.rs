@@ -863,3 +863,76 @@ fn tuned_tiles_conform_and_tuning_files_apply() {
     assert!(matches!(err, Error::TuningFile { .. }), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Shapes built to overflow u32 element offsets (more than 2³² elements in all, or in one batch
+/// element): the plan splits them over batch so that every index a dispatch computes fits u32
+/// and every binding fits the adapter, or refuses with `TooLarge`. Planning allocates nothing,
+/// so shapes far beyond this machine's memory are checked; splitting itself is proven correct
+/// on small limits by `too_large_problems_split_over_batch_or_fail_with_the_limit_named`.
+#[test]
+fn element_counts_past_u32_split_over_batch_or_are_refused() {
+    let Some(engine) = engine(Path::F32) else {
+        return;
+    };
+    let limits = &engine.info().limits;
+    let binding = limits
+        .max_storage_buffer_binding_size
+        .min(limits.max_buffer_size);
+    let shapes = [
+        // 65 · 2²⁶ Q elements in all, 2²⁶ (256 MiB of f32) per batch element.
+        Shape::mha(65, 8, 65536, 128),
+        // 1025 · 2²² elements: just past 2³².
+        Shape::mha(1025, 8, 8192, 64),
+        Shape::mha(4100, 16, 1024, 64),
+        // GQA with many keys per batch element.
+        Shape {
+            batch: 1100,
+            q_heads: 32,
+            kv_heads: 4,
+            q_len: 1024,
+            kv_len: 8192,
+            head_dim: 128,
+            value_dim: 128,
+        },
+        // One batch element past 2³² elements: refused.
+        Shape::mha(1, 64, 1 << 20, 128),
+    ];
+    let mut split = 0;
+    for shape in shapes {
+        assert!(shape.validate().is_ok(), "{shape:?}");
+        let total = shape.q_elems().max(shape.k_elems()).max(shape.v_elems());
+        assert!(
+            total as u64 > u64::from(u32::MAX),
+            "{shape:?} does not overflow u32"
+        );
+        for dtype in [wflash::DType::F32, wflash::DType::F16] {
+            match engine.plan(&shape, &AttentionOptions::softmax(), dtype) {
+                Ok(plan) => {
+                    let per_batch = [
+                        shape.q_elems(),
+                        shape.k_elems(),
+                        shape.v_elems(),
+                        shape.o_elems(),
+                    ]
+                    .map(|n| (n / shape.batch) as u64);
+                    let dispatch = plan.batch_per_dispatch as u64;
+                    assert!(
+                        dispatch >= 1 && dispatch < shape.batch as u64,
+                        "{shape:?}: {plan:?}"
+                    );
+                    for n in per_batch {
+                        assert!(dispatch * n <= u64::from(u32::MAX), "{shape:?}: {plan:?}");
+                        // f32 is the widest element any binding holds.
+                        assert!(dispatch * n * 4 <= binding, "{shape:?}: {plan:?}");
+                    }
+                    split += 1;
+                }
+                Err(err) => assert!(matches!(err, Error::TooLarge { .. }), "{shape:?}: {err}"),
+            }
+        }
+    }
+    assert!(
+        split >= 4,
+        "only {split} of the overflowing shapes were split"
+    );
+}

@@ -263,6 +263,99 @@ fn many_tasks_and_threads_get_the_results_of_calls_made_alone() {
     );
 }
 
+/// NaN and ±inf in Q, K and V, in both kernel families, softmax and sigmoid, with and without
+/// soft-capping: the output and LSE have NaN and infinities exactly where the f64 reference has
+/// them, and agree with it elsewhere. A key whose logit is -inf counts as hidden (a row of
+/// nothing else is 0 with LSE -inf); a NaN logit makes its row NaN.
+#[test]
+fn non_finite_inputs_propagate_as_the_reference_says() {
+    if engine(Path::F32).is_none() {
+        return;
+    }
+    let shape = Shape {
+        batch: 1,
+        q_heads: 2,
+        kv_heads: 1,
+        q_len: 9,
+        kv_len: 13,
+        head_dim: 32,
+        value_dim: 24,
+    };
+    let finite = |n: usize, salt: usize| -> Vec<f32> {
+        (0..n)
+            .map(|i| (((i + salt) * 37 % 29) as f32 - 14.0) / 14.0)
+            .collect()
+    };
+    // (what, tensor, element, value): one element of one tensor made non-finite.
+    let row = shape.head_dim;
+    let poisons: [(&str, usize, usize, f32); 7] = [
+        ("NaN in a query row", 0, 4 * row + 3, f32::NAN),
+        ("NaN in a key row", 1, 6 * row + 1, f32::NAN),
+        ("NaN in a value row", 2, 5 * shape.value_dim + 2, f32::NAN),
+        ("+inf in a query row", 0, 2 * row, f32::INFINITY),
+        ("-inf in a key row", 1, 3 * row + 7, f32::NEG_INFINITY),
+        (
+            "+inf in a value row",
+            2,
+            11 * shape.value_dim,
+            f32::INFINITY,
+        ),
+        (
+            "-inf in every key's dim 0, +inf in query rows' dim 0",
+            3,
+            0,
+            f32::INFINITY,
+        ),
+    ];
+    let mut checked = 0;
+    for family in [wflash::Family::Unrolled, wflash::Family::Tiled] {
+        let engine = wflash_conformance::engine_with(Path::F32, Some(family)).unwrap();
+        for (what, tensor, at, value) in poisons {
+            let mut inputs = [
+                finite(shape.q_elems(), 1),
+                finite(shape.k_elems(), 2),
+                finite(shape.v_elems(), 3),
+            ];
+            if tensor == 3 {
+                // Every logit -inf: rows with nothing visible of finite weight.
+                inputs[1]
+                    .iter_mut()
+                    .step_by(row)
+                    .for_each(|x| *x = f32::NEG_INFINITY);
+                inputs[0].iter_mut().step_by(row).for_each(|x| *x = value);
+            } else {
+                inputs[tensor][at] = value;
+            }
+            let [q, k, v] = &inputs;
+            for (variant, softcap) in [
+                (wflash::Variant::Softmax, None),
+                (wflash::Variant::Softmax, Some(5.0)),
+                (wflash::Variant::Sigmoid { bias: None }, None),
+            ] {
+                let opts = AttentionOptions {
+                    variant,
+                    softcap,
+                    ..AttentionOptions::softmax()
+                };
+                let out = engine
+                    .attention_blocking(&shape, Layout::Bhsd, &opts, q, k, v)
+                    .unwrap();
+                let wide = |x: &[f32]| x.iter().map(|&a| f64::from(a)).collect::<Vec<f64>>();
+                let problem = wflash_conformance::reference_problem(&shape, Layout::Bhsd, &opts);
+                let reference = wflash_ref::forward(&problem, &wide(q), &wide(k), &wide(v));
+                let case = format!("{family:?}, {what}, {variant:?}, soft-cap {softcap:?}");
+                agrees(&out.output, &reference.output)
+                    .unwrap_or_else(|e| panic!("{case}: output {e}"));
+                if let Some(lse) = &out.lse {
+                    agrees(lse, &reference.lse).unwrap_or_else(|e| panic!("{case}: LSE {e}"));
+                }
+                checked += 1;
+            }
+        }
+    }
+    eprintln!("{checked} calls with non-finite inputs agree with the reference");
+}
+
 /// A device destroyed under an engine: the next call is a typed `DeviceLost` error (no panic,
 /// no hang), and a new engine works.
 #[test]
@@ -295,18 +388,51 @@ fn a_lost_device_gives_typed_errors_and_a_new_engine_works() {
     assert_eq!(pollster::block_on(call(&fresh, spec)), expected);
 }
 
+/// Whether GPU values agree with the f64 reference: NaN exactly where it is NaN, the same
+/// infinity where it is infinite, within 1e-3 (relative, and absolute near 0) elsewhere.
+/// The conformance grid holds precision to FlashAttention's standard; this checks that
+/// hostile values propagate as the reference says.
+fn agrees(gpu: &[f32], reference: &[f64]) -> Result<(), String> {
+    if gpu.len() != reference.len() {
+        return Err(format!(
+            "{} values, reference {}",
+            gpu.len(),
+            reference.len()
+        ));
+    }
+    for (i, (&g, &r)) in gpu.iter().zip(reference).enumerate() {
+        let g64 = f64::from(g);
+        let ok = if r.is_nan() {
+            g.is_nan()
+        } else if r.is_infinite() {
+            g64 == r
+        } else {
+            g.is_finite() && (g64 - r).abs() <= 1e-3 * (1.0 + r.abs())
+        };
+        if !ok {
+            return Err(format!("[{i}] = {g}, reference {r}"));
+        }
+    }
+    Ok(())
+}
+
 mod hostile {
     use super::*;
     use proptest::prelude::*;
 
-    /// Hostile calls that ran (Ok), for the log.
+    /// Hostile calls that ran (Ok), and those of them with NaN or ±inf inputs, for the log.
     static RAN: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    static RAN_NON_FINITE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
     #[test]
     fn hostile_calls_include_calls_that_run() {
         hostile_calls_end_in_ok_or_a_typed_error();
         let ran = RAN.load(std::sync::atomic::Ordering::Relaxed);
-        eprintln!("hostile calls that ran: {ran} of 64 (the rest: typed errors)");
+        let non_finite = RAN_NON_FINITE.load(std::sync::atomic::Ordering::Relaxed);
+        eprintln!(
+            "hostile calls that ran: {ran} of 64 (the rest: typed errors), {non_finite} of them \
+             with NaN or ±inf inputs; all agree with the reference"
+        );
         // About 12 are expected; fewer than 3 would mean validation refuses nearly everything.
         assert!(ran >= 3, "only {ran} hostile calls got past validation");
     }
@@ -387,7 +513,11 @@ mod hostile {
             opts.causal = causal.then_some(Causal::TopLeft);
             // Real slices only for shapes small enough to hold; others get 7 elements.
             let small = shape.validate().is_ok() && shape.q_elems().max(shape.k_elems()).max(shape.v_elems()) < 1 << 20;
-            let sized = |n: usize| {
+            // Non-finite values go into V only where every key is visible to every row: a
+            // hidden key's V row may reach a row as 0·inf = NaN when they share a key tile, as
+            // in FlashAttention (lib.rs, "Semantics"), which the reference does not model.
+            let hides_keys = causal || window.is_some();
+            let sized = |n: usize, poison: usize| {
                 let n = if small { (n as i64 + len_delta).max(0) as usize } else { 7 };
                 (0..n)
                     .map(|i| match (poison, i % 17) {
@@ -399,9 +529,10 @@ mod hostile {
                     .collect::<Vec<f32>>()
             };
             let (q, k, v) = if small {
-                (sized(shape.q_elems()), sized(shape.k_elems()), sized(shape.v_elems()))
+                let poison_v = if hides_keys { 0 } else { poison };
+                (sized(shape.q_elems(), poison), sized(shape.k_elems(), poison), sized(shape.v_elems(), poison_v))
             } else {
-                (sized(0), sized(0), sized(0))
+                (sized(0, 0), sized(0, 0), sized(0, 0))
             };
             let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 engine.attention_blocking(&shape, Layout::Bhsd, &opts, &q, &k, &v)
@@ -410,7 +541,19 @@ mod hostile {
             if let Ok(out) = result {
                 prop_assert!(small && len_delta == 0, "Ok for a call with wrong lengths: {shape:?}");
                 prop_assert_eq!(out.output.len(), shape.o_elems());
+                // NaN and ±inf where the reference has them, close to it elsewhere.
+                let wide = |x: &[f32]| x.iter().map(|&a| f64::from(a)).collect::<Vec<f64>>();
+                let problem = wflash_conformance::reference_problem(&shape, Layout::Bhsd, &opts);
+                let reference = wflash_ref::forward(&problem, &wide(&q), &wide(&k), &wide(&v));
+                let what = format!("poison {poison}, {shape:?} {opts:?}");
+                agrees(&out.output, &reference.output).map_err(|e| TestCaseError::fail(format!("output {e}: {what}")))?;
+                if let Some(lse) = &out.lse {
+                    agrees(lse, &reference.lse).map_err(|e| TestCaseError::fail(format!("LSE {e}: {what}")))?;
+                }
                 RAN.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if poison != 0 {
+                    RAN_NON_FINITE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
             }
             // The engine is still usable.
             let spec = &specs()[0];
@@ -425,6 +568,9 @@ mod hostile_linear {
     use super::*;
     use proptest::prelude::*;
     use wflash::{FeatureMap, LinearKernel, LinearOptions, LinearState};
+    use wflash_ref::linear::{
+        FeatureMap as ReferenceMap, LinearProblem, LinearState as ReferenceState, linear_forward,
+    };
 
     static RAN: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
@@ -543,6 +689,24 @@ mod hostile_linear {
                 prop_assert!(small && len_delta == 0, "Ok for a call with wrong lengths: {shape:?}");
                 prop_assert_eq!(out.output.len(), shape.o_elems());
                 prop_assert_eq!(out.state.kv.len(), states * shape.value_dim);
+                // Against the reference, where it can say: with finite inputs, or without the
+                // causal mask (the chunked kernel's masked products inside a chunk meet a
+                // later token's non-finite key as 0·inf, which the reference never forms).
+                if poison == 0 || !causal {
+                    let wide = |x: &[f32]| x.iter().map(|&a| f64::from(a)).collect::<Vec<f64>>();
+                    let problem = LinearProblem {
+                        causal,
+                        feature_map: ReferenceMap::EluPlusOne,
+                        decay: decays.as_ref().map(|d| wide(d)),
+                        normalize,
+                        ..LinearProblem::new(shape.batch, shape.q_heads, shape.kv_heads, shape.q_len, shape.head_dim, shape.value_dim, wflash_ref::Layout::Bhsd)
+                    };
+                    let initial = initial.as_ref().map(|s| ReferenceState { kv: wide(&s.kv), z: wide(&s.z) });
+                    let reference = linear_forward(&problem, &wide(&q), &wide(&k), &wide(&v), initial.as_ref());
+                    let what = format!("poison {poison}, {shape:?} {opts:?}");
+                    agrees(&out.output, &reference.output).map_err(|e| TestCaseError::fail(format!("output {e}: {what}")))?;
+                    agrees(&out.state.kv, &reference.state.kv).map_err(|e| TestCaseError::fail(format!("state {e}: {what}")))?;
+                }
                 RAN.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
             // The engine is still usable.

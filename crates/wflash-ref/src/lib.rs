@@ -204,11 +204,12 @@ impl Problem {
 
     /// Whether key `j` is visible to query `i` under the causal and window options.
     pub fn is_visible(&self, i: usize, j: usize) -> bool {
-        let (j, diag) = (j as i64, self.diagonal(i));
+        // i128: window sides go up to usize::MAX, which must mean "every key", not wrap.
+        let (j, diag) = (j as i128, i128::from(self.diagonal(i)));
         let causal_ok = self.causal.is_none() || j <= diag;
         let window_ok = self.window.is_none_or(|w| {
-            w.left.is_none_or(|left| j >= diag - left as i64)
-                && w.right.is_none_or(|right| j <= diag + right as i64)
+            w.left.is_none_or(|left| j >= diag - left as i128)
+                && w.right.is_none_or(|right| j <= diag + right as i128)
         });
         causal_ok && window_ok
     }
@@ -507,7 +508,10 @@ pub fn sigmoid_forward(p: &Problem, q: &[f64], k: &[f64], v: &[f64]) -> Forward 
 /// Softmax attention forward: `O = softmax(logits) V` over the visible keys (and the sink,
 /// whose value is zero), per (batch, query head). One sequence: see [`forward`] for varlen.
 ///
-/// A query row with no visible key gets output 0 and LSE `-inf` (the sink logit with a sink).
+/// A query row with no visible key, or whose visible logits are all `-inf`, gets output 0 and
+/// LSE `-inf` (the sink logit with a sink). NaN and `+inf` propagate as f64 arithmetic has it:
+/// a NaN logit, or two `+inf` ones, make the row NaN; a non-finite value of V reaches the output
+/// columns of the rows that see its key.
 ///
 /// # Panics
 /// If a slice length does not match the problem (the reference trusts its caller).
@@ -525,16 +529,22 @@ pub fn softmax_forward(p: &Problem, q: &[f64], k: &[f64], v: &[f64]) -> Forward 
                     .filter_map(|j| p.logit(q, k, b, h, i, j).map(|s| (j, s)))
                     .collect();
                 let sink = p.sink(h);
-                if logits.is_empty() {
-                    // Output stays 0; the LSE is the sink's (or -inf).
-                    lse[(b * p.q_heads + h) * p.q_len + i] = sink.unwrap_or(f64::NEG_INFINITY);
-                    continue;
-                }
+                // f64::max skips NaN: a NaN logit reaches the row through exp below.
                 let max = logits
                     .iter()
                     .map(|&(_, s)| s)
                     .chain(sink)
                     .fold(f64::NEG_INFINITY, f64::max);
+                let nothing = logits
+                    .iter()
+                    .map(|&(_, s)| s)
+                    .chain(sink)
+                    .all(|s| s == f64::NEG_INFINITY);
+                if nothing {
+                    // Nothing with weight: output stays 0; the LSE is the sink's (or -inf).
+                    lse[(b * p.q_heads + h) * p.q_len + i] = sink.unwrap_or(f64::NEG_INFINITY);
+                    continue;
+                }
                 let sum: f64 = logits
                     .iter()
                     .map(|&(_, s)| s)

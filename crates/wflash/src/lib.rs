@@ -21,7 +21,13 @@
 //!   every storage type (f32, f16, bf16).
 //! - Causal masks are bottom-right aligned by default: key `j` is visible to query `i` iff
 //!   `j <= i + kv_len - q_len`. [`Causal::TopLeft`] gives PyTorch's `is_causal` (`j <= i`).
-//! - A query row that sees no key gets output 0 and LSE `-inf`, never NaN.
+//! - A query row that sees no key gets output 0 and LSE `-inf`, never NaN. A logit of `-inf`
+//!   (from infinite inputs) counts as a hidden key.
+//! - NaN and `±inf` in Q, K and V propagate as in the f64 reference (`wflash-ref`): a NaN logit,
+//!   or two `+inf` logits, make their row NaN (output and LSE); a non-finite value of V reaches
+//!   the output columns of the rows that see its key. As in FlashAttention, it may also reach a
+//!   row that does not see its key (as `0·inf = NaN`) when that key shares a key tile with keys
+//!   the row sees (causal masks, windows, key masks).
 //! - GQA/MQA: `q_heads % kv_heads == 0`; query head `h` reads kv head `h / (q_heads / kv_heads)`.
 //! - The LSE is the natural-log logsumexp of the scaled scores, f32, `[batch, q_heads, q_len]`.
 //!
