@@ -141,16 +141,19 @@ fn specs() -> Vec<Spec> {
 /// its final state, kv then z).
 type Bits = (Vec<u32>, Vec<u32>);
 
-async fn call_typed<T: Element>(engine: &Engine, spec: &Spec, bits: fn(T) -> u32) -> Bits {
+async fn call_typed<T: Element>(
+    engine: &Engine,
+    spec: &Spec,
+    bits: fn(T) -> u32,
+) -> wflash::Result<Bits> {
     let convert = |x: &[f32]| x.iter().map(|&v| T::from_f32(v)).collect::<Vec<T>>();
     if let Some(opts) = spec.linear_options() {
         let (q, k, v) = (convert(&spec.q), convert(&spec.k), convert(&spec.v));
         let out = engine
             .linear_attention(&spec.shape, spec.layout, &opts, &q, &k, &v, None)
-            .await
-            .expect("linear call succeeds");
+            .await?;
         let state = out.state.kv.iter().chain(&out.state.z).map(|x| x.to_bits());
-        return (out.output.into_iter().map(bits).collect(), state.collect());
+        return Ok((out.output.into_iter().map(bits).collect(), state.collect()));
     }
     let out = engine
         .attention(
@@ -161,21 +164,24 @@ async fn call_typed<T: Element>(engine: &Engine, spec: &Spec, bits: fn(T) -> u32
             &convert(&spec.k),
             &convert(&spec.v),
         )
-        .await
-        .expect("call succeeds");
+        .await?;
     let lse = out.lse.unwrap_or_default();
-    (
+    Ok((
         out.output.into_iter().map(bits).collect(),
         lse.into_iter().map(f32::to_bits).collect(),
-    )
+    ))
 }
 
-async fn call(engine: &Engine, spec: &Spec) -> Bits {
+async fn try_call(engine: &Engine, spec: &Spec) -> wflash::Result<Bits> {
     match spec.dtype {
         DType::F32 => call_typed::<f32>(engine, spec, f32::to_bits).await,
         DType::F16 => call_typed(engine, spec, |x: half::f16| u32::from(x.to_bits())).await,
         DType::Bf16 => call_typed(engine, spec, |x: half::bf16| u32::from(x.to_bits())).await,
     }
+}
+
+async fn call(engine: &Engine, spec: &Spec) -> Bits {
+    try_call(engine, spec).await.expect("call succeeds")
 }
 
 #[test]
@@ -386,6 +392,177 @@ fn a_lost_device_gives_typed_errors_and_a_new_engine_works() {
     let fresh = Engine::new_blocking(wflash::EngineOptions::default()).expect("a new engine");
     let expected = pollster::block_on(call(engine(Path::F32).unwrap(), spec));
     assert_eq!(pollster::block_on(call(&fresh, spec)), expected);
+}
+
+/// Out of memory, injected through the engine's memory budget (lavapipe never reports it: it
+/// over-commits host memory, so a real exhaustion ends in the host's OOM killer). Uploads and
+/// calls past the budget are typed errors; the scratch pool lets go of what it keeps before
+/// anything is refused; once tensors are dropped the same engine runs calls that conform; and
+/// threads sharing a budgeted engine get either the result of the call made alone or a typed
+/// error, within a time bound.
+#[test]
+fn out_of_memory_is_a_typed_error_and_the_engine_works_afterwards() {
+    use wflash::{EngineOptions, Error, TuningSource};
+    use wflash_conformance::{Case, custom_engine, run_case_on};
+
+    let Some(shared) = engine(Path::F32) else {
+        return;
+    };
+    const BUDGET: u64 = 4 << 20;
+    const FILLER: usize = 64 << 10; // f32 elements: 256 KiB a tensor
+    const CALLS_UNDER_BUDGET: usize = 32;
+    let budgeted = custom_engine(
+        |_| {},
+        wflash::wgpu::Features::empty(),
+        EngineOptions {
+            memory_budget_bytes: Some(BUDGET),
+            poison_outputs: true,
+            tuning: TuningSource::Off,
+            ..Default::default()
+        },
+    );
+    let conforms = |seed| {
+        let case = Case::softmax(Shape::mha(2, 4, 96, 64), Path::F32, seed);
+        let outcome = run_case_on(&budgeted, &case).expect("the call conforms");
+        assert!(outcome.ratio <= 1.0, "{outcome:?}");
+    };
+    conforms(1);
+    assert!(
+        budgeted.pool_stats().bytes > 0,
+        "the call left scratch in the pool"
+    );
+    assert_eq!(budgeted.memory_in_use(), budgeted.pool_stats().bytes);
+
+    // Q, K, V for a later call, then filler until the budget refuses.
+    let shape = Shape::mha(1, 4, 64, 32);
+    let q = budgeted.upload(&vec![0.25f32; shape.q_elems()]).unwrap();
+    let k = budgeted.upload(&vec![0.5f32; shape.k_elems()]).unwrap();
+    let v = budgeted.upload(&vec![1.0f32; shape.v_elems()]).unwrap();
+    let mut filler = Vec::new();
+    let refused = loop {
+        match budgeted.upload(&vec![1.0f32; FILLER]) {
+            Ok(t) => filler.push(t),
+            Err(err) => break err,
+        }
+        assert!(
+            filler.len() <= 16,
+            "a 4 MiB budget held 16 tensors of 256 KiB"
+        );
+    };
+    assert!(
+        matches!(refused, Error::MemoryBudget { needed, in_use, budget: BUDGET }
+            if needed == 4 * FILLER as u64 && in_use + needed > BUDGET),
+        "{refused}"
+    );
+    assert!(refused.is_out_of_memory());
+    assert!(budgeted.memory_in_use() <= BUDGET);
+    assert_eq!(
+        budgeted.pool_stats().bytes,
+        0,
+        "the pool let go of its scratch before an upload was refused"
+    );
+    eprintln!(
+        "budget {BUDGET} B: {} filler tensors held, then: {refused}",
+        filler.len()
+    );
+
+    // Calls past the budget fail the same way, and leave nothing held.
+    let opts = AttentionOptions::softmax();
+    while budgeted.memory_in_use() + (shape.o_elems() as u64) * 4 <= BUDGET {
+        // Room for the output: take it, so the call itself cannot fit.
+        filler.push(budgeted.upload(&vec![0.0f32; shape.o_elems()]).unwrap());
+    }
+    let held_before_call = budgeted.memory_in_use();
+    let err = budgeted
+        .attention_gpu(&shape, Layout::Bhsd, &opts, &q, &k, &v)
+        .expect_err("no room for the output");
+    assert!(err.is_out_of_memory(), "{err}");
+    assert_eq!(budgeted.memory_in_use(), held_before_call);
+    let err = budgeted
+        .attention_blocking(
+            &shape,
+            Layout::Bhsd,
+            &opts,
+            &vec![0.0f32; shape.q_elems()],
+            &vec![0.0f32; shape.k_elems()],
+            &vec![0.0f32; shape.v_elems()],
+        )
+        .expect_err("no room for the inputs");
+    assert!(err.is_out_of_memory(), "{err}");
+    assert_eq!(budgeted.memory_in_use(), held_before_call);
+
+    // One request larger than the whole budget, with nothing else held.
+    drop(filler);
+    let too_big = budgeted.upload(&vec![0.0f32; (BUDGET as usize) / 4 + 1]);
+    assert!(
+        matches!(too_big, Err(Error::MemoryBudget { needed, .. }) if needed > BUDGET),
+        "{too_big:?}"
+    );
+
+    // Room again: the held inputs run, and fresh cases conform.
+    let out = budgeted
+        .attention_gpu(&shape, Layout::Bhsd, &opts, &q, &k, &v)
+        .expect("room again");
+    let values = budgeted.read_blocking::<f32>(&out.output).unwrap();
+    assert!(
+        values.iter().all(|&x| (x - 1.0).abs() < 1e-6),
+        "V is all ones, so is O"
+    );
+    drop((out, q, k, v));
+    conforms(2);
+    assert_eq!(budgeted.memory_in_use(), budgeted.pool_stats().bytes);
+
+    // Threads sharing the budgeted engine: the mixed calls all fit (each is well under 1 MiB),
+    // the oversized one never does; every result is the call made alone, bit for bit.
+    let specs = std::sync::Arc::new(specs());
+    let alone: Vec<Bits> = specs
+        .iter()
+        .map(|spec| pollster::block_on(call(shared, spec)))
+        .collect();
+    let alone = std::sync::Arc::new(alone);
+    let (done, finished) = mpsc::channel();
+    let callers: Vec<_> = (0..THREADS)
+        .map(|t| {
+            let (engine, specs, alone, done) =
+                (budgeted.clone(), specs.clone(), alone.clone(), done.clone());
+            std::thread::spawn(move || {
+                let mut bad = Vec::new();
+                let mut refused = 0;
+                for n in 0..CALLS_UNDER_BUDGET {
+                    let i = (t * 5 + n * 3) % specs.len();
+                    match pollster::block_on(try_call(&engine, &specs[i])) {
+                        Ok(bits) if bits == alone[i] => {}
+                        Ok(_) => bad.push(format!("thread {t} call {n} (spec {i}) differs")),
+                        Err(err) => bad.push(format!("thread {t} call {n} (spec {i}): {err}")),
+                    }
+                    if n % 4 == 0 {
+                        match engine.upload(&vec![0.0f32; (BUDGET as usize) / 4 + 1]) {
+                            Err(err) if err.is_out_of_memory() => refused += 1,
+                            other => bad.push(format!("oversized upload: {other:?}")),
+                        }
+                    }
+                }
+                let _ = done.send((bad, refused));
+            })
+        })
+        .collect();
+    drop(done);
+    let mut refused = 0;
+    for _ in 0..THREADS {
+        match finished.recv_timeout(TIME_BOUND) {
+            Ok((bad, r)) => {
+                assert!(bad.is_empty(), "{bad:?}");
+                refused += r;
+            }
+            Err(e) => panic!("callers under a memory budget: {e:?} (a hang, or a panic)"),
+        }
+    }
+    for caller in callers {
+        caller.join().expect("caller");
+    }
+    assert_eq!(refused, THREADS * CALLS_UNDER_BUDGET.div_ceil(4));
+    assert_eq!(budgeted.memory_in_use(), budgeted.pool_stats().bytes);
+    assert!(budgeted.memory_in_use() <= BUDGET);
 }
 
 /// Whether GPU values agree with the f64 reference: NaN exactly where it is NaN, the same

@@ -5,7 +5,8 @@
 use wflash_conformance::{Path, engine};
 
 /// The soak, scaled down for CI (`cargo xtask soak` runs 10,000 calls): resident memory after
-/// the warm-up and at the end stay within 64 MiB of each other.
+/// the warm-up and at the end stay within 64 MiB of each other, and the engine's memory ledger
+/// ends where the calls left nothing but the scratch pool.
 #[test]
 fn a_scaled_down_soak_keeps_memory_bounded() {
     let Some(engine) = engine(Path::F32) else {
@@ -15,6 +16,8 @@ fn a_scaled_down_soak_keeps_memory_bounded() {
         eprintln!("soak: {done} calls, resident {rss:?} bytes");
     })
     .expect("every soak call succeeds");
+    // Every tensor the calls made has been dropped: the engine holds its scratch pool only.
+    assert_eq!(engine.memory_in_use(), engine.pool_stats().bytes);
     let (Some(warm), Some(end)) = (report.resident_after_warmup, report.resident_at_end) else {
         return; // no /proc: nothing to compare (not Linux)
     };

@@ -46,9 +46,10 @@ fn main() -> ExitCode {
     let report = soak(&engine, args.calls, args.warmup, 1000, |done, rss| {
         let pool = engine.pool_stats();
         println!(
-            "{done:>7} calls, {:.1} s, resident {}, scratch pool {:.1} of {:.0} MiB ({} reused, {} new)",
+            "{done:>7} calls, {:.1} s, resident {}, engine holds {}, scratch pool {:.1} of {:.0} MiB ({} reused, {} new)",
             start.elapsed().as_secs_f64(),
             mib(rss),
+            mib(Some(engine.memory_in_use())),
             pool.bytes as f64 / 1048576.0,
             pool.cap as f64 / 1048576.0,
             pool.hits,
@@ -70,6 +71,16 @@ fn main() -> ExitCode {
         mib(report.resident_after_warmup),
         mib(report.resident_at_end)
     );
+    let (held, pooled) = (engine.memory_in_use(), engine.pool_stats().bytes);
+    println!(
+        "engine holds {} at the end; its scratch pool {}",
+        mib(Some(held)),
+        mib(Some(pooled))
+    );
+    if held != pooled {
+        eprintln!("wflash-soak: the engine still holds {held} B beyond its pool's {pooled} B");
+        return ExitCode::FAILURE;
+    }
     if let (Some(a), Some(b)) = (report.resident_after_warmup, report.resident_at_end)
         && b > a + args.max_growth_mib * 1048576
     {

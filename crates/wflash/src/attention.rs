@@ -565,7 +565,7 @@ impl Engine {
             .map(|()| self.pipeline(PipelineKey::Convert(Conversion::FromF32(plan.io_storage))))
             .transpose()?;
 
-        self.guarded(|device| {
+        self.guarded(|device| -> Result<()> {
             let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
                 label: Some("flash_fwd"),
             });
@@ -583,6 +583,8 @@ impl Engine {
                         name,
                     )
                 })
+                .collect::<Result<Vec<_>>>()?
+                .into_iter()
                 .unzip();
             if let (Some(pipeline), Some(q_f32)) = (&to_f32, &q_f32) {
                 let convert = Conversion::ToF32(plan.io_storage);
@@ -673,7 +675,8 @@ impl Engine {
                 );
             }
             self.inner.queue.submit([encoder.finish()]);
-        })?;
+            Ok(())
+        })??;
         Ok(GpuAttention {
             output,
             lse: matches!(opts.variant, Variant::Softmax).then_some(lse),
@@ -713,7 +716,7 @@ pub(crate) fn pack_rows(
     tensor: &Tensor,
     shape: PackShape,
     label: &str,
-) -> (Scratch, wgpu::TextureView) {
+) -> Result<(Scratch, wgpu::TextureView)> {
     let width4 = shape.dim.div_ceil(4) as u32;
     let rows = (shape.batch * shape.heads * shape.rows_per_head) as u32;
     let size = wgpu::Extent3d {
@@ -728,7 +731,7 @@ pub(crate) fn pack_rows(
         size,
         wgpu::TextureFormat::Rgba32Float,
         wgpu::TextureUsages::STORAGE_BINDING,
-    );
+    )?;
     let view = texture
         .texture()
         .create_view(&wgpu::TextureViewDescriptor::default());
@@ -772,7 +775,7 @@ pub(crate) fn pack_rows(
     pass.set_pipeline(pipeline);
     pass.set_bind_group(0, &bind_group, &[]);
     pass.dispatch_workgroups(groups_x, groups.div_ceil(groups_x), 1);
-    (texture, view)
+    Ok((texture, view))
 }
 
 /// The uniform block of `convert.wgsl` (`struct ConvertParams`).

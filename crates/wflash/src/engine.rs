@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use crate::kernel::{self, Family, KernelKey, Storage, TileConfig};
+use crate::memory::{Charge, Ledger};
 use crate::tuning::TuningFile;
 use crate::{DType, Error, Result};
 
@@ -56,6 +57,13 @@ pub struct EngineOptions {
     pub scratch_pool_bytes: u64,
     /// Where measured tile choices come from (see [`crate::tuning`]).
     pub tuning: TuningSource,
+    /// The most bytes of device memory the engine may hold at once: tensors it creates
+    /// (uploads, outputs), readback staging and the scratch pool (which counts within it). A
+    /// call or upload that would pass it fails with [`Error::MemoryBudget`] before anything is
+    /// created or dispatched, after the scratch pool has given back what it keeps. `None`: no
+    /// limit but the driver's, whose out-of-memory errors come back as [`Error::OutOfMemory`].
+    /// See [`Engine::memory_in_use`].
+    pub memory_budget_bytes: Option<u64>,
 }
 
 /// Where an engine reads its tuned tiles.
@@ -83,6 +91,7 @@ impl Default for EngineOptions {
             family: None,
             scratch_pool_bytes: 256 << 20,
             tuning: TuningSource::Default,
+            memory_budget_bytes: None,
         }
     }
 }
@@ -150,6 +159,7 @@ pub(crate) struct Inner {
     tuned: RwLock<HashMap<(Family, u32, u32), TileConfig>>,
     pub(crate) lost: Arc<AtomicBool>,
     pub(crate) pool: Arc<crate::pool::ScratchPool>,
+    pub(crate) ledger: Arc<Ledger>,
 }
 
 impl Engine {
@@ -235,11 +245,13 @@ impl Engine {
             Some(path) => TuningFile::load(path)?,
             None => TuningFile::default(),
         };
+        let ledger = Ledger::new(options.memory_budget_bytes);
         let engine = Engine {
             inner: Arc::new(Inner {
                 device,
                 queue,
-                pool: crate::pool::ScratchPool::new(options.scratch_pool_bytes),
+                pool: crate::pool::ScratchPool::new(options.scratch_pool_bytes, ledger.clone()),
+                ledger,
                 options,
                 pipelines: Mutex::new(HashMap::new()),
                 tuned: RwLock::new(HashMap::new()),
@@ -462,6 +474,21 @@ impl Engine {
     /// The scratch pool's bytes held, cap, and takes served from it or not.
     pub fn pool_stats(&self) -> crate::PoolStats {
         self.inner.pool.stats()
+    }
+
+    /// Bytes of device memory the engine holds now (live tensors it created, staging, the
+    /// scratch pool), as counted against [`EngineOptions::memory_budget_bytes`].
+    pub fn memory_in_use(&self) -> u64 {
+        self.inner.ledger.in_use()
+    }
+
+    /// Charges `bytes` to the memory ledger; past the budget, empties the scratch pool and tries
+    /// once more (a caching allocator's answer to pressure: what is cached is not needed).
+    pub(crate) fn charge(&self, bytes: u64) -> Result<Charge> {
+        self.inner.ledger.charge(bytes).or_else(|_| {
+            self.inner.pool.clear();
+            self.inner.ledger.charge(bytes)
+        })
     }
 
     /// Number of compiled pipelines in the cache.

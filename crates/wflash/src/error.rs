@@ -89,9 +89,19 @@ pub enum Error {
     /// The device was lost (driver reset, `destroy`, or unplugged).
     #[error("the GPU device was lost: {0}")]
     DeviceLost(String),
-    /// The device ran out of memory.
+    /// The device ran out of memory (the driver said so).
     #[error("the GPU ran out of memory: {0}")]
     OutOfMemory(String),
+    /// The engine would hold more than [`crate::EngineOptions::memory_budget_bytes`]; nothing
+    /// was created or dispatched. Dropping tensors frees their bytes.
+    #[error(
+        "memory budget exceeded: {needed} more bytes wanted, {in_use} held, budget {budget} (EngineOptions::memory_budget_bytes)"
+    )]
+    MemoryBudget {
+        needed: u64,
+        in_use: u64,
+        budget: u64,
+    },
     /// Reading results back did not finish in time.
     #[error("reading results back from the GPU timed out after {seconds} s")]
     ReadbackTimeout { seconds: u64 },
@@ -101,6 +111,11 @@ pub enum Error {
 }
 
 impl Error {
+    /// Whether this is an out-of-memory error: the driver's, or the engine's budget.
+    pub fn is_out_of_memory(&self) -> bool {
+        matches!(self, Error::OutOfMemory(_) | Error::MemoryBudget { .. })
+    }
+
     /// Classifies a wgpu error captured by an error scope.
     pub(crate) fn from_wgpu(err: wgpu::Error) -> Self {
         match err {
@@ -123,5 +138,28 @@ impl Error {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A driver's out-of-memory (which lavapipe never reports: it over-commits host memory)
+    /// becomes `OutOfMemory`, and both kinds say so through `is_out_of_memory`.
+    #[test]
+    fn driver_out_of_memory_is_typed() {
+        let err = Error::from_wgpu(wgpu::Error::OutOfMemory {
+            source: "vkAllocateMemory: VK_ERROR_OUT_OF_DEVICE_MEMORY".into(),
+        });
+        assert!(matches!(err, Error::OutOfMemory(_)), "{err}");
+        assert!(err.is_out_of_memory());
+        let budget = Error::MemoryBudget {
+            needed: 1,
+            in_use: 2,
+            budget: 2,
+        };
+        assert!(budget.is_out_of_memory());
+        assert!(!Error::ReadbackTimeout { seconds: 1 }.is_out_of_memory());
     }
 }

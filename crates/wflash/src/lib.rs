@@ -41,6 +41,7 @@ mod engine;
 mod error;
 pub mod kernel;
 pub mod linear;
+mod memory;
 mod pool;
 mod readback;
 mod tensor;

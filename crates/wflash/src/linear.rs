@@ -705,7 +705,7 @@ impl Engine {
         let max_groups = self.inner.info.limits.max_compute_workgroups_per_dimension;
         let (b, h) = (shape.batch as u32, shape.q_heads as u32);
 
-        self.guarded(|device| {
+        self.guarded(|device| -> Result<()> {
             let queue = &self.inner.queue;
             let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
                 label: Some("linear attention"),
@@ -793,6 +793,8 @@ impl Engine {
                         };
                         pack_rows(&self.inner, &mut encoder, pack, tensor, pack_shape, label)
                     })
+                    .collect::<Result<Vec<_>>>()?
+                    .into_iter()
                     .unzip();
                     let row_bytes = c.state_fold * c.pitch * 4;
                     let chunk_states_loan = self.inner.pool.buffer(
@@ -800,7 +802,7 @@ impl Engine {
                         "linear chunk states",
                         u64::from(row_bytes) * u64::from(c.state_lines),
                         wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
-                    );
+                    )?;
                     let chunk_states = chunk_states_loan.buffer();
                     let column_groups = params.columns.div_ceil(4);
                     let columns = column_groups.div_ceil(64);
@@ -841,7 +843,7 @@ impl Engine {
                         size,
                         wgpu::TextureFormat::Rgba32Float,
                         wgpu::TextureUsages::STORAGE_BINDING | wgpu::TextureUsages::COPY_DST,
-                    );
+                    )?;
                     let state_texture = state_loan.texture();
                     encoder.copy_buffer_to_texture(
                         wgpu::TexelCopyBufferInfo {
@@ -877,7 +879,8 @@ impl Engine {
                 }
             }
             queue.submit([encoder.finish()]);
-        })?;
+            Ok(())
+        })??;
         Ok(GpuLinearAttention {
             output,
             state: GpuLinearState {

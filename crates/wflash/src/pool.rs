@@ -9,8 +9,13 @@
 //!
 //! The pool holds at most [`crate::EngineOptions::scratch_pool_bytes`]; giving back past that
 //! evicts the least recently given back first (a resource larger than the cap is not kept).
+//! Its resources count against the engine's memory budget (`crate::memory`) while they exist,
+//! on loan or kept; when a new one would pass the budget, the pool first lets go of all it keeps.
 
 use std::sync::{Arc, Mutex};
+
+use crate::Result;
+use crate::memory::{Charge, Ledger};
 
 /// What a pooled resource is: a take matches it exactly.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -50,10 +55,17 @@ enum Resource {
     Buffer(wgpu::Buffer),
 }
 
+/// A pooled resource and the ledger charge for its bytes, which lives exactly as long as it.
+#[derive(Debug)]
+struct Held {
+    resource: Resource,
+    _charge: Charge,
+}
+
 #[derive(Debug)]
 struct Free {
     key: ScratchKey,
-    resource: Resource,
+    held: Held,
     given_back: u64,
 }
 
@@ -71,6 +83,7 @@ struct State {
 pub(crate) struct ScratchPool {
     cap: u64,
     state: Mutex<State>,
+    ledger: Arc<Ledger>,
 }
 
 /// Bytes held and how takes went: what tests and the soak report.
@@ -86,11 +99,23 @@ pub struct PoolStats {
 }
 
 impl ScratchPool {
-    pub(crate) fn new(cap: u64) -> Arc<ScratchPool> {
+    pub(crate) fn new(cap: u64, ledger: Arc<Ledger>) -> Arc<ScratchPool> {
         Arc::new(ScratchPool {
             cap,
             state: Mutex::new(State::default()),
+            ledger,
         })
+    }
+
+    /// Lets go of every resource the pool keeps (loans out stay out).
+    pub(crate) fn clear(&self) {
+        let free = {
+            let mut state = self.lock();
+            state.bytes = 0;
+            std::mem::take(&mut state.free)
+        };
+        // Dropped outside the lock: dropping wgpu resources may take wgpu's own locks.
+        drop(free);
     }
 
     pub(crate) fn stats(&self) -> PoolStats {
@@ -109,14 +134,14 @@ impl ScratchPool {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn take(&self, key: ScratchKey) -> Option<Resource> {
+    fn take(&self, key: ScratchKey) -> Option<Held> {
         let mut state = self.lock();
         match state.free.iter().position(|f| f.key == key) {
             Some(i) => {
                 let free = state.free.swap_remove(i);
                 state.bytes -= key.bytes();
                 state.hits += 1;
-                Some(free.resource)
+                Some(free.held)
             }
             None => {
                 state.misses += 1;
@@ -125,7 +150,7 @@ impl ScratchPool {
         }
     }
 
-    fn give(&self, key: ScratchKey, resource: Resource) {
+    fn give(&self, key: ScratchKey, held: Held) {
         let bytes = key.bytes();
         if bytes > self.cap {
             return;
@@ -135,7 +160,7 @@ impl ScratchPool {
         let given_back = state.clock;
         state.free.push(Free {
             key,
-            resource,
+            held,
             given_back,
         });
         state.bytes += bytes;
@@ -152,6 +177,33 @@ impl ScratchPool {
         }
     }
 
+    /// A resource for `key`: a kept one, else one `create` makes once its bytes are charged
+    /// (after letting go of everything kept, if the budget needs it).
+    fn take_or_create(
+        self: &Arc<Self>,
+        key: ScratchKey,
+        create: impl FnOnce() -> Resource,
+    ) -> Result<Scratch> {
+        let held = match self.take(key) {
+            Some(held) => held,
+            None => {
+                let charge = self.ledger.charge(key.bytes()).or_else(|_| {
+                    self.clear();
+                    self.ledger.charge(key.bytes())
+                })?;
+                Held {
+                    resource: create(),
+                    _charge: charge,
+                }
+            }
+        };
+        Ok(Scratch {
+            key,
+            held: Some(held),
+            pool: Arc::clone(self),
+        })
+    }
+
     /// A 2D texture of this size, format and usage: from the pool, or new.
     pub(crate) fn texture(
         self: &Arc<Self>,
@@ -160,14 +212,14 @@ impl ScratchPool {
         size: wgpu::Extent3d,
         format: wgpu::TextureFormat,
         usage: wgpu::TextureUsages,
-    ) -> Scratch {
+    ) -> Result<Scratch> {
         let key = ScratchKey::Texture {
             width: size.width,
             height: size.height,
             format,
             usage,
         };
-        let resource = self.take(key).unwrap_or_else(|| {
+        self.take_or_create(key, || {
             Resource::Texture(device.create_texture(&wgpu::TextureDescriptor {
                 label: Some(label),
                 size,
@@ -178,12 +230,7 @@ impl ScratchPool {
                 usage,
                 view_formats: &[],
             }))
-        });
-        Scratch {
-            key,
-            resource: Some(resource),
-            pool: Arc::clone(self),
-        }
+        })
     }
 
     /// A buffer of exactly `size` bytes with this usage: from the pool, or new.
@@ -193,21 +240,16 @@ impl ScratchPool {
         label: &str,
         size: u64,
         usage: wgpu::BufferUsages,
-    ) -> Scratch {
+    ) -> Result<Scratch> {
         let key = ScratchKey::Buffer { size, usage };
-        let resource = self.take(key).unwrap_or_else(|| {
+        self.take_or_create(key, || {
             Resource::Buffer(device.create_buffer(&wgpu::BufferDescriptor {
                 label: Some(label),
                 size,
                 usage,
                 mapped_at_creation: false,
             }))
-        });
-        Scratch {
-            key,
-            resource: Some(resource),
-            pool: Arc::clone(self),
-        }
+        })
     }
 }
 
@@ -216,19 +258,19 @@ impl ScratchPool {
 #[derive(Debug)]
 pub(crate) struct Scratch {
     key: ScratchKey,
-    resource: Option<Resource>,
+    held: Option<Held>,
     pool: Arc<ScratchPool>,
 }
 
 impl Scratch {
     pub(crate) fn texture(&self) -> &wgpu::Texture {
-        match &self.resource {
+        match self.held.as_ref().map(|h| &h.resource) {
             Some(Resource::Texture(t)) => t,
             _ => unreachable!("a texture loan holds a texture"),
         }
     }
     pub(crate) fn buffer(&self) -> &wgpu::Buffer {
-        match &self.resource {
+        match self.held.as_ref().map(|h| &h.resource) {
             Some(Resource::Buffer(b)) => b,
             _ => unreachable!("a buffer loan holds a buffer"),
         }
@@ -237,8 +279,8 @@ impl Scratch {
 
 impl Drop for Scratch {
     fn drop(&mut self) {
-        if let Some(resource) = self.resource.take() {
-            self.pool.give(self.key, resource);
+        if let Some(held) = self.held.take() {
+            self.pool.give(self.key, held);
         }
     }
 }

@@ -2,6 +2,7 @@
 
 use std::sync::{Arc, Mutex};
 
+use crate::memory::Charge;
 use crate::readback::wait_for;
 use crate::{DType, Element, Engine, Error, Result};
 
@@ -14,6 +15,8 @@ pub struct Tensor {
     pub(crate) buffer: wgpu::Buffer,
     pub(crate) dtype: DType,
     pub(crate) len: usize,
+    /// The buffer's bytes on the engine's memory ledger, shared by clones of this handle.
+    _charge: Arc<Charge>,
 }
 
 impl Tensor {
@@ -56,6 +59,7 @@ impl Engine {
                 hint: "",
             });
         }
+        let charge = self.charge(buffer_bytes(T::DTYPE, data.len()).max(4))?;
         let buffer = self.guarded(|device| {
             buffer_with_contents(
                 device,
@@ -69,12 +73,14 @@ impl Engine {
             buffer,
             dtype: T::DTYPE,
             len: data.len(),
+            _charge: Arc::new(charge),
         })
     }
 
     /// A new tensor for a kernel to write; NaN-filled when the engine poisons outputs.
     pub(crate) fn output_tensor(&self, dtype: DType, len: usize) -> Result<Tensor> {
         let size = buffer_bytes(dtype, len).max(4);
+        let charge = self.charge(size)?;
         let buffer = if self.inner.options.poison_outputs {
             // All-ones bytes are NaN in f32, f16 and bf16 alike.
             let poison = vec![0xffu8; size as usize];
@@ -97,7 +103,12 @@ impl Engine {
                 })
             })?
         };
-        Ok(Tensor { buffer, dtype, len })
+        Ok(Tensor {
+            buffer,
+            dtype,
+            len,
+            _charge: Arc::new(charge),
+        })
     }
 
     /// Copies a tensor back to the host.
@@ -123,6 +134,8 @@ impl Engine {
                 });
             }
         }
+        let staging_bytes = tensors.iter().map(|t| t.buffer.size()).sum();
+        let _staging_charge = self.charge(staging_bytes)?;
         let (staging, submission) = self.guarded(|device| {
             let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
                 label: Some("wflash readback"),
