@@ -565,6 +565,87 @@ fn out_of_memory_is_a_typed_error_and_the_engine_works_afterwards() {
     assert!(budgeted.memory_in_use() <= BUDGET);
 }
 
+/// A readback cannot wait forever. With a 1 ms timeout, reading a 64 MiB tensor behind queued
+/// attention calls fails with `ReadbackTimeout` (the queued work doubles until it does: lavapipe
+/// needs none, as its copy alone takes ~5 ms, and a fast GPU is caught too). The engine goes on
+/// dispatching, and once the queue drains the tensor reads back whole (through a twin engine on
+/// the same device with a generous timeout: at 1 ms, any large read would time out again).
+#[test]
+fn a_readback_past_its_timeout_is_a_typed_error_and_the_engine_works_afterwards() {
+    use wflash::{EngineOptions, Error, TuningSource};
+    if engine(Path::F32).is_none() {
+        return;
+    }
+    let timeout = Duration::from_millis(1);
+    let tight = wflash_conformance::custom_engine(
+        |_| {},
+        wflash::wgpu::Features::empty(),
+        EngineOptions {
+            readback_timeout: timeout,
+            tuning: TuningSource::Off,
+            ..Default::default()
+        },
+    );
+    let patient = Engine::from_device(
+        tight.device().clone(),
+        tight.queue().clone(),
+        EngineOptions {
+            tuning: TuningSource::Off,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let big: Vec<f32> = (0..16 << 20).map(|i| (i % 1000) as f32).collect();
+    let big_tensor = tight.upload(&big).unwrap();
+    // V is 0.5 everywhere, so O is too.
+    let shape = Shape::mha(1, 8, 1024, 64);
+    let q = tight.upload(&vec![0.1f32; shape.q_elems()]).unwrap();
+    let v = tight.upload(&vec![0.5f32; shape.v_elems()]).unwrap();
+    let opts = AttentionOptions::softmax();
+    let call = || {
+        tight
+            .attention_gpu(&shape, Layout::Bhsd, &opts, &q, &q, &v)
+            .expect("the engine dispatches")
+    };
+    drop(call()); // compile: the timeout is about waiting for the GPU, not for pipeline builds
+    let drain = || {
+        tight
+            .device()
+            .poll(wflash::wgpu::PollType::wait_indefinitely())
+            .unwrap()
+    };
+    drain();
+    let start = std::time::Instant::now();
+    let mut queued = 0;
+    let err = loop {
+        for _ in 0..queued {
+            drop(call());
+        }
+        match tight.read_blocking::<f32>(&big_tensor) {
+            Err(err) => break err,
+            Ok(_) => {
+                assert!(
+                    start.elapsed() < Duration::from_secs(120),
+                    "no read timed out, {queued} calls queued"
+                );
+                drain();
+                queued = (queued * 2).max(1);
+            }
+        }
+    };
+    assert!(
+        matches!(err, Error::ReadbackTimeout { timeout: t } if t == timeout),
+        "{err}"
+    );
+    eprintln!("behind {queued} queued call(s): {err}");
+
+    let out = call();
+    drain();
+    assert_eq!(patient.read_blocking::<f32>(&big_tensor).unwrap(), big);
+    let values = patient.read_blocking::<f32>(&out.output).unwrap();
+    assert!(values.iter().all(|&x| (x - 0.5).abs() < 1e-6));
+}
+
 /// Whether GPU values agree with the f64 reference: NaN exactly where it is NaN, the same
 /// infinity where it is infinite, within 1e-3 (relative, and absolute near 0) elsewhere.
 /// The conformance grid holds precision to FlashAttention's standard; this checks that

@@ -47,6 +47,7 @@ pub struct EngineOptions {
     /// shows up. Costs a buffer fill; the conformance tests turn it on.
     pub poison_outputs: bool,
     /// The longest a readback may wait for the GPU before failing with [`Error::ReadbackTimeout`].
+    /// The GPU work goes on; a later read of the same tensor waits for it again.
     pub readback_timeout: Duration,
     /// Which forward kernel to run; `None` picks by adapter: [`Family::Unrolled`] on CPU
     /// adapters (llvmpipe, SwiftShader), [`Family::Tiled`] on GPUs. Tests set it to cover both.

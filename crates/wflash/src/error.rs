@@ -103,8 +103,10 @@ pub enum Error {
         budget: u64,
     },
     /// Reading results back did not finish in time.
-    #[error("reading results back from the GPU timed out after {seconds} s")]
-    ReadbackTimeout { seconds: u64 },
+    #[error(
+        "reading results back from the GPU timed out after {timeout:?} (EngineOptions::readback_timeout)"
+    )]
+    ReadbackTimeout { timeout: std::time::Duration },
     /// wgpu reported an error that indicates a bug in wflash.
     #[error("internal GPU error (a wflash bug, please report): {0}")]
     Internal(String),
@@ -160,6 +162,7 @@ mod tests {
             budget: 2,
         };
         assert!(budget.is_out_of_memory());
-        assert!(!Error::ReadbackTimeout { seconds: 1 }.is_out_of_memory());
+        let timeout = std::time::Duration::from_secs(1);
+        assert!(!Error::ReadbackTimeout { timeout }.is_out_of_memory());
     }
 }

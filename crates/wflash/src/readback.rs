@@ -83,9 +83,7 @@ pub(crate) async fn wait_for(
     .await;
     match outcome {
         Ok(()) => Ok(()),
-        Err(wgpu::PollError::Timeout) => Err(Error::ReadbackTimeout {
-            seconds: timeout.as_secs(),
-        }),
+        Err(wgpu::PollError::Timeout) => Err(Error::ReadbackTimeout { timeout }),
         Err(other) => Err(Error::Internal(format!("waiting for the GPU: {other}"))),
     }
 }
