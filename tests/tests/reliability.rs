@@ -1,7 +1,7 @@
 //! Reliability under many callers: one `Engine` shared by tokio tasks and OS threads making
 //! mixed calls, every result bitwise equal to the same call made alone, within a time bound.
 
-use std::sync::mpsc;
+use std::sync::{Arc, mpsc};
 use std::time::Duration;
 
 use wflash::{AttentionOptions, Causal, DType, Element, Engine, Layout, Shape, Window};
@@ -184,17 +184,22 @@ async fn call(engine: &Engine, spec: &Spec) -> Bits {
     try_call(engine, spec).await.expect("call succeeds")
 }
 
+/// The mixed specs, and the result of each made alone on `engine`, to share between callers.
+fn specs_made_alone(engine: &Engine) -> (Arc<Vec<Spec>>, Arc<Vec<Bits>>) {
+    let specs = specs();
+    let alone = specs
+        .iter()
+        .map(|spec| pollster::block_on(call(engine, spec)))
+        .collect();
+    (Arc::new(specs), Arc::new(alone))
+}
+
 #[test]
 fn many_tasks_and_threads_get_the_results_of_calls_made_alone() {
     let Some(engine) = engine(Path::F32) else {
         return;
     };
-    let specs = std::sync::Arc::new(specs());
-    let alone: Vec<Bits> = specs
-        .iter()
-        .map(|spec| pollster::block_on(call(engine, spec)))
-        .collect();
-    let alone = std::sync::Arc::new(alone);
+    let (specs, alone) = specs_made_alone(engine);
 
     // Everything runs on a worker; this thread only waits, so a deadlock fails the test.
     let (done, finished) = mpsc::channel();
@@ -514,12 +519,7 @@ fn out_of_memory_is_a_typed_error_and_the_engine_works_afterwards() {
 
     // Threads sharing the budgeted engine: the mixed calls all fit (each is well under 1 MiB),
     // the oversized one never does; every result is the call made alone, bit for bit.
-    let specs = std::sync::Arc::new(specs());
-    let alone: Vec<Bits> = specs
-        .iter()
-        .map(|spec| pollster::block_on(call(shared, spec)))
-        .collect();
-    let alone = std::sync::Arc::new(alone);
+    let (specs, alone) = specs_made_alone(shared);
     let (done, finished) = mpsc::channel();
     let callers: Vec<_> = (0..THREADS)
         .map(|t| {

@@ -483,13 +483,9 @@ impl Engine {
         self.inner.ledger.in_use()
     }
 
-    /// Charges `bytes` to the memory ledger; past the budget, empties the scratch pool and tries
-    /// once more (a caching allocator's answer to pressure: what is cached is not needed).
+    /// Charges `bytes` to the memory ledger, emptying the scratch pool first if the budget needs it.
     pub(crate) fn charge(&self, bytes: u64) -> Result<Charge> {
-        self.inner.ledger.charge(bytes).or_else(|_| {
-            self.inner.pool.clear();
-            self.inner.ledger.charge(bytes)
-        })
+        self.inner.pool.charge(bytes)
     }
 
     /// Number of compiled pipelines in the cache.

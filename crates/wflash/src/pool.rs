@@ -177,8 +177,17 @@ impl ScratchPool {
         }
     }
 
-    /// A resource for `key`: a kept one, else one `create` makes once its bytes are charged
-    /// (after letting go of everything kept, if the budget needs it).
+    /// Charges `bytes` to the engine's memory ledger; past the budget, lets go of everything the
+    /// pool keeps and tries once more (a caching allocator's answer to pressure: what is cached
+    /// is not needed).
+    pub(crate) fn charge(&self, bytes: u64) -> Result<Charge> {
+        self.ledger.charge(bytes).or_else(|_| {
+            self.clear();
+            self.ledger.charge(bytes)
+        })
+    }
+
+    /// A resource for `key`: a kept one, else one `create` makes once its bytes are charged.
     fn take_or_create(
         self: &Arc<Self>,
         key: ScratchKey,
@@ -186,16 +195,10 @@ impl ScratchPool {
     ) -> Result<Scratch> {
         let held = match self.take(key) {
             Some(held) => held,
-            None => {
-                let charge = self.ledger.charge(key.bytes()).or_else(|_| {
-                    self.clear();
-                    self.ledger.charge(key.bytes())
-                })?;
-                Held {
-                    resource: create(),
-                    _charge: charge,
-                }
-            }
+            None => Held {
+                _charge: self.charge(key.bytes())?,
+                resource: create(),
+            },
         };
         Ok(Scratch {
             key,
