@@ -1078,10 +1078,17 @@ fn main() -> ExitCode {
         println!("wflash adapter: {}", engine.info());
         return ExitCode::SUCCESS;
     }
+    let timer = if args.wall_clock {
+        None
+    } else {
+        GpuTimer::new(&engine)
+    };
+    let timer = timer.as_ref();
     if args.tune {
         println!("adapter: {}", engine.info());
         return match tune::tune(
             &engine,
+            timer,
             args.tune_file.as_deref(),
             args.samples.unwrap_or(5),
         ) {
@@ -1113,12 +1120,6 @@ fn main() -> ExitCode {
             usize::MAX
         },
     };
-    let timer = if args.wall_clock {
-        None
-    } else {
-        GpuTimer::new(&engine)
-    };
-    let timer = timer.as_ref();
     println!("adapter: {}", engine.info());
     for (family, head_dim, value_dim, tile) in engine.tuned_tiles() {
         println!(

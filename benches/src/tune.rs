@@ -3,12 +3,13 @@
 //! load (wflash::tuning).
 
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use wflash::tuning::{TunedTile, TuningFile};
 use wflash::{AttentionOptions, Engine, Layout, Shape, TileConfig};
+
+use crate::timing::{GpuTimer, Sample, Timing, time_submission};
 
 /// The dims tuned, and the problem each candidate is timed on (B=1, H=8, f32, non-causal
 /// softmax): long enough that the kernel, not the dispatch, dominates.
@@ -16,23 +17,28 @@ const TUNED_DIMS: [usize; 3] = [32, 64, 128];
 const TUNE_SEQ: usize = 1024;
 const TUNE_HEADS: usize = 8;
 
-/// One candidate's timings.
-struct Timed {
+/// One candidate's timed runs.
+struct Candidate {
     tile: TileConfig,
-    times: Vec<f64>,
+    samples: Vec<Sample>,
 }
 
-impl Timed {
+impl Candidate {
+    /// Median of the timer's source (GPU timestamps where every run has one), as the bench.
     fn median(&self) -> f64 {
-        let mut t = self.times.clone();
-        t.sort_by(f64::total_cmp);
-        t[t.len() / 2]
+        Timing::of(&self.samples).stats.median
     }
 }
 
-/// Times the candidates, prints a table per dims, writes the winners to `path` (or the default
-/// tuning path). Returns an error message on failure.
-pub fn tune(engine: &Engine, path: Option<&Path>, samples: usize) -> Result<PathBuf, String> {
+/// Times the candidates (with `timer`'s GPU timestamps where there is one, else wall clock),
+/// prints a table per dims, writes the winners to `path` (or the default tuning path).
+/// Returns an error message on failure.
+pub fn tune(
+    engine: &Engine,
+    timer: Option<&GpuTimer>,
+    path: Option<&Path>,
+    samples: usize,
+) -> Result<PathBuf, String> {
     let path = path
         .map(Path::to_path_buf)
         .or_else(wflash::tuning::default_tuning_path)
@@ -40,9 +46,13 @@ pub fn tune(engine: &Engine, path: Option<&Path>, samples: usize) -> Result<Path
     let mut file = TuningFile::load(&path).map_err(|e| e.to_string())?;
     let family = engine.family();
     let info = engine.info();
+    let source = match timer {
+        Some(_) => "GPU timestamps around each call",
+        None => "wall clock around submit + wait",
+    };
     println!(
         "tuning the {} kernel on {} ({}); B=1 H={TUNE_HEADS} N={TUNE_SEQ} f32 softmax, \
-         samples interleaved, wall clock around submit + wait",
+         samples interleaved, medians of {source}",
         family.name(),
         info.adapter_name,
         info.driver_info
@@ -60,32 +70,31 @@ pub fn tune(engine: &Engine, path: Option<&Path>, samples: usize) -> Result<Path
         let v = upload(shape.v_elems(), &mut rng)?;
         let opts = AttentionOptions::softmax();
         let (d, dv) = (dim as u32, dim as u32);
-        let run = |tile: TileConfig| -> Result<f64, String> {
+        let run = |tile: TileConfig| -> Result<Sample, String> {
             engine
                 .set_tile(family, d, dv, Some(tile))
                 .map_err(|e| e.to_string())?;
-            let start = Instant::now();
-            let out = engine
-                .attention_gpu(&shape, Layout::Bhsd, &opts, &q, &k, &v)
-                .map_err(|e| e.to_string())?;
-            crate::wait(engine.device())?;
-            drop(out);
-            Ok(start.elapsed().as_secs_f64())
+            let (_, sample) = time_submission(engine, timer, || {
+                engine
+                    .attention_gpu(&shape, Layout::Bhsd, &opts, &q, &k, &v)
+                    .map_err(|e| e.to_string())
+            })?;
+            Ok(sample)
         };
-        let mut timed: Vec<Timed> = engine
+        let mut timed: Vec<Candidate> = engine
             .tile_candidates(family, d, dv)
             .into_iter()
-            .map(|tile| Timed {
+            .map(|tile| Candidate {
                 tile,
-                times: Vec::new(),
+                samples: Vec::new(),
             })
             .collect();
         // The first run of each candidate compiles its pipeline: a warm-up, not timed.
         for round in 0..=samples.max(1) {
             for candidate in &mut timed {
-                let t = run(candidate.tile)?;
+                let sample = run(candidate.tile)?;
                 if round > 0 {
-                    candidate.times.push(t);
+                    candidate.samples.push(sample);
                 }
             }
         }
