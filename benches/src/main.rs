@@ -29,7 +29,7 @@ use wflash::{
 use wflash_conformance::ModData;
 use wflash_ref::Problem;
 
-use naive::{Naive, NaiveShape};
+use naive::{Naive, NaiveShape, Peak, PeakProbe};
 use timing::{GpuTimer, Sample, Timing, TimingSource, time_submission};
 
 #[derive(Parser, Debug)]
@@ -108,6 +108,10 @@ struct Record {
     samples: usize,
     gflops: f64,
     pct_of_peak: Option<f64>,
+    /// The FMA probe's GFLOP/s that `pct_of_peak` divides by: the probe run interleaved with the
+    /// samples of the record's group (absent in older files, which divided by one probe per run).
+    #[serde(default)]
+    peak_gflops: Option<f64>,
     /// `"gpu-timestamp"` or `"wall-clock"` (files written before timestamps say `"wall"`).
     timing: String,
     /// Wall clock around submit + wait, whatever `timing` is (absent in older files).
@@ -523,20 +527,33 @@ impl Prepared {
 
 /// Times the cases of one group with their samples interleaved: sample `i` of every case runs
 /// before sample `i + 1` of any, so a drift of the host's clock or load (this machine's FMA probe
-/// moves 56-95 GFLOP/s between runs) falls on every case of the group alike and their ratios
-/// stay meaningful. Returns each case's timing and (f32 only) its output, in order.
+/// moves 55-117 GFLOP/s between runs) falls on every case of the group alike and their ratios
+/// stay meaningful. The FMA probe (where there is one) takes one run per timed round too, so each
+/// case's % of peak divides by the peak measured alongside it. Returns each case's timing and
+/// (f32 only) its output, in order, and the group's peak.
 fn time_fused_group(
     engine: &Engine,
     timer: Option<&GpuTimer>,
     progress: &ProgressBar,
     prepared: &[Prepared],
+    probe: Option<&PeakProbe>,
     warmups: usize,
     samples: usize,
-) -> Vec<Timed> {
+) -> (Vec<Timed>, Option<Result<Peak, String>>) {
     let mut times: Vec<Result<Vec<Sample>, String>> =
         prepared.iter().map(|_| Ok(Vec::new())).collect();
     let mut last: Vec<Option<Tensor>> = prepared.iter().map(|_| None).collect();
+    let mut probe_runs: Result<Vec<Sample>, String> = Ok(Vec::new());
     for round in 0..warmups + samples.max(1) {
+        if let (Some(probe), Ok(runs)) = (probe, &mut probe_runs)
+            && round >= warmups
+        {
+            progress.set_message("fma peak probe");
+            match probe.sample(engine, timer) {
+                Ok(sample) => runs.push(sample),
+                Err(err) => probe_runs = Err(err),
+            }
+        }
         for (i, p) in prepared.iter().enumerate() {
             let Ok(case_times) = &mut times[i] else {
                 continue;
@@ -554,7 +571,8 @@ fn time_fused_group(
             progress.inc(1);
         }
     }
-    times
+    let peak = probe.map(|probe| probe_runs.map(|runs| probe.peak(&runs)));
+    let timed = times
         .into_iter()
         .zip(prepared.iter().zip(last))
         .map(|(t, (p, out))| {
@@ -569,7 +587,8 @@ fn time_fused_group(
             };
             Ok((timing, output))
         })
-        .collect()
+        .collect();
+    (timed, peak)
 }
 
 /// Times the naive three-dispatch attention (f32) with `(warm-ups, samples)` runs. Returns the
@@ -672,6 +691,7 @@ impl Context<'_> {
                 .peak_gflops
                 .filter(|_| on_gpu)
                 .map(|peak| gflops / peak * 100.0),
+            peak_gflops: self.peak_gflops.filter(|_| on_gpu),
             timing: timing.source.name().into(),
             wall_median_ms: Some(timing.wall.median * 1e3),
             wall_min_ms: Some(timing.wall.min * 1e3),
@@ -1019,7 +1039,7 @@ fn progress_bar(runs: u64) -> ProgressBar {
 }
 
 /// The probe's record, so `--baseline` compares it and % of peak has its reference in the file.
-fn peak_record(engine: &Engine, peak: &naive::Peak) -> Record {
+fn peak_record(engine: &Engine, peak: &Peak) -> Record {
     let info = engine.info();
     Record {
         name: "fma_peak".into(),
@@ -1040,6 +1060,7 @@ fn peak_record(engine: &Engine, peak: &naive::Peak) -> Record {
         samples: peak.timing.stats.samples,
         gflops: peak.gflops,
         pct_of_peak: Some(100.0),
+        peak_gflops: Some(peak.gflops),
         timing: peak.timing.source.name().into(),
         wall_median_ms: Some(peak.timing.wall.median * 1e3),
         wall_min_ms: Some(peak.timing.wall.min * 1e3),
@@ -1160,8 +1181,16 @@ fn main() -> ExitCode {
 
     let mut records = Vec::new();
     let mut fused_failures = 0;
-    let peak = match naive::fma_peak(&engine, timer, samples) {
-        Ok(peak) => {
+    let probe = match PeakProbe::new(&engine, timer) {
+        Ok(probe) => Some(probe),
+        Err(err) => {
+            println!("fma peak probe failed ({err}); % of peak is not reported");
+            None
+        }
+    };
+    let peak = match probe.as_ref().map(|p| p.measure(&engine, timer, samples)) {
+        None => None,
+        Some(Ok(peak)) => {
             println!(
                 "fma peak probe: {:.2} GFLOP/s ({:.2} GFLOP per run, median {:.3} ms, wall {:.3} ms)",
                 peak.gflops,
@@ -1172,7 +1201,7 @@ fn main() -> ExitCode {
             records.push(peak_record(&engine, &peak));
             Some(peak.gflops)
         }
-        Err(err) => {
+        Some(Err(err)) => {
             println!("fma peak probe failed ({err}); % of peak is not reported");
             None
         }
@@ -1193,10 +1222,6 @@ fn main() -> ExitCode {
             println!("copy bandwidth probe failed ({err})");
             None
         }
-    };
-    let ctx = Context {
-        engine: &engine,
-        peak_gflops: peak,
     };
     let naive = match Naive::new(engine.device()) {
         Ok(naive) => Some(naive),
@@ -1242,23 +1267,38 @@ fn main() -> ExitCode {
                 }
             }
         }
-        let results = time_fused_group(
+        let (results, group_peak) = time_fused_group(
             &engine,
             timer,
             &progress,
             &prepared,
+            probe.as_ref().filter(|_| peak.is_some()),
             counts.warmups,
             samples,
         );
         drop(prepared);
+        // % of peak divides by the probe of this group; by the run's first probe where it failed.
+        let group_peak = match group_peak {
+            Some(Ok(group_peak)) => Some(group_peak.gflops),
+            Some(Err(err)) => {
+                say(format!("fma peak probe failed in this group ({err})"));
+                peak
+            }
+            None => peak,
+        };
+        let ctx = Context {
+            engine: &engine,
+            peak_gflops: group_peak,
+        };
         say(format!(
-            "{}: {} fused case(s) timed, interleaved, in {:.1} s",
+            "{}: {} fused case(s) timed, interleaved with the FMA probe ({}), in {:.1} s",
             if group[0].linear {
                 "linear".to_string()
             } else {
                 format!("n={}", group[0].seq)
             },
             timed.len(),
+            group_peak.map_or("none".into(), |p| format!("{p:.1} GFLOP/s")),
             group_start.elapsed().as_secs_f64()
         ));
         for (case, [q, k, v]) in group.iter().zip(&inputs) {

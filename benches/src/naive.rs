@@ -327,64 +327,93 @@ const FMA_ITERATIONS: u32 = 512;
 const FMA_FLOPS_PER_STEP: f64 = 256.0;
 const FMA_WORKGROUP: u32 = 64;
 
-pub fn fma_peak(engine: &Engine, timer: Option<&GpuTimer>, samples: usize) -> Result<Peak, String> {
-    let (device, queue) = (engine.device(), engine.queue());
-    let (pipeline, bind_group) = scoped(device, || {
-        let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
-            label: Some("fma_peak.wgsl"),
-            source: wgpu::ShaderSource::Wgsl(FMA_PEAK_WGSL.into()),
-        });
-        let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-            label: Some("fma_peak"),
-            layout: None,
-            module: &module,
-            entry_point: Some("fma_peak"),
-            compilation_options: wgpu::PipelineCompilationOptions {
-                constants: &[("ITERATIONS", f64::from(FMA_ITERATIONS))],
-                ..Default::default()
-            },
-            cache: None,
-        });
-        // b < 1 and c small keep every accumulator bounded; the sentinel (-1) is never reached.
-        let seed: [f32; 12] = [
-            0.999, 0.999, 0.999, 0.999, 1e-3, 1e-3, 1e-3, 1e-3, -1.0, -1.0, -1.0, -1.0,
-        ];
-        let seed = device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
-            label: Some("fma seed"),
-            contents: bytemuck::cast_slice(&seed),
-            usage: wgpu::BufferUsages::STORAGE,
-        });
-        let sink = device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("fma sink"),
-            size: 16,
-            usage: wgpu::BufferUsages::STORAGE,
-            mapped_at_creation: false,
-        });
-        let bind_group = device.create_bind_group(&wgpu::BindGroupDescriptor {
-            label: Some("fma_peak"),
-            layout: &pipeline.get_bind_group_layout(0),
-            entries: &[
-                wgpu::BindGroupEntry {
-                    binding: 0,
-                    resource: seed.as_entire_binding(),
+/// The FMA probe's pipeline, with its dispatch sized once so that every run does the same work:
+/// the bench runs it once before the cases, then once per round inside each group of cases, so
+/// that each case's % of peak divides by the probe measured at the same time (this host's probe
+/// moves by a third between minutes; docs/PERF.md).
+pub struct PeakProbe {
+    pipeline: wgpu::ComputePipeline,
+    bind_group: wgpu::BindGroup,
+    /// Workgroups per run.
+    groups: u32,
+}
+
+impl PeakProbe {
+    /// Compiles the probe and grows its dispatch until one run takes long enough for wall-clock
+    /// timing to mean something.
+    pub fn new(engine: &Engine, timer: Option<&GpuTimer>) -> Result<PeakProbe, String> {
+        let device = engine.device();
+        let (pipeline, bind_group) = scoped(device, || {
+            let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
+                label: Some("fma_peak.wgsl"),
+                source: wgpu::ShaderSource::Wgsl(FMA_PEAK_WGSL.into()),
+            });
+            let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                label: Some("fma_peak"),
+                layout: None,
+                module: &module,
+                entry_point: Some("fma_peak"),
+                compilation_options: wgpu::PipelineCompilationOptions {
+                    constants: &[("ITERATIONS", f64::from(FMA_ITERATIONS))],
+                    ..Default::default()
                 },
-                wgpu::BindGroupEntry {
-                    binding: 1,
-                    resource: sink.as_entire_binding(),
-                },
-            ],
-        });
-        (pipeline, bind_group)
-    })?;
-    let max_x = device
-        .limits()
-        .max_compute_workgroups_per_dimension
-        .min(32768);
-    let run = |groups: u32| -> Result<Sample, String> {
-        let (x, y) = if groups <= max_x {
-            (groups, 1)
+                cache: None,
+            });
+            // b < 1 and c small keep every accumulator bounded; the sentinel (-1) is never reached.
+            let seed: [f32; 12] = [
+                0.999, 0.999, 0.999, 0.999, 1e-3, 1e-3, 1e-3, 1e-3, -1.0, -1.0, -1.0, -1.0,
+            ];
+            let seed = device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                label: Some("fma seed"),
+                contents: bytemuck::cast_slice(&seed),
+                usage: wgpu::BufferUsages::STORAGE,
+            });
+            let sink = device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("fma sink"),
+                size: 16,
+                usage: wgpu::BufferUsages::STORAGE,
+                mapped_at_creation: false,
+            });
+            let bind_group = device.create_bind_group(&wgpu::BindGroupDescriptor {
+                label: Some("fma_peak"),
+                layout: &pipeline.get_bind_group_layout(0),
+                entries: &[
+                    wgpu::BindGroupEntry {
+                        binding: 0,
+                        resource: seed.as_entire_binding(),
+                    },
+                    wgpu::BindGroupEntry {
+                        binding: 1,
+                        resource: sink.as_entire_binding(),
+                    },
+                ],
+            });
+            (pipeline, bind_group)
+        })?;
+        let mut probe = PeakProbe {
+            pipeline,
+            bind_group,
+            groups: 64,
+        };
+        probe.sample(engine, timer)?; // compile and warm up
+        probe.groups = 256;
+        while probe.sample(engine, timer)?.wall < 0.15 && probe.groups < (1 << 22) {
+            probe.groups *= 2;
+        }
+        Ok(probe)
+    }
+
+    /// One timed run.
+    pub fn sample(&self, engine: &Engine, timer: Option<&GpuTimer>) -> Result<Sample, String> {
+        let (device, queue) = (engine.device(), engine.queue());
+        let max_x = device
+            .limits()
+            .max_compute_workgroups_per_dimension
+            .min(32768);
+        let (x, y) = if self.groups <= max_x {
+            (self.groups, 1)
         } else {
-            (max_x, groups.div_ceil(max_x))
+            (max_x, self.groups.div_ceil(max_x))
         };
         let (_, sample) = time_submission(engine, timer, || {
             let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
@@ -395,34 +424,42 @@ pub fn fma_peak(engine: &Engine, timer: Option<&GpuTimer>, samples: usize) -> Re
                     label: Some("fma_peak"),
                     timestamp_writes: None,
                 });
-                pass.set_pipeline(&pipeline);
-                pass.set_bind_group(0, &bind_group, &[]);
+                pass.set_pipeline(&self.pipeline);
+                pass.set_bind_group(0, &self.bind_group, &[]);
                 pass.dispatch_workgroups(x, y, 1);
             }
             queue.submit([encoder.finish()]);
             Ok(())
         })?;
         Ok(sample)
-    };
-    // Grow the dispatch until one run takes long enough for wall-clock timing to mean something.
-    run(64)?; // compile and warm up
-    let mut groups = 256u32;
-    while run(groups)?.wall < 0.15 && groups < (1 << 22) {
-        groups *= 2;
     }
-    let runs: Vec<Sample> = (0..samples.max(1))
-        .map(|_| run(groups))
-        .collect::<Result<_, _>>()?;
-    let timing = Timing::of(&runs);
-    let flops = f64::from(groups)
-        * f64::from(FMA_WORKGROUP)
-        * f64::from(FMA_ITERATIONS)
-        * FMA_FLOPS_PER_STEP;
-    Ok(Peak {
-        gflops: flops / timing.stats.median / 1e9,
-        timing,
-        flops,
-    })
+
+    /// `samples` runs in a row.
+    pub fn measure(
+        &self,
+        engine: &Engine,
+        timer: Option<&GpuTimer>,
+        samples: usize,
+    ) -> Result<Peak, String> {
+        let runs: Vec<Sample> = (0..samples.max(1))
+            .map(|_| self.sample(engine, timer))
+            .collect::<Result<_, _>>()?;
+        Ok(self.peak(&runs))
+    }
+
+    /// The peak that some runs of this probe measured. `runs` must not be empty.
+    pub fn peak(&self, runs: &[Sample]) -> Peak {
+        let timing = Timing::of(runs);
+        let flops = f64::from(self.groups)
+            * f64::from(FMA_WORKGROUP)
+            * f64::from(FMA_ITERATIONS)
+            * FMA_FLOPS_PER_STEP;
+        Peak {
+            gflops: flops / timing.stats.median / 1e9,
+            timing,
+            flops,
+        }
+    }
 }
 
 /// The copy-bandwidth probe: `copy_buffer_to_buffer` of one large buffer into another.
