@@ -321,6 +321,84 @@ impl Case {
     }
 }
 
+impl Case {
+    /// What the case computes, spelled the same way as long as the case is the same: the key
+    /// of the output hashes (`record_output_hash`) that prove a refactor bitwise neutral.
+    pub fn key(&self) -> String {
+        let s = &self.shape;
+        let m = &self.mods;
+        let mut mods = Vec::new();
+        if let Some(cap) = m.softcap {
+            mods.push(format!("softcap={cap}"));
+        }
+        if m.alibi {
+            mods.push("alibi".to_string());
+        }
+        if let Some(b) = m.bias {
+            mods.push(format!("bias({},{},{})", b.per_batch, b.per_head, b.f16));
+        }
+        for (on, name) in [
+            (m.key_mask, "key_mask"),
+            (m.sinks, "sinks"),
+            (m.temperature, "temperature"),
+            (m.varlen, "varlen"),
+        ] {
+            if on {
+                mods.push(name.to_string());
+            }
+        }
+        format!(
+            "seed={} {:?} {:?} b{} h{}/{} n{}x{} d{} dv{} causal={:?} window={:?} scale={:?} {:?} std={} [{}]",
+            self.seed,
+            self.path,
+            self.layout,
+            s.batch,
+            s.q_heads,
+            s.kv_heads,
+            s.q_len,
+            s.kv_len,
+            s.head_dim,
+            s.value_dim,
+            self.causal,
+            self.window,
+            self.scale,
+            self.variant,
+            self.input_std,
+            mods.join(" ")
+        )
+    }
+}
+
+/// With `WFLASH_OUTPUT_HASHES=DIR` set, appends `key name=hash ...` (FNV-1a of each named
+/// output's f32 bits) to `DIR/hashes.txt`: run the conformance suites before and after a
+/// behaviour-preserving change and compare the sorted files (one write per line, so
+/// concurrent tests do not interleave).
+pub fn record_output_hash(key: &str, outputs: &[(&str, &[f32])]) {
+    use std::io::Write;
+    let Ok(dir) = std::env::var("WFLASH_OUTPUT_HASHES") else {
+        return;
+    };
+    let mut line = key.to_string();
+    for (name, values) in outputs {
+        let mut hash = 0xcbf2_9ce4_8422_2325u64;
+        for x in *values {
+            for byte in x.to_bits().to_le_bytes() {
+                hash = (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3);
+            }
+        }
+        line.push_str(&format!(" {name}={hash:016x}"));
+    }
+    line.push('\n');
+    let _ = std::fs::create_dir_all(&dir);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(std::path::Path::new(&dir).join("hashes.txt"));
+    if let Ok(mut file) = file {
+        let _ = file.write_all(line.as_bytes());
+    }
+}
+
 /// What a case measured.
 #[derive(Clone, Debug)]
 pub struct Outcome {
@@ -447,6 +525,13 @@ fn judge<T: Element>(engine: &Engine, case: &Case) -> Result<Outcome, String> {
     let gpu = engine
         .attention_blocking(&case.shape, case.layout, &opts, &q, &k, &v)
         .map_err(|e| format!("{case:?}: engine error {e}"))?;
+    record_output_hash(
+        &format!("{} {}", engine.family().name(), case.key()),
+        &[
+            ("O", &gpu.output.iter().map(|x| x.to_f32()).collect::<Vec<_>>()),
+            ("LSE", gpu.lse.as_deref().unwrap_or(&[])),
+        ],
+    );
 
     // The f64 truth and the same-precision naive baseline are the slow part of a case on a
     // 2-core CI machine: compute them side by side.

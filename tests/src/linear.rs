@@ -308,6 +308,14 @@ fn judge<T: Element>(engine: &Engine, case: &LinearCase) -> Result<LinearOutcome
     if case.normalize == z.is_empty() {
         return Err(format!("{case:?}: z state present = {}", !z.is_empty()));
     }
+    crate::record_output_hash(
+        &format!("linear {case:?}"),
+        &[
+            ("O", &output.iter().map(|x| x.to_f32()).collect::<Vec<_>>()),
+            ("state", &kv),
+            ("z", &z),
+        ],
+    );
 
     let (truth, naive) = std::thread::scope(|scope| {
         let truth = scope.spawn(|| {
