@@ -41,7 +41,13 @@ struct Params {
     // Key-mask texture: rows (one per batch element) per texture line, texels per row.
     mask_fold: u32,
     mask_width4: u32,
+    // Prefix-LM: keys before prefix_len are visible past the causal bound (0: none).
+    prefix_len: u32,
+    // Chunked local attention: a row sees only its diagonal's chunk of `chunk` keys (0: none).
+    chunk: u32,
     _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
 }
 
 // One batch element, or one packed sequence of a varlen call (host twin: `SequenceInfo`).
@@ -76,15 +82,23 @@ const HAS_TEMPERATURE: u32 = 2u;
 const NO_MAX: f32 = -3.0e38;
 const LN_2: f32 = 0.6931471805599453;
 
-// Keys [x, y) that query `row` of `seq` sees: the causal bound (CAUSAL), the window, the key
-// mask's span, and [0, kv_len). Both bounds only grow with `row`, which is what lets a block
-// skip whole key tiles.
+// Keys [x, y) that query `row` of `seq` sees: the causal bound (CAUSAL) widened by a
+// prefix-LM prefix, the window, the chunk of chunked local attention, the key mask's span,
+// and [0, kv_len). Both bounds only grow with `row`, which is what lets a block skip whole key
+// tiles. A new mask is one more bound here.
 fn visible_keys(seq: Sequence, row: u32) -> vec2<u32> {
     let diag = i32(row) + seq.diag_offset;
     var lo = i32(seq.key_lo);
     var hi = i32(seq.key_hi);
     if CAUSAL {
-        hi = min(hi, diag + 1);
+        hi = min(hi, max(diag + 1, i32(params.prefix_len)));
+    }
+    if params.chunk > 0u {
+        // The chunk holding the diagonal key: diag rounded down (toward -inf) to a multiple.
+        let size = i32(params.chunk);
+        let start = diag - ((diag % size) + size) % size;
+        lo = max(lo, start);
+        hi = min(hi, start + size);
     }
     if params.window_left >= 0 {
         lo = max(lo, diag - params.window_left);

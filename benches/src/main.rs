@@ -24,7 +24,7 @@ use rand_distr::StandardNormal;
 use serde::{Deserialize, Serialize};
 use wflash::{
     AttentionOptions, Bias, Causal, DType, Element, Engine, EngineOptions, F16Path, Layout,
-    LinearOptions, Shape, Tensor, Varlen, Window, wgpu,
+    LinearOptions, Modifier, Shape, Tensor, Varlen, Window, wgpu,
 };
 use wflash_conformance::ModData;
 use wflash_ref::Problem;
@@ -162,45 +162,53 @@ struct Case {
     modifier: Option<Modifier>,
 }
 
-/// One score modifier, as a model would use it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Modifier {
-    /// Gemma 2's attention soft-cap, 50.
-    Softcap,
-    /// ALiBi with the standard slopes.
-    Alibi,
-    /// A dense f32 bias shared by all heads, `[1, 1, N, N]` (e.g. a relative-position bias).
-    Bias,
-    /// The last quarter of the keys is padding.
-    KeyMask,
-    /// A sink logit per head.
-    Sinks,
-    /// A per-query inverse temperature in [0.5, 2).
-    Temperature,
-    /// Four packed sequences of N/4 (compare with one of N: a quarter of the pairs).
-    Varlen,
+/// How a model uses each modifier ([`Modifier::ALL`]), the bench's one table of them:
+/// softcap 50 (Gemma 2); ALiBi's standard slopes; a dense f32 bias shared by all heads
+/// (`[1, 1, N, N]`, e.g. a relative-position bias); the last quarter of the keys padding; a
+/// sink logit per head; a per-query inverse temperature in [0.5, 2); four packed sequences of
+/// N/4 (a quarter of the pairs of one of N); a prefix-LM prefix of N/4 (causal after it);
+/// chunked local attention in chunks of 1024 keys, causal inside (Llama 4).
+fn draw_modifier(modifier: Modifier, shape: &Shape, rng: &mut StdRng, data: &mut ModData) {
+    let n = shape.kv_len;
+    match modifier {
+        Modifier::Softcap => {}
+        Modifier::Alibi => data.alibi_slopes = wflash::alibi_slopes(shape.q_heads),
+        Modifier::Bias => data.bias_f32 = random_normals(rng, n * n),
+        Modifier::KeyMask => {
+            data.key_mask = (0..shape.batch * n).map(|j| j % n < n - n / 4).collect();
+        }
+        Modifier::Sinks => data.sinks = random_normals(rng, shape.q_heads),
+        Modifier::Temperature => {
+            data.temperature = (0..shape.lse_elems())
+                .map(|_| rng.random_range(0.5..2.0))
+                .collect();
+        }
+        Modifier::Varlen => {
+            let cu: Vec<u32> = (0..=4).map(|s| (s * n / 4) as u32).collect();
+            data.cu_seqlens_q = cu.clone();
+            data.cu_seqlens_k = cu;
+        }
+        Modifier::PrefixLm => data.prefix_len = n / 4,
+        Modifier::ChunkedLocal => data.chunk = 1024,
+    }
 }
 
-impl Modifier {
-    const ALL: [Modifier; 7] = [
-        Modifier::Softcap,
-        Modifier::Alibi,
-        Modifier::Bias,
-        Modifier::KeyMask,
-        Modifier::Sinks,
-        Modifier::Temperature,
-        Modifier::Varlen,
-    ];
-    fn name(self) -> &'static str {
-        match self {
-            Modifier::Softcap => "softcap",
-            Modifier::Alibi => "alibi",
-            Modifier::Bias => "bias",
-            Modifier::KeyMask => "keymask",
-            Modifier::Sinks => "sinks",
-            Modifier::Temperature => "temperature",
-            Modifier::Varlen => "varlen4",
+fn apply_modifier<'a>(modifier: Modifier, data: &'a ModData, opts: &mut AttentionOptions<'a>) {
+    match modifier {
+        Modifier::Softcap => opts.softcap = Some(50.0),
+        Modifier::Alibi => opts.alibi_slopes = Some(&data.alibi_slopes),
+        Modifier::Bias => opts.bias = Some(Bias::f32(&data.bias_f32, 1, 1)),
+        Modifier::KeyMask => opts.key_mask = Some(&data.key_mask),
+        Modifier::Sinks => opts.sinks = Some(&data.sinks),
+        Modifier::Temperature => opts.temperature = Some(&data.temperature),
+        Modifier::Varlen => {
+            opts.varlen = Some(Varlen {
+                cu_seqlens_q: &data.cu_seqlens_q,
+                cu_seqlens_k: &data.cu_seqlens_k,
+            });
         }
+        Modifier::PrefixLm => opts.prefix_len = Some(data.prefix_len),
+        Modifier::ChunkedLocal => opts.chunk = Some(data.chunk),
     }
 }
 
@@ -293,25 +301,8 @@ impl Case {
         let shape = self.shape();
         let mut rng = StdRng::seed_from_u64(self.seed() ^ 0x6d6f_6473);
         let mut data = ModData::default();
-        let n = self.seq;
-        match self.modifier {
-            None | Some(Modifier::Softcap) => {}
-            Some(Modifier::Alibi) => data.alibi_slopes = wflash::alibi_slopes(shape.q_heads),
-            Some(Modifier::Bias) => data.bias_f32 = random_normals(&mut rng, n * n),
-            Some(Modifier::KeyMask) => {
-                data.key_mask = (0..shape.batch * n).map(|j| j % n < n - n / 4).collect();
-            }
-            Some(Modifier::Sinks) => data.sinks = random_normals(&mut rng, shape.q_heads),
-            Some(Modifier::Temperature) => {
-                data.temperature = (0..shape.lse_elems())
-                    .map(|_| rng.random_range(0.5..2.0))
-                    .collect();
-            }
-            Some(Modifier::Varlen) => {
-                let cu: Vec<u32> = (0..=4).map(|s| (s * n / 4) as u32).collect();
-                data.cu_seqlens_q = cu.clone();
-                data.cu_seqlens_k = cu;
-            }
+        if let Some(modifier) = self.modifier {
+            draw_modifier(modifier, &shape, &mut rng, &mut data);
         }
         data
     }
@@ -327,20 +318,8 @@ impl Case {
         if self.causal {
             opts = opts.with_causal(Causal::BottomRight);
         }
-        match self.modifier {
-            None => {}
-            Some(Modifier::Softcap) => opts.softcap = Some(50.0),
-            Some(Modifier::Alibi) => opts.alibi_slopes = Some(&data.alibi_slopes),
-            Some(Modifier::Bias) => opts.bias = Some(Bias::f32(&data.bias_f32, 1, 1)),
-            Some(Modifier::KeyMask) => opts.key_mask = Some(&data.key_mask),
-            Some(Modifier::Sinks) => opts.sinks = Some(&data.sinks),
-            Some(Modifier::Temperature) => opts.temperature = Some(&data.temperature),
-            Some(Modifier::Varlen) => {
-                opts.varlen = Some(Varlen {
-                    cu_seqlens_q: &data.cu_seqlens_q,
-                    cu_seqlens_k: &data.cu_seqlens_k,
-                })
-            }
+        if let Some(modifier) = self.modifier {
+            apply_modifier(modifier, data, &mut opts);
         }
         opts
     }
@@ -360,6 +339,14 @@ impl Case {
             DType::Bf16 => 3,
         };
         0x5eed_0000 ^ ((self.seq as u64) << 4) ^ (dtype << 1) ^ u64::from(self.causal)
+    }
+    /// Whether the engine accepts the case's options (some modifiers do not go with sigmoid,
+    /// or need a causal mask).
+    fn accepted(&self) -> bool {
+        let data = self.data();
+        self.options(&data)
+            .validate_modifiers(&self.shape())
+            .is_ok()
     }
     /// Whether the naive three-dispatch baseline computes this case (plain softmax only).
     fn naive_applies(&self) -> bool {
@@ -434,13 +421,28 @@ fn cases(quick: bool) -> Vec<Case> {
     cases.push(linear(4096, false));
     // Causal softmax at 8192 too, to compare with linear attention there.
     cases.push(case(DType::F32, 8192, 64, true));
-    // Each score modifier at N=2048, to compare with plain softmax (and sigmoid) there.
+    // Each modifier at N=2048, to compare with plain softmax (and sigmoid) there; causal where
+    // the modifier needs it or models use it so (prefix-LM, chunked local attention).
     for modifier in Modifier::ALL {
-        cases.push(modified(modifier, false));
-        if modifier != Modifier::Sinks {
-            cases.push(modified(modifier, true));
+        for sigmoid in [false, true] {
+            let mut case = modified(modifier, sigmoid);
+            if !case.accepted() {
+                case.causal = true;
+            }
+            if modifier == Modifier::ChunkedLocal {
+                case.causal = true;
+            }
+            if case.accepted() {
+                cases.push(case);
+            }
         }
     }
+    // Chunked local attention (chunks of 1024) against full causal attention at 8192.
+    cases.push(Case {
+        causal: true,
+        ..modified(Modifier::ChunkedLocal, false)
+    });
+    cases.last_mut().expect("just pushed").seq = 8192;
     cases
 }
 
@@ -833,6 +835,15 @@ fn comparisons() -> Vec<Comparison> {
                 ..plain(8192, false)
             },
             needs: Needs::AtLeast(8.0),
+        },
+        Comparison {
+            what: "causal / chunked local 1024 (causal), N=8192 (#15)",
+            first: plain(8192, true),
+            second: Case {
+                modifier: Some(Modifier::ChunkedLocal),
+                ..plain(8192, true)
+            },
+            needs: Needs::AtLeast(5.0),
         },
         Comparison {
             what: "causal linear N=16384 / N=4096 (#4)",

@@ -4,6 +4,8 @@
 use rand::{Rng, SeedableRng};
 use wflash::{Causal, Layout, Shape, Variant, Window};
 
+use wflash::{Modifier, ModifierSet};
+
 use crate::{BiasForm, Case, Mods, Path};
 
 pub const SEQ_LENS: [(usize, usize); 8] = [
@@ -62,7 +64,7 @@ fn value_dim(head_dim: usize, v: ValueDim) -> usize {
 }
 
 /// Axis sizes, in the order of the index vector a row holds.
-const AXES: [usize; 10] = [
+pub const AXES: [usize; 10] = [
     SEQ_LENS.len(),
     HEAD_DIMS.len(),
     CAUSAL.len(),
@@ -196,145 +198,294 @@ pub const BIAS_FORMS: [BiasForm; 3] = [
         f16: false,
     },
 ];
-/// A cap of 2 bends most scores (they are about N(0, 1)).
-pub const SOFTCAP: f32 = 2.0;
 
-/// What selects a kernel among the modifier options: the score modifiers compiled in (softcap,
-/// ALiBi, bias, key mask), causal or not, and softmax or sigmoid.
+/// The modifiers compiled into kernels ([`Modifier::compiled`]), in [`Modifier::ALL`]'s order.
+pub fn compiled_modifiers() -> Vec<Modifier> {
+    Modifier::ALL
+        .into_iter()
+        .filter(|m| m.compiled().is_some())
+        .collect()
+}
+
+/// The modifiers that are runtime data, in [`Modifier::ALL`]'s order: one on/off axis each.
+pub fn runtime_modifiers() -> Vec<Modifier> {
+    Modifier::ALL
+        .into_iter()
+        .filter(|m| m.compiled().is_none())
+        .collect()
+}
+
+/// What selects a kernel among the modifier options: the compiled modifiers, causal or not,
+/// and softmax or sigmoid.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct KernelConfig {
-    pub softcap: bool,
-    pub alibi: bool,
-    pub bias: bool,
-    pub key_mask: bool,
+    pub mods: ModifierSet,
     pub causal: bool,
     pub sigmoid: bool,
 }
 
-const fn config(mods: [bool; 4], causal: bool, sigmoid: bool) -> KernelConfig {
-    KernelConfig {
-        softcap: mods[0],
-        alibi: mods[1],
-        bias: mods[2],
-        key_mask: mods[3],
+impl KernelConfig {
+    /// The on/off axes: each compiled modifier, then causal and sigmoid.
+    pub fn axes(&self) -> Vec<bool> {
+        let mut axes: Vec<bool> = compiled_modifiers()
+            .into_iter()
+            .map(|m| self.mods.contains(m))
+            .collect();
+        axes.extend([self.causal, self.sigmoid]);
+        axes
+    }
+}
+
+/// Kernels in which every pair of values of the on/off axes (each compiled modifier, causal,
+/// sigmoid) meets (a strength-2 covering array; `kernel_configs_cover_every_pair` checks it):
+/// none; each compiled modifier alone, with causal and sigmoid cycling through
+/// (on, on), (on, off), (off, on), (on, off); all of them with softmax and with causal sigmoid.
+/// Few kernels: each costs a 10-25 s compile on llvmpipe.
+pub fn kernel_configs() -> Vec<KernelConfig> {
+    let config = |mods, causal, sigmoid| KernelConfig {
+        mods,
         causal,
         sigmoid,
-    }
-}
-
-/// Seven kernels in which every pair of values of those six on/off axes meets (a strength-2
-/// covering array; `kernel_configs_cover_every_pair` checks it): none; each compiled modifier
-/// alone; all four with softmax and with sigmoid.
-pub const KERNEL_CONFIGS: [KernelConfig; 7] = [
-    config([false, false, false, false], false, false),
-    config([true, false, false, false], true, true),
-    config([false, true, false, false], true, false),
-    config([false, false, true, false], false, true),
-    config([false, false, false, true], true, false),
-    config([true, true, true, true], false, false),
-    config([true, true, true, true], true, true),
-];
-
-impl KernelConfig {
-    /// The six axes as on/off values.
-    pub fn axes(&self) -> [bool; 6] {
-        [
-            self.softcap,
-            self.alibi,
-            self.bias,
-            self.key_mask,
-            self.causal,
-            self.sigmoid,
-        ]
-    }
-}
-
-/// Axes of the modifier grid: kernel config, sequences, causal alignment (when causal), heads,
-/// path, layout, batch, window, bias form (when biased), sinks, temperature, varlen.
-const MOD_AXES: [usize; 12] = [
-    KERNEL_CONFIGS.len(),
-    MOD_SEQ_LENS.len(),
-    2,
-    HEADS.len(),
-    Path::ALL.len(),
-    LAYOUTS.len(),
-    BATCHES.len(),
-    WINDOWS.len(),
-    BIAS_FORMS.len(),
-    2,
-    2,
-    2,
-];
-
-/// Combinations that have no meaning and return `Error::Unsupported` or `InvalidModifier`
-/// (tested in api.rs): sinks with sigmoid, a bias or key mask with varlen, varlen in batch 2.
-fn mod_pair_allowed(a: usize, va: usize, b: usize, vb: usize) -> bool {
-    let refused = |(x, vx): (usize, usize), (y, vy): (usize, usize)| {
-        let kernel = KERNEL_CONFIGS[vx.min(KERNEL_CONFIGS.len() - 1)];
-        match (x, y) {
-            (0, 9) => kernel.sigmoid && vy == 1,                    // sinks
-            (0, 11) => (kernel.bias || kernel.key_mask) && vy == 1, // varlen
-            (6, 11) => vx == 1 && vy == 1,                          // batch 2, varlen
-            _ => false,
-        }
     };
-    !refused((a, va), (b, vb)) && !refused((b, vb), (a, va))
+    const CYCLE: [(bool, bool); 4] = [(true, true), (true, false), (false, true), (true, false)];
+    let all = ModifierSet::all_compiled();
+    let mut configs = vec![config(ModifierSet::NONE, false, false)];
+    for (i, m) in compiled_modifiers().into_iter().enumerate() {
+        let (causal, sigmoid) = CYCLE[i % CYCLE.len()];
+        configs.push(config(ModifierSet::NONE.with(m), causal, sigmoid));
+    }
+    configs.push(config(all, false, false));
+    configs.push(config(all, true, true));
+    configs
 }
 
-/// The modifier grid as cases: each score modifier alone, then a pairwise covering sample of
-/// the modifiers with each other and with every other option (over the seven kernel configs).
-pub fn modifier_cases() -> Vec<Case> {
-    let mut rows = Vec::new();
-    // Alone: each compiled modifier (configs 1-4), then sinks, temperature and varlen on
-    // the plain kernel; (113, 203), GQA, batch 2 (1 for varlen), no window.
-    for config in 1..5 {
-        rows.push([config, 2, 0, 1, config % 4, 0, 1, 0, 0, 0, 0, 0]);
+/// The modifier grid's axes before the runtime modifiers: kernel config, sequences, causal
+/// alignment (when causal), heads, path, layout, batch, window, bias form (when biased).
+const FIXED_MOD_AXES: usize = 9;
+/// The axes the grid's covering rows were first drawn over (the fixed ones, then sinks,
+/// temperature and varlen). Each axis after them joins with its first value (off) in the rows
+/// that exist, and new rows cover its pairs: adding a modifier never changes an existing case,
+/// so a refactor that adds one still compares outputs case by case (`WFLASH_OUTPUT_HASHES`).
+const FIRST_MOD_AXES: usize = 12;
+
+/// Value counts of the modifier grid's axes, in the order of its rows.
+pub fn mod_axes() -> Vec<usize> {
+    let mut axes = vec![
+        kernel_configs().len(),
+        MOD_SEQ_LENS.len(),
+        2,
+        HEADS.len(),
+        Path::ALL.len(),
+        LAYOUTS.len(),
+        BATCHES.len(),
+        WINDOWS.len(),
+        BIAS_FORMS.len(),
+    ];
+    axes.extend(runtime_modifiers().iter().map(|_| 2));
+    axes
+}
+
+/// The case a row of the modifier grid stands for (`seed` its seed).
+fn mod_case(r: &[usize], seed: u64) -> Case {
+    let kernel = kernel_configs()[r[0]];
+    let (q_len, kv_len) = MOD_SEQ_LENS[r[1]];
+    let (q_heads, kv_heads) = HEADS[r[3]];
+    let mut on = kernel.mods;
+    for (i, m) in runtime_modifiers().into_iter().enumerate() {
+        if r[FIXED_MOD_AXES + i] == 1 {
+            on = on.with(m);
+        }
     }
-    rows.push([0, 2, 0, 1, 0, 1, 1, 0, 0, 1, 0, 0]);
-    rows.push([0, 2, 0, 1, 1, 0, 1, 0, 0, 0, 1, 0]);
-    rows.push([0, 2, 0, 1, 2, 1, 0, 0, 0, 0, 0, 1]);
-    rows.extend(covering_rows(MOD_AXES, 0x6d0d, mod_pair_allowed));
-    rows.into_iter()
+    Case {
+        shape: Shape {
+            batch: BATCHES[r[6]],
+            q_heads,
+            kv_heads,
+            q_len,
+            kv_len,
+            head_dim: MOD_HEAD_DIM,
+            value_dim: MOD_HEAD_DIM,
+        },
+        layout: LAYOUTS[r[5]],
+        causal: kernel
+            .causal
+            .then_some([Causal::BottomRight, Causal::TopLeft][r[2]]),
+        window: WINDOWS[r[7]],
+        scale: None,
+        variant: if kernel.sigmoid {
+            Variant::Sigmoid { bias: None }
+        } else {
+            Variant::Softmax
+        },
+        path: Path::ALL[r[4]],
+        input_std: 1.0,
+        mods: Mods {
+            on,
+            bias_form: BIAS_FORMS[r[8]],
+        },
+        seed,
+    }
+}
+
+/// Whether the engine accepts the case's options: combinations without meaning
+/// (`Error::Unsupported`, `InvalidModifier`; api.rs tests each) are left out of the grid. The
+/// engine's own validation decides, so a new modifier brings its refusals with it.
+pub fn accepted(case: &Case) -> bool {
+    let data = case.data();
+    case.options(&data).validate_modifiers(&case.shape).is_ok()
+}
+
+/// Whether the pair (axis `a` = `va`, axis `b` = `vb`) may meet in a case: a row with those
+/// two values set, the rest at their first value but the kernel config, is accepted for some
+/// kernel config (a prefix-LM mask needs a causal one).
+pub fn mod_pair_allowed(a: usize, va: usize, b: usize, vb: usize) -> bool {
+    let axes = mod_axes();
+    // When the pair holds the kernel config, the config is the pair's.
+    let configs = if a == 0 || b == 0 { 1 } else { axes[0] };
+    (0..configs).any(|config| {
+        let mut row = vec![0; axes.len()];
+        row[0] = config;
+        row[a] = va;
+        row[b] = vb;
+        accepted(&mod_case(&row, 0))
+    })
+}
+
+/// The modifier grid as cases: each modifier alone, then a pairwise covering sample of the
+/// modifiers with each other and with every other option, all derived from [`Modifier::ALL`].
+pub fn modifier_cases() -> Vec<Case> {
+    static CASES: std::sync::OnceLock<Vec<Case>> = std::sync::OnceLock::new();
+    CASES.get_or_init(draw_modifier_cases).clone()
+}
+
+fn draw_modifier_cases() -> Vec<Case> {
+    modifier_rows()
+        .into_iter()
         .enumerate()
         .map(|(i, r)| {
-            let kernel = KERNEL_CONFIGS[r[0]];
-            let (q_len, kv_len) = MOD_SEQ_LENS[r[1]];
-            let (q_heads, kv_heads) = HEADS[r[3]];
-            let varlen = r[11] == 1;
-            Case {
-                shape: Shape {
-                    batch: if varlen { 1 } else { BATCHES[r[6]] },
-                    q_heads,
-                    kv_heads,
-                    q_len,
-                    kv_len,
-                    head_dim: MOD_HEAD_DIM,
-                    value_dim: MOD_HEAD_DIM,
-                },
-                layout: LAYOUTS[r[5]],
-                causal: kernel
-                    .causal
-                    .then_some([Causal::BottomRight, Causal::TopLeft][r[2]]),
-                window: WINDOWS[r[7]],
-                scale: None,
-                variant: if kernel.sigmoid {
-                    Variant::Sigmoid { bias: None }
-                } else {
-                    Variant::Softmax
-                },
-                path: Path::ALL[r[4]],
-                input_std: 1.0,
-                mods: Mods {
-                    softcap: kernel.softcap.then_some(SOFTCAP),
-                    alibi: kernel.alibi,
-                    bias: kernel.bias.then_some(BIAS_FORMS[r[8]]),
-                    key_mask: kernel.key_mask,
-                    sinks: r[9] == 1,
-                    temperature: r[10] == 1,
-                    varlen,
-                },
-                seed: 5000 + i as u64,
+            let mut case = mod_case(&r, 5000 + i as u64);
+            // A modifier alone that needs a causal mask (prefix-LM) gets one.
+            if case.causal.is_none() && !accepted(&case) {
+                case.causal = Some(Causal::BottomRight);
             }
+            case
         })
         .collect()
+}
+
+/// The rows of [`modifier_cases`] (values per [`mod_axes`]).
+pub fn modifier_rows() -> Vec<Vec<usize>> {
+    let axes = mod_axes();
+    let allowed: Vec<Vec<Vec<Vec<bool>>>> = (0..axes.len())
+        .map(|a| {
+            (0..axes[a])
+                .map(|va| {
+                    (0..axes.len())
+                        .map(|b| {
+                            (0..axes[b])
+                                .map(|vb| mod_pair_allowed(a, va, b, vb))
+                                .collect()
+                        })
+                        .collect()
+                })
+                .collect()
+        })
+        .collect();
+    let allowed = |a: usize, va: usize, b: usize, vb: usize| allowed[a][va][b][vb];
+    // Alone: each compiled modifier (configs 1..), then each runtime modifier on the plain
+    // kernel; (113, 203), GQA, batch 2 where allowed, no window, paths and layouts in turn.
+    let mut alone: Vec<Vec<usize>> = Vec::new();
+    for config in 1..=compiled_modifiers().len() {
+        let mut row = vec![0; axes.len()];
+        row[..FIXED_MOD_AXES].copy_from_slice(&[config, 2, 0, 1, config % 4, 0, 1, 0, 0]);
+        alone.push(row);
+    }
+    for i in 0..runtime_modifiers().len() {
+        let mut row = vec![0; axes.len()];
+        row[..FIXED_MOD_AXES].copy_from_slice(&[0, 2, 0, 1, i % 4, (i + 1) % 2, 1, 0, 0]);
+        row[FIXED_MOD_AXES + i] = 1;
+        if !accepted(&mod_case(&row, 0)) {
+            row[6] = 0; // batch 1
+        }
+        alone.push(row);
+    }
+    // The rows of the first axes (alone and covering), then those of each later axis, so
+    // that a later axis shifts no earlier case's seed.
+    let later_alone = alone.split_off(compiled_modifiers().len() + FIRST_MOD_AXES - FIXED_MOD_AXES);
+    let mut rows = alone;
+    let first = covering_rows::<FIRST_MOD_AXES>(
+        axes[..FIRST_MOD_AXES].try_into().expect("the first axes"),
+        0x6d0d,
+        allowed,
+    );
+    rows.extend(first.into_iter().map(|r| {
+        let mut row = r.to_vec();
+        row.resize(axes.len(), 0);
+        row
+    }));
+    rows.extend(later_alone);
+    extend_rows(rows, &axes, 0x6d0e, allowed)
+}
+
+/// `rows` and, after them, rows that cover the pairs of `axes` values they leave uncovered
+/// (greedily, as [`covering_rows`]), none holding a pair `allowed` refuses.
+pub fn extend_rows(
+    mut rows: Vec<Vec<usize>>,
+    axes: &[usize],
+    seed: u64,
+    allowed: impl Fn(usize, usize, usize, usize) -> bool,
+) -> Vec<Vec<usize>> {
+    let n = axes.len();
+    let pairs = |row: &[usize]| -> Vec<(usize, usize, usize, usize)> {
+        (0..n)
+            .flat_map(|a| (a + 1..n).map(move |b| (a, b)))
+            .map(|(a, b)| (a, row[a], b, row[b]))
+            .collect()
+    };
+    let mut uncovered = std::collections::HashSet::new();
+    for a in 0..n {
+        for b in a + 1..n {
+            for va in 0..axes[a] {
+                for vb in 0..axes[b] {
+                    if allowed(a, va, b, vb) {
+                        uncovered.insert((a, va, b, vb));
+                    }
+                }
+            }
+        }
+    }
+    for row in &rows {
+        for pair in pairs(row) {
+            uncovered.remove(&pair);
+        }
+    }
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    while !uncovered.is_empty() {
+        let &(a0, va0, b0, vb0) = uncovered.iter().min().expect("non-empty");
+        let mut best: Option<(Vec<usize>, usize)> = None;
+        let mut tries = 0;
+        while tries < 48 || best.is_none() {
+            tries += 1;
+            let mut row: Vec<usize> = axes.iter().map(|&size| rng.random_range(0..size)).collect();
+            row[a0] = va0;
+            row[b0] = vb0;
+            let row_pairs = pairs(&row);
+            if !row_pairs
+                .iter()
+                .all(|&(a, va, b, vb)| allowed(a, va, b, vb))
+            {
+                continue;
+            }
+            let gain = row_pairs.iter().filter(|p| uncovered.contains(p)).count();
+            if best.as_ref().is_none_or(|(_, g)| gain > *g) {
+                best = Some((row, gain));
+            }
+        }
+        let (row, _) = best.expect("a valid candidate");
+        for pair in pairs(&row) {
+            uncovered.remove(&pair);
+        }
+        rows.push(row);
+    }
+    rows
 }

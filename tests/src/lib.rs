@@ -11,7 +11,7 @@ use rand::{Rng, SeedableRng};
 use rand_distr::StandardNormal;
 use wflash::{
     AttentionOptions, Bias, BiasValues, Causal, DType, Element, Engine, EngineOptions, F16Path,
-    Family, Layout, Shape, Variant, Varlen, Window,
+    Family, Layout, Modifier, ModifierSet, Shape, Variant, Varlen, Window,
 };
 use wflash_ref::{CausalAlign, Problem};
 
@@ -170,25 +170,46 @@ pub struct Case {
     pub seed: u64,
 }
 
-/// The score modifiers a case turns on.
+/// The modifiers a case turns on ([`Modifier::ALL`] spans them); their data is drawn from the
+/// case's seed by [`Case::data`].
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct Mods {
-    pub softcap: Option<f32>,
-    /// ALiBi with the standard slopes for the case's heads.
-    pub alibi: bool,
-    pub bias: Option<BiasForm>,
-    /// A key mask with padding at both ends, holes, and (batch > 1) a batch row with no key.
-    pub key_mask: bool,
-    pub sinks: bool,
-    pub temperature: bool,
-    /// The case's shape (batch 1) holds three packed sequences cut at random points (some may
-    /// be empty).
-    pub varlen: bool,
+    pub on: ModifierSet,
+    /// The bias tensor's form, when `on` holds [`Modifier::Bias`].
+    pub bias_form: BiasForm,
 }
+
+impl Mods {
+    pub fn has(&self, modifier: Modifier) -> bool {
+        self.on.contains(modifier)
+    }
+
+    /// The modifiers' data for `shape`, drawn from `seed`, each modifier's in
+    /// [`Modifier::ALL`]'s order.
+    pub fn draw(&self, shape: &Shape, seed: u64) -> ModData {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0x6d6f_6473);
+        let mut data = ModData::default();
+        for modifier in self.on.iter() {
+            draw(modifier, shape, self.bias_form, &mut rng, &mut data);
+        }
+        data
+    }
+
+    /// Sets the modifiers' options from `data`.
+    pub fn apply<'a>(&self, shape: &Shape, data: &'a ModData, opts: &mut AttentionOptions<'a>) {
+        for modifier in self.on.iter() {
+            apply(modifier, shape, self.bias_form, data, opts);
+        }
+    }
+}
+
+/// The soft-capping bound of every case with [`Modifier::Softcap`]: a cap of 2 bends most
+/// scores (they are about N(0, 1)).
+pub const SOFTCAP: f32 = 2.0;
 
 /// The shape of a case's bias tensor: per batch element or broadcast, per head or broadcast,
 /// f32 or f16. Random normal values, about one in ten `-inf`, and the first row all `-inf`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct BiasForm {
     pub per_batch: bool,
     pub per_head: bool,
@@ -206,6 +227,8 @@ pub struct ModData {
     pub temperature: Vec<f32>,
     pub cu_seqlens_q: Vec<u32>,
     pub cu_seqlens_k: Vec<u32>,
+    pub prefix_len: usize,
+    pub chunk: usize,
 }
 
 impl Case {
@@ -226,16 +249,32 @@ impl Case {
         }
     }
 
-    /// Draws the case's modifier data.
+    /// Draws the case's modifier data, each modifier's in [`Modifier::ALL`]'s order.
     pub fn data(&self) -> ModData {
-        let s = &self.shape;
-        let m = &self.mods;
-        let mut rng = rand::rngs::StdRng::seed_from_u64(self.seed ^ 0x6d6f_6473);
-        let mut data = ModData::default();
-        if m.alibi {
-            data.alibi_slopes = wflash::alibi_slopes(s.q_heads);
-        }
-        if let Some(form) = m.bias {
+        self.mods.draw(&self.shape, self.seed)
+    }
+
+    /// The options the case calls the engine with.
+    pub fn options<'a>(&self, data: &'a ModData) -> AttentionOptions<'a> {
+        let mut opts = AttentionOptions {
+            causal: self.causal,
+            window: self.window,
+            scale: self.scale,
+            variant: self.variant,
+            ..AttentionOptions::default()
+        };
+        self.mods.apply(&self.shape, data, &mut opts);
+        opts
+    }
+}
+
+/// The test data of one modifier: what [`Case::data`] draws for it. With [`apply`], the one
+/// place the harness knows a modifier (the compiler points here when one is added).
+fn draw(modifier: Modifier, s: &Shape, form: BiasForm, rng: &mut impl Rng, data: &mut ModData) {
+    match modifier {
+        Modifier::Softcap => {}
+        Modifier::Alibi => data.alibi_slopes = wflash::alibi_slopes(s.q_heads),
+        Modifier::Bias => {
             let batch = if form.per_batch { s.batch } else { 1 };
             let heads = if form.per_head { s.q_heads } else { 1 };
             let values: Vec<f32> = (0..batch * heads * s.q_len * s.kv_len)
@@ -253,7 +292,7 @@ impl Case {
                 data.bias_f32 = values;
             }
         }
-        if m.key_mask {
+        Modifier::KeyMask => {
             for b in 0..s.batch {
                 let lead = rng.random_range(0..=s.kv_len / 3);
                 let trail = rng.random_range(0..=s.kv_len / 3);
@@ -263,17 +302,17 @@ impl Case {
                 }));
             }
         }
-        if m.sinks {
+        Modifier::Sinks => {
             data.sinks = (0..s.q_heads)
                 .map(|_| 2.0 * rng.sample::<f32, _>(StandardNormal))
                 .collect();
         }
-        if m.temperature {
+        Modifier::Temperature => {
             data.temperature = (0..s.batch * s.q_heads * s.q_len)
                 .map(|_| rng.random_range(0.5..2.0))
                 .collect();
         }
-        if m.varlen {
+        Modifier::Varlen => {
             let mut cuts = |total: usize| {
                 let mut cu = vec![
                     0,
@@ -287,37 +326,46 @@ impl Case {
             data.cu_seqlens_q = cuts(s.q_len);
             data.cu_seqlens_k = cuts(s.kv_len);
         }
-        data
+        // Up to the whole sequence (everything visible), often inside it.
+        Modifier::PrefixLm => data.prefix_len = rng.random_range(0..=s.kv_len),
+        // Chunks from one key to half the keys, so that rows see one chunk or straddle tiles.
+        Modifier::ChunkedLocal => data.chunk = rng.random_range(1..=s.kv_len / 2 + 1),
     }
+}
 
-    /// The options the case calls the engine with.
-    pub fn options<'a>(&self, data: &'a ModData) -> AttentionOptions<'a> {
-        let m = &self.mods;
-        let some = |on: bool, values: &'a [f32]| on.then_some(values);
-        AttentionOptions {
-            causal: self.causal,
-            window: self.window,
-            scale: self.scale,
-            variant: self.variant,
-            softcap: m.softcap,
-            alibi_slopes: some(m.alibi, &data.alibi_slopes),
-            bias: m.bias.map(|form| Bias {
+/// Sets `modifier`'s option from the case's data.
+fn apply<'a>(
+    modifier: Modifier,
+    s: &Shape,
+    form: BiasForm,
+    data: &'a ModData,
+    opts: &mut AttentionOptions<'a>,
+) {
+    match modifier {
+        Modifier::Softcap => opts.softcap = Some(SOFTCAP),
+        Modifier::Alibi => opts.alibi_slopes = Some(&data.alibi_slopes),
+        Modifier::Bias => {
+            opts.bias = Some(Bias {
                 values: if form.f16 {
                     BiasValues::F16(&data.bias_f16)
                 } else {
                     BiasValues::F32(&data.bias_f32)
                 },
-                batch: if form.per_batch { self.shape.batch } else { 1 },
-                heads: if form.per_head { self.shape.q_heads } else { 1 },
-            }),
-            key_mask: m.key_mask.then_some(&data.key_mask[..]),
-            sinks: some(m.sinks, &data.sinks),
-            temperature: some(m.temperature, &data.temperature),
-            varlen: m.varlen.then_some(Varlen {
+                batch: if form.per_batch { s.batch } else { 1 },
+                heads: if form.per_head { s.q_heads } else { 1 },
+            });
+        }
+        Modifier::KeyMask => opts.key_mask = Some(&data.key_mask),
+        Modifier::Sinks => opts.sinks = Some(&data.sinks),
+        Modifier::Temperature => opts.temperature = Some(&data.temperature),
+        Modifier::Varlen => {
+            opts.varlen = Some(Varlen {
                 cu_seqlens_q: &data.cu_seqlens_q,
                 cu_seqlens_k: &data.cu_seqlens_k,
-            }),
+            });
         }
+        Modifier::PrefixLm => opts.prefix_len = Some(data.prefix_len),
+        Modifier::ChunkedLocal => opts.chunk = Some(data.chunk),
     }
 }
 
@@ -326,27 +374,14 @@ impl Case {
     /// of the output hashes (`record_output_hash`) that prove a refactor bitwise neutral.
     pub fn key(&self) -> String {
         let s = &self.shape;
-        let m = &self.mods;
-        let mut mods = Vec::new();
-        if let Some(cap) = m.softcap {
-            mods.push(format!("softcap={cap}"));
-        }
-        if m.alibi {
-            mods.push("alibi".to_string());
-        }
-        if let Some(b) = m.bias {
-            mods.push(format!("bias({},{},{})", b.per_batch, b.per_head, b.f16));
-        }
-        for (on, name) in [
-            (m.key_mask, "key_mask"),
-            (m.sinks, "sinks"),
-            (m.temperature, "temperature"),
-            (m.varlen, "varlen"),
-        ] {
-            if on {
-                mods.push(name.to_string());
-            }
-        }
+        let b = self.mods.bias_form;
+        let mods: Vec<String> = (self.mods.on.iter())
+            .map(|m| match m {
+                Modifier::Softcap => format!("softcap={SOFTCAP}"),
+                Modifier::Bias => format!("bias({},{},{})", b.per_batch, b.per_head, b.f16),
+                m => m.name().to_string(),
+            })
+            .collect();
         format!(
             "seed={} {:?} {:?} b{} h{}/{} n{}x{} d{} dv{} causal={:?} window={:?} scale={:?} {:?} std={} [{}]",
             self.seed,
@@ -428,6 +463,8 @@ pub fn reference_problem(shape: &Shape, layout: Layout, opts: &AttentionOptions)
         key_mask: opts.key_mask.map(<[bool]>::to_vec),
         sinks: opts.sinks.map(wide),
         temperature: opts.temperature.map(wide),
+        prefix_len: opts.prefix_len,
+        chunk: opts.chunk,
     };
     let widen = |cu: &[u32]| cu.iter().map(|&x| x as usize).collect();
     Problem {
@@ -528,7 +565,10 @@ fn judge<T: Element>(engine: &Engine, case: &Case) -> Result<Outcome, String> {
     record_output_hash(
         &format!("{} {}", engine.family().name(), case.key()),
         &[
-            ("O", &gpu.output.iter().map(|x| x.to_f32()).collect::<Vec<_>>()),
+            (
+                "O",
+                &gpu.output.iter().map(|x| x.to_f32()).collect::<Vec<_>>(),
+            ),
             ("LSE", gpu.lse.as_deref().unwrap_or(&[])),
         ],
     );

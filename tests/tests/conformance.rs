@@ -5,7 +5,8 @@
 use std::io::Write;
 
 use wflash::Family;
-use wflash_conformance::{Path, grid, run_case_with};
+use wflash::Modifier;
+use wflash_conformance::{Case, Path, grid, run_case_with};
 
 /// Runs the grid's cases for `path` on the kernel `family` (`None`: the adapter's default) and
 /// writes a one-line summary to target/conformance/<name>.txt.
@@ -14,11 +15,11 @@ fn run_path(path: Path, family: Option<Family>) {
 }
 
 fn run_cases(
-    cases: Vec<wflash_conformance::Case>,
+    cases: Vec<Case>,
     grid_name: &str,
     path: Path,
     family: Option<Family>,
-    keep: impl Fn(&wflash_conformance::Case) -> bool,
+    keep: impl Fn(&Case) -> bool,
 ) {
     // WFLASH_SEEDS=5004,5005 runs only those cases (to chase one failure).
     let seeds: Option<Vec<u64>> = std::env::var("WFLASH_SEEDS")
@@ -77,13 +78,32 @@ fn grid_covers_every_pair_of_axis_values() {
     let rows = grid::pairwise_rows(0x5eed);
     // 9 head dims × 8 sequence pairs is the largest product: no sample can be smaller.
     assert!(rows.len() >= 72, "{}", rows.len());
-    let axes = rows[0].len();
-    for a in 0..axes {
-        for b in a + 1..axes {
+    let axes = grid::AXES;
+    for a in 0..axes.len() {
+        for b in a + 1..axes.len() {
             let seen: std::collections::HashSet<_> = rows.iter().map(|r| (r[a], r[b])).collect();
-            let max_a = rows.iter().map(|r| r[a]).max().unwrap_or(0) + 1;
-            let max_b = rows.iter().map(|r| r[b]).max().unwrap_or(0) + 1;
-            assert_eq!(seen.len(), max_a * max_b, "axes {a} and {b}");
+            // Sizes from the axis definitions: a value no row holds is a missing pair.
+            assert_eq!(seen.len(), axes[a] * axes[b], "axes {a} and {b}");
+        }
+    }
+}
+
+#[test]
+fn modifier_grid_covers_every_allowed_pair() {
+    let rows = grid::modifier_rows();
+    let axes = grid::mod_axes();
+    for a in 0..axes.len() {
+        for b in a + 1..axes.len() {
+            for va in 0..axes[a] {
+                for vb in 0..axes[b] {
+                    let covered = rows.iter().any(|r| r[a] == va && r[b] == vb);
+                    let allowed = grid::mod_pair_allowed(a, va, b, vb);
+                    assert!(
+                        covered || !allowed,
+                        "pair ({a}={va}, {b}={vb}) is allowed but in no case"
+                    );
+                }
+            }
         }
     }
 }
@@ -122,7 +142,7 @@ fn conformance_other_family_every_path() {
         Family::Unrolled => (Family::Tiled, 512 * 256),
     };
     for path in Path::ALL {
-        let small = |c: &wflash_conformance::Case| c.shape.q_len * c.shape.kv_len <= max_pairs;
+        let small = |c: &Case| c.shape.q_len * c.shape.kv_len <= max_pairs;
         run_cases(grid::cases(), "", path, Some(other), small);
         run_cases(
             grid::modifier_cases(),
@@ -145,9 +165,10 @@ fn conformance_modifiers_every_path() {
 
 #[test]
 fn kernel_configs_cover_every_pair() {
-    let configs = grid::KERNEL_CONFIGS.map(|c| c.axes());
-    for a in 0..6 {
-        for b in a + 1..6 {
+    let configs: Vec<Vec<bool>> = grid::kernel_configs().iter().map(|c| c.axes()).collect();
+    let axes = configs[0].len();
+    for a in 0..axes {
+        for b in a + 1..axes {
             for (va, vb) in [(false, false), (false, true), (true, false), (true, true)] {
                 assert!(
                     configs.iter().any(|c| c[a] == va && c[b] == vb),
@@ -161,41 +182,54 @@ fn kernel_configs_cover_every_pair() {
 #[test]
 fn modifier_grid_covers_modifiers_alone_and_with_causal() {
     let cases = grid::modifier_cases();
-    type Has = fn(&wflash_conformance::Mods) -> bool;
-    let modifiers: [(&str, Has); 7] = [
-        ("softcap", |m| m.softcap.is_some()),
-        ("alibi", |m| m.alibi),
-        ("bias", |m| m.bias.is_some()),
-        ("key_mask", |m| m.key_mask),
-        ("sinks", |m| m.sinks),
-        ("temperature", |m| m.temperature),
-        ("varlen", |m| m.varlen),
-    ];
-    for (name, has) in modifiers {
-        let alone = cases
-            .iter()
-            .any(|c| has(&c.mods) && modifiers.iter().filter(|(_, h)| h(&c.mods)).count() == 1);
-        assert!(alone, "{name} never alone");
+    for modifier in Modifier::ALL {
+        let with: Vec<_> = cases.iter().filter(|c| c.mods.has(modifier)).collect();
+        assert!(
+            with.iter().any(|c| c.mods.on.len() == 1),
+            "{modifier:?} never alone"
+        );
         for causal in grid::CAUSAL {
+            // Unless the engine refuses the pair (a prefix-LM mask needs a causal mask).
+            let alone = with.iter().find(|c| c.mods.on.len() == 1).expect("alone");
+            let probe = Case {
+                causal,
+                ..(*alone).clone()
+            };
+            if !grid::accepted(&probe) {
+                continue;
+            }
             assert!(
-                cases.iter().any(|c| c.causal == causal && has(&c.mods)),
-                "{name} never with {causal:?}"
+                with.iter().any(|c| c.causal == causal),
+                "{modifier:?} never with {causal:?}"
             );
         }
         for path in Path::ALL {
             assert!(
-                cases.iter().any(|c| c.path == path && has(&c.mods)),
-                "{name} never on {path:?}"
+                with.iter().any(|c| c.path == path),
+                "{modifier:?} never on {path:?}"
             );
+        }
+        for other in Modifier::ALL.into_iter().filter(|m| *m != modifier) {
+            let pair_accepted = with.iter().any(|c| {
+                let probe = Case {
+                    mods: wflash_conformance::Mods {
+                        on: c.mods.on.with(other),
+                        ..c.mods
+                    },
+                    ..(*c).clone()
+                };
+                grid::accepted(&probe)
+            });
+            if pair_accepted {
+                assert!(
+                    with.iter().any(|c| c.mods.has(other)),
+                    "{modifier:?} never with {other:?}"
+                );
+            }
         }
     }
     // No case asks for a combination the engine refuses.
     for c in &cases {
-        let m = &c.mods;
-        assert!(!(m.sinks && c.variant != wflash::Variant::Softmax), "{c:?}");
-        assert!(
-            !(m.varlen && (m.bias.is_some() || m.key_mask || c.shape.batch != 1)),
-            "{c:?}"
-        );
+        assert!(grid::accepted(c), "{c:?}");
     }
 }

@@ -4,8 +4,10 @@
 use std::sync::{Arc, mpsc};
 use std::time::Duration;
 
-use wflash::{AttentionOptions, Causal, DType, Element, Engine, Layout, Shape, Window};
-use wflash_conformance::{Path, engine};
+use wflash::{
+    AttentionOptions, Causal, DType, Element, Engine, Error, Layout, Modifier, Shape, Window,
+};
+use wflash_conformance::{ModData, Mods, Path, engine};
 
 /// Calls per task or thread (the figure).
 const CALLS_EACH: usize = 200;
@@ -393,7 +395,7 @@ fn a_lost_device_gives_typed_errors_and_a_new_engine_works() {
             &spec.v,
         )
         .expect_err("a destroyed device cannot run");
-    assert!(matches!(err, wflash::Error::DeviceLost(_)), "{err}");
+    assert!(matches!(err, Error::DeviceLost(_)), "{err}");
     let fresh = Engine::new_blocking(wflash::EngineOptions::default()).expect("a new engine");
     let expected = pollster::block_on(call(engine(Path::F32).unwrap(), spec));
     assert_eq!(pollster::block_on(call(&fresh, spec)), expected);
@@ -687,6 +689,43 @@ fn compare(gpu: &[f32], reference: &[f64], exact_non_finite: bool) -> Result<(),
     Ok(())
 }
 
+/// Whether `err` is an answer to the input (a typed error of the call), not a failure of the
+/// engine: `Error::Internal` (a bug) and `Error::DeviceLost` fail the hostile-input tests.
+fn is_user_error(err: &Error) -> bool {
+    !matches!(err, Error::Internal(_) | Error::DeviceLost(_))
+}
+
+/// Spoils a call's modifier data (`how` 1-4; else leaves it): NaN first values, vectors one
+/// short, a zero chunk with an absurd prefix, an absurd chunk.
+fn spoil_modifier_data(data: &mut ModData, how: usize) {
+    let floats = [
+        &mut data.alibi_slopes,
+        &mut data.bias_f32,
+        &mut data.sinks,
+        &mut data.temperature,
+    ];
+    match how {
+        1 => floats.into_iter().for_each(|v| {
+            if let Some(x) = v.first_mut() {
+                *x = f32::NAN;
+            }
+        }),
+        2 => {
+            floats.into_iter().for_each(|v| {
+                v.pop();
+            });
+            data.key_mask.pop();
+            data.cu_seqlens_k.pop();
+        }
+        3 => {
+            data.chunk = 0;
+            data.prefix_len = usize::MAX;
+        }
+        4 => data.chunk = usize::MAX,
+        _ => {}
+    }
+}
+
 mod hostile {
     use super::*;
     use proptest::prelude::*;
@@ -747,6 +786,10 @@ mod hostile {
             poison in 0usize..4,
             // Most cases keep the shape runnable, so options and values are what is hostile.
             sane in prop::option::weighted(0.75, (1usize..3, 1usize..3, 1usize..40, 1usize..40)),
+            // One modifier of the table (or none), its data drawn as the conformance grid does,
+            // then maybe spoiled (spoil_modifier_data).
+            modifier in prop::option::of(prop::sample::select(Modifier::ALL.to_vec())),
+            spoil in 0usize..6,
         ) {
             let Some(engine) = engine(Path::F32) else {
                 return Ok(());
@@ -784,6 +827,13 @@ mod hostile {
             opts.causal = causal.then_some(Causal::TopLeft);
             // Real slices only for shapes small enough to hold; others get 7 elements.
             let small = shape.validate().is_ok() && shape.q_elems().max(shape.k_elems()).max(shape.v_elems()) < 1 << 20;
+            let mods = Mods {
+                on: modifier.into_iter().collect(),
+                bias_form: Default::default(),
+            };
+            let mut data = if small { mods.draw(&shape, 7) } else { Default::default() };
+            spoil_modifier_data(&mut data, spoil);
+            mods.apply(&shape, &data, &mut opts);
             // Non-finite values go into V only where every key is visible to every row: a
             // hidden key's V row may reach a row as 0·inf = NaN when they share a key tile, as
             // in FlashAttention (lib.rs, "Semantics"), which the reference does not model.
@@ -809,6 +859,9 @@ mod hostile {
                 engine.attention_blocking(&shape, Layout::Bhsd, &opts, &q, &k, &v)
             }));
             let result = result.map_err(|_| TestCaseError::fail(format!("panicked: {shape:?} {opts:?}")))?;
+            if let Err(err) = &result {
+                prop_assert!(is_user_error(err), "{err:?} is not an error of the input: {shape:?} {opts:?}");
+            }
             if let Ok(out) = result {
                 prop_assert!(small && len_delta == 0, "Ok for a call with wrong lengths: {shape:?}");
                 prop_assert_eq!(out.output.len(), shape.o_elems());
@@ -957,6 +1010,9 @@ mod hostile_linear {
                 engine.linear_attention_blocking(&shape, Layout::Bhsd, &opts, &q, &k, &v, initial.as_ref())
             }));
             let result = result.map_err(|_| TestCaseError::fail(format!("panicked: {shape:?} {opts:?}")))?;
+            if let Err(err) = &result {
+                prop_assert!(is_user_error(err), "{err:?} is not an error of the input: {shape:?} {opts:?}");
+            }
             if let Ok(out) = result {
                 prop_assert!(small && len_delta == 0, "Ok for a call with wrong lengths: {shape:?}");
                 prop_assert_eq!(out.output.len(), shape.o_elems());

@@ -96,8 +96,9 @@ pub struct Varlen {
 
 /// Score and mask modifiers. Applied in this order to the score of a visible key:
 /// `s = scale · temperature[b, h, i] · q·k`; `s = softcap · tanh(s / softcap)`;
-/// `s -= alibi_slopes[h] · |j - diagonal(i)|`; `s += bias[b, h, i, j]`. A key is hidden by the
-/// causal mask, the window, `key_mask[b, j] == false` or a bias of `-inf`.
+/// `s -= alibi_slopes[h] · |j - diagonal(i)|`; `s += bias[b, h, i, j]`
+/// ([`Problem::modified`]). A key is hidden by the causal mask (widened by `prefix_len`), the
+/// window, `chunk`, `key_mask[b, j] == false` or a bias of `-inf` ([`Problem::is_visible`]).
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Modifiers {
     /// Logit soft-capping (Gemma 2).
@@ -112,6 +113,55 @@ pub struct Modifiers {
     pub sinks: Option<Vec<f64>>,
     /// Per-query inverse temperature `[batch, q_heads, q_len]` multiplying the scores.
     pub temperature: Option<Vec<f64>>,
+    /// Prefix-LM: keys `j < prefix_len` are visible to every query besides those the causal
+    /// mask shows (no effect without a causal mask).
+    pub prefix_len: Option<usize>,
+    /// Chunked local attention: query `i` sees only keys `j` with
+    /// `floor(j / chunk) == floor(diagonal(i) / chunk)`.
+    pub chunk: Option<usize>,
+}
+
+/// The arithmetic a score modifier needs, so that one definition ([`Problem::modified`])
+/// serves the f64 truth and the f32 naive baseline.
+pub trait Real:
+    Copy
+    + PartialEq
+    + std::ops::Add<Output = Self>
+    + std::ops::Sub<Output = Self>
+    + std::ops::Mul<Output = Self>
+    + std::ops::Div<Output = Self>
+{
+    const NEG_INFINITY: Self;
+    /// `x` rounded to this type.
+    fn from_f64(x: f64) -> Self;
+    fn tanh(self) -> Self;
+    fn abs(self) -> Self;
+}
+
+impl Real for f64 {
+    const NEG_INFINITY: f64 = f64::NEG_INFINITY;
+    fn from_f64(x: f64) -> f64 {
+        x
+    }
+    fn tanh(self) -> f64 {
+        f64::tanh(self)
+    }
+    fn abs(self) -> f64 {
+        f64::abs(self)
+    }
+}
+
+impl Real for f32 {
+    const NEG_INFINITY: f32 = f32::NEG_INFINITY;
+    fn from_f64(x: f64) -> f32 {
+        x as f32
+    }
+    fn tanh(self) -> f32 {
+        f32::tanh(self)
+    }
+    fn abs(self) -> f32 {
+        f32::abs(self)
+    }
 }
 
 /// One attention problem: shapes, layout and options.
@@ -202,16 +252,22 @@ impl Problem {
         }
     }
 
-    /// Whether key `j` is visible to query `i` under the causal and window options.
+    /// Whether key `j` is visible to query `i` under the causal mask (with its prefix-LM
+    /// prefix), the window and the chunk of chunked local attention.
     pub fn is_visible(&self, i: usize, j: usize) -> bool {
         // i128: window sides go up to usize::MAX, which must mean "every key", not wrap.
         let (j, diag) = (j as i128, i128::from(self.diagonal(i)));
-        let causal_ok = self.causal.is_none() || j <= diag;
+        let m = &self.modifiers;
+        let in_prefix = m.prefix_len.is_some_and(|p| j < p as i128);
+        let causal_ok = self.causal.is_none() || j <= diag || in_prefix;
         let window_ok = self.window.is_none_or(|w| {
             w.left.is_none_or(|left| j >= diag - left as i128)
                 && w.right.is_none_or(|right| j <= diag + right as i128)
         });
-        causal_ok && window_ok
+        let chunk_ok = m
+            .chunk
+            .is_none_or(|c| j.div_euclid(c as i128) == diag.div_euclid(c as i128));
+        causal_ok && window_ok && chunk_ok
     }
 
     /// Query row `i` of (batch `b`, query head `h`). A row's elements are contiguous in both layouts.
@@ -279,24 +335,27 @@ impl Problem {
             .is_none_or(|mask| mask[b * self.kv_len + j])
     }
 
-    /// Soft-capping, ALiBi and the bias applied to score `s` (already scaled and tempered);
-    /// `None` where the bias is `-inf`.
-    pub fn modified(&self, s: f64, b: usize, h: usize, i: usize, j: usize) -> Option<f64> {
+    /// Soft-capping, ALiBi and the bias applied to score `s` (already scaled and tempered),
+    /// in `R`'s precision (each parameter rounded to it); `None` where the bias is `-inf`.
+    pub fn modified<R: Real>(&self, s: R, b: usize, h: usize, i: usize, j: usize) -> Option<R> {
         let m = &self.modifiers;
         let mut s = s;
         if let Some(cap) = m.softcap {
+            let cap = R::from_f64(cap);
             s = cap * (s / cap).tanh();
         }
         if let Some(slopes) = &m.alibi_slopes {
-            s -= slopes[h] * (j as f64 - self.diagonal(i) as f64).abs();
+            let distance = R::from_f64(j as f64 - self.diagonal(i) as f64).abs();
+            s = s - R::from_f64(slopes[h]) * distance;
         }
         if let Some(bias) = &m.bias {
             let (bb, bh) = (b.min(bias.batch - 1), h.min(bias.heads - 1));
             let x = bias.values[((bb * bias.heads + bh) * self.q_len + i) * self.kv_len + j];
-            if x == f64::NEG_INFINITY {
+            let x = R::from_f64(x);
+            if x == R::NEG_INFINITY {
                 return None;
             }
-            s += x;
+            s = s + x;
         }
         Some(s)
     }
@@ -348,7 +407,8 @@ impl Problem {
                             .filter(|&j| {
                                 self.is_visible(i, j)
                                     && self.key_visible(b, j)
-                                    && bias.is_none_or(|_| self.modified(0.0, b, h, i, j).is_some())
+                                    && bias
+                                        .is_none_or(|_| self.modified(0.0f64, b, h, i, j).is_some())
                             })
                             .count() as u64
                     })

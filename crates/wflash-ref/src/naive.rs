@@ -30,24 +30,8 @@ fn logit_f32(
     for (a, b) in p.q_row(q, b, h, i).iter().zip(k_row) {
         dot += a * b;
     }
-    let m = &p.modifiers;
-    let mut s = p.scale as f32 * p.temperature(b, h, i) as f32 * dot;
-    if let Some(cap) = m.softcap {
-        let cap = cap as f32;
-        s = cap * (s / cap).tanh();
-    }
-    if let Some(slopes) = &m.alibi_slopes {
-        s -= slopes[h] as f32 * (j as f32 - p.diagonal(i) as f32).abs();
-    }
-    if let Some(bias) = &m.bias {
-        let (bb, bh) = (b.min(bias.batch - 1), h.min(bias.heads - 1));
-        let x = bias.values[((bb * bias.heads + bh) * p.q_len + i) * p.kv_len + j] as f32;
-        if x == f32::NEG_INFINITY {
-            return None;
-        }
-        s += x;
-    }
-    Some(store(s))
+    let s = p.scale as f32 * p.temperature(b, h, i) as f32 * dot;
+    p.modified(s, b, h, i, j).map(store)
 }
 
 /// `O[i] = Σ_j P[i, j] V[j]` for one query row, accumulated in f32 (in key order) and stored.

@@ -1,15 +1,13 @@
 //! Attention calls: validation, planning, dispatch.
 
 use crate::engine::{Inner, PipelineKey};
-use crate::kernel::{
-    Conversion, Family, KernelKey, ScoreMods, Storage, UNROLLED_KEYS, VariantKind,
-};
+use crate::kernel::{Conversion, Family, KernelKey, Storage, UNROLLED_KEYS, VariantKind};
 use crate::pool::Scratch;
 use crate::tensor::{buffer_bytes, buffer_with_contents};
 use crate::types::check_len;
 use crate::{
-    Attention, AttentionOptions, BiasValues, Causal, DType, Element, Engine, Error, Layout, Result,
-    Shape, Tensor, Variant,
+    Attention, AttentionOptions, BiasValues, Causal, DType, Element, Engine, Error, Layout,
+    Modifier, ModifierSet, Result, Shape, Tensor, Variant,
 };
 
 /// The uniform block of the forward kernels (`struct Params` in flash_common.wgsl); a test
@@ -48,7 +46,13 @@ pub struct FlashParams {
     pub bias_width4: u32,
     pub mask_fold: u32,
     pub mask_width4: u32,
+    /// Prefix-LM: keys before it are visible past the causal bound (0: none).
+    pub prefix_len: u32,
+    /// Chunked local attention: keys per chunk (0: none).
+    pub chunk: u32,
     pub _pad0: u32,
+    pub _pad1: u32,
+    pub _pad2: u32,
 }
 
 /// One batch element or varlen sequence (`struct Sequence` in flash_common.wgsl).
@@ -169,7 +173,7 @@ impl Engine {
             tile,
             causal: opts.causal.is_some(),
             variant: VariantKind::of(&opts.variant),
-            mods: ScoreMods::of(opts),
+            mods: ModifierSet::compiled_of(ModifierSet::of(opts)),
         };
         let block_m = tile.block_m;
 
@@ -637,10 +641,10 @@ impl Engine {
                     entries.push(entry(3, &v.buffer));
                 }
             }
-            if plan.key.mods.bias {
+            if plan.key.mods.contains(Modifier::Bias) {
                 entries.push(texture(8));
             }
-            if plan.key.mods.key_mask {
+            if plan.key.mods.contains(Modifier::KeyMask) {
                 entries.push(texture(9));
             }
             let bind_group = device.create_bind_group(&wgpu::BindGroupDescriptor {
@@ -983,6 +987,11 @@ pub(crate) fn flash_params(
         bias_width4: 0,
         mask_fold: 1,
         mask_width4: 0,
+        // Clamped so the kernel's i32 chunk bounds cannot overflow (see FAR).
+        prefix_len: opts.prefix_len.map_or(0, |p| (p as i64).min(FAR) as u32),
+        chunk: opts.chunk.map_or(0, |c| (c as i64).min(FAR - 1) as u32),
         _pad0: 0,
+        _pad1: 0,
+        _pad2: 0,
     })
 }

@@ -6,7 +6,7 @@
 //! serves f32, native f16 and u32-packed f16/bf16) and the constants that size private arrays.
 //! Everything else is a WGSL `override` constant.
 
-use crate::DType;
+use crate::{DType, Modifier, ModifierSet};
 
 /// WGSL source of the workgroup-tiled forward kernel (GPUs).
 pub const FLASH_FWD_WGSL: &str = include_str!("../../../shaders/flash_fwd.wgsl");
@@ -159,46 +159,6 @@ impl VariantKind {
     pub const ALL: [VariantKind; 2] = [VariantKind::Softmax, VariantKind::Sigmoid];
 }
 
-/// The score modifiers that change a kernel's code: each costs work per score, so a kernel
-/// without it must not pay for it. (Sinks, temperature and varlen cost nothing per score and
-/// are runtime data.)
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ScoreMods {
-    pub softcap: bool,
-    pub alibi: bool,
-    /// A bias tensor, read from a texture.
-    pub bias: bool,
-    /// A key mask, read from a texture.
-    pub key_mask: bool,
-}
-
-impl ScoreMods {
-    /// The modifiers of `opts`.
-    pub fn of(opts: &crate::AttentionOptions<'_>) -> ScoreMods {
-        ScoreMods {
-            softcap: opts.softcap.is_some(),
-            alibi: opts.alibi_slopes.is_some(),
-            bias: opts.bias.is_some(),
-            key_mask: opts.key_mask.is_some(),
-        }
-    }
-    /// Every modifier on: what the validation test compiles besides none.
-    pub const ALL: ScoreMods = ScoreMods {
-        softcap: true,
-        alibi: true,
-        bias: true,
-        key_mask: true,
-    };
-    fn flags(self) -> [(&'static str, bool); 4] {
-        [
-            ("SOFTCAP", self.softcap),
-            ("ALIBI", self.alibi),
-            ("BIAS", self.bias),
-            ("KEY_MASK", self.key_mask),
-        ]
-    }
-}
-
 /// The two implementations of the forward pass.
 #[derive(
     Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
@@ -277,7 +237,8 @@ pub struct KernelKey {
     pub tile: TileConfig,
     pub causal: bool,
     pub variant: VariantKind,
-    pub mods: ScoreMods,
+    /// The compiled modifiers ([`Modifier::compiled`]).
+    pub mods: ModifierSet,
 }
 
 /// The most floats a private array may hold. llvmpipe (Mesa 22.3) computes wrong results once an
@@ -304,11 +265,9 @@ impl KernelKey {
             self.value_dim,
             if self.causal { " causal" } else { "" }
         );
-        for (name, on) in self.mods.flags() {
-            if on {
-                label.push(' ');
-                label.push_str(&name.to_lowercase());
-            }
+        for name in self.mods.iter().filter_map(Modifier::compiled) {
+            label.push(' ');
+            label.push_str(&name.to_lowercase());
         }
         label
     }
@@ -351,12 +310,20 @@ impl KernelKey {
             "const SIGMOID: bool = {};\n",
             self.variant == VariantKind::Sigmoid
         ));
-        for (name, on) in self.mods.flags() {
-            src.push_str(&format!("const {name}: bool = {on};\n"));
+        for modifier in Modifier::ALL {
+            if let Some(name) = modifier.compiled() {
+                let on = self.mods.contains(modifier);
+                src.push_str(&format!("const {name}: bool = {on};\n"));
+            }
         }
-        src.push_str(&texture_accessor(self.mods.bias, 8, "bias4", "bias"));
         src.push_str(&texture_accessor(
-            self.mods.key_mask,
+            self.mods.contains(Modifier::Bias),
+            8,
+            "bias4",
+            "bias",
+        ));
+        src.push_str(&texture_accessor(
+            self.mods.contains(Modifier::KeyMask),
             9,
             "key_mask4",
             "mask",
@@ -586,7 +553,7 @@ pub fn variants(
     family: Family,
     dims: &[(u32, u32)],
     tiles: &[TileConfig],
-    mods: &[ScoreMods],
+    mods: &[ModifierSet],
 ) -> Vec<KernelKey> {
     let mut keys = Vec::new();
     // The unrolled family computes in f32 only; other types are converted at its edges.

@@ -42,6 +42,7 @@ mod error;
 pub mod kernel;
 pub mod linear;
 mod memory;
+mod modifier;
 mod pool;
 mod readback;
 mod tensor;
@@ -57,6 +58,7 @@ pub use linear::{
     LINEAR_MAX_SEQUENTIAL_STEPS, LinearAttention, LinearKernel, LinearOptions, LinearParams,
     LinearPlan, LinearState, RECURRENT_AUTO_MAX_LEN, lightning_decay,
 };
+pub use modifier::{Modifier, ModifierSet};
 pub use pool::PoolStats;
 pub use tensor::Tensor;
 pub use types::{

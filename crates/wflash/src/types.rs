@@ -276,7 +276,8 @@ impl Varlen<'_> {
 /// The score of query `i` and key `j` of query head `h` is, in this order:
 /// `s = scale · temperature[i] · q·k`; `s = softcap · tanh(s / softcap)`;
 /// `s -= alibi_slopes[h] · |j - diagonal(i)|`; `s += bias[i, j]`. A key is hidden by the causal
-/// mask, the window, `key_mask` or a bias of `-inf`. Every modifier works with softmax and with
+/// mask (which `prefix_len` widens), the window, `chunk`, `key_mask` or a bias of `-inf`.
+/// [`crate::Modifier`] lists the modifiers. Every modifier works with softmax and with
 /// sigmoid (where ALiBi and the bias apply in full), with each other and with causal masks and
 /// windows, inside the fused kernel; the few combinations that have no meaning return
 /// [`Error::Unsupported`](crate::Error::Unsupported).
@@ -308,6 +309,16 @@ pub struct AttentionOptions<'a> {
     pub temperature: Option<&'a [f32]>,
     /// Packed variable-length sequences.
     pub varlen: Option<Varlen<'a>>,
+    /// Prefix-LM mask (PaliGemma, T5; FlexAttention's `prefix_lm`): keys `j < prefix_len` are
+    /// visible to every query besides those the causal mask shows, so the prefix attends
+    /// bidirectionally and the rest causally. Needs a causal mask (it widens one); the window
+    /// and the other masks still apply. With varlen, per sequence.
+    pub prefix_len: Option<usize>,
+    /// Chunked local attention (Llama 4's `attention_chunk_size`): query `i` sees only the keys
+    /// of its own chunk of `chunk` keys, `j / chunk == diagonal(i) / chunk` (rounded down;
+    /// `diagonal(i)` as for the causal mask), and with a causal mask only those up to its
+    /// diagonal. Key tiles outside the chunk are skipped. With varlen, per sequence.
+    pub chunk: Option<usize>,
 }
 
 /// ALiBi's slopes for `heads` heads (Press et al.): `2^(-8 i / n)` for `i = 1..=n`, `n` the
@@ -385,6 +396,16 @@ impl<'a> AttentionOptions<'a> {
         self.varlen = Some(varlen);
         self
     }
+    /// A prefix-LM mask over a causal one: see [`AttentionOptions::prefix_len`].
+    pub fn with_prefix_lm(mut self, prefix_len: usize) -> Self {
+        self.prefix_len = Some(prefix_len);
+        self
+    }
+    /// Chunked local attention: see [`AttentionOptions::chunk`].
+    pub fn with_chunked_local(mut self, chunk: usize) -> Self {
+        self.chunk = Some(chunk);
+        self
+    }
 
     /// The scale the kernel uses for `shape`, after validation.
     pub fn resolved_scale(&self, shape: &Shape) -> Result<f32> {
@@ -453,6 +474,14 @@ impl<'a> AttentionOptions<'a> {
             }
             let len = bias.batch * bias.heads * shape.q_len * shape.kv_len;
             check_len("bias", len, bias.values.len())?;
+        }
+        if self.prefix_len.is_some() && self.causal.is_none() {
+            return Err(Error::Unsupported {
+                combination: "a prefix-LM mask without a causal mask (prefix_len widens the causal mask; without one every key is visible already)",
+            });
+        }
+        if self.chunk == Some(0) {
+            return invalid("chunk", "must be at least 1 key".to_string());
         }
         if matches!(self.variant, Variant::Sigmoid { .. }) && self.sinks.is_some() {
             return Err(Error::Unsupported {

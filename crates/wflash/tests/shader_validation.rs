@@ -4,10 +4,10 @@
 
 use naga::back::{hlsl, msl, spv};
 use naga::valid::{Capabilities, ValidationFlags, Validator};
-use wflash::FeatureMap;
 use wflash::kernel::{
-    self, Conversion, Family, KernelKey, LinearKey, LinearPass, ScoreMods, Storage, TileConfig,
+    self, Conversion, Family, KernelKey, LinearKey, LinearPass, Storage, TileConfig,
 };
+use wflash::{FeatureMap, ModifierSet};
 
 /// Tile configurations the planner can choose: BLOCK_M 64, BLOCK_N halved from 32 as workgroup memory requires.
 fn tiles() -> Vec<TileConfig> {
@@ -102,25 +102,19 @@ fn compile_all(keys: &[KernelKey]) {
 const PER_DIMS_AND_TILE: usize = 4 * 2 * 2;
 
 /// No score modifier, and all of them (each one's code is independent of the others').
-const MODS: [ScoreMods; 2] = [
-    ScoreMods {
-        softcap: false,
-        alibi: false,
-        bias: false,
-        key_mask: false,
-    },
-    ScoreMods::ALL,
-];
+fn mods() -> [ModifierSet; 2] {
+    [ModifierSet::NONE, ModifierSet::all_compiled()]
+}
 
 #[test]
 fn every_tiled_variant_validates_and_translates() {
     // Every tile without modifiers; the modifiers with the largest tile.
-    let mut keys = kernel::variants(Family::Tiled, &DIMS, &tiles(), &MODS[..1]);
+    let mut keys = kernel::variants(Family::Tiled, &DIMS, &tiles(), &mods()[..1]);
     keys.extend(kernel::variants(
         Family::Tiled,
         &DIMS,
         &tiles()[..1],
-        &MODS[1..],
+        &mods()[1..],
     ));
     assert_eq!(
         keys.len(),
@@ -131,9 +125,12 @@ fn every_tiled_variant_validates_and_translates() {
 
 #[test]
 fn every_unrolled_variant_validates_and_translates() {
-    let keys = kernel::variants(Family::Unrolled, &DIMS, &tiles(), &MODS);
+    let keys = kernel::variants(Family::Unrolled, &DIMS, &tiles(), &mods());
     // f32 only: other storage types are converted at the family's edges.
-    assert_eq!(keys.len(), PER_DIMS_AND_TILE / 4 * DIMS.len() * MODS.len());
+    assert_eq!(
+        keys.len(),
+        PER_DIMS_AND_TILE / 4 * DIMS.len() * mods().len()
+    );
     for key in &keys {
         let source = key.source();
         let unexpanded = source.lines().any(|l| l.trim_start().starts_with("//#"));
@@ -254,7 +251,7 @@ macro_rules! assert_same_layout {
 
 #[test]
 fn host_structs_match_wgsl_layout() {
-    let flash = kernel::variants(Family::Unrolled, &[(64, 64)], &tiles(), &MODS[1..])[0].source();
+    let flash = kernel::variants(Family::Unrolled, &[(64, 64)], &tiles(), &mods()[1..])[0].source();
     assert_same_layout!(
         &flash,
         wflash::FlashParams,
@@ -283,7 +280,11 @@ fn host_structs_match_wgsl_layout() {
             bias_width4,
             mask_fold,
             mask_width4,
+            prefix_len,
+            chunk,
             _pad0,
+            _pad1,
+            _pad2,
         ]
     );
     assert_same_layout!(
