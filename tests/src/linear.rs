@@ -12,7 +12,7 @@ use wflash::{
 };
 use wflash_ref::linear::{self as reference, LinearProblem, LinearState};
 
-use crate::{Path, Tolerance, max_abs_err, random};
+use crate::{Output, Path, Verdict, judge, random};
 
 /// How a case hands its sequence to the engine.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -199,27 +199,16 @@ pub fn put_tokens<T: Copy>(
     }
 }
 
-/// What a passing case measured.
-#[derive(Clone, Copy, Debug)]
-pub struct LinearOutcome {
-    /// Worst of the output's and the state's error over their bounds (pass ≤ 1).
-    pub ratio: f64,
-    pub output_err: f64,
-    pub naive_output_err: f64,
-    pub state_err: f64,
-    pub naive_state_err: f64,
-}
-
 /// Runs a case on `engine` and judges its output and final state.
-pub fn run_linear_case(engine: &Engine, case: &LinearCase) -> Result<LinearOutcome, String> {
+pub fn run_linear_case(engine: &Engine, case: &LinearCase) -> Result<Verdict, String> {
     match case.path.dtype() {
-        wflash::DType::F32 => judge::<f32>(engine, case),
-        wflash::DType::F16 => judge::<half::f16>(engine, case),
-        wflash::DType::Bf16 => judge::<half::bf16>(engine, case),
+        wflash::DType::F32 => judge_case::<f32>(engine, case),
+        wflash::DType::F16 => judge_case::<half::f16>(engine, case),
+        wflash::DType::Bf16 => judge_case::<half::bf16>(engine, case),
     }
 }
 
-fn judge<T: Element>(engine: &Engine, case: &LinearCase) -> Result<LinearOutcome, String> {
+fn judge_case<T: Element>(engine: &Engine, case: &LinearCase) -> Result<Verdict, String> {
     let decay = case.decays();
     let p = case.problem(decay.as_deref());
     let mut rng = rand::rngs::StdRng::seed_from_u64(case.seed);
@@ -332,10 +321,6 @@ fn judge<T: Element>(engine: &Engine, case: &LinearCase) -> Result<LinearOutcome
         (truth.join().expect("reference thread"), naive)
     });
 
-    let tol = Tolerance::FORWARD;
-    let (output_err, worst) =
-        max_abs_err(output.iter().map(|x| f64::from(x.to_f32())), &truth.output);
-    let (naive_output_err, _) = max_abs_err(naive.output.iter().copied(), &truth.output);
     // The state is f32 on every path; its naive baseline accumulates it directly in f32.
     let mut got_state = kv.clone();
     got_state.extend(&z);
@@ -343,42 +328,16 @@ fn judge<T: Element>(engine: &Engine, case: &LinearCase) -> Result<LinearOutcome
     want_state.extend(&truth.state.z);
     let mut naive_state = naive.state.kv.clone();
     naive_state.extend(&naive.state.z);
-    let (state_err, state_worst) =
-        max_abs_err(got_state.iter().map(|&x| f64::from(x)), &want_state);
-    let (naive_state_err, _) = max_abs_err(naive_state.iter().copied(), &want_state);
-    if got_state.len() != want_state.len() {
-        return Err(format!(
-            "{case:?}: state has {} elements, want {}",
-            got_state.len(),
-            want_state.len()
-        ));
-    }
-    let output_ratio = output_err / tol.bound(naive_output_err);
-    let state_ratio = state_err / tol.bound(naive_state_err);
-    let outcome = LinearOutcome {
-        ratio: output_ratio.max(state_ratio),
-        output_err,
-        naive_output_err,
-        state_err,
-        naive_state_err,
-    };
-    // NaN ratios fail too.
-    let passes = |ratio: f64| ratio.partial_cmp(&1.0).is_some_and(|o| o.is_le());
-    if !passes(output_ratio) {
-        return Err(format!(
-            "{case:?}\n  output: max abs err {output_err:e} at flat index {worst} (got {}, want {}) > bound {:e} (naive {naive_output_err:e})",
-            output[worst].to_f32(),
-            truth.output[worst],
-            tol.bound(naive_output_err)
-        ));
-    }
-    if !passes(state_ratio) {
-        return Err(format!(
-            "{case:?}\n  state: max abs err {state_err:e} at flat index {state_worst} (got {}, want {}) > bound {:e} (naive {naive_state_err:e})",
-            got_state[state_worst],
-            want_state[state_worst],
-            tol.bound(naive_state_err)
-        ));
-    }
-    Ok(outcome)
+    judge(
+        case,
+        vec![
+            Output::forward(
+                "O",
+                output.iter().map(|x| f64::from(x.to_f32())).collect(),
+                &truth.output,
+                &naive.output,
+            ),
+            Output::forward("state", wide(&got_state), &want_state, &naive_state),
+        ],
+    )
 }

@@ -280,6 +280,79 @@ fn many_tasks_and_threads_get_the_results_of_calls_made_alone() {
 /// soft-capping: the output and LSE have NaN and infinities exactly where the f64 reference has
 /// them, and agree with it elsewhere. A key whose logit is -inf counts as hidden (a row of
 /// nothing else is 0 with LSE -inf); a NaN logit makes its row NaN.
+/// A caller whose pipelines are cached never waits behind another caller's compile: while one
+/// thread is held inside a pipeline build (by the build hook), calls on cached pipelines run to
+/// completion on other threads; then the held build finishes and its call is right too.
+#[test]
+fn cached_pipelines_do_not_wait_behind_a_compile() {
+    let Some(shared) = engine(Path::F32) else {
+        return;
+    };
+    // A fresh engine (an empty cache) on the same kind of adapter.
+    let engine = Engine::new_blocking(wflash::EngineOptions {
+        tuning: wflash::TuningSource::Off,
+        family: Some(shared.family()),
+        ..Default::default()
+    })
+    .expect("engine");
+    let shape = Shape::mha(1, 2, 40, 32);
+    let q = vec![0.25f32; shape.q_elems()];
+    let v = vec![0.5f32; shape.v_elems()];
+    let softmax = AttentionOptions::softmax();
+    let call = |engine: &Engine, opts: &AttentionOptions| {
+        engine
+            .attention_blocking(&shape, Layout::Bhsd, opts, &q, &q, &v)
+            .expect("call")
+            .output
+    };
+    call(&engine, &softmax); // its pipelines are cached from here on
+    let cached = engine.cached_pipelines();
+
+    let (entered_tx, entered) = mpsc::channel::<String>();
+    let (release, release_rx) = mpsc::channel::<()>();
+    let release_rx = std::sync::Mutex::new(release_rx);
+    engine.on_pipeline_build(move |label| {
+        if label.contains("sigmoid") {
+            let _ = entered_tx.send(label.to_string());
+            // Held until the main thread says so (bounded, so a failure cannot hang CI).
+            let _ = release_rx.lock().unwrap().recv_timeout(Duration::from_secs(120));
+        }
+    });
+    std::thread::scope(|scope| {
+        let compiling = scope.spawn(|| call(&engine, &AttentionOptions::sigmoid_with_bias(0.0)));
+        let label = entered
+            .recv_timeout(Duration::from_secs(120))
+            .expect("the sigmoid build starts");
+        // Cached calls on other threads, while that build is held open.
+        let (done_tx, done) = mpsc::channel();
+        let engine_ref = &engine;
+        let call_ref = &call;
+        let softmax_ref = &softmax;
+        scope.spawn(move || {
+            for _ in 0..3 {
+                let out = call_ref(engine_ref, softmax_ref);
+                let _ = done_tx.send(out);
+            }
+        });
+        for i in 0..3 {
+            let out = done.recv_timeout(Duration::from_secs(60)).unwrap_or_else(|_| {
+                let _ = release.send(());
+                panic!("cached call {i} waited behind the build of `{label}`")
+            });
+            assert!(out.iter().all(|&x| (x - 0.5).abs() < 1e-6));
+        }
+        assert!(!compiling.is_finished(), "the held build finished early");
+        assert_eq!(engine.cached_pipelines(), cached, "the held build is not cached yet");
+        release.send(()).expect("release");
+        let out = compiling.join().expect("the held call");
+        // sigmoid(0.25 * 0.25 * 32 / sqrt(32) + 0) * 0.5 per key, 40 keys.
+        let weight = 1.0 / (1.0 + (-(0.0625f64 * 32.0 / 32f64.sqrt())).exp());
+        let want = (40.0 * 0.5 * weight) as f32;
+        assert!(out.iter().all(|&x| (x - want).abs() < 1e-4 * want), "{} vs {want}", out[0]);
+    });
+    assert_eq!(engine.cached_pipelines(), cached + 1);
+}
+
 #[test]
 fn non_finite_inputs_propagate_as_the_reference_says() {
     if engine(Path::F32).is_none() {

@@ -30,7 +30,9 @@ enum Task {
     },
     /// Parse, validate and translate every shader variant with naga (no GPU needed).
     Shaders,
-    /// What CI runs: fmt check, clippy -D warnings, test, quick bench.
+    /// What CI runs (`.ci/run` calls it): fmt check, clippy -D warnings, rustdoc -D warnings,
+    /// `cargo package` of the published crates (built from the packaged files alone), the
+    /// tests, the quick bench.
     Ci,
 }
 
@@ -137,6 +139,17 @@ fn ci() -> Result<(), Failure> {
         "-D",
         "warnings",
     ])?;
+    doc()?;
+    // Builds each crate from its packaged files alone: what crates.io and docs.rs would get.
+    // --allow-dirty: the check is of the package's contents, whatever the checkout's state.
+    run_cargo(&[
+        "package",
+        "-p",
+        "wflash-ref",
+        "-p",
+        "wflash",
+        "--allow-dirty",
+    ])?;
     test()?;
     bench(&[
         "--quick".into(),
@@ -145,6 +158,24 @@ fn ci() -> Result<(), Failure> {
     ])?;
     eprintln!("xtask: ci passed in {:.1} s", start.elapsed().as_secs_f64());
     Ok(())
+}
+
+/// `cargo doc` of the workspace's own crates with rustdoc warnings as errors.
+fn doc() -> Result<(), Failure> {
+    let flags = std::env::var("RUSTDOCFLAGS").unwrap_or_default();
+    let shown = "RUSTDOCFLAGS=-D warnings cargo doc --workspace --no-deps";
+    eprintln!("xtask: $ {shown}");
+    let status = Command::new(cargo())
+        .args(["doc", "--workspace", "--no-deps"])
+        .env("RUSTDOCFLAGS", format!("{flags} -D warnings"))
+        .current_dir(workspace_root())
+        .status()
+        .map_err(|e| (format!("{shown}: could not start cargo: {e}"), 1))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err((format!("`{shown}` failed ({status})"), 1))
+    }
 }
 
 fn main() -> ExitCode {

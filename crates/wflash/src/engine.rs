@@ -155,7 +155,12 @@ pub(crate) struct Inner {
     pub(crate) queue: wgpu::Queue,
     pub(crate) info: EngineInfo,
     pub(crate) options: EngineOptions,
-    pipelines: Mutex<HashMap<PipelineKey, wgpu::ComputePipeline>>,
+    /// One slot per pipeline: the map's lock is held only to find or add a slot, and a build
+    /// holds only its own slot's, so a caller whose pipelines are cached never waits behind
+    /// another caller's compile (10-25 s on llvmpipe), and a key is compiled once.
+    pipelines: Mutex<HashMap<PipelineKey, PipelineSlot>>,
+    /// Called on the building thread before each pipeline build (see `on_pipeline_build`).
+    build_hook: RwLock<Option<BuildHook>>,
     /// Tiles chosen by measurement (tuning file, or [`Engine::set_tile`]) per family and dims.
     tuned: RwLock<HashMap<(Family, u32, u32), TileConfig>>,
     pub(crate) lost: Arc<AtomicBool>,
@@ -255,6 +260,7 @@ impl Engine {
                 ledger,
                 options,
                 pipelines: Mutex::new(HashMap::new()),
+                build_hook: RwLock::new(None),
                 tuned: RwLock::new(HashMap::new()),
                 lost,
                 info,
@@ -490,7 +496,25 @@ impl Engine {
 
     /// Number of compiled pipelines in the cache.
     pub fn cached_pipelines(&self) -> usize {
-        self.inner.pipelines.lock().map(|p| p.len()).unwrap_or(0)
+        let slots: Vec<PipelineSlot> = match self.inner.pipelines.lock() {
+            Ok(map) => map.values().cloned().collect(),
+            Err(_) => return 0,
+        };
+        // Slots whose build is under way are busy: they are not compiled yet.
+        slots
+            .iter()
+            .filter(|slot| slot.try_lock().is_ok_and(|p| p.is_some()))
+            .count()
+    }
+
+    /// Calls `hook` with each pipeline's label on the thread that builds it, before the build
+    /// (replacing any earlier hook). For tools that show compile progress, and for tests that
+    /// hold a build open.
+    #[doc(hidden)]
+    pub fn on_pipeline_build(&self, hook: impl Fn(&str) + Send + Sync + 'static) {
+        if let Ok(mut slot) = self.inner.build_hook.write() {
+            *slot = Some(BuildHook(Arc::new(hook)));
+        }
     }
 
     /// The storage path for `dtype` on this engine, or why there is none.
@@ -534,14 +558,26 @@ impl Engine {
     /// The compiled pipeline for `key`, built on first use. Its bind group layout is derived
     /// from the shader (`get_bind_group_layout(0)`).
     pub(crate) fn pipeline(&self, key: PipelineKey) -> Result<wgpu::ComputePipeline> {
-        let mut cache = self
+        let poisoned = || Error::Internal("pipeline cache poisoned".into());
+        let slot = self
             .inner
             .pipelines
             .lock()
-            .map_err(|_| Error::Internal("pipeline cache poisoned".into()))?;
-        if let Some(pipeline) = cache.get(&key) {
+            .map_err(|_| poisoned())?
+            .entry(key)
+            .or_default()
+            .clone();
+        // Callers of this key wait for its one build; nobody else does.
+        let mut slot = slot.lock().map_err(|_| poisoned())?;
+        if let Some(pipeline) = slot.as_ref() {
             return Ok(pipeline.clone());
         }
+        let pipeline = self.build_pipeline(key)?;
+        *slot = Some(pipeline.clone());
+        Ok(pipeline)
+    }
+
+    fn build_pipeline(&self, key: PipelineKey) -> Result<wgpu::ComputePipeline> {
         let device = &self.inner.device;
         let (label, source, entry_point, constants) = match key {
             PipelineKey::Forward(k) => (k.label(), k.source(), "flash_fwd", k.constants()),
@@ -554,6 +590,10 @@ impl Engine {
             PipelineKey::Convert(c) => (c.label(), c.source(), "convert", Vec::new()),
             PipelineKey::Linear(k) => (k.label(), k.source(), k.pass.entry_point(), Vec::new()),
         };
+        let hook = self.inner.build_hook.read().ok().and_then(|h| h.clone());
+        if let Some(BuildHook(hook)) = hook {
+            hook(&label);
+        }
         let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
         let t0 = std::time::Instant::now();
         let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
@@ -578,8 +618,20 @@ impl Engine {
         if std::env::var_os("WFLASH_LOG_COMPILE").is_some() {
             eprintln!("compiled {label} in {:.2} s", t0.elapsed().as_secs_f64());
         }
-        cache.insert(key, pipeline.clone());
         Ok(pipeline)
+    }
+}
+
+/// A cached pipeline, or `None` before its first build (or after a failed one).
+type PipelineSlot = Arc<Mutex<Option<wgpu::ComputePipeline>>>;
+
+/// What `Engine::on_pipeline_build` installs.
+#[derive(Clone)]
+struct BuildHook(Arc<dyn Fn(&str) + Send + Sync>);
+
+impl std::fmt::Debug for BuildHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("BuildHook")
     }
 }
 

@@ -9,18 +9,18 @@
 use crate::{DType, Modifier, ModifierSet};
 
 /// WGSL source of the workgroup-tiled forward kernel (GPUs).
-pub const FLASH_FWD_WGSL: &str = include_str!("../../../shaders/flash_fwd.wgsl");
+pub const FLASH_FWD_WGSL: &str = include_str!("../shaders/flash_fwd.wgsl");
 /// WGSL template of the unrolled, texture-fed forward kernel (CPU adapters).
-pub const FLASH_FWD_UNROLLED_WGSL: &str = include_str!("../../../shaders/flash_fwd_unrolled.wgsl");
+pub const FLASH_FWD_UNROLLED_WGSL: &str = include_str!("../shaders/flash_fwd_unrolled.wgsl");
 /// What both forward kernels share: the uniform block and the variants' weight function.
-pub const FLASH_COMMON_WGSL: &str = include_str!("../../../shaders/flash_common.wgsl");
+pub const FLASH_COMMON_WGSL: &str = include_str!("../shaders/flash_common.wgsl");
 /// WGSL source of the K/V packing kernel that feeds the unrolled kernel.
-pub const PACK_ROWS_WGSL: &str = include_str!("../../../shaders/pack_rows.wgsl");
+pub const PACK_ROWS_WGSL: &str = include_str!("../shaders/pack_rows.wgsl");
 /// WGSL source of the element-type conversions at the unrolled kernel's edges.
-pub const CONVERT_WGSL: &str = include_str!("../../../shaders/convert.wgsl");
+pub const CONVERT_WGSL: &str = include_str!("../shaders/convert.wgsl");
 
 /// WGSL template of the linear-attention passes (chunked and recurrent).
-pub const LINEAR_WGSL: &str = include_str!("../../../shaders/linear.wgsl");
+pub const LINEAR_WGSL: &str = include_str!("../shaders/linear.wgsl");
 
 /// An element-type conversion pass (convert.wgsl).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -4,9 +4,9 @@
 //! The planner's defaults come from the adapter's limits (workgroup memory, invocations) and, on
 //! CPU adapters, from what the unrolled kernel can keep in registers. Which of the valid tiles is
 //! fastest depends on the device and its driver, so it is measured: `--tune` times every
-//! candidate of [`Engine::tile_candidates`] and stores the winners in a JSON file, one entry per
+//! candidate of [`Engine::tile_candidates`](crate::Engine::tile_candidates) and stores the winners in a JSON file, one entry per
 //! (adapter, driver). An engine loads the entries for its own adapter and driver when it is
-//! created ([`EngineOptions::tuning_file`](crate::EngineOptions::tuning_file)); dims without an
+//! created ([`EngineOptions::tuning`](crate::EngineOptions::tuning)); dims without an
 //! entry keep the defaults. A tuned tile is checked against the same rules as the defaults, so a
 //! file from another machine or an older version can make a tile slower, never wrong.
 
@@ -115,7 +115,7 @@ fn tuning_error(path: &Path, reason: String) -> Error {
     }
 }
 
-/// Where the tuning file is when [`EngineOptions::tuning_file`](crate::EngineOptions::tuning_file)
+/// Where the tuning file is when [`EngineOptions::tuning`](crate::EngineOptions::tuning)
 /// does not say: `$WFLASH_TUNING`, else `$XDG_CONFIG_HOME/wflash/tuning.json`, else
 /// `$HOME/.config/wflash/tuning.json`; `None` when none of these variables is set.
 pub fn default_tuning_path() -> Option<PathBuf> {
