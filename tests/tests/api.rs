@@ -202,7 +202,12 @@ fn too_large_problems_split_over_batch_or_fail_with_the_limit_named() {
         ..shape()
     };
     let plan = small
-        .plan(&s, &AttentionOptions::softmax(), wflash::DType::F32)
+        .plan(
+            &s,
+            Layout::Bhsd,
+            &AttentionOptions::softmax(),
+            wflash::DType::F32,
+        )
         .unwrap();
     assert!(
         plan.batch_per_dispatch < s.batch && plan.batch_per_dispatch > 0,
@@ -228,7 +233,12 @@ fn too_large_problems_split_over_batch_or_fail_with_the_limit_named() {
         value_dim: 64,
     };
     let err = small
-        .plan(&huge, &AttentionOptions::softmax(), wflash::DType::F32)
+        .plan(
+            &huge,
+            Layout::Bhsd,
+            &AttentionOptions::softmax(),
+            wflash::DType::F32,
+        )
         .unwrap_err();
     assert!(
         matches!(
@@ -270,7 +280,12 @@ fn f16_without_shader_f16_uses_the_packed_path_or_fails_when_native_is_required(
     );
     assert!(!required.info().shader_f16);
     let err = required
-        .plan(&shape(), &AttentionOptions::softmax(), wflash::DType::F16)
+        .plan(
+            &shape(),
+            Layout::Bhsd,
+            &AttentionOptions::softmax(),
+            wflash::DType::F16,
+        )
         .unwrap_err();
     assert!(
         matches!(
@@ -427,7 +442,9 @@ fn texture_limits_split_the_unrolled_kernel_over_batch_or_fail_with_the_limit_na
     let opts = AttentionOptions::softmax();
     // 32-texel lines hold 5 rows; 32 lines hold 160 rows: one batch element per dispatch.
     let split = with_texture_limit(32);
-    let plan = split.plan(&s, &opts, wflash::DType::F32).unwrap();
+    let plan = split
+        .plan(&s, Layout::Bhsd, &opts, wflash::DType::F32)
+        .unwrap();
     assert_eq!(plan.batch_per_dispatch, 1, "{plan:?}");
     let case = Case {
         causal: Some(Causal::TopLeft),
@@ -436,7 +453,7 @@ fn texture_limits_split_the_unrolled_kernel_over_batch_or_fail_with_the_limit_na
     let outcome = wflash_conformance::run_case_on(&split, &case).expect("split call conforms");
     assert!(outcome.ratio <= 1.0);
     // 16-texel lines hold 2 rows; 16 lines hold 32 rows: not even one batch element fits.
-    let err = with_texture_limit(16).plan(&s, &opts, wflash::DType::F32);
+    let err = with_texture_limit(16).plan(&s, Layout::Bhsd, &opts, wflash::DType::F32);
     assert!(
         matches!(
             err,
@@ -703,7 +720,9 @@ fn bad_modifiers_and_unfusable_combinations_are_typed_errors() {
         let err = call(engine, &shape, &opts).expect_err(what);
         assert!(expected(&err), "{what}: {err}");
         assert!(
-            engine.plan(&shape, &opts, wflash::DType::F32).is_err(),
+            engine
+                .plan(&shape, Layout::Bhsd, &opts, wflash::DType::F32)
+                .is_err(),
             "{what}: planned"
         );
     }
@@ -906,7 +925,7 @@ fn element_counts_past_u32_split_over_batch_or_are_refused() {
             "{shape:?} does not overflow u32"
         );
         for dtype in [wflash::DType::F32, wflash::DType::F16] {
-            match engine.plan(&shape, &AttentionOptions::softmax(), dtype) {
+            match engine.plan(&shape, Layout::Bhsd, &AttentionOptions::softmax(), dtype) {
                 Ok(plan) => {
                     let per_batch = [
                         shape.q_elems(),

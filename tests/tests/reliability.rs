@@ -315,7 +315,10 @@ fn cached_pipelines_do_not_wait_behind_a_compile() {
         if label.contains("sigmoid") {
             let _ = entered_tx.send(label.to_string());
             // Held until the main thread says so (bounded, so a failure cannot hang CI).
-            let _ = release_rx.lock().unwrap().recv_timeout(Duration::from_secs(120));
+            let _ = release_rx
+                .lock()
+                .unwrap()
+                .recv_timeout(Duration::from_secs(120));
         }
     });
     std::thread::scope(|scope| {
@@ -335,20 +338,30 @@ fn cached_pipelines_do_not_wait_behind_a_compile() {
             }
         });
         for i in 0..3 {
-            let out = done.recv_timeout(Duration::from_secs(60)).unwrap_or_else(|_| {
-                let _ = release.send(());
-                panic!("cached call {i} waited behind the build of `{label}`")
-            });
+            let out = done
+                .recv_timeout(Duration::from_secs(60))
+                .unwrap_or_else(|_| {
+                    let _ = release.send(());
+                    panic!("cached call {i} waited behind the build of `{label}`")
+                });
             assert!(out.iter().all(|&x| (x - 0.5).abs() < 1e-6));
         }
         assert!(!compiling.is_finished(), "the held build finished early");
-        assert_eq!(engine.cached_pipelines(), cached, "the held build is not cached yet");
+        assert_eq!(
+            engine.cached_pipelines(),
+            cached,
+            "the held build is not cached yet"
+        );
         release.send(()).expect("release");
         let out = compiling.join().expect("the held call");
         // sigmoid(0.25 * 0.25 * 32 / sqrt(32) + 0) * 0.5 per key, 40 keys.
         let weight = 1.0 / (1.0 + (-(0.0625f64 * 32.0 / 32f64.sqrt())).exp());
         let want = (40.0 * 0.5 * weight) as f32;
-        assert!(out.iter().all(|&x| (x - want).abs() < 1e-4 * want), "{} vs {want}", out[0]);
+        assert!(
+            out.iter().all(|&x| (x - want).abs() < 1e-4 * want),
+            "{} vs {want}",
+            out[0]
+        );
     });
     assert_eq!(engine.cached_pipelines(), cached + 1);
 }

@@ -36,35 +36,39 @@
 //! Linear attention ([`Engine::linear_attention`], [`LinearOptions`]) has its own semantics and
 //! kernels: see the [`linear`] module.
 
-mod attention;
+// Layers, each importing only from those below it: ops -> engine -> gpu -> kernels -> api.
+mod api;
 mod engine;
-mod error;
-pub mod kernel;
-pub mod linear;
-mod memory;
-mod modifier;
-mod pool;
-mod readback;
-mod tensor;
-pub mod tuning;
-mod types;
+mod gpu;
+pub mod kernels;
+mod ops;
 
-pub use attention::{FlashParams, GpuAttention, PackParams, Plan, SequenceInfo};
+/// Linear attention's options, states and semantics.
+pub mod linear {
+    pub use crate::api::linear::*;
+}
+/// Measured tile choices per adapter.
+pub use engine::tuning;
+
+pub use api::error::{Error, Result};
+pub use api::linear::{
+    FeatureMap, LINEAR_MAX_CHUNK, LINEAR_MAX_DIM, LINEAR_MAX_SEQUENTIAL_STEPS, LinearAttention,
+    LinearKernel, LinearOptions, LinearState, RECURRENT_AUTO_MAX_LEN, lightning_decay,
+};
+pub use api::modifier::{Modifier, ModifierSet};
+pub(crate) use api::options::resolve_scale;
+pub use api::options::{
+    AttentionOptions, Bias, BiasValues, Causal, Variant, Varlen, Window, alibi_slopes,
+};
+pub(crate) use api::shape::check_len;
+pub use api::shape::{Attention, DType, Element, Layout, MAX_HEAD_DIM, Shape};
 pub use engine::{Engine, EngineInfo, EngineOptions, F16Path, TuningSource};
-pub use error::{Error, Result};
-pub use kernel::{Family, TileConfig};
-pub use linear::{
-    ChunkPlan, FeatureMap, GpuLinearAttention, GpuLinearState, LINEAR_MAX_CHUNK, LINEAR_MAX_DIM,
-    LINEAR_MAX_SEQUENTIAL_STEPS, LinearAttention, LinearKernel, LinearOptions, LinearParams,
-    LinearPlan, LinearState, RECURRENT_AUTO_MAX_LEN, lightning_decay,
-};
-pub use modifier::{Modifier, ModifierSet};
-pub use pool::PoolStats;
-pub use tensor::Tensor;
-pub use types::{
-    Attention, AttentionOptions, Bias, BiasValues, Causal, DType, Element, Layout, MAX_HEAD_DIM,
-    Shape, Variant, Varlen, Window, alibi_slopes,
-};
+pub use gpu::pool::PoolStats;
+pub use gpu::tensor::Tensor;
+pub use kernels::{Family, TileConfig};
+pub use ops::attention::{FlashParams, GpuAttention, PackPlan, Packed, Plan, SequenceInfo};
+pub use ops::linear::{ChunkPlan, GpuLinearAttention, GpuLinearState, LinearParams, LinearPlan};
+pub use ops::passes::{PackParams, PackShape};
 
 pub use half;
 pub use wgpu;

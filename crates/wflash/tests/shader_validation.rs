@@ -1,43 +1,23 @@
-//! Every kernel variant the engine can build is parsed and validated by naga, specialised with
-//! its override constants, and translated to SPIR-V, MSL and HLSL. This is how Metal and DX12
-//! are covered on a Linux machine with no GPU.
+//! Every kernel the engine can build ([`kernels::all_variants`]) is parsed and validated by
+//! naga, specialised with its override constants, and translated to SPIR-V, MSL, HLSL and GLSL
+//! (wgpu's GL backend). This is how Metal, DX12 and GL are covered on a Linux machine with no
+//! GPU.
 
-use naga::back::{hlsl, msl, spv};
+use naga::back::{glsl, hlsl, msl, spv};
 use naga::valid::{Capabilities, ValidationFlags, Validator};
-use wflash::kernel::{
-    self, Conversion, Family, KernelKey, LinearKey, LinearPass, Storage, TileConfig,
-};
+use wflash::kernels::{self, Family, Kernel, KernelId, LinearKey, LinearPass, Storage, TileConfig};
 use wflash::{FeatureMap, ModifierSet};
 
-/// Tile configurations the planner can choose: BLOCK_M 64, BLOCK_N halved from 32 as workgroup memory requires.
-fn tiles() -> Vec<TileConfig> {
-    [32, 16, 8, 4, 2, 1]
-        .into_iter()
-        .map(|block_n| TileConfig {
-            block_m: 64,
-            block_n,
-        })
-        .collect()
-}
+/// Head/value dims covering every private-array capacity (8..=256), odd and unequal pairs, and
+/// the rows-per-invocation classes of the unrolled kernel.
+const DIMS: [(u32, u32); 5] = [(1, 1), (16, 33), (59, 111), (128, 128), (200, 77)];
 
-/// Head/value dims covering every private-array capacity (8..=256) and odd, unequal pairs.
-const DIMS: [(u32, u32); 12] = [
-    (1, 1),
-    (8, 8),
-    (16, 33),
-    (32, 32),
-    (40, 40),
-    (59, 111),
-    (64, 64),
-    (96, 96),
-    (111, 59),
-    (128, 128),
-    (200, 77),
-    (256, 256),
-];
-
-fn compile_everywhere(key: &KernelKey) {
-    compile_source_everywhere(&key.label(), &key.source(), "flash_fwd", &key.constants());
+fn compile_everywhere(kernel: &KernelId) {
+    let label = kernel.label();
+    let source = kernel.source();
+    let unexpanded = source.lines().any(|l| l.trim_start().starts_with("//#"));
+    assert!(!unexpanded, "{label}: unexpanded marker");
+    compile_source_everywhere(&label, &source, kernel.entry_point(), &kernel.constants());
 }
 
 fn compile_source_everywhere(
@@ -86,127 +66,110 @@ fn compile_source_everywhere(
     )
     .write(&module, &info, None)
     .unwrap_or_else(|e| panic!("{label}: HLSL: {e:?}"));
+
+    // GLSL ES 3.10, what wgpu's GL backend asks for on compute (Mesa's llvmpipe GL among them).
+    // GL has no 16-bit floats: the engine never builds native-f16 kernels there (no SHADER_F16).
+    if source.contains("enable f16;") {
+        return;
+    }
+    let mut glsl_out = String::new();
+    let glsl_options = glsl::Options {
+        version: glsl::Version::Embedded {
+            version: 310,
+            is_webgl: false,
+        },
+        ..Default::default()
+    };
+    let glsl_pipeline = glsl::PipelineOptions {
+        shader_stage: naga::ShaderStage::Compute,
+        entry_point: entry_point.into(),
+        multiview: None,
+    };
+    glsl::Writer::new(
+        &mut glsl_out,
+        &module,
+        &info,
+        &glsl_options,
+        &glsl_pipeline,
+        naga::proc::BoundsCheckPolicies::default(),
+    )
+    .and_then(|mut writer| writer.write().map(|_| ()))
+    .unwrap_or_else(|e| panic!("{label}: GLSL: {e:?}"));
 }
 
-/// Compiles `keys` on all cores (a plain loop over the unrolled variants takes minutes).
-fn compile_all(keys: &[KernelKey]) {
+/// Compiles `kernels` on all cores (a plain loop takes minutes).
+fn compile_all(kernels: &[KernelId]) {
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     std::thread::scope(|scope| {
-        for chunk in keys.chunks(keys.len().div_ceil(threads)) {
+        for chunk in kernels.chunks(kernels.len().div_ceil(threads).max(1)) {
             scope.spawn(move || chunk.iter().for_each(compile_everywhere));
         }
     });
 }
 
-/// Storage types × causal × variant kinds.
-const PER_DIMS_AND_TILE: usize = 4 * 2 * 2;
-
-/// No score modifier, and all of them (each one's code is independent of the others').
-fn mods() -> [ModifierSet; 2] {
-    [ModifierSet::NONE, ModifierSet::all_compiled()]
-}
-
+/// Every tile the tuner may choose, every compiled-modifier subset, both variants and causal
+/// settings, every storage type and pass: all of them, at DIMS.
 #[test]
-fn every_tiled_variant_validates_and_translates() {
-    // Every tile without modifiers; the modifiers with the largest tile.
-    let mut keys = kernel::variants(Family::Tiled, &DIMS, &tiles(), &mods()[..1]);
-    keys.extend(kernel::variants(
-        Family::Tiled,
-        &DIMS,
-        &tiles()[..1],
-        &mods()[1..],
-    ));
+fn every_variant_validates_and_translates() {
+    let kernels = kernels::all_variants(&DIMS);
+    let forward = |family| {
+        kernels
+            .iter()
+            .filter(|k| matches!(k, KernelId::Forward(f) if f.family == family))
+            .count()
+    };
+    // Tiled: 4 storage types × every tile × 2 causal × 2 variants × every modifier subset.
+    let subsets = ModifierSet::all_compiled().subsets().count();
+    assert_eq!(subsets, 16);
+    let tiled_tiles = kernels::TILED_BLOCK_MS.len() * kernels::TILED_BLOCK_NS.len();
     assert_eq!(
-        keys.len(),
-        PER_DIMS_AND_TILE * DIMS.len() * (tiles().len() + 1)
+        forward(Family::Tiled),
+        DIMS.len() * 4 * tiled_tiles * 4 * subsets
     );
-    compile_all(&keys);
+    let unrolled_tiles: usize = DIMS
+        .iter()
+        .map(|&(d, dv)| kernels::unrolled_tiles(d, dv).len())
+        .sum();
+    assert_eq!(forward(Family::Unrolled), unrolled_tiles * 4 * subsets);
+    compile_all(&kernels);
 }
 
 #[test]
-fn every_unrolled_variant_validates_and_translates() {
-    let keys = kernel::variants(Family::Unrolled, &DIMS, &tiles(), &mods());
-    // f32 only: other storage types are converted at the family's edges.
-    assert_eq!(
-        keys.len(),
-        PER_DIMS_AND_TILE / 4 * DIMS.len() * mods().len()
-    );
-    for key in &keys {
-        let source = key.source();
-        let unexpanded = source.lines().any(|l| l.trim_start().starts_with("//#"));
-        assert!(!unexpanded, "{}: unexpanded marker", key.label());
-    }
-    compile_all(&keys);
-}
-
-#[test]
-fn every_pack_and_convert_variant_validates_and_translates() {
-    for storage in Storage::ALL {
-        let label = format!("pack_rows {}", storage.name());
-        compile_source_everywhere(&label, &kernel::pack_source(storage), "pack_rows", &[]);
-        for conversion in [Conversion::ToF32(storage), Conversion::FromF32(storage)] {
-            compile_source_everywhere(&conversion.label(), &conversion.source(), "convert", &[]);
-        }
-    }
-}
-
-/// Every pass × storage type × dims (odd, unequal, the largest), without and with the
-/// normaliser; every feature map at 64.
-#[test]
-fn every_linear_variant_validates_and_translates() {
-    const LINEAR_DIMS: [(u32, u32); 6] = [(1, 1), (8, 8), (32, 59), (59, 32), (64, 64), (128, 128)];
-    let mut keys = Vec::new();
-    for pass in LinearPass::ALL {
-        for storage in Storage::ALL {
-            let key = |key_dim, value_dim, feature_map, normalize| LinearKey {
-                pass,
-                storage,
-                key_dim,
-                value_dim,
-                feature_map,
-                normalize,
-                rows: 1,
+fn every_variant_the_planner_picks_is_among_all_variants() {
+    let kernels = kernels::all_variants(&DIMS);
+    for &(d, dv) in &DIMS {
+        let tile = kernels::unrolled_tile(d, dv);
+        assert!(kernels.iter().any(|k| matches!(k,
+            KernelId::Forward(f) if f.family == Family::Unrolled && f.tile == tile && f.head_dim == d && f.value_dim == dv)));
+        for pass in LinearPass::ALL {
+            let rows = if pass == LinearPass::ChunkOutput {
+                kernels::linear_rows(d.min(128), dv.min(128), 64)
+            } else {
+                1
             };
-            for (key_dim, value_dim) in LINEAR_DIMS {
-                for normalize in [false, true] {
-                    keys.push(key(key_dim, value_dim, FeatureMap::Identity, normalize));
-                    // The output pass with the rows the planner gives these dims.
-                    let rows = kernel::linear_rows(key_dim, value_dim, 64);
-                    if pass == LinearPass::ChunkOutput && rows > 1 {
-                        keys.push(LinearKey {
-                            rows,
-                            ..key(key_dim, value_dim, FeatureMap::Identity, normalize)
-                        });
-                    }
-                }
-            }
-            for feature_map in [FeatureMap::EluPlusOne, FeatureMap::Relu] {
-                keys.push(key(64, 64, feature_map, true));
-            }
+            let key = LinearKey {
+                pass,
+                storage: Storage::Bf16Packed,
+                key_dim: d.min(128),
+                value_dim: dv.min(128),
+                feature_map: FeatureMap::EluPlusOne,
+                normalize: true,
+                rows,
+            };
+            assert!(kernels.contains(&KernelId::Linear(key)), "{key:?}");
         }
     }
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    std::thread::scope(|scope| {
-        for chunk in keys.chunks(keys.len().div_ceil(threads)) {
-            scope.spawn(move || {
-                for key in chunk {
-                    let source = key.source();
-                    assert!(
-                        !source.lines().any(|l| l.trim_start().starts_with("//#")),
-                        "{}: unexpanded marker",
-                        key.label()
-                    );
-                    compile_source_everywhere(&key.label(), &source, key.pass.entry_point(), &[]);
-                }
-            });
-        }
-    });
+    let default_tiled = TileConfig {
+        block_m: 64,
+        block_n: 32,
+    };
+    assert!(kernels::tiled_tiles().contains(&default_tiled));
 }
 
 #[test]
 fn unroll_markers_expand_nested_blocks() {
     let template = "a\n//#unroll i 2\nx{i}\n//#unroll j N\ny{i}{j}\n//#end\n//#end\nb\n";
-    let out = kernel::expand_unrolls(template, &[("N", 3)]);
+    let out = kernels::expand_unrolls(template, &[("N", 3)]);
     assert_eq!(
         out,
         "a\nx0u\ny0u0u\ny0u1u\ny0u2u\nx1u\ny1u0u\ny1u1u\ny1u2u\nb\n"
@@ -251,7 +214,11 @@ macro_rules! assert_same_layout {
 
 #[test]
 fn host_structs_match_wgsl_layout() {
-    let flash = kernel::variants(Family::Unrolled, &[(64, 64)], &tiles(), &mods()[1..])[0].source();
+    let flash = kernels::all_variants(&[(64, 64)])
+        .into_iter()
+        .find(|k| matches!(k, KernelId::Forward(f) if f.family == Family::Unrolled))
+        .expect("an unrolled kernel")
+        .source();
     assert_same_layout!(
         &flash,
         wflash::FlashParams,

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::kernel::{Family, TileConfig};
+use crate::kernels::{Family, TileConfig};
 use crate::{Error, Result};
 
 /// The file: tuned tiles of any number of adapters.

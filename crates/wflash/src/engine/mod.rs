@@ -1,22 +1,20 @@
 //! The engine: one wgpu device and queue, what they can do, and the compiled pipelines.
 
+mod io;
+mod pipelines;
+mod tiles;
+pub mod tuning;
+
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use crate::kernel::{self, Family, KernelKey, Storage, TileConfig};
-use crate::memory::{Charge, Ledger};
-use crate::tuning::TuningFile;
+use crate::gpu::memory::{Charge, Ledger};
+use crate::kernels::{Family, KernelId, Storage, TileConfig};
 use crate::{DType, Error, Result};
-
-/// Query rows per workgroup of the tiled kernel by default (one invocation owns one row), and
-/// the other sizes a tuning may pick.
-const TILED_BLOCK_M: u32 = 64;
-const TILED_BLOCK_MS: [u32; 3] = [32, 64, 128];
-/// The largest key tile of the tiled kernel by default; smaller when workgroup memory is short.
-const TILED_MAX_BLOCK_N: u32 = 32;
-const TILED_BLOCK_NS: [u32; 5] = [4, 8, 16, 32, 64];
+use pipelines::{BuildHook, PipelineSlot};
+use tuning::TuningFile;
 
 /// How f16 tensors are read and written.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -70,7 +68,7 @@ pub struct EngineOptions {
 /// Where an engine reads its tuned tiles.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub enum TuningSource {
-    /// [`crate::tuning::default_tuning_path`]: `$WFLASH_TUNING`, else the user's config folder.
+    /// [`tuning::default_tuning_path`]: `$WFLASH_TUNING`, else the user's config folder.
     #[default]
     Default,
     /// This file.
@@ -158,13 +156,13 @@ pub(crate) struct Inner {
     /// One slot per pipeline: the map's lock is held only to find or add a slot, and a build
     /// holds only its own slot's, so a caller whose pipelines are cached never waits behind
     /// another caller's compile (10-25 s on llvmpipe), and a key is compiled once.
-    pipelines: Mutex<HashMap<PipelineKey, PipelineSlot>>,
+    pipelines: Mutex<HashMap<KernelId, PipelineSlot>>,
     /// Called on the building thread before each pipeline build (see `on_pipeline_build`).
     build_hook: RwLock<Option<BuildHook>>,
     /// Tiles chosen by measurement (tuning file, or [`Engine::set_tile`]) per family and dims.
     tuned: RwLock<HashMap<(Family, u32, u32), TileConfig>>,
     pub(crate) lost: Arc<AtomicBool>,
-    pub(crate) pool: Arc<crate::pool::ScratchPool>,
+    pub(crate) pool: Arc<crate::gpu::pool::ScratchPool>,
     pub(crate) ledger: Arc<Ledger>,
 }
 
@@ -243,7 +241,7 @@ impl Engine {
         device.on_uncaptured_error(Arc::new(|_err: wgpu::Error| {}));
 
         let tuning_path = match &options.tuning {
-            TuningSource::Default => crate::tuning::default_tuning_path(),
+            TuningSource::Default => tuning::default_tuning_path(),
             TuningSource::File(path) => Some(path.clone()),
             TuningSource::Off => None,
         };
@@ -256,7 +254,10 @@ impl Engine {
             inner: Arc::new(Inner {
                 device,
                 queue,
-                pool: crate::pool::ScratchPool::new(options.scratch_pool_bytes, ledger.clone()),
+                pool: crate::gpu::pool::ScratchPool::new(
+                    options.scratch_pool_bytes,
+                    ledger.clone(),
+                ),
                 ledger,
                 options,
                 pipelines: Mutex::new(HashMap::new()),
@@ -279,185 +280,9 @@ impl Engine {
         }
         Ok(engine)
     }
+}
 
-    /// Every tile `family` can run at these dims on this adapter, the default first. These are
-    /// what `cargo xtask bench --tune` times.
-    pub fn tile_candidates(
-        &self,
-        family: Family,
-        head_dim: u32,
-        value_dim: u32,
-    ) -> Vec<TileConfig> {
-        let mut tiles = match family {
-            Family::Unrolled => kernel::unrolled_tiles(head_dim, value_dim),
-            Family::Tiled => {
-                let mut tiles = Vec::new();
-                for block_m in TILED_BLOCK_MS {
-                    for block_n in TILED_BLOCK_NS {
-                        tiles.push(TileConfig { block_m, block_n });
-                    }
-                }
-                tiles
-            }
-        };
-        tiles.retain(|&t| self.check_tile(family, head_dim, value_dim, t).is_ok());
-        if let Ok(default) = self.default_tile(family, head_dim, value_dim) {
-            tiles.retain(|&t| t != default);
-            tiles.insert(0, default);
-        }
-        tiles
-    }
-
-    /// Makes `family` use `tile` at these dims (`None`: back to the default), after checking
-    /// that it can run here ([`Error::InvalidTile`] otherwise). Affects later calls only.
-    pub fn set_tile(
-        &self,
-        family: Family,
-        head_dim: u32,
-        value_dim: u32,
-        tile: Option<TileConfig>,
-    ) -> Result<()> {
-        let mut tuned = self
-            .inner
-            .tuned
-            .write()
-            .map_err(|_| Error::Internal("tuned tiles poisoned".into()))?;
-        match tile {
-            Some(tile) => {
-                self.check_tile(family, head_dim, value_dim, tile)?;
-                tuned.insert((family, head_dim, value_dim), tile);
-            }
-            None => {
-                tuned.remove(&(family, head_dim, value_dim));
-            }
-        }
-        Ok(())
-    }
-
-    /// The tuned tiles in effect: (family, head dim, value dim, tile), sorted.
-    pub fn tuned_tiles(&self) -> Vec<(Family, u32, u32, TileConfig)> {
-        let mut tiles: Vec<_> = self
-            .inner
-            .tuned
-            .read()
-            .map(|t| {
-                t.iter()
-                    .map(|(&(f, d, dv), &tile)| (f, d, dv, tile))
-                    .collect()
-            })
-            .unwrap_or_default();
-        tiles.sort();
-        tiles
-    }
-
-    /// The tile `family` runs at these dims: the tuned one, else the default.
-    pub(crate) fn tile_for(
-        &self,
-        family: Family,
-        head_dim: u32,
-        value_dim: u32,
-    ) -> Result<TileConfig> {
-        let tuned = self
-            .inner
-            .tuned
-            .read()
-            .ok()
-            .and_then(|t| t.get(&(family, head_dim, value_dim)).copied());
-        match tuned {
-            Some(tile) => Ok(tile),
-            None => self.default_tile(family, head_dim, value_dim),
-        }
-    }
-
-    /// The planner's tile from the adapter's limits: the unrolled kernel's most rows per
-    /// invocation; the tiled kernel's 64 rows and the largest key tile that fits in workgroup
-    /// memory.
-    fn default_tile(&self, family: Family, head_dim: u32, value_dim: u32) -> Result<TileConfig> {
-        if family == Family::Unrolled {
-            return Ok(kernel::unrolled_tile(head_dim, value_dim));
-        }
-        let limits = &self.inner.info.limits;
-        let block_m = TILED_BLOCK_M
-            .min(limits.max_compute_invocations_per_workgroup)
-            .min(limits.max_compute_workgroup_size_x);
-        let tile_bytes = |block_n| kernel::workgroup_bytes(block_m, block_n, head_dim, value_dim);
-        let mut block_n = TILED_MAX_BLOCK_N;
-        while block_n > 1 && tile_bytes(block_n) > limits.max_compute_workgroup_storage_size {
-            block_n /= 2;
-        }
-        if tile_bytes(block_n) > limits.max_compute_workgroup_storage_size {
-            return Err(Error::TooLarge {
-                limit: "max_compute_workgroup_storage_size",
-                needed: u64::from(tile_bytes(1)),
-                max: u64::from(limits.max_compute_workgroup_storage_size),
-                hint: " (one key row of K and V does not fit)",
-            });
-        }
-        Ok(TileConfig { block_m, block_n })
-    }
-
-    /// Whether `family` can run `tile` at these dims here.
-    fn check_tile(
-        &self,
-        family: Family,
-        head_dim: u32,
-        value_dim: u32,
-        tile: TileConfig,
-    ) -> Result<()> {
-        let invalid = |reason| Error::InvalidTile {
-            family: family.name(),
-            head_dim,
-            value_dim,
-            block_m: tile.block_m,
-            block_n: tile.block_n,
-            reason,
-        };
-        match family {
-            Family::Unrolled => {
-                if !kernel::unrolled_tiles(head_dim, value_dim).contains(&tile) {
-                    return Err(invalid(
-                        "the unrolled kernel takes 4 keys per step and 8 lanes times a power of two rows, within its register bound",
-                    ));
-                }
-            }
-            Family::Tiled => {
-                let limits = &self.inner.info.limits;
-                if self.inner.info.device_type == wgpu::DeviceType::Cpu {
-                    // CPU drivers end an invocation's loops after 65535 iterations in all
-                    // (docs/PERF.md), and the planner's key limit was measured on the default
-                    // tile: fewer rows (more staging iterations each) or smaller key tiles (more
-                    // tiles) could pass it.
-                    let default = self.default_tile(family, head_dim, value_dim)?;
-                    if tile.block_m < default.block_m || tile.block_n < default.block_n {
-                        return Err(invalid(
-                            "on CPU adapters the tiled kernel's tile may not be smaller than its default",
-                        ));
-                    }
-                }
-                if !TILED_BLOCK_MS.contains(&tile.block_m)
-                    || !TILED_BLOCK_NS.contains(&tile.block_n)
-                {
-                    return Err(invalid(
-                        "block_m must be 32, 64 or 128 and block_n 4, 8, 16, 32 or 64",
-                    ));
-                }
-                if tile.block_m > limits.max_compute_invocations_per_workgroup
-                    || tile.block_m > limits.max_compute_workgroup_size_x
-                {
-                    return Err(invalid(
-                        "more invocations than the adapter allows per workgroup",
-                    ));
-                }
-                if kernel::workgroup_bytes(tile.block_m, tile.block_n, head_dim, value_dim)
-                    > limits.max_compute_workgroup_storage_size
-                {
-                    return Err(invalid("the K/V tiles do not fit in workgroup memory"));
-                }
-            }
-        }
-        Ok(())
-    }
-
+impl Engine {
     /// The adapter and what it can do.
     pub fn info(&self) -> &EngineInfo {
         &self.inner.info
@@ -492,29 +317,6 @@ impl Engine {
     /// Charges `bytes` to the memory ledger, emptying the scratch pool first if the budget needs it.
     pub(crate) fn charge(&self, bytes: u64) -> Result<Charge> {
         self.inner.pool.charge(bytes)
-    }
-
-    /// Number of compiled pipelines in the cache.
-    pub fn cached_pipelines(&self) -> usize {
-        let slots: Vec<PipelineSlot> = match self.inner.pipelines.lock() {
-            Ok(map) => map.values().cloned().collect(),
-            Err(_) => return 0,
-        };
-        // Slots whose build is under way are busy: they are not compiled yet.
-        slots
-            .iter()
-            .filter(|slot| slot.try_lock().is_ok_and(|p| p.is_some()))
-            .count()
-    }
-
-    /// Calls `hook` with each pipeline's label on the thread that builds it, before the build
-    /// (replacing any earlier hook). For tools that show compile progress, and for tests that
-    /// hold a build open.
-    #[doc(hidden)]
-    pub fn on_pipeline_build(&self, hook: impl Fn(&str) + Send + Sync + 'static) {
-        if let Ok(mut slot) = self.inner.build_hook.write() {
-            *slot = Some(BuildHook(Arc::new(hook)));
-        }
     }
 
     /// The storage path for `dtype` on this engine, or why there is none.
@@ -554,97 +356,6 @@ impl Engine {
             },
         )
     }
-
-    /// The compiled pipeline for `key`, built on first use. Its bind group layout is derived
-    /// from the shader (`get_bind_group_layout(0)`).
-    pub(crate) fn pipeline(&self, key: PipelineKey) -> Result<wgpu::ComputePipeline> {
-        let poisoned = || Error::Internal("pipeline cache poisoned".into());
-        let slot = self
-            .inner
-            .pipelines
-            .lock()
-            .map_err(|_| poisoned())?
-            .entry(key)
-            .or_default()
-            .clone();
-        // Callers of this key wait for its one build; nobody else does.
-        let mut slot = slot.lock().map_err(|_| poisoned())?;
-        if let Some(pipeline) = slot.as_ref() {
-            return Ok(pipeline.clone());
-        }
-        let pipeline = self.build_pipeline(key)?;
-        *slot = Some(pipeline.clone());
-        Ok(pipeline)
-    }
-
-    fn build_pipeline(&self, key: PipelineKey) -> Result<wgpu::ComputePipeline> {
-        let device = &self.inner.device;
-        let (label, source, entry_point, constants) = match key {
-            PipelineKey::Forward(k) => (k.label(), k.source(), "flash_fwd", k.constants()),
-            PipelineKey::Pack(storage) => (
-                format!("pack_rows {}", storage.name()),
-                kernel::pack_source(storage),
-                "pack_rows",
-                Vec::new(),
-            ),
-            PipelineKey::Convert(c) => (c.label(), c.source(), "convert", Vec::new()),
-            PipelineKey::Linear(k) => (k.label(), k.source(), k.pass.entry_point(), Vec::new()),
-        };
-        let hook = self.inner.build_hook.read().ok().and_then(|h| h.clone());
-        if let Some(BuildHook(hook)) = hook {
-            hook(&label);
-        }
-        let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
-        let t0 = std::time::Instant::now();
-        let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
-            label: Some(&label),
-            source: wgpu::ShaderSource::Wgsl(source.into()),
-        });
-        let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-            label: Some(&label),
-            layout: None,
-            module: &module,
-            entry_point: Some(entry_point),
-            compilation_options: wgpu::PipelineCompilationOptions {
-                constants: &constants,
-                // Every workgroup variable is written before it is read.
-                zero_initialize_workgroup_memory: false,
-            },
-            cache: None,
-        });
-        if let Some(err) = pollster::block_on(scope.pop()) {
-            return Err(Error::Internal(format!("building `{label}`: {err}")));
-        }
-        if std::env::var_os("WFLASH_LOG_COMPILE").is_some() {
-            eprintln!("compiled {label} in {:.2} s", t0.elapsed().as_secs_f64());
-        }
-        Ok(pipeline)
-    }
-}
-
-/// A cached pipeline, or `None` before its first build (or after a failed one).
-type PipelineSlot = Arc<Mutex<Option<wgpu::ComputePipeline>>>;
-
-/// What `Engine::on_pipeline_build` installs.
-#[derive(Clone)]
-struct BuildHook(Arc<dyn Fn(&str) + Send + Sync>);
-
-impl std::fmt::Debug for BuildHook {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("BuildHook")
-    }
-}
-
-/// Everything that selects one compiled pipeline; the pipeline cache is keyed by it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub(crate) enum PipelineKey {
-    Forward(KernelKey),
-    /// The K/V packing kernel of the unrolled family, per storage type.
-    Pack(Storage),
-    /// Q and O conversions around the unrolled family.
-    Convert(kernel::Conversion),
-    /// A linear-attention pass.
-    Linear(kernel::LinearKey),
 }
 
 async fn select_adapter(

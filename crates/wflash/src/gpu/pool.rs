@@ -15,7 +15,7 @@
 use std::sync::{Arc, Mutex};
 
 use crate::Result;
-use crate::memory::{Charge, Ledger};
+use crate::gpu::memory::{Charge, Ledger};
 
 /// What a pooled resource is: a take matches it exactly.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

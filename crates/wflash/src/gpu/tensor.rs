@@ -1,0 +1,68 @@
+//! Tensors that live on the GPU, so a model can chain calls without host round trips.
+
+use std::sync::Arc;
+
+use crate::DType;
+use crate::gpu::memory::Charge;
+
+/// A flat array of `len` elements of `dtype` in a GPU storage buffer.
+///
+/// 16-bit types are stored two per 4-byte word, little-endian, exactly as a `&[half::f16]`
+/// is laid out in host memory; the buffer is padded to a multiple of 4 bytes.
+#[derive(Clone, Debug)]
+pub struct Tensor {
+    pub(crate) buffer: wgpu::Buffer,
+    pub(crate) dtype: DType,
+    pub(crate) len: usize,
+    /// The buffer's bytes on the engine's memory ledger, shared by clones of this handle.
+    pub(crate) _charge: Arc<Charge>,
+}
+
+impl Tensor {
+    /// The storage buffer, to bind in an application's own pipelines.
+    pub fn buffer(&self) -> &wgpu::Buffer {
+        &self.buffer
+    }
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+    /// Number of elements.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// Bytes a buffer of `len` elements of `dtype` occupies, padded to 4.
+pub(crate) fn buffer_bytes(dtype: DType, len: usize) -> u64 {
+    ((len * dtype.size_bytes()) as u64).div_ceil(4) * 4
+}
+
+/// A buffer holding `contents` (at least 4 bytes, zero-padded to a multiple of 4), written with
+/// `queue.write_buffer`. Not `create_buffer_init`: its mapping panics inside wgpu when the
+/// device has been lost, where this gives an error that the engine's error scopes catch.
+pub(crate) fn buffer_with_contents(
+    device: &wgpu::Device,
+    queue: &wgpu::Queue,
+    label: &str,
+    contents: &[u8],
+    usage: wgpu::BufferUsages,
+) -> wgpu::Buffer {
+    let size = (contents.len() as u64).next_multiple_of(4).max(4);
+    let buffer = device.create_buffer(&wgpu::BufferDescriptor {
+        label: Some(label),
+        size,
+        usage: usage | wgpu::BufferUsages::COPY_DST,
+        mapped_at_creation: false,
+    });
+    if contents.len() as u64 == size {
+        queue.write_buffer(&buffer, 0, contents);
+    } else {
+        let mut padded = contents.to_vec();
+        padded.resize(size as usize, 0);
+        queue.write_buffer(&buffer, 0, &padded);
+    }
+    buffer
+}

@@ -1,0 +1,104 @@
+//! Attention calls (softmax and sigmoid, every mask and modifier): the host and GPU-resident
+//! entry points. [`plan`] decides how a call runs, [`dispatch`] records it.
+
+mod dispatch;
+mod plan;
+
+pub use dispatch::{FlashParams, SequenceInfo};
+pub use plan::{PackPlan, Packed, Plan};
+
+use crate::ops::passes::check_qkv;
+use crate::{
+    Attention, AttentionOptions, Element, Engine, Error, Layout, Result, Shape, Tensor, Variant,
+    check_len,
+};
+
+impl Engine {
+    /// Attention on host slices: uploads, runs, reads back. Splits over batch when the problem
+    /// exceeds the adapter's buffer limits.
+    ///
+    /// `q`, `k`, `v` hold `[batch, heads, seq, dim]` (or `[batch, seq, heads, dim]` for
+    /// [`Layout::Bshd`]) elements; the output has the same layout.
+    pub async fn attention<T: Element>(
+        &self,
+        shape: &Shape,
+        layout: Layout,
+        opts: &AttentionOptions<'_>,
+        q: &[T],
+        k: &[T],
+        v: &[T],
+    ) -> Result<Attention<T>> {
+        // The plan validates the shape first: its element counts are only defined (no
+        // overflow) once it is valid.
+        let plan = self.plan(shape, layout, opts, T::DTYPE)?;
+        check_len("q", shape.q_elems(), q.len())?;
+        check_len("k", shape.k_elems(), k.len())?;
+        check_len("v", shape.v_elems(), v.len())?;
+        let mut output = Vec::with_capacity(shape.o_elems());
+        let mut lse = Vec::with_capacity(shape.lse_elems());
+        let mut start = 0;
+        while start < shape.batch {
+            let count = plan.batch_per_dispatch.min(shape.batch - start);
+            let range = |per_batch: usize| start * per_batch..(start + count) * per_batch;
+            let q_t = self.upload(&q[range(shape.q_elems() / shape.batch)])?;
+            let k_t = self.upload(&k[range(shape.k_elems() / shape.batch)])?;
+            let v_t = self.upload(&v[range(shape.v_elems() / shape.batch)])?;
+            let out = self.run(&plan, opts, start, count, &q_t, &k_t, &v_t)?;
+            output.extend(self.read::<T>(&out.output).await?);
+            if let Some(l) = &out.lse {
+                lse.extend(self.read::<f32>(l).await?);
+            }
+            start += count;
+        }
+        Ok(Attention {
+            output,
+            lse: matches!(opts.variant, Variant::Softmax).then_some(lse),
+        })
+    }
+
+    /// Blocking twin of [`Engine::attention`].
+    pub fn attention_blocking<T: Element>(
+        &self,
+        shape: &Shape,
+        layout: Layout,
+        opts: &AttentionOptions<'_>,
+        q: &[T],
+        k: &[T],
+        v: &[T],
+    ) -> Result<Attention<T>> {
+        pollster::block_on(self.attention(shape, layout, opts, q, k, v))
+    }
+
+    /// Attention on GPU-resident tensors. Submits the work and returns at once; the results stay
+    /// on the GPU (read them with [`Engine::read`], or pass them to the next call).
+    pub fn attention_gpu(
+        &self,
+        shape: &Shape,
+        layout: Layout,
+        opts: &AttentionOptions<'_>,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+    ) -> Result<GpuAttention> {
+        let plan = self.plan(shape, layout, opts, q.dtype)?;
+        check_qkv(shape, q, k, v)?;
+        if plan.batch_per_dispatch < shape.batch {
+            return Err(Error::TooLarge {
+                limit: "max_storage_buffer_binding_size",
+                needed: shape.batch as u64,
+                max: plan.batch_per_dispatch as u64,
+                hint: " batch elements per GPU tensor (host-slice calls split over batch; split GPU tensors yourself)",
+            });
+        }
+        self.run(&plan, opts, 0, shape.batch, q, k, v)
+    }
+}
+
+/// Results of [`Engine::attention_gpu`], still on the GPU.
+#[derive(Clone, Debug)]
+pub struct GpuAttention {
+    /// Same element type as the inputs.
+    pub output: Tensor,
+    /// f32 `[batch, q_heads, q_len]`; `Some` for softmax.
+    pub lse: Option<Tensor>,
+}

@@ -1,0 +1,261 @@
+//! Records a planned linear-attention call: packing, the passes, the state copies.
+
+use super::plan::LinearPlan;
+use super::{GpuLinearAttention, GpuLinearState};
+use crate::gpu::pool::Scratch;
+use crate::gpu::tensor::buffer_with_contents;
+use crate::kernels::{KernelId, PackKernel};
+use crate::ops::passes::{PackShape, entry, pack_rows};
+use crate::{DType, Engine, LinearOptions, Result, Tensor};
+
+/// The uniform block of linear.wgsl (`struct LinearParams`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct LinearParams {
+    pub q_stride: [u32; 4],
+    pub k_stride: [u32; 4],
+    pub v_stride: [u32; 4],
+    pub o_stride: [u32; 4],
+    pub q_heads: u32,
+    pub group: u32,
+    pub len: u32,
+    pub chunk: u32,
+    pub chunks: u32,
+    pub columns: u32,
+    pub pitch: u32,
+    pub tex_rows_per_head: u32,
+    pub tex_fold: u32,
+    pub state_fold: u32,
+    pub scale: f32,
+    pub eps: f32,
+    /// Bit 0: an initial kv state; bit 1: an initial z.
+    pub has_initial: u32,
+    pub causal: u32,
+    /// Entries per head of the decay-power table (`λ^0 ..`).
+    pub decay_stride: u32,
+    pub _pad1: u32,
+}
+
+impl Engine {
+    pub(super) fn run_linear(
+        &self,
+        plan: &LinearPlan,
+        opts: &LinearOptions<'_>,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        initial: Option<&GpuLinearState>,
+    ) -> Result<GpuLinearAttention> {
+        self.check_alive()?;
+        let shape = &plan.shape;
+        let params = &plan.params;
+        let pipelines = (plan.passes.iter())
+            .map(|&key| self.pipeline(KernelId::Linear(key)))
+            .collect::<Result<Vec<_>>>()?;
+        let pack_pipeline = match plan.chunked {
+            Some(_) => Some(self.pipeline(KernelId::Pack(PackKernel(plan.storage)))?),
+            None => None,
+        };
+        let states = shape.batch * shape.q_heads * shape.head_dim;
+        let output = self.output_tensor(q.dtype, shape.o_elems())?;
+        let kv_out = self.output_tensor(DType::F32, states * shape.value_dim)?;
+        let z_out = if opts.normalize {
+            Some(self.output_tensor(DType::F32, states)?)
+        } else {
+            None
+        };
+        let max_groups = self.inner.info.limits.max_compute_workgroups_per_dimension;
+        let (b, h) = (shape.batch as u32, shape.q_heads as u32);
+
+        self.guarded(|device| -> Result<()> {
+            let queue = &self.inner.queue;
+            let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("linear attention"),
+            });
+            let uniform = buffer_with_contents(
+                device,
+                queue,
+                "linear params",
+                bytemuck::bytes_of(params),
+                wgpu::BufferUsages::UNIFORM,
+            );
+            let storage = |label, contents: &[u8]| {
+                buffer_with_contents(device, queue, label, contents, wgpu::BufferUsages::STORAGE)
+            };
+            let decay = storage("linear decay", bytemuck::cast_slice(&plan.decay));
+            // Absent states bind a word each (the kernel reads them only with has_initial).
+            let dummy = || storage("linear absent state", &[0u8; 4]);
+            let kv_in = initial.map_or_else(dummy, |s| s.kv.buffer.clone());
+            let z_in = initial
+                .and_then(|s| s.z.as_ref())
+                .map_or_else(dummy, |z| z.buffer.clone());
+            let z_out_buffer = z_out.as_ref().map_or_else(dummy, |z| z.buffer.clone());
+            let state_entries = [
+                entry(7, &kv_in),
+                entry(8, &z_in),
+                entry(9, &kv_out.buffer),
+                entry(10, &z_out_buffer),
+            ];
+            let dispatch = |encoder: &mut wgpu::CommandEncoder,
+                            pipeline: &wgpu::ComputePipeline,
+                            entries: &[wgpu::BindGroupEntry<'_>],
+                            groups: (u32, u32, u32),
+                            label: &str| {
+                let bind_group = device.create_bind_group(&wgpu::BindGroupDescriptor {
+                    label: Some(label),
+                    layout: &pipeline.get_bind_group_layout(0),
+                    entries,
+                });
+                let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                    label: Some(label),
+                    timestamp_writes: None,
+                });
+                pass.set_pipeline(pipeline);
+                pass.set_bind_group(0, &bind_group, &[]);
+                pass.dispatch_workgroups(groups.0, groups.1, groups.2);
+            };
+            match plan.chunked {
+                None => {
+                    let mut entries = vec![
+                        entry(0, &uniform),
+                        entry(1, &q.buffer),
+                        entry(4, &output.buffer),
+                        entry(5, &decay),
+                        entry(12, &k.buffer),
+                        entry(13, &v.buffer),
+                    ];
+                    entries.extend(state_entries.iter().cloned());
+                    let groups = (shape.value_dim.div_ceil(64) as u32, h, b);
+                    dispatch(
+                        &mut encoder,
+                        &pipelines[0],
+                        &entries,
+                        groups,
+                        "linear recurrent",
+                    );
+                }
+                Some(c) => {
+                    let pack = pack_pipeline.as_ref().expect("chunked plans pack K/V");
+                    // Loans from the scratch pool go back when this closure ends, after the submit.
+                    let (_packed, views): (Vec<Scratch>, Vec<wgpu::TextureView>) = [
+                        (k, shape.head_dim, params.k_stride, "linear packed K"),
+                        (v, shape.value_dim, params.v_stride, "linear packed V"),
+                    ]
+                    .into_iter()
+                    .map(|(tensor, dim, stride, label)| {
+                        let pack_shape = PackShape {
+                            stride,
+                            heads: shape.kv_heads,
+                            batch: shape.batch,
+                            seq_len: shape.q_len,
+                            rows_per_head: shape.q_len,
+                            dim,
+                            fold: c.tex_fold,
+                            max_groups,
+                        };
+                        pack_rows(&self.inner, &mut encoder, pack, tensor, pack_shape, label)
+                    })
+                    .collect::<Result<Vec<_>>>()?
+                    .into_iter()
+                    .unzip();
+                    let row_bytes = c.state_fold * c.pitch * 4;
+                    let chunk_states_loan = self.inner.pool.buffer(
+                        device,
+                        "linear chunk states",
+                        u64::from(row_bytes) * u64::from(c.state_lines),
+                        wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
+                    )?;
+                    let chunk_states = chunk_states_loan.buffer();
+                    let column_groups = params.columns.div_ceil(4);
+                    let columns = column_groups.div_ceil(64);
+                    let prefix_groups = (column_groups * shape.head_dim as u32).div_ceil(64);
+                    let entries = [
+                        entry(0, &uniform),
+                        texture_entry(2, &views[0]),
+                        texture_entry(3, &views[1]),
+                        entry(5, &decay),
+                        entry(6, chunk_states),
+                    ];
+                    let groups = (c.chunks * columns, h, b);
+                    dispatch(
+                        &mut encoder,
+                        &pipelines[0],
+                        &entries,
+                        groups,
+                        "linear chunk states",
+                    );
+                    let mut entries =
+                        vec![entry(0, &uniform), entry(5, &decay), entry(6, chunk_states)];
+                    entries.extend(state_entries.iter().cloned());
+                    dispatch(
+                        &mut encoder,
+                        &pipelines[1],
+                        &entries,
+                        (prefix_groups, h, b),
+                        "linear chunk prefix",
+                    );
+                    let size = wgpu::Extent3d {
+                        width: c.state_fold * c.pitch / 4,
+                        height: c.state_lines,
+                        depth_or_array_layers: 1,
+                    };
+                    let state_loan = self.inner.pool.texture(
+                        device,
+                        "linear chunk states texture",
+                        size,
+                        wgpu::TextureFormat::Rgba32Float,
+                        wgpu::TextureUsages::STORAGE_BINDING | wgpu::TextureUsages::COPY_DST,
+                    )?;
+                    let state_texture = state_loan.texture();
+                    encoder.copy_buffer_to_texture(
+                        wgpu::TexelCopyBufferInfo {
+                            buffer: chunk_states,
+                            layout: wgpu::TexelCopyBufferLayout {
+                                offset: 0,
+                                bytes_per_row: Some(row_bytes),
+                                rows_per_image: Some(c.state_lines),
+                            },
+                        },
+                        state_texture.as_image_copy(),
+                        size,
+                    );
+                    let state_view =
+                        state_texture.create_view(&wgpu::TextureViewDescriptor::default());
+                    let entries = [
+                        entry(0, &uniform),
+                        entry(1, &q.buffer),
+                        texture_entry(2, &views[0]),
+                        texture_entry(3, &views[1]),
+                        entry(4, &output.buffer),
+                        entry(5, &decay),
+                        texture_entry(11, &state_view),
+                    ];
+                    let groups = (shape.q_len.div_ceil(64 * c.rows as usize) as u32, h, b);
+                    dispatch(
+                        &mut encoder,
+                        &pipelines[2],
+                        &entries,
+                        groups,
+                        "linear chunk output",
+                    );
+                }
+            }
+            queue.submit([encoder.finish()]);
+            Ok(())
+        })??;
+        Ok(GpuLinearAttention {
+            output,
+            state: GpuLinearState {
+                kv: kv_out,
+                z: z_out,
+            },
+        })
+    }
+}
+
+fn texture_entry(binding: u32, view: &wgpu::TextureView) -> wgpu::BindGroupEntry<'_> {
+    wgpu::BindGroupEntry {
+        binding,
+        resource: wgpu::BindingResource::TextureView(view),
+    }
+}

@@ -1,0 +1,257 @@
+//! How a linear-attention call runs: the kernel and its geometry, every limit checked.
+
+use super::dispatch::LinearParams;
+use crate::kernels::{LinearKey, LinearPass, Storage, linear_rows};
+use crate::linear::{LINEAR_MAX_SEQUENTIAL_STEPS, LinearKernel, RECURRENT_AUTO_MAX_LEN};
+use crate::{DType, Engine, Error, Layout, LinearOptions, Result, Shape};
+
+/// How one call runs, decided whole before anything touches the GPU: the kernel and, for the
+/// chunked one, its geometry; the passes in order; the uniform block and the decay table.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LinearPlan {
+    pub shape: Shape,
+    pub storage: Storage,
+    /// `None`: the recurrent kernel.
+    pub chunked: Option<ChunkPlan>,
+    /// The passes in order (chunked: state, prefix, output; else the recurrence).
+    pub passes: Vec<LinearKey>,
+    /// The uniform block of every pass.
+    pub params: LinearParams,
+    /// `λ_h^n` for `n < params.decay_stride`, per query head, rounded once from f64 (a
+    /// shader's `exp2(n·log2 λ)` is off by up to n·2⁻²¹ in the exponent).
+    pub decay: Vec<f32>,
+}
+
+/// The chunked kernel's geometry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ChunkPlan {
+    pub chunk: u32,
+    pub chunks: u32,
+    /// Floats per row of the per-chunk states (a multiple of 64, for 256-byte texture rows).
+    pub pitch: u32,
+    /// Per-chunk state rows per line of the state texture.
+    pub state_fold: u32,
+    /// Lines of the state texture.
+    pub state_lines: u32,
+    /// Packed K/V rows per texture line.
+    pub tex_fold: u32,
+    /// Tokens per invocation of the output pass ([`crate::kernels::linear_rows`]).
+    pub rows: u32,
+}
+
+/// The per-chunk states' row pitch in floats (texture copies need rows of 256 bytes).
+const STATE_PITCH_ALIGN: usize = 64;
+
+impl Engine {
+    /// The chunk size this adapter gets when the caller does not choose.
+    pub fn default_linear_chunk(&self) -> usize {
+        64
+    }
+
+    /// Checks a linear-attention call and decides how it runs, without touching the GPU:
+    /// the kernel, its geometry (every adapter limit checked here), its passes, the uniform
+    /// block and the decay table. `initial` gives the sizes of an initial state's kv and z.
+    pub fn plan_linear(
+        &self,
+        shape: &Shape,
+        layout: Layout,
+        opts: &LinearOptions<'_>,
+        dtype: DType,
+        initial: Option<(usize, Option<usize>)>,
+    ) -> Result<LinearPlan> {
+        opts.validate(shape, initial)?;
+        let (storage, chunked) = self.linear_kernel(shape, opts, dtype)?;
+        let passes: &[LinearPass] = match chunked {
+            Some(_) => &[
+                LinearPass::ChunkState,
+                LinearPass::ChunkPrefix,
+                LinearPass::ChunkOutput,
+            ],
+            None => &[LinearPass::Recurrent],
+        };
+        let passes = passes
+            .iter()
+            .map(|&pass| LinearKey {
+                pass,
+                storage,
+                key_dim: shape.head_dim as u32,
+                value_dim: shape.value_dim as u32,
+                feature_map: opts.feature_map,
+                normalize: opts.normalize,
+                rows: match (pass, chunked) {
+                    (LinearPass::ChunkOutput, Some(c)) => c.rows,
+                    _ => 1,
+                },
+            })
+            .collect();
+        let stride = |heads: usize, dim: usize| {
+            let [b, h, s] = layout.strides(heads, shape.q_len, dim);
+            [b as u32, h as u32, s as u32, 1]
+        };
+        let geometry = chunked.unwrap_or(ChunkPlan {
+            chunk: shape.q_len as u32,
+            chunks: 1,
+            pitch: 0,
+            state_fold: 1,
+            state_lines: 0,
+            tex_fold: 1,
+            rows: 1,
+        });
+        // λ_h^n for n = 0..=chunk (the recurrence needs λ^1), rounded once from f64.
+        let decay_stride = match chunked {
+            Some(c) => c.chunk as usize + 1,
+            None => 2,
+        };
+        let decay: Vec<f32> = (0..shape.q_heads)
+            .flat_map(|h| {
+                let lambda = opts.decay.map_or(1.0, |d| f64::from(d[h]));
+                (0..decay_stride).map(move |n| lambda.powi(n as i32) as f32)
+            })
+            .collect();
+        let params = LinearParams {
+            q_stride: stride(shape.q_heads, shape.head_dim),
+            k_stride: stride(shape.kv_heads, shape.head_dim),
+            v_stride: stride(shape.kv_heads, shape.value_dim),
+            o_stride: stride(shape.q_heads, shape.value_dim),
+            q_heads: shape.q_heads as u32,
+            group: (shape.q_heads / shape.kv_heads) as u32,
+            len: shape.q_len as u32,
+            chunk: geometry.chunk,
+            chunks: geometry.chunks,
+            columns: (shape.value_dim + usize::from(opts.normalize)) as u32,
+            pitch: geometry.pitch,
+            tex_rows_per_head: shape.q_len as u32,
+            tex_fold: geometry.tex_fold,
+            state_fold: geometry.state_fold,
+            scale: opts.resolved_scale(shape)?,
+            eps: opts.eps,
+            has_initial: initial.map_or(0, |(_, z)| 1 | (u32::from(z.is_some()) << 1)),
+            causal: u32::from(opts.causal),
+            decay_stride: decay_stride as u32,
+            _pad1: 0,
+        };
+        Ok(LinearPlan {
+            shape: *shape,
+            storage,
+            chunked,
+            passes,
+            params,
+            decay,
+        })
+    }
+
+    /// The kernel (chunked with its geometry, or recurrent) and storage path of a call.
+    fn linear_kernel(
+        &self,
+        shape: &Shape,
+        opts: &LinearOptions<'_>,
+        dtype: DType,
+    ) -> Result<(Storage, Option<ChunkPlan>)> {
+        let storage = self.storage_for(dtype)?;
+        let len = shape.q_len;
+        let limits = &self.inner.info.limits;
+        let max_groups = limits.max_compute_workgroups_per_dimension as usize;
+        let too_large = |limit, needed: usize, max: usize, hint| Error::TooLarge {
+            limit,
+            needed: needed as u64,
+            max: max as u64,
+            hint,
+        };
+        if shape.q_heads > max_groups || shape.batch > max_groups {
+            return Err(too_large(
+                "max_compute_workgroups_per_dimension",
+                shape.q_heads.max(shape.batch),
+                max_groups,
+                " (q_heads and batch are dispatch dimensions)",
+            ));
+        }
+        let recurrent = match opts.kernel {
+            LinearKernel::Recurrent => true,
+            LinearKernel::Chunked => false,
+            LinearKernel::Auto => opts.causal && len <= RECURRENT_AUTO_MAX_LEN,
+        };
+        if recurrent {
+            if len > LINEAR_MAX_SEQUENTIAL_STEPS {
+                return Err(too_large(
+                    "LINEAR_MAX_SEQUENTIAL_STEPS",
+                    len,
+                    LINEAR_MAX_SEQUENTIAL_STEPS,
+                    " tokens in one recurrent call (use the chunked kernel, or pieces)",
+                ));
+            }
+            return Ok((storage, None));
+        }
+        let chunk = opts
+            .chunk_size
+            .unwrap_or_else(|| self.default_linear_chunk())
+            .min(len);
+        let chunks = len.div_ceil(chunk);
+        if chunks > LINEAR_MAX_SEQUENTIAL_STEPS {
+            return Err(too_large(
+                "LINEAR_MAX_SEQUENTIAL_STEPS",
+                chunks,
+                LINEAR_MAX_SEQUENTIAL_STEPS,
+                " chunks in one call (use a larger chunk_size, or pieces)",
+            ));
+        }
+        let columns = shape.value_dim + usize::from(opts.normalize);
+        let column_groups = columns.div_ceil(4).div_ceil(64);
+        let rows = linear_rows(shape.head_dim as u32, shape.value_dim as u32, chunk as u32);
+        let row_groups = len.div_ceil(64 * rows as usize);
+        if chunks * column_groups > max_groups || row_groups > max_groups {
+            return Err(too_large(
+                "max_compute_workgroups_per_dimension",
+                (chunks * column_groups).max(row_groups),
+                max_groups,
+                " workgroups along x (use a larger chunk_size, or pieces)",
+            ));
+        }
+        let max_dim = limits.max_texture_dimension_2d as usize;
+        // Packed K/V: rows of width4 texels, `fold` rows per line.
+        let width4 = shape.head_dim.max(shape.value_dim).div_ceil(4);
+        let tex_fold = (max_dim / width4).max(1);
+        let kv_rows = shape.batch * shape.kv_heads * len;
+        if kv_rows.div_ceil(tex_fold) > max_dim {
+            return Err(too_large(
+                "max_texture_dimension_2d",
+                kv_rows.div_ceil(tex_fold),
+                max_dim,
+                " texture lines for packed K/V",
+            ));
+        }
+        let pitch = columns.div_ceil(STATE_PITCH_ALIGN) * STATE_PITCH_ALIGN;
+        let state_fold = (max_dim / (pitch / 4)).max(1);
+        let state_rows = shape.batch * shape.q_heads * (chunks + 1) * shape.head_dim;
+        let state_lines = state_rows.div_ceil(state_fold);
+        if state_lines > max_dim {
+            return Err(too_large(
+                "max_texture_dimension_2d",
+                state_lines,
+                max_dim,
+                " texture lines for the per-chunk states (use a larger chunk_size)",
+            ));
+        }
+        let state_bytes = (state_lines * state_fold * pitch * 4) as u64;
+        let max_binding = limits.max_storage_buffer_binding_size;
+        if state_bytes > max_binding.min(limits.max_buffer_size) {
+            return Err(Error::TooLarge {
+                limit: "max_storage_buffer_binding_size",
+                needed: state_bytes,
+                max: max_binding,
+                hint: " bytes of per-chunk states (use a larger chunk_size, or pieces)",
+            });
+        }
+        Ok((
+            storage,
+            Some(ChunkPlan {
+                chunk: chunk as u32,
+                chunks: chunks as u32,
+                pitch: pitch as u32,
+                state_fold: state_fold as u32,
+                state_lines: state_lines as u32,
+                tex_fold: tex_fold as u32,
+                rows,
+            }),
+        ))
+    }
+}

@@ -1,0 +1,8 @@
+//! Operations: one folder per operation, each `plan` (decide everything on the host) and
+//! `dispatch` (record what the plan says), behind the `Engine` methods users call.
+//! Operations share only `passes` (packing, conversions, bindings), never each other's
+//! internals.
+
+pub(crate) mod attention;
+pub(crate) mod linear;
+pub(crate) mod passes;
