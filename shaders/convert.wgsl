@@ -21,7 +21,7 @@ struct ConvertParams {
     _pad0: u32,
 }
 
-@group(0) @binding(0) var<uniform> conv: ConvertParams;
+@group(0) @binding({binding.params}) var<uniform> conv: ConvertParams;
 
 @compute @workgroup_size(64)
 fn convert(

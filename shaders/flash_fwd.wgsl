@@ -40,13 +40,15 @@
 //   CAUSAL     mask keys right of the diagonal (see visible_keys in flash_common.wgsl); with a
 //              window, skip key tiles that no row of the block sees
 
+//#import common/flash_common.wgsl
+
 override BLOCK_M: u32 = 64u;
 override HEAD_DIM: u32 = 64u;
 override VALUE_DIM: u32 = 64u;
 override VALUE_SLICE: u32 = 64u;
 override CAUSAL: bool = false;
 
-@group(0) @binding(5) var<storage, read_write> lse_buf: array<f32>;
+@group(0) @binding({binding.lse}) var<storage, read_write> lse_buf: array<f32>;
 
 // Row lengths in vec4 units.
 override HEAD_VEC4: u32 = (HEAD_DIM + 3u) / 4u;

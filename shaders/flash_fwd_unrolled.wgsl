@@ -30,9 +30,11 @@
 //
 // Dispatch: (ceil(longest q_len / (LANES · ROWS)), q_heads, batch elements or sequences).
 
-@group(0) @binding(2) var k_tex: texture_storage_2d<rgba32float, read>;
-@group(0) @binding(3) var v_tex: texture_storage_2d<rgba32float, read>;
-@group(0) @binding(5) var<storage, read_write> lse_buf: array<f32>;
+//#import common/flash_common.wgsl
+
+@group(0) @binding({binding.k}) var k_tex: texture_storage_2d<rgba32float, read>;
+@group(0) @binding({binding.v}) var v_tex: texture_storage_2d<rgba32float, read>;
+@group(0) @binding({binding.lse}) var<storage, read_write> lse_buf: array<f32>;
 
 const LANES: u32 = 8u;
 

@@ -26,8 +26,8 @@ struct PackParams {
     groups_x: u32,
 }
 
-@group(0) @binding(0) var<uniform> pack: PackParams;
-@group(0) @binding(2) var packed: texture_storage_2d<rgba32float, write>;
+@group(0) @binding({binding.params}) var<uniform> pack: PackParams;
+@group(0) @binding({binding.pack_texture}) var packed: texture_storage_2d<rgba32float, write>;
 
 @compute @workgroup_size(64)
 fn pack_rows(

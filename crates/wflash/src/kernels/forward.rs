@@ -1,9 +1,9 @@
 //! The forward attention kernels (flash_fwd.wgsl, flash_fwd_unrolled.wgsl): their tiles,
 //! variants and specialisation key.
 
+use super::binding;
 use super::wgsl::{
-    FLASH_COMMON_WGSL, FLASH_FWD_UNROLLED_WGSL, FLASH_FWD_WGSL, Storage, expand_unrolls,
-    load_accessor, store_accessor, texture_accessor,
+    Storage, Wgsl, expand_unrolls, file, load_accessor, store_accessor, texture_accessor,
 };
 use crate::{Modifier, ModifierSet};
 
@@ -203,55 +203,46 @@ impl KernelKey {
 
     /// The full WGSL source: generated prelude, the shared Params block, then the family's file.
     pub fn source(&self) -> String {
-        let mut src = String::new();
+        let mut src = Wgsl::new();
         if self.storage == Storage::F16Native {
-            src.push_str("enable f16;\n");
+            src.push("enable f16;");
         }
-        src.push_str(&load_accessor(self.storage, 1, "q"));
-        src.push_str(&store_accessor(self.storage, 4, "o"));
-        src.push_str(&format!(
-            "const SIGMOID: bool = {};\n",
+        load_accessor(&mut src, self.storage, binding::Q, "q");
+        store_accessor(&mut src, self.storage, binding::O, "o");
+        src.push(&format!(
+            "const SIGMOID: bool = {};",
             self.variant == VariantKind::Sigmoid
         ));
         for modifier in Modifier::ALL {
             if let Some(name) = modifier.compiled() {
                 let on = self.mods.contains(modifier);
-                src.push_str(&format!("const {name}: bool = {on};\n"));
+                src.push(&format!("const {name}: bool = {on};"));
             }
         }
-        src.push_str(&texture_accessor(
-            self.mods.contains(Modifier::Bias),
-            8,
-            "bias4",
-            "bias",
-        ));
-        src.push_str(&texture_accessor(
-            self.mods.contains(Modifier::KeyMask),
-            9,
-            "key_mask4",
-            "mask",
-        ));
-        src.push_str(FLASH_COMMON_WGSL);
+        let bias = self.mods.contains(Modifier::Bias);
+        texture_accessor(&mut src, bias, binding::BIAS, "bias4", "bias");
+        let key_mask = self.mods.contains(Modifier::KeyMask);
+        texture_accessor(&mut src, key_mask, binding::KEY_MASK, "key_mask4", "mask");
         match self.family {
             Family::Tiled => {
-                src.push_str(&format!("const BLOCK_N: u32 = {}u;\n", self.tile.block_n));
-                src.push_str(&load_accessor(self.storage, 2, "k"));
-                src.push_str(&load_accessor(self.storage, 3, "v"));
-                src.push_str(FLASH_FWD_WGSL);
+                src.push(&format!("const BLOCK_N: u32 = {}u;", self.tile.block_n));
+                load_accessor(&mut src, self.storage, binding::K, "k");
+                load_accessor(&mut src, self.storage, binding::V, "v");
+                src.file("flash_fwd.wgsl");
             }
             Family::Unrolled => {
                 let counts = self.unrolled_counts();
                 for (name, value) in counts {
-                    src.push_str(&format!("const {name}: u32 = {value}u;\n"));
+                    src.push(&format!("const {name}: u32 = {value}u;"));
                 }
-                src.push_str(&format!(
-                    "const HEAD_DIM: u32 = {}u;\nconst VALUE_DIM: u32 = {}u;\nconst CAUSAL: bool = {};\n",
+                src.push(&format!(
+                    "const HEAD_DIM: u32 = {}u;\nconst VALUE_DIM: u32 = {}u;\nconst CAUSAL: bool = {};",
                     self.head_dim, self.value_dim, self.causal
                 ));
-                src.push_str(&expand_unrolls(FLASH_FWD_UNROLLED_WGSL, &counts));
+                src.push(&expand_unrolls(file("flash_fwd_unrolled.wgsl"), &counts));
             }
         }
-        src
+        src.finish()
     }
 
     /// The unrolled kernel's loop counts: rows per invocation, keys per step, vec4s per K and V row.

@@ -1,6 +1,7 @@
 //! The linear-attention kernels (linear.wgsl's four entry points).
 
-use super::wgsl::{LINEAR_WGSL, Storage, expand_unrolls, load_accessor, store_accessor};
+use super::binding;
+use super::wgsl::{Storage, Wgsl, expand_unrolls, file, load_accessor, store_accessor};
 
 /// One of linear.wgsl's entry points.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -86,30 +87,30 @@ impl LinearKey {
     /// The prelude (accessors for the storage type, dims, feature map), then linear.wgsl with
     /// its dim loops written out.
     pub fn source(&self) -> String {
-        let mut src = String::new();
+        let mut src = Wgsl::new();
         if self.storage == Storage::F16Native {
-            src.push_str("enable f16;\n");
+            src.push("enable f16;");
         }
-        src.push_str(&load_accessor(self.storage, 1, "q"));
-        src.push_str(&load_accessor(self.storage, 12, "k"));
-        src.push_str(&load_accessor(self.storage, 13, "v"));
-        src.push_str(&store_accessor(self.storage, 4, "o"));
+        load_accessor(&mut src, self.storage, binding::Q, "q");
+        load_accessor(&mut src, self.storage, binding::LINEAR_K, "k");
+        load_accessor(&mut src, self.storage, binding::LINEAR_V, "v");
+        store_accessor(&mut src, self.storage, binding::O, "o");
         let counts = [
             ("D4", self.key_dim.div_ceil(4)),
             ("DV4", self.value_dim.div_ceil(4)),
             ("ROWS", self.rows),
         ];
         for (name, value) in counts {
-            src.push_str(&format!("const {name}: u32 = {value}u;\n"));
+            src.push(&format!("const {name}: u32 = {value}u;"));
         }
-        src.push_str(&format!(
-            "const KEY_DIM: u32 = {}u;\nconst VALUE_DIM: u32 = {}u;\nconst FEATURE: u32 = {}u;\nconst NORMALIZE: bool = {};\n",
+        src.push(&format!(
+            "const KEY_DIM: u32 = {}u;\nconst VALUE_DIM: u32 = {}u;\nconst FEATURE: u32 = {}u;\nconst NORMALIZE: bool = {};",
             self.key_dim,
             self.value_dim,
             self.feature_map.code(),
             self.normalize
         ));
-        src.push_str(&expand_unrolls(LINEAR_WGSL, &counts));
-        src
+        src.push(&expand_unrolls(file("linear.wgsl"), &counts));
+        src.finish()
     }
 }

@@ -7,6 +7,7 @@
 //! private arrays or switch compiled modifiers) followed by the family's file in `shaders/`.
 //! Everything else is a WGSL `override` constant or runtime data.
 
+pub mod binding;
 mod forward;
 mod linear;
 mod passes;

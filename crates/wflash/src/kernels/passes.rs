@@ -1,7 +1,8 @@
 //! The small passes around the kernels: K/V packing (pack_rows.wgsl) and element-type
 //! conversion (convert.wgsl).
 
-use super::wgsl::{CONVERT_WGSL, F32_TO_BF16_WGSL, PACK_ROWS_WGSL, Storage, load_accessor};
+use super::binding;
+use super::wgsl::{Storage, Wgsl, load_accessor, storage_section};
 
 /// An element-type conversion pass (convert.wgsl).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -30,49 +31,26 @@ impl Conversion {
 
     /// The pass's WGSL: bindings and `convert_unit` for this conversion, then convert.wgsl.
     pub fn source(self) -> String {
-        let mut src = String::new();
+        let mut src = Wgsl::new();
         let storage = match self {
             Conversion::ToF32(s) | Conversion::FromF32(s) => s,
         };
         if storage == Storage::F16Native {
-            src.push_str("enable f16;\n");
+            src.push("enable f16;");
         }
+        let (from, to) = (binding::CONVERT_FROM, binding::CONVERT_TO);
         match self {
             Conversion::ToF32(storage) => {
-                src.push_str(&load_accessor(storage, 1, "x"));
-                src.push_str(
-                    "@group(0) @binding(2) var<storage, read_write> y: array<f32>;\n\
-                     fn convert_unit(i: u32) {\n    y[i] = load_x(i);\n}\n",
-                );
+                load_accessor(&mut src, storage, from, "x");
+                storage_section(&mut src, "to_f32", Storage::F32, to, "y");
             }
             Conversion::FromF32(storage) => {
-                src.push_str("@group(0) @binding(1) var<storage, read> x: array<f32>;\n");
-                let (elem, body) = match storage {
-                    Storage::F32 => ("f32", "y[i] = x[i];"),
-                    Storage::F16Native => ("f16", "y[i] = f16(x[i]);"),
-                    // Word w holds elements 2w (low half) and 2w + 1; a missing last one is 0.
-                    Storage::F16Packed => (
-                        "u32",
-                        "let hi = select(0.0, x[min(2u * i + 1u, conv.len - 1u)], 2u * i + 1u < conv.len);\n    \
-                         y[i] = pack2x16float(vec2<f32>(x[2u * i], hi));",
-                    ),
-                    Storage::Bf16Packed => (
-                        "u32",
-                        "let hi = select(0.0, x[min(2u * i + 1u, conv.len - 1u)], 2u * i + 1u < conv.len);\n    \
-                         y[i] = f32_to_bf16_bits(x[2u * i]) | (f32_to_bf16_bits(hi) << 16u);",
-                    ),
-                };
-                src.push_str(&format!(
-                    "@group(0) @binding(2) var<storage, read_write> y: array<{elem}>;\n\
-                     fn convert_unit(i: u32) {{\n    {body}\n}}\n"
-                ));
-                if storage == Storage::Bf16Packed {
-                    src.push_str(F32_TO_BF16_WGSL);
-                }
+                storage_section(&mut src, "f32_source", Storage::F32, from, "x");
+                storage_section(&mut src, "from_f32", storage, to, "y");
             }
         }
-        src.push_str(CONVERT_WGSL);
-        src
+        src.file("convert.wgsl");
+        src.finish()
     }
 }
 
@@ -99,13 +77,13 @@ impl super::Kernel for PackKernel {
     }
     /// The `load_x` accessor for the storage type, then pack_rows.wgsl.
     fn source(&self) -> String {
-        let mut src = String::new();
+        let mut src = Wgsl::new();
         if self.0 == Storage::F16Native {
-            src.push_str("enable f16;\n");
+            src.push("enable f16;");
         }
-        src.push_str(&load_accessor(self.0, 1, "x"));
-        src.push_str(PACK_ROWS_WGSL);
-        src
+        load_accessor(&mut src, self.0, binding::PACK_SOURCE, "x");
+        src.file("pack_rows.wgsl");
+        src.finish()
     }
     fn entry_point(&self) -> &'static str {
         "pack_rows"

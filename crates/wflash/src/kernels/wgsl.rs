@@ -40,104 +40,186 @@ impl Storage {
     ];
 }
 
-/// WGSL source of the workgroup-tiled forward kernel (GPUs).
-pub const FLASH_FWD_WGSL: &str = include_str!("../../shaders/flash_fwd.wgsl");
-/// WGSL template of the unrolled, texture-fed forward kernel (CPU adapters).
-pub const FLASH_FWD_UNROLLED_WGSL: &str = include_str!("../../shaders/flash_fwd_unrolled.wgsl");
-/// What both forward kernels share: the uniform block and the variants' weight function.
-pub const FLASH_COMMON_WGSL: &str = include_str!("../../shaders/flash_common.wgsl");
-/// WGSL source of the K/V packing kernel that feeds the unrolled kernel.
-pub const PACK_ROWS_WGSL: &str = include_str!("../../shaders/pack_rows.wgsl");
-/// WGSL source of the element-type conversions at the unrolled kernel's edges.
-pub const CONVERT_WGSL: &str = include_str!("../../shaders/convert.wgsl");
+/// Every WGSL file the kernels are built from, by path under `shaders/` (embedded: the crate
+/// package carries `shaders/`, a link to the workspace's).
+const FILES: [(&str, &str); 8] = [
+    (
+        "flash_fwd.wgsl",
+        include_str!("../../shaders/flash_fwd.wgsl"),
+    ),
+    (
+        "flash_fwd_unrolled.wgsl",
+        include_str!("../../shaders/flash_fwd_unrolled.wgsl"),
+    ),
+    ("linear.wgsl", include_str!("../../shaders/linear.wgsl")),
+    (
+        "pack_rows.wgsl",
+        include_str!("../../shaders/pack_rows.wgsl"),
+    ),
+    ("convert.wgsl", include_str!("../../shaders/convert.wgsl")),
+    (
+        "common/flash_common.wgsl",
+        include_str!("../../shaders/common/flash_common.wgsl"),
+    ),
+    (
+        "common/storage.wgsl",
+        include_str!("../../shaders/common/storage.wgsl"),
+    ),
+    (
+        "common/bf16.wgsl",
+        include_str!("../../shaders/common/bf16.wgsl"),
+    ),
+];
 
-/// WGSL template of the linear-attention passes (chunked and recurrent).
-pub const LINEAR_WGSL: &str = include_str!("../../shaders/linear.wgsl");
-
-/// `fn {func}(row: u32, key0: u32) -> vec4<f32>`: keys `key0..key0 + 4` (key0 a multiple of 4)
-/// of packed row `row` of the texture at `binding`, whose geometry is `params.{prefix}_fold`
-/// rows per line of `params.{prefix}_width4` texels (pack_rows.wgsl). Without the modifier
-/// the function returns zeros and the binding does not exist.
-pub(crate) fn texture_accessor(present: bool, binding: u32, func: &str, prefix: &str) -> String {
-    if !present {
-        return format!(
-            "fn {func}(row: u32, key0: u32) -> vec4<f32> {{\n    return vec4<f32>(0.0);\n}}\n"
-        );
-    }
-    format!(
-        "@group(0) @binding({binding}) var {prefix}_tex: texture_storage_2d<rgba32float, read>;\n\
-         fn {func}(row: u32, key0: u32) -> vec4<f32> {{\n    \
-             let texel = vec2<u32>((row % params.{prefix}_fold) * params.{prefix}_width4 + key0 / 4u, row / params.{prefix}_fold);\n    \
-             return textureLoad({prefix}_tex, texel);\n\
-         }}\n"
-    )
+/// The text of `shaders/{path}`.
+pub(crate) fn file(path: &str) -> &'static str {
+    FILES
+        .iter()
+        .find(|(p, _)| *p == path)
+        .map(|(_, text)| *text)
+        .unwrap_or_else(|| panic!("no shader file `{path}` is embedded"))
 }
 
-/// A read-only binding `{name}_buf` and `fn load_{name}(i: u32) -> f32` reading element `i`.
-pub(crate) fn load_accessor(storage: Storage, binding: u32, name: &str) -> String {
-    let (elem, body) = match storage {
-        Storage::F32 => ("f32", format!("return {name}_buf[i];")),
-        Storage::F16Native => ("f16", format!("return f32({name}_buf[i]);")),
-        Storage::F16Packed => (
-            "u32",
-            format!("return unpack2x16float({name}_buf[i >> 1u])[i & 1u];"),
-        ),
-        // bf16 is the top half of an f32: move its 16 bits there.
-        Storage::Bf16Packed => (
-            "u32",
-            format!(
-                "let w = {name}_buf[i >> 1u];\n    return bitcast<f32>(select(w << 16u, w & 0xffff0000u, (i & 1u) == 1u));"
-            ),
-        ),
-    };
-    format!(
-        "@group(0) @binding({binding}) var<storage, read> {name}_buf: array<{elem}>;\n\
-         fn load_{name}(i: u32) -> f32 {{\n    {body}\n}}\n"
-    )
+/// A kernel's WGSL as it is put together: generated lines, whole files and instantiated
+/// template sections, in order. Each `//#import PATH` line is replaced by that file the first
+/// time the kernel imports it, and dropped after (a file's functions are defined once).
+#[derive(Debug, Default)]
+pub(crate) struct Wgsl {
+    text: String,
+    imported: Vec<String>,
 }
 
-/// A read-write binding `{name}_buf` and `fn store_{name}(i: u32, x: f32)` writing element `i`.
-///
-/// Packed types share a u32 word between two elements that another invocation (or workgroup)
-/// may own when rows have odd length, so they are written with atomics on their half only.
-pub(crate) fn store_accessor(storage: Storage, binding: u32, name: &str) -> String {
-    let (elem, body) = match storage {
-        Storage::F32 => ("f32", format!("{name}_buf[i] = x;")),
-        Storage::F16Native => ("f16", format!("{name}_buf[i] = f16(x);")),
-        Storage::F16Packed => (
-            "atomic<u32>",
-            format!("store_half_{name}(i, pack2x16float(vec2<f32>(x, 0.0)) & 0xffffu);"),
-        ),
-        Storage::Bf16Packed => (
-            "atomic<u32>",
-            format!("store_half_{name}(i, f32_to_bf16_bits(x));"),
-        ),
-    };
-    let mut out = format!(
-        "@group(0) @binding({binding}) var<storage, read_write> {name}_buf: array<{elem}>;\n\
-         fn store_{name}(i: u32, x: f32) {{\n    {body}\n}}\n"
-    );
-    if matches!(storage, Storage::F16Packed | Storage::Bf16Packed) {
-        out.push_str(&format!(
-            "fn store_half_{name}(i: u32, bits: u32) {{\n    \
-                 let shift = (i & 1u) * 16u;\n    \
-                 atomicAnd(&{name}_buf[i >> 1u], ~(0xffffu << shift));\n    \
-                 atomicOr(&{name}_buf[i >> 1u], bits << shift);\n\
-             }}\n"
-        ));
+impl Wgsl {
+    pub(crate) fn new() -> Wgsl {
+        Wgsl::default()
     }
-    if storage == Storage::Bf16Packed {
-        out.push_str(F32_TO_BF16_WGSL);
+
+    /// Generated text (the prelude's `const`s), as is.
+    pub(crate) fn push(&mut self, text: &str) -> &mut Self {
+        self.push_expanded(text);
+        self
     }
+
+    /// The file `shaders/{path}`.
+    pub(crate) fn file(&mut self, path: &str) -> &mut Self {
+        self.push_expanded(file(path));
+        self
+    }
+
+    /// Section `//#section {kind} {variant}` of `shaders/{path}`, every `{key}` replaced by its
+    /// value in `args`. A section runs to the next section marker; comments after its last line
+    /// (the next section's) are left out.
+    pub(crate) fn section(
+        &mut self,
+        path: &str,
+        kind: &str,
+        variant: &str,
+        args: &[(&str, &str)],
+    ) -> &mut Self {
+        let marker = format!("//#section {kind} {variant}");
+        let mut lines = file(path).lines().skip_while(|l| l.trim() != marker);
+        assert!(lines.next().is_some(), "no `{marker}` in shaders/{path}");
+        let mut body: Vec<&str> = lines
+            .take_while(|l| !l.trim_start().starts_with("//#section "))
+            .collect();
+        while body
+            .last()
+            .is_some_and(|l| l.trim().is_empty() || l.trim_start().starts_with("// "))
+        {
+            body.pop();
+        }
+        let mut text = body.join("\n") + "\n";
+        for (key, value) in args {
+            text = text.replace(&format!("{{{key}}}"), value);
+        }
+        self.push_expanded(&text);
+        self
+    }
+
+    pub(crate) fn finish(self) -> String {
+        self.text
+    }
+
+    fn push_expanded(&mut self, text: &str) {
+        for line in text.lines() {
+            match line.trim_start().strip_prefix("//#import ") {
+                Some(path) => {
+                    let path = path.trim();
+                    if !self.imported.iter().any(|p| p == path) {
+                        self.imported.push(path.to_string());
+                        self.push_expanded(file(path));
+                    }
+                }
+                None => {
+                    self.text.push_str(&fill_bindings(line));
+                    self.text.push('\n');
+                }
+            }
+        }
+    }
+}
+
+/// `line` with each `{binding.NAME}` replaced by the number [`super::binding`] gives NAME.
+fn fill_bindings(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut rest = line;
+    while let Some(start) = rest.find("{binding.") {
+        let Some(len) = rest[start..].find('}') else {
+            break;
+        };
+        let name = &rest[start + "{binding.".len()..start + len];
+        let number = super::binding::number(name)
+            .unwrap_or_else(|| panic!("WGSL names an unknown binding `{name}`"));
+        out.push_str(&rest[..start]);
+        out.push_str(&number.to_string());
+        rest = &rest[start + len + 1..];
+    }
+    out.push_str(rest);
     out
 }
 
-/// f32 to bf16 bits, rounding to nearest even; NaN stays a (quiet) NaN.
-pub(crate) const F32_TO_BF16_WGSL: &str = "fn f32_to_bf16_bits(x: f32) -> u32 {\n    \
-         let b = bitcast<u32>(x);\n    \
-         if (b & 0x7fffffffu) > 0x7f800000u { return (b >> 16u) | 0x40u; }\n    \
-         return (b + 0x7fffu + ((b >> 16u) & 1u)) >> 16u;\n\
-     }\n";
+/// Section `kind` of shaders/common/storage.wgsl for `storage`: the typed accessor of tensor
+/// `name` at `binding` (`load_{name}` / `store_{name}`, or a conversion's `convert_unit`).
+pub(crate) fn storage_section(
+    wgsl: &mut Wgsl,
+    kind: &str,
+    storage: Storage,
+    binding: u32,
+    name: &str,
+) {
+    let binding = binding.to_string();
+    let args = [("binding", binding.as_str()), ("name", name)];
+    wgsl.section("common/storage.wgsl", kind, storage.name(), &args);
+}
+
+/// A read-only binding `{name}_buf` and `fn load_{name}(i: u32) -> f32` reading element `i`.
+pub(crate) fn load_accessor(wgsl: &mut Wgsl, storage: Storage, binding: u32, name: &str) {
+    storage_section(wgsl, "load", storage, binding, name);
+}
+
+/// A read-write binding `{name}_buf` and `fn store_{name}(i: u32, x: f32)` writing element `i`.
+pub(crate) fn store_accessor(wgsl: &mut Wgsl, storage: Storage, binding: u32, name: &str) {
+    storage_section(wgsl, "store", storage, binding, name);
+}
+
+/// `fn {func}(row: u32, key0: u32) -> vec4<f32>` reading a packed-rows texture (`{prefix}_tex`
+/// at `binding`), or returning zeros when the modifier it serves is not compiled in.
+pub(crate) fn texture_accessor(
+    wgsl: &mut Wgsl,
+    present: bool,
+    binding: u32,
+    func: &str,
+    prefix: &str,
+) {
+    let binding = binding.to_string();
+    let args = [
+        ("binding", binding.as_str()),
+        ("name", func),
+        ("prefix", prefix),
+    ];
+    let variant = if present { "present" } else { "absent" };
+    wgsl.section("common/storage.wgsl", "texture_rows", variant, &args);
+}
 
 /// Repeats each line block between `//#unroll NAME COUNT` and its `//#end` COUNT times (COUNT a
 /// number or a name in `counts`), replacing `{NAME}` with `0u`, `1u`, ... Blocks nest.

@@ -4,7 +4,7 @@
 use crate::engine::Inner;
 use crate::gpu::pool::Scratch;
 use crate::gpu::tensor::buffer_with_contents;
-use crate::kernels::Conversion;
+use crate::kernels::{Conversion, binding};
 use crate::{DType, Error, Result, Shape, Tensor, check_len};
 
 /// The uniform block of `pack_rows.wgsl` (`struct PackParams`).
@@ -91,10 +91,10 @@ pub(crate) fn pack_rows(
         label: Some(label),
         layout: &pipeline.get_bind_group_layout(0),
         entries: &[
-            entry(0, &uniform),
-            entry(1, &tensor.buffer),
+            entry(binding::PARAMS, &uniform),
+            entry(binding::PACK_SOURCE, &tensor.buffer),
             wgpu::BindGroupEntry {
-                binding: 2,
+                binding: binding::PACK_TEXTURE,
                 resource: wgpu::BindingResource::TextureView(&view),
             },
         ],
@@ -156,9 +156,9 @@ pub(crate) fn convert_pass(
         label: Some(&label),
         layout: &pipeline.get_bind_group_layout(0),
         entries: &[
-            entry(0, &uniform),
-            entry(1, &src.buffer),
-            entry(2, &dst.buffer),
+            entry(binding::PARAMS, &uniform),
+            entry(binding::CONVERT_FROM, &src.buffer),
+            entry(binding::CONVERT_TO, &dst.buffer),
         ],
     });
     let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {

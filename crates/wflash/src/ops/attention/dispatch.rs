@@ -4,7 +4,7 @@ use super::GpuAttention;
 use super::plan::{Packed, Plan};
 use crate::gpu::pool::Scratch;
 use crate::gpu::tensor::buffer_with_contents;
-use crate::kernels::{Conversion, Family, KernelId};
+use crate::kernels::{Conversion, Family, KernelId, binding};
 use crate::ops::passes::{PackShape, convert_pass, entry, pack_rows};
 use crate::{
     AttentionOptions, BiasValues, Causal, DType, Engine, Layout, Modifier, Result, Shape, Tensor,
@@ -215,12 +215,12 @@ impl Engine {
             let sequences_buffer =
                 storage_init("flash_fwd sequences", bytemuck::cast_slice(sequences));
             let mut entries = vec![
-                entry(0, &uniform),
-                entry(1, &q_f32.as_ref().unwrap_or(q).buffer),
-                entry(4, &o_f32.as_ref().unwrap_or(&output).buffer),
-                entry(5, &lse.buffer),
-                entry(6, &row_data),
-                entry(7, &sequences_buffer),
+                entry(binding::PARAMS, &uniform),
+                entry(binding::Q, &q_f32.as_ref().unwrap_or(q).buffer),
+                entry(binding::O, &o_f32.as_ref().unwrap_or(&output).buffer),
+                entry(binding::LSE, &lse.buffer),
+                entry(binding::ROW_DATA, &row_data),
+                entry(binding::SEQUENCES, &sequences_buffer),
             ];
             let mut views = views.iter();
             let mut texture = |binding| wgpu::BindGroupEntry {
@@ -231,19 +231,19 @@ impl Engine {
             };
             match plan.key.family {
                 Family::Unrolled => {
-                    entries.push(texture(2));
-                    entries.push(texture(3));
+                    entries.push(texture(binding::K));
+                    entries.push(texture(binding::V));
                 }
                 Family::Tiled => {
-                    entries.push(entry(2, &k.buffer));
-                    entries.push(entry(3, &v.buffer));
+                    entries.push(entry(binding::K, &k.buffer));
+                    entries.push(entry(binding::V, &v.buffer));
                 }
             }
             if plan.key.mods.contains(Modifier::Bias) {
-                entries.push(texture(8));
+                entries.push(texture(binding::BIAS));
             }
             if plan.key.mods.contains(Modifier::KeyMask) {
-                entries.push(texture(9));
+                entries.push(texture(binding::KEY_MASK));
             }
             let bind_group = device.create_bind_group(&wgpu::BindGroupDescriptor {
                 label: Some("flash_fwd bind group"),

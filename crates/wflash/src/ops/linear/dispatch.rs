@@ -4,7 +4,7 @@ use super::plan::LinearPlan;
 use super::{GpuLinearAttention, GpuLinearState};
 use crate::gpu::pool::Scratch;
 use crate::gpu::tensor::buffer_with_contents;
-use crate::kernels::{KernelId, PackKernel};
+use crate::kernels::{KernelId, PackKernel, binding};
 use crate::ops::passes::{PackShape, entry, pack_rows};
 use crate::{DType, Engine, LinearOptions, Result, Tensor};
 
@@ -91,10 +91,10 @@ impl Engine {
                 .map_or_else(dummy, |z| z.buffer.clone());
             let z_out_buffer = z_out.as_ref().map_or_else(dummy, |z| z.buffer.clone());
             let state_entries = [
-                entry(7, &kv_in),
-                entry(8, &z_in),
-                entry(9, &kv_out.buffer),
-                entry(10, &z_out_buffer),
+                entry(binding::KV_IN, &kv_in),
+                entry(binding::Z_IN, &z_in),
+                entry(binding::KV_OUT, &kv_out.buffer),
+                entry(binding::Z_OUT, &z_out_buffer),
             ];
             let dispatch = |encoder: &mut wgpu::CommandEncoder,
                             pipeline: &wgpu::ComputePipeline,
@@ -117,12 +117,12 @@ impl Engine {
             match plan.chunked {
                 None => {
                     let mut entries = vec![
-                        entry(0, &uniform),
-                        entry(1, &q.buffer),
-                        entry(4, &output.buffer),
-                        entry(5, &decay),
-                        entry(12, &k.buffer),
-                        entry(13, &v.buffer),
+                        entry(binding::PARAMS, &uniform),
+                        entry(binding::Q, &q.buffer),
+                        entry(binding::O, &output.buffer),
+                        entry(binding::DECAY_POWERS, &decay),
+                        entry(binding::LINEAR_K, &k.buffer),
+                        entry(binding::LINEAR_V, &v.buffer),
                     ];
                     entries.extend(state_entries.iter().cloned());
                     let groups = (shape.value_dim.div_ceil(64) as u32, h, b);
@@ -170,11 +170,11 @@ impl Engine {
                     let columns = column_groups.div_ceil(64);
                     let prefix_groups = (column_groups * shape.head_dim as u32).div_ceil(64);
                     let entries = [
-                        entry(0, &uniform),
-                        texture_entry(2, &views[0]),
-                        texture_entry(3, &views[1]),
-                        entry(5, &decay),
-                        entry(6, chunk_states),
+                        entry(binding::PARAMS, &uniform),
+                        texture_entry(binding::K, &views[0]),
+                        texture_entry(binding::V, &views[1]),
+                        entry(binding::DECAY_POWERS, &decay),
+                        entry(binding::CHUNK_STATES, chunk_states),
                     ];
                     let groups = (c.chunks * columns, h, b);
                     dispatch(
@@ -184,8 +184,11 @@ impl Engine {
                         groups,
                         "linear chunk states",
                     );
-                    let mut entries =
-                        vec![entry(0, &uniform), entry(5, &decay), entry(6, chunk_states)];
+                    let mut entries = vec![
+                        entry(binding::PARAMS, &uniform),
+                        entry(binding::DECAY_POWERS, &decay),
+                        entry(binding::CHUNK_STATES, chunk_states),
+                    ];
                     entries.extend(state_entries.iter().cloned());
                     dispatch(
                         &mut encoder,
@@ -222,13 +225,13 @@ impl Engine {
                     let state_view =
                         state_texture.create_view(&wgpu::TextureViewDescriptor::default());
                     let entries = [
-                        entry(0, &uniform),
-                        entry(1, &q.buffer),
-                        texture_entry(2, &views[0]),
-                        texture_entry(3, &views[1]),
-                        entry(4, &output.buffer),
-                        entry(5, &decay),
-                        texture_entry(11, &state_view),
+                        entry(binding::PARAMS, &uniform),
+                        entry(binding::Q, &q.buffer),
+                        texture_entry(binding::K, &views[0]),
+                        texture_entry(binding::V, &views[1]),
+                        entry(binding::O, &output.buffer),
+                        entry(binding::DECAY_POWERS, &decay),
+                        texture_entry(binding::STATE_TEXTURE, &state_view),
                     ];
                     let groups = (shape.q_len.div_ceil(64 * c.rows as usize) as u32, h, b);
                     dispatch(

@@ -68,11 +68,11 @@ struct Sequence {
     sigmoid_bias: f32,
 }
 
-@group(0) @binding(0) var<uniform> params: Params;
+@group(0) @binding({binding.params}) var<uniform> params: Params;
 // Per-head and per-row modifier data: [ALiBi slope per q head | sink per q head |
 // temperature per (batch, head, row) when HAS_TEMPERATURE], natural-log units.
-@group(0) @binding(6) var<storage, read> row_data: array<f32>;
-@group(0) @binding(7) var<storage, read> sequences: array<Sequence>;
+@group(0) @binding({binding.row_data}) var<storage, read> row_data: array<f32>;
+@group(0) @binding({binding.sequences}) var<storage, read> sequences: array<Sequence>;
 
 const HAS_SINKS: u32 = 1u;
 const HAS_TEMPERATURE: u32 = 2u;

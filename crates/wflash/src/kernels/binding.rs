@@ -1,0 +1,52 @@
+//! Binding numbers (group 0) of every kernel's resources, named once: the WGSL files and the
+//! generated accessors write `{binding.NAME}` and the composer fills in the number from here
+//! (`kernels/wgsl.rs`); dispatch binds by the same constants.
+
+macro_rules! bindings {
+    ($($(#[$doc:meta])* $name:ident = $number:literal, $wgsl:literal;)*) => {
+        $($(#[$doc])* pub const $name: u32 = $number;)*
+
+        /// The number of `{binding.NAME}` in WGSL.
+        pub(crate) fn number(wgsl_name: &str) -> Option<u32> {
+            match wgsl_name {
+                $($wgsl => Some($name),)*
+                _ => None,
+            }
+        }
+    };
+}
+
+bindings! {
+    /// Every kernel's uniform block.
+    PARAMS = 0, "params";
+    /// Attention and linear attention: Q and O through their typed accessors.
+    Q = 1, "q";
+    O = 4, "o";
+    /// Forward attention: K and V (tiled: storage buffers; unrolled: packed textures).
+    K = 2, "k";
+    V = 3, "v";
+    LSE = 5, "lse";
+    /// ALiBi slopes, sinks and temperatures (`row_data` in flash_common.wgsl).
+    ROW_DATA = 6, "row_data";
+    SEQUENCES = 7, "sequences";
+    /// Packed bias and key-mask textures, bound only when compiled in.
+    BIAS = 8, "bias";
+    KEY_MASK = 9, "key_mask";
+    /// Linear attention: K and V as storage buffers (recurrent) and packed textures (chunked,
+    /// at K and V's numbers).
+    LINEAR_K = 12, "linear_k";
+    LINEAR_V = 13, "linear_v";
+    DECAY_POWERS = 5, "decay_powers";
+    CHUNK_STATES = 6, "chunk_states";
+    KV_IN = 7, "kv_in";
+    Z_IN = 8, "z_in";
+    KV_OUT = 9, "kv_out";
+    Z_OUT = 10, "z_out";
+    STATE_TEXTURE = 11, "state_texture";
+    /// The packing pass: the tensor it reads and the texture it writes.
+    PACK_SOURCE = 1, "pack_source";
+    PACK_TEXTURE = 2, "pack_texture";
+    /// The conversion pass: its source and destination.
+    CONVERT_FROM = 1, "convert_from";
+    CONVERT_TO = 2, "convert_to";
+}
