@@ -23,10 +23,10 @@ use rand::{Rng, SeedableRng};
 use rand_distr::StandardNormal;
 use serde::{Deserialize, Serialize};
 use wflash::{
-    AttentionOptions, Bias, Causal, DType, Element, Engine, EngineOptions, F16Path, Layout,
-    LinearOptions, Modifier, Shape, Tensor, Varlen, Window, wgpu,
+    AttentionOptions, Causal, DType, Element, Engine, EngineOptions, F16Path, Layout,
+    LinearOptions, Modifier, Shape, Tensor, Window, wgpu,
 };
-use wflash_conformance::ModData;
+use wflash_conformance::{ModData, Mods};
 use wflash_ref::Problem;
 
 use naive::{Naive, NaiveShape, Peak, PeakProbe};
@@ -162,7 +162,8 @@ struct Case {
     modifier: Option<Modifier>,
 }
 
-/// How a model uses each modifier ([`Modifier::ALL`]), the bench's one table of them:
+/// How a model uses each modifier ([`Modifier::ALL`]), the bench's one table of them (the
+/// conformance harness sets the options from this data):
 /// softcap 50 (Gemma 2); ALiBi's standard slopes; a dense f32 bias shared by all heads
 /// (`[1, 1, N, N]`, e.g. a relative-position bias); the last quarter of the keys padding; a
 /// sink logit per head; a per-query inverse temperature in [0.5, 2); four packed sequences of
@@ -171,7 +172,7 @@ struct Case {
 fn draw_modifier(modifier: Modifier, shape: &Shape, rng: &mut StdRng, data: &mut ModData) {
     let n = shape.kv_len;
     match modifier {
-        Modifier::Softcap => {}
+        Modifier::Softcap => data.softcap = 50.0,
         Modifier::Alibi => data.alibi_slopes = wflash::alibi_slopes(shape.q_heads),
         Modifier::Bias => data.bias_f32 = random_normals(rng, n * n),
         Modifier::KeyMask => {
@@ -190,25 +191,6 @@ fn draw_modifier(modifier: Modifier, shape: &Shape, rng: &mut StdRng, data: &mut
         }
         Modifier::PrefixLm => data.prefix_len = n / 4,
         Modifier::ChunkedLocal => data.chunk = 1024,
-    }
-}
-
-fn apply_modifier<'a>(modifier: Modifier, data: &'a ModData, opts: &mut AttentionOptions<'a>) {
-    match modifier {
-        Modifier::Softcap => opts.softcap = Some(50.0),
-        Modifier::Alibi => opts.alibi_slopes = Some(&data.alibi_slopes),
-        Modifier::Bias => opts.bias = Some(Bias::f32(&data.bias_f32, 1, 1)),
-        Modifier::KeyMask => opts.key_mask = Some(&data.key_mask),
-        Modifier::Sinks => opts.sinks = Some(&data.sinks),
-        Modifier::Temperature => opts.temperature = Some(&data.temperature),
-        Modifier::Varlen => {
-            opts.varlen = Some(Varlen {
-                cu_seqlens_q: &data.cu_seqlens_q,
-                cu_seqlens_k: &data.cu_seqlens_k,
-            });
-        }
-        Modifier::PrefixLm => opts.prefix_len = Some(data.prefix_len),
-        Modifier::ChunkedLocal => opts.chunk = Some(data.chunk),
     }
 }
 
@@ -318,9 +300,13 @@ impl Case {
         if self.causal {
             opts = opts.with_causal(Causal::BottomRight);
         }
-        if let Some(modifier) = self.modifier {
-            apply_modifier(modifier, data, &mut opts);
-        }
+        // The harness sets each option from its data (a bias of the bench's form is f32 and
+        // broadcast over batch and heads: the default form).
+        let mods = Mods {
+            on: self.modifier.into_iter().collect(),
+            bias_form: Default::default(),
+        };
+        mods.apply(&self.shape(), data, &mut opts);
         opts
     }
     fn problem(&self, data: &ModData) -> Problem {

@@ -214,6 +214,8 @@ pub struct ModData {
     pub cu_seqlens_k: Vec<u32>,
     pub prefix_len: usize,
     pub chunk: usize,
+    /// The soft-capping bound.
+    pub softcap: f32,
 }
 
 impl Case {
@@ -257,7 +259,7 @@ impl Case {
 /// place the harness knows a modifier (the compiler points here when one is added).
 fn draw(modifier: Modifier, s: &Shape, form: BiasForm, rng: &mut impl Rng, data: &mut ModData) {
     match modifier {
-        Modifier::Softcap => {}
+        Modifier::Softcap => data.softcap = SOFTCAP,
         Modifier::Alibi => data.alibi_slopes = wflash::alibi_slopes(s.q_heads),
         Modifier::Bias => {
             let batch = if form.per_batch { s.batch } else { 1 };
@@ -318,7 +320,7 @@ fn draw(modifier: Modifier, s: &Shape, form: BiasForm, rng: &mut impl Rng, data:
     }
 }
 
-/// Sets `modifier`'s option from the case's data.
+/// Sets `modifier`'s option from its data (the harness's draw, or the bench's).
 fn apply<'a>(
     modifier: Modifier,
     s: &Shape,
@@ -327,7 +329,7 @@ fn apply<'a>(
     opts: &mut AttentionOptions<'a>,
 ) {
     match modifier {
-        Modifier::Softcap => opts.softcap = Some(SOFTCAP),
+        Modifier::Softcap => opts.softcap = Some(data.softcap),
         Modifier::Alibi => opts.alibi_slopes = Some(&data.alibi_slopes),
         Modifier::Bias => {
             opts.bias = Some(Bias {

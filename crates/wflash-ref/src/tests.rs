@@ -53,6 +53,46 @@ fn top_left_mask_worked_by_hand() {
     assert_eq!(p.visible_pairs(), 3);
 }
 
+/// The two masks as FlexAttention's users write them (`mask_mod`s over absolute positions,
+/// q_len == kv_len): prefix-LM `kv <= q || kv < prefix`; Llama 4's chunked attention
+/// `q / chunk == kv / chunk && kv <= q`; without a causal mask, block-diagonal chunks.
+#[test]
+fn prefix_lm_and_chunked_masks_match_their_flex_attention_definitions() {
+    for (n, prefix, chunk) in [(9, 0, 1), (9, 4, 3), (16, 20, 5), (7, 3, 7)] {
+        let causal = problem(n, n, Some(CausalAlign::BottomRight));
+        let mut p = causal.clone();
+        p.modifiers.prefix_len = Some(prefix);
+        let mut c = causal.clone();
+        c.modifiers.chunk = Some(chunk);
+        let mut blocks = problem(n, n, None);
+        blocks.modifiers.chunk = Some(chunk);
+        for q in 0..n {
+            for kv in 0..n {
+                assert_eq!(
+                    p.is_visible(q, kv),
+                    kv <= q || kv < prefix,
+                    "{n} {prefix} {q} {kv}"
+                );
+                let same_chunk = q / chunk == kv / chunk;
+                assert_eq!(
+                    c.is_visible(q, kv),
+                    same_chunk && kv <= q,
+                    "{n} {chunk} {q} {kv}"
+                );
+                assert_eq!(blocks.is_visible(q, kv), same_chunk, "{n} {chunk} {q} {kv}");
+            }
+        }
+    }
+    // Decoding (one query at the end of 10 keys, bottom-right): its chunk is its position's.
+    let mut decode = problem(1, 10, Some(CausalAlign::BottomRight));
+    decode.modifiers.chunk = Some(4);
+    let seen: Vec<bool> = (0..10).map(|j| decode.is_visible(0, j)).collect();
+    let want = [
+        false, false, false, false, false, false, false, false, true, true,
+    ];
+    assert_eq!(seen, want);
+}
+
 #[test]
 fn fully_masked_rows_give_zero_and_negative_infinity() {
     let p = problem(4, 2, Some(CausalAlign::BottomRight));

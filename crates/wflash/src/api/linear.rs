@@ -279,7 +279,7 @@ pub struct LinearState {
     pub z: Vec<f32>,
 }
 
-/// Results of [`Engine::linear_attention`].
+/// Results of [`Engine::linear_attention`](crate::Engine::linear_attention).
 #[derive(Clone, Debug)]
 pub struct LinearAttention<T> {
     /// `[batch, q_heads, len, value_dim]` in the call's layout.

@@ -1,7 +1,7 @@
 //! Records a planned attention call: the packing passes, Q/O conversions, the attention pass.
 
 use super::GpuAttention;
-use super::plan::{Packed, Plan};
+use super::plan::{PackPlan, Packed, Plan};
 use crate::gpu::pool::Scratch;
 use crate::gpu::tensor::buffer_with_contents;
 use crate::kernels::{Conversion, Family, KernelId, binding};
@@ -96,9 +96,8 @@ impl Engine {
         let pipeline = self.pipeline(KernelId::Forward(plan.key))?;
         let params = &plan.params;
         let call = &plan.shape;
-        let (q_len, kv_len) = (call.q_len, call.kv_len);
         // Query rows of one batch element: the LSE's and the temperature's per-batch size.
-        let rows = call.q_heads * q_len;
+        let rows = call.q_heads * call.q_len;
         let output = self.output_tensor(q.dtype, batch * (call.o_elems() / call.batch))?;
         // Sigmoid has no row statistic; its kernel writes no LSE (one element keeps the binding).
         let lse = match opts.variant {
@@ -116,42 +115,18 @@ impl Engine {
         let max_groups = self.inner.info.limits.max_compute_workgroups_per_dimension;
 
         // The textures the plan packs ahead of the kernel, filled from this dispatch's data.
-        let mut packs: Vec<(PackShape, Tensor, &str, wgpu::ComputePipeline)> = Vec::new();
-        for pack in &plan.packs {
-            let mut shape = pack.shape;
-            let (tensor, label) = match pack.what {
-                Packed::K => (k.clone(), "packed K"),
-                Packed::V => (v.clone(), "packed V"),
-                Packed::Bias => {
-                    let bias = opts.bias.ok_or_else(|| planned_without("a bias"))?;
-                    let first = if bias.batch == 1 { 0 } else { batch0 };
-                    let per_batch = bias.heads * q_len * kv_len;
-                    let range = first * per_batch..(first + shape.batch.min(batch)) * per_batch;
-                    let tensor = match bias.values {
-                        BiasValues::F32(values) => self.upload(&values[range])?,
-                        BiasValues::F16(values) => self.upload(&values[range])?,
-                    };
-                    (tensor, "packed bias")
-                }
-                Packed::KeyMask => {
-                    let mask = opts.key_mask.ok_or_else(|| planned_without("a key mask"))?;
-                    let additive: Vec<f32> = mask[batch0 * kv_len..(batch0 + batch) * kv_len]
-                        .iter()
-                        .map(|&keep| if keep { 0.0 } else { f32::NEG_INFINITY })
-                        .collect();
-                    (self.upload(&additive)?, "packed key mask")
-                }
-            };
-            if shape.batch > 1 || pack.what != Packed::Bias {
-                shape.batch = batch;
-            }
-            packs.push((
-                shape,
-                tensor,
-                label,
-                self.pipeline(KernelId::Pack(pack.kernel))?,
-            ));
-        }
+        let packs = (plan.packs.iter())
+            .map(|pack| {
+                let (shape, tensor, label) =
+                    self.pack_input(plan, pack, opts, batch0, batch, k, v)?;
+                Ok((
+                    shape,
+                    tensor,
+                    label,
+                    self.pipeline(KernelId::Pack(pack.kernel))?,
+                ))
+            })
+            .collect::<Result<Vec<_>>>()?;
         // Q and O in f32 around a kernel that computes in f32 on other storage types.
         let converted = (plan.key.storage != plan.io_storage).then_some(());
         let q_f32 = converted
@@ -285,6 +260,62 @@ impl Engine {
 /// Diagonal offsets and window sides are clamped to ±FAR so the kernel's i32 sums cannot
 /// overflow; a bound that far out already means "every key" or "no key" for any problem that fits.
 const FAR: i64 = 1 << 30;
+
+impl Engine {
+    /// The tensor a planned pack pass reads for batch elements `batch0..batch0 + batch`, with
+    /// its shape for them.
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "the plan, one pack, the options and one dispatch's range and K/V; private"
+    )]
+    fn pack_input(
+        &self,
+        plan: &Plan,
+        pack: &PackPlan,
+        opts: &AttentionOptions<'_>,
+        batch0: usize,
+        batch: usize,
+        k: &Tensor,
+        v: &Tensor,
+    ) -> Result<(PackShape, Tensor, &'static str)> {
+        let (q_len, kv_len) = (plan.shape.q_len, plan.shape.kv_len);
+        let mut shape = PackShape {
+            batch,
+            ..pack.shape
+        };
+        let (tensor, label) = match pack.what {
+            Packed::K => (k.clone(), "packed K"),
+            Packed::V => (v.clone(), "packed V"),
+            Packed::Bias => {
+                let bias = opts.bias.ok_or_else(|| planned_without("a bias"))?;
+                // A bias shared by the batch is packed once, whole.
+                let (first, count) = if bias.batch == 1 {
+                    (0, 1)
+                } else {
+                    (batch0, batch)
+                };
+                shape.batch = count;
+                let per_batch = bias.heads * q_len * kv_len;
+                let range = first * per_batch..(first + count) * per_batch;
+                let tensor = match bias.values {
+                    BiasValues::F32(values) => self.upload(&values[range])?,
+                    BiasValues::F16(values) => self.upload(&values[range])?,
+                };
+                (tensor, "packed bias")
+            }
+            Packed::KeyMask => {
+                let mask = opts.key_mask.ok_or_else(|| planned_without("a key mask"))?;
+                // Its additive form: 0 where a key takes part, -inf where it is hidden.
+                let additive: Vec<f32> = mask[batch0 * kv_len..(batch0 + batch) * kv_len]
+                    .iter()
+                    .map(|&keep| if keep { 0.0 } else { f32::NEG_INFINITY })
+                    .collect();
+                (self.upload(&additive)?, "packed key mask")
+            }
+        };
+        Ok((shape, tensor, label))
+    }
+}
 
 /// The per-sequence records of the whole call: one per batch element, or per varlen sequence.
 pub(super) fn sequence_infos(

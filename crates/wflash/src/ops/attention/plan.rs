@@ -62,7 +62,9 @@ pub struct PackPlan {
 }
 
 impl Engine {
-    /// Checks a call and decides how it runs, without touching the GPU.
+    /// Checks a call and decides how it runs, without touching the GPU: the kernel
+    /// (`forward_kernel`), the dispatch grid, the batch split and texture geometry
+    /// (`batch_split`), the uniform block, the sequences and the packing passes.
     pub fn plan(
         &self,
         shape: &Shape,
@@ -70,195 +72,18 @@ impl Engine {
         opts: &AttentionOptions<'_>,
         dtype: DType,
     ) -> Result<Plan> {
-        shape.validate()?;
-        opts.resolved_scale(shape)?;
-        opts.validate_modifiers(shape)?;
-        opts.resolved_sigmoid_bias(shape.kv_len)?;
-        let storage = self.storage_for(dtype)?;
-        if let Some(bias) = opts.bias {
-            self.storage_for(bias.values.dtype())?;
-        }
+        let (key, storage) = self.forward_kernel(shape, opts, dtype)?;
+        let query_tiles = self.query_tiles(shape, opts, &key)?;
+        let (
+            batch_per_dispatch,
+            Folds {
+                tex_fold,
+                bias_fold,
+                mask_fold,
+            },
+        ) = self.batch_split(shape, opts, &key, dtype)?;
+        let family = key.family;
         let limits = &self.inner.info.limits;
-
-        let family = self.family();
-        let on_cpu = self.inner.info.device_type == wgpu::DeviceType::Cpu;
-        let tile = match family {
-            Family::Tiled => {
-                if on_cpu {
-                    let chunks = shape
-                        .head_dim
-                        .div_ceil(64)
-                        .max(shape.value_dim.div_ceil(64));
-                    let max_kv = CPU_TILED_MAX_KV_TIMES_CHUNKS / chunks;
-                    if shape.kv_len > max_kv {
-                        return Err(Error::TooLarge {
-                            limit: "CPU driver loop limit (65535 loop iterations per invocation)",
-                            needed: shape.kv_len as u64,
-                            max: max_kv as u64,
-                            hint: " keys for the tiled kernel at this head dim (the unrolled family, the default on CPU adapters, takes more)",
-                        });
-                    }
-                }
-                self.tile_for(family, shape.head_dim as u32, shape.value_dim as u32)?
-            }
-            Family::Unrolled => {
-                if on_cpu && shape.kv_len > CPU_UNROLLED_MAX_KV {
-                    return Err(Error::TooLarge {
-                        limit: "CPU driver loop limit (65535 loop iterations per invocation)",
-                        needed: shape.kv_len as u64,
-                        max: CPU_UNROLLED_MAX_KV as u64,
-                        hint: " keys",
-                    });
-                }
-                self.tile_for(family, shape.head_dim as u32, shape.value_dim as u32)?
-            }
-        };
-        // The unrolled family computes in f32; other types are converted at its edges.
-        let kernel_storage = match family {
-            Family::Tiled => storage,
-            Family::Unrolled => Storage::F32,
-        };
-        let key = KernelKey {
-            family,
-            storage: kernel_storage,
-            head_dim: shape.head_dim as u32,
-            value_dim: shape.value_dim as u32,
-            tile,
-            causal: opts.causal.is_some(),
-            variant: VariantKind::of(&opts.variant),
-            mods: ModifierSet::compiled_of(ModifierSet::of(opts)),
-        };
-        let block_m = tile.block_m;
-
-        // A dispatch's rows are the longest sequence's (varlen) or q_len.
-        let rows = opts.varlen.map_or(shape.q_len, |v| {
-            v.spans().map(|(_, q_len, _, _)| q_len).max().unwrap_or(0)
-        });
-        let max_groups = u64::from(limits.max_compute_workgroups_per_dimension);
-        let query_tiles =
-            (rows.max(1) as u64).div_ceil(u64::from(block_m)) * u64::from(key.value_slices());
-        let sequences = opts.varlen.map_or(1, |v| v.sequences()) as u64;
-        for (needed, what) in [
-            (query_tiles, " (query tiles × value slices)"),
-            (shape.q_heads as u64, " (q_heads)"),
-            (sequences, " (varlen sequences)"),
-        ] {
-            if needed > max_groups {
-                return Err(Error::TooLarge {
-                    limit: "max_compute_workgroups_per_dimension",
-                    needed,
-                    max: max_groups,
-                    hint: what,
-                });
-            }
-        }
-
-        // Batch is outermost in both layouts, so a dispatch can take any run of batch elements.
-        let per_batch_elems = [
-            shape.q_elems() / shape.batch,
-            shape.k_elems() / shape.batch,
-            shape.v_elems() / shape.batch,
-            shape.o_elems() / shape.batch,
-        ];
-        let largest = per_batch_elems
-            .into_iter()
-            .max()
-            .unwrap_or(1)
-            .max(shape.q_heads * shape.q_len);
-        let per_batch_bytes = buffer_bytes(kernel_storage.dtype(), largest)
-            .max(buffer_bytes(dtype, largest))
-            .max(buffer_bytes(DType::F32, shape.q_heads * shape.q_len));
-        let binding_limit = limits
-            .max_storage_buffer_binding_size
-            .min(limits.max_buffer_size);
-        // Kernel index arithmetic is u32: every element index of a dispatch must fit.
-        let index_limit = u64::from(u32::MAX);
-        let mut batch_per_dispatch = (binding_limit / per_batch_bytes)
-            .min(index_limit / largest as u64)
-            .min(max_groups)
-            .min(shape.batch as u64) as usize;
-        if batch_per_dispatch == 0 {
-            let (limit, needed, max) = if largest as u64 > index_limit {
-                ("u32 element index", largest as u64, index_limit)
-            } else {
-                (
-                    "max_storage_buffer_binding_size",
-                    per_batch_bytes,
-                    binding_limit,
-                )
-            };
-            return Err(Error::TooLarge {
-                limit,
-                needed,
-                max,
-                hint: " (even one batch element is too large)",
-            });
-        }
-
-        // Packed textures: rows fold into lines of at most max_texture_dimension_2d texels,
-        // and a texture has at most that many lines. Each constrains the batch per dispatch.
-        let max_dim = u64::from(limits.max_texture_dimension_2d);
-        let texture_batches = |width4: u64, rows_per_batch: u64, rows_fixed: u64, what| {
-            let too_large = |needed| Error::TooLarge {
-                limit: "max_texture_dimension_2d",
-                needed,
-                max: max_dim,
-                hint: what,
-            };
-            if width4 > max_dim {
-                return Err(too_large(width4));
-            }
-            let fold = max_dim / width4;
-            let capacity = max_dim * fold;
-            if rows_fixed > capacity
-                || (rows_per_batch > 0 && rows_per_batch + rows_fixed > capacity)
-            {
-                return Err(too_large((rows_per_batch + rows_fixed).div_ceil(fold)));
-            }
-            // A texture whose rows do not grow with the batch never limits it.
-            let fits = (capacity - rows_fixed)
-                .checked_div(rows_per_batch)
-                .map_or(usize::MAX, |n| n as usize);
-            Ok((fold as u32, fits))
-        };
-        let mut tex_fold = 0;
-        if family == Family::Unrolled {
-            let widest = (shape.head_dim.max(shape.value_dim) as u64).div_ceil(4);
-            let rows = (shape.kv_heads * tex_rows_per_head(shape, opts)) as u64;
-            let (fold, fits) = texture_batches(
-                widest,
-                rows,
-                0,
-                " texture lines for K/V of one batch element",
-            )?;
-            batch_per_dispatch = batch_per_dispatch.min(fits);
-            tex_fold = fold;
-        }
-        let key_width4 = (shape.kv_len as u64).div_ceil(4);
-        let mut bias_fold = 0;
-        if let Some(bias) = opts.bias {
-            let rows = (bias.heads * shape.q_len) as u64;
-            let (per_batch, fixed) = if bias.batch == 1 {
-                (0, rows)
-            } else {
-                (rows, 0)
-            };
-            let (fold, fits) = texture_batches(
-                key_width4,
-                per_batch,
-                fixed,
-                " texels or lines for the bias",
-            )?;
-            batch_per_dispatch = batch_per_dispatch.min(fits);
-            bias_fold = fold;
-        }
-        let mut mask_fold = 0;
-        if opts.key_mask.is_some() {
-            let (fold, fits) =
-                texture_batches(key_width4, 1, 0, " texels or lines for the key mask")?;
-            batch_per_dispatch = batch_per_dispatch.min(fits);
-            mask_fold = fold;
-        }
         let batch_per_dispatch = batch_per_dispatch.min(shape.batch);
         let max_groups = limits.max_compute_workgroups_per_dimension;
         let mut params = flash_params(shape, layout, opts)?;
@@ -362,6 +187,246 @@ impl Engine {
             packs,
         })
     }
+
+    /// Validates the call and picks its kernel: family, tile (within llvmpipe's loop limit on
+    /// CPU adapters), storage path, compiled modifiers. Returns the key and the storage of Q,
+    /// K, V and O (the unrolled family computes in f32 and converts at its edges).
+    fn forward_kernel(
+        &self,
+        shape: &Shape,
+        opts: &AttentionOptions<'_>,
+        dtype: DType,
+    ) -> Result<(KernelKey, Storage)> {
+        shape.validate()?;
+        opts.resolved_scale(shape)?;
+        opts.validate_modifiers(shape)?;
+        opts.resolved_sigmoid_bias(shape.kv_len)?;
+        let storage = self.storage_for(dtype)?;
+        if let Some(bias) = opts.bias {
+            self.storage_for(bias.values.dtype())?;
+        }
+        let family = self.family();
+        let on_cpu = self.inner.info.device_type == wgpu::DeviceType::Cpu;
+        let tile = match family {
+            Family::Tiled => {
+                if on_cpu {
+                    let chunks = shape
+                        .head_dim
+                        .div_ceil(64)
+                        .max(shape.value_dim.div_ceil(64));
+                    let max_kv = CPU_TILED_MAX_KV_TIMES_CHUNKS / chunks;
+                    if shape.kv_len > max_kv {
+                        return Err(Error::TooLarge {
+                            limit: "CPU driver loop limit (65535 loop iterations per invocation)",
+                            needed: shape.kv_len as u64,
+                            max: max_kv as u64,
+                            hint: " keys for the tiled kernel at this head dim (the unrolled family, the default on CPU adapters, takes more)",
+                        });
+                    }
+                }
+                self.tile_for(family, shape.head_dim as u32, shape.value_dim as u32)?
+            }
+            Family::Unrolled => {
+                if on_cpu && shape.kv_len > CPU_UNROLLED_MAX_KV {
+                    return Err(Error::TooLarge {
+                        limit: "CPU driver loop limit (65535 loop iterations per invocation)",
+                        needed: shape.kv_len as u64,
+                        max: CPU_UNROLLED_MAX_KV as u64,
+                        hint: " keys",
+                    });
+                }
+                self.tile_for(family, shape.head_dim as u32, shape.value_dim as u32)?
+            }
+        };
+        // The unrolled family computes in f32; other types are converted at its edges.
+        let kernel_storage = match family {
+            Family::Tiled => storage,
+            Family::Unrolled => Storage::F32,
+        };
+        let key = KernelKey {
+            family,
+            storage: kernel_storage,
+            head_dim: shape.head_dim as u32,
+            value_dim: shape.value_dim as u32,
+            tile,
+            causal: opts.causal.is_some(),
+            variant: VariantKind::of(&opts.variant),
+            mods: ModifierSet::compiled_of(ModifierSet::of(opts)),
+        };
+        Ok((key, storage))
+    }
+
+    /// Workgroups along x (query tiles × value slices), with the grid checked against the
+    /// adapter's limit in every dimension.
+    fn query_tiles(
+        &self,
+        shape: &Shape,
+        opts: &AttentionOptions<'_>,
+        key: &KernelKey,
+    ) -> Result<u64> {
+        let block_m = key.tile.block_m;
+        let limits = &self.inner.info.limits;
+
+        // A dispatch's rows are the longest sequence's (varlen) or q_len.
+        let rows = opts.varlen.map_or(shape.q_len, |v| {
+            v.spans().map(|(_, q_len, _, _)| q_len).max().unwrap_or(0)
+        });
+        let max_groups = u64::from(limits.max_compute_workgroups_per_dimension);
+        let query_tiles =
+            (rows.max(1) as u64).div_ceil(u64::from(block_m)) * u64::from(key.value_slices());
+        let sequences = opts.varlen.map_or(1, |v| v.sequences()) as u64;
+        for (needed, what) in [
+            (query_tiles, " (query tiles × value slices)"),
+            (shape.q_heads as u64, " (q_heads)"),
+            (sequences, " (varlen sequences)"),
+        ] {
+            if needed > max_groups {
+                return Err(Error::TooLarge {
+                    limit: "max_compute_workgroups_per_dimension",
+                    needed,
+                    max: max_groups,
+                    hint: what,
+                });
+            }
+        }
+
+        Ok(query_tiles)
+    }
+
+    /// Batch elements per dispatch (every binding within the adapter's limits, every index
+    /// within u32, every packed texture within max_texture_dimension_2d) and the packed
+    /// textures' rows per line.
+    fn batch_split(
+        &self,
+        shape: &Shape,
+        opts: &AttentionOptions<'_>,
+        key: &KernelKey,
+        dtype: DType,
+    ) -> Result<(usize, Folds)> {
+        let limits = &self.inner.info.limits;
+        let max_groups = u64::from(limits.max_compute_workgroups_per_dimension);
+        // Batch is outermost in both layouts, so a dispatch can take any run of batch elements.
+        let per_batch_elems = [
+            shape.q_elems() / shape.batch,
+            shape.k_elems() / shape.batch,
+            shape.v_elems() / shape.batch,
+            shape.o_elems() / shape.batch,
+        ];
+        let largest = per_batch_elems
+            .into_iter()
+            .max()
+            .unwrap_or(1)
+            .max(shape.q_heads * shape.q_len);
+        let per_batch_bytes = buffer_bytes(key.storage.dtype(), largest)
+            .max(buffer_bytes(dtype, largest))
+            .max(buffer_bytes(DType::F32, shape.q_heads * shape.q_len));
+        let binding_limit = limits
+            .max_storage_buffer_binding_size
+            .min(limits.max_buffer_size);
+        // Kernel index arithmetic is u32: every element index of a dispatch must fit.
+        let index_limit = u64::from(u32::MAX);
+        let mut batch_per_dispatch = (binding_limit / per_batch_bytes)
+            .min(index_limit / largest as u64)
+            .min(max_groups)
+            .min(shape.batch as u64) as usize;
+        if batch_per_dispatch == 0 {
+            let (limit, needed, max) = if largest as u64 > index_limit {
+                ("u32 element index", largest as u64, index_limit)
+            } else {
+                (
+                    "max_storage_buffer_binding_size",
+                    per_batch_bytes,
+                    binding_limit,
+                )
+            };
+            return Err(Error::TooLarge {
+                limit,
+                needed,
+                max,
+                hint: " (even one batch element is too large)",
+            });
+        }
+
+        // Packed textures: rows fold into lines of at most max_texture_dimension_2d texels,
+        // and a texture has at most that many lines. Each constrains the batch per dispatch.
+        let max_dim = u64::from(limits.max_texture_dimension_2d);
+        let texture_batches = |width4: u64, rows_per_batch: u64, rows_fixed: u64, what| {
+            let too_large = |needed| Error::TooLarge {
+                limit: "max_texture_dimension_2d",
+                needed,
+                max: max_dim,
+                hint: what,
+            };
+            if width4 > max_dim {
+                return Err(too_large(width4));
+            }
+            let fold = max_dim / width4;
+            let capacity = max_dim * fold;
+            if rows_fixed > capacity
+                || (rows_per_batch > 0 && rows_per_batch + rows_fixed > capacity)
+            {
+                return Err(too_large((rows_per_batch + rows_fixed).div_ceil(fold)));
+            }
+            // A texture whose rows do not grow with the batch never limits it.
+            let fits = (capacity - rows_fixed)
+                .checked_div(rows_per_batch)
+                .map_or(usize::MAX, |n| n as usize);
+            Ok((fold as u32, fits))
+        };
+        let mut tex_fold = 0;
+        if key.family == Family::Unrolled {
+            let widest = (shape.head_dim.max(shape.value_dim) as u64).div_ceil(4);
+            let rows = (shape.kv_heads * tex_rows_per_head(shape, opts)) as u64;
+            let (fold, fits) = texture_batches(
+                widest,
+                rows,
+                0,
+                " texture lines for K/V of one batch element",
+            )?;
+            batch_per_dispatch = batch_per_dispatch.min(fits);
+            tex_fold = fold;
+        }
+        let key_width4 = (shape.kv_len as u64).div_ceil(4);
+        let mut bias_fold = 0;
+        if let Some(bias) = opts.bias {
+            let rows = (bias.heads * shape.q_len) as u64;
+            let (per_batch, fixed) = if bias.batch == 1 {
+                (0, rows)
+            } else {
+                (rows, 0)
+            };
+            let (fold, fits) = texture_batches(
+                key_width4,
+                per_batch,
+                fixed,
+                " texels or lines for the bias",
+            )?;
+            batch_per_dispatch = batch_per_dispatch.min(fits);
+            bias_fold = fold;
+        }
+        let mut mask_fold = 0;
+        if opts.key_mask.is_some() {
+            let (fold, fits) =
+                texture_batches(key_width4, 1, 0, " texels or lines for the key mask")?;
+            batch_per_dispatch = batch_per_dispatch.min(fits);
+            mask_fold = fold;
+        }
+        Ok((
+            batch_per_dispatch,
+            Folds {
+                tex_fold,
+                bias_fold,
+                mask_fold,
+            },
+        ))
+    }
+}
+
+/// Packed rows per texture line: K/V (unrolled family), the bias, the key mask (0 when absent).
+struct Folds {
+    tex_fold: u32,
+    bias_fold: u32,
+    mask_fold: u32,
 }
 
 /// Packed K/V rows per kv head: the keys rounded up to the unrolled kernel's key step (varlen:
