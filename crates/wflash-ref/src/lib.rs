@@ -219,18 +219,22 @@ impl Problem {
         }
     }
 
-    /// Element counts of Q, K, V and O.
+    /// Element counts of Q, K, V and O: their rows (over batch and heads) times their width.
     pub fn q_elems(&self) -> usize {
-        self.batch * self.q_heads * self.q_len * self.head_dim
+        self.lse_elems() * self.head_dim
     }
     pub fn k_elems(&self) -> usize {
-        self.batch * self.kv_heads * self.kv_len * self.head_dim
+        self.kv_rows() * self.head_dim
     }
     pub fn v_elems(&self) -> usize {
-        self.batch * self.kv_heads * self.kv_len * self.value_dim
+        self.kv_rows() * self.value_dim
     }
     pub fn o_elems(&self) -> usize {
-        self.batch * self.q_heads * self.q_len * self.value_dim
+        self.lse_elems() * self.value_dim
+    }
+    /// Key (and value) rows over every batch element and kv head.
+    fn kv_rows(&self) -> usize {
+        self.batch * self.kv_heads * self.kv_len
     }
     /// Element count of the LSE, laid out `[batch, q_heads, q_len]` whatever the layout.
     pub fn lse_elems(&self) -> usize {

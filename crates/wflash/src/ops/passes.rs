@@ -87,25 +87,13 @@ pub(crate) fn pack_rows(
         bytemuck::bytes_of(&params),
         wgpu::BufferUsages::UNIFORM,
     );
-    let bind_group = device.create_bind_group(&wgpu::BindGroupDescriptor {
-        label: Some(label),
-        layout: &pipeline.get_bind_group_layout(0),
-        entries: &[
-            entry(binding::PARAMS, &uniform),
-            entry(binding::PACK_SOURCE, &tensor.buffer),
-            wgpu::BindGroupEntry {
-                binding: binding::PACK_TEXTURE,
-                resource: wgpu::BindingResource::TextureView(&view),
-            },
-        ],
-    });
-    let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
-        label: Some(label),
-        timestamp_writes: None,
-    });
-    pass.set_pipeline(pipeline);
-    pass.set_bind_group(0, &bind_group, &[]);
-    pass.dispatch_workgroups(groups_x, groups.div_ceil(groups_x), 1);
+    let entries = [
+        entry(binding::PARAMS, &uniform),
+        entry(binding::PACK_SOURCE, &tensor.buffer),
+        texture_entry(binding::PACK_TEXTURE, &view),
+    ];
+    let grid = [groups_x, groups.div_ceil(groups_x), 1];
+    record_pass(device, encoder, pipeline, &entries, grid, label);
     Ok((texture, view))
 }
 
@@ -151,23 +139,52 @@ pub(crate) fn convert_pass(
         bytemuck::bytes_of(&params),
         wgpu::BufferUsages::UNIFORM,
     );
-    let label = conversion.label();
+    let entries = [
+        entry(binding::PARAMS, &uniform),
+        entry(binding::CONVERT_FROM, &src.buffer),
+        entry(binding::CONVERT_TO, &dst.buffer),
+    ];
+    let grid = [groups_x, groups.div_ceil(groups_x), 1];
+    record_pass(
+        device,
+        encoder,
+        pipeline,
+        &entries,
+        grid,
+        &conversion.label(),
+    );
+}
+
+/// Records one compute pass of `pipeline` over `grid` workgroups with a bind group of `entries`
+/// (group 0, its layout derived from the shader).
+pub(crate) fn record_pass(
+    device: &wgpu::Device,
+    encoder: &mut wgpu::CommandEncoder,
+    pipeline: &wgpu::ComputePipeline,
+    entries: &[wgpu::BindGroupEntry<'_>],
+    grid: [u32; 3],
+    label: &str,
+) {
     let bind_group = device.create_bind_group(&wgpu::BindGroupDescriptor {
-        label: Some(&label),
+        label: Some(label),
         layout: &pipeline.get_bind_group_layout(0),
-        entries: &[
-            entry(binding::PARAMS, &uniform),
-            entry(binding::CONVERT_FROM, &src.buffer),
-            entry(binding::CONVERT_TO, &dst.buffer),
-        ],
+        entries,
     });
     let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
-        label: Some(&label),
+        label: Some(label),
         timestamp_writes: None,
     });
     pass.set_pipeline(pipeline);
     pass.set_bind_group(0, &bind_group, &[]);
-    pass.dispatch_workgroups(groups_x, groups.div_ceil(groups_x), 1);
+    pass.dispatch_workgroups(grid[0], grid[1], grid[2]);
+}
+
+/// A bind-group entry for a texture view.
+pub(crate) fn texture_entry(binding: u32, view: &wgpu::TextureView) -> wgpu::BindGroupEntry<'_> {
+    wgpu::BindGroupEntry {
+        binding,
+        resource: wgpu::BindingResource::TextureView(view),
+    }
 }
 
 /// Checks that GPU tensors Q, K and V share one element type and have the shape's lengths

@@ -5,7 +5,7 @@ use super::plan::{PackPlan, Packed, Plan};
 use crate::gpu::pool::Scratch;
 use crate::gpu::tensor::buffer_with_contents;
 use crate::kernels::{Conversion, Family, KernelId, binding};
-use crate::ops::passes::{PackShape, convert_pass, entry, pack_rows};
+use crate::ops::passes::{PackShape, convert_pass, entry, pack_rows, record_pass};
 use crate::{
     AttentionOptions, BiasValues, Causal, DType, Engine, Layout, Modifier, Result, Shape, Tensor,
     Variant,
@@ -220,20 +220,8 @@ impl Engine {
             if plan.key.mods.contains(Modifier::KeyMask) {
                 entries.push(texture(binding::KEY_MASK));
             }
-            let bind_group = device.create_bind_group(&wgpu::BindGroupDescriptor {
-                label: Some("flash_fwd bind group"),
-                layout: &pipeline.get_bind_group_layout(0),
-                entries: &entries,
-            });
-            {
-                let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
-                    label: Some("flash_fwd"),
-                    timestamp_writes: None,
-                });
-                pass.set_pipeline(&pipeline);
-                pass.set_bind_group(0, &bind_group, &[]);
-                pass.dispatch_workgroups(plan.query_tiles, params.q_heads, sequences.len() as u32);
-            }
+            let grid = [plan.query_tiles, params.q_heads, sequences.len() as u32];
+            record_pass(device, &mut encoder, &pipeline, &entries, grid, "flash_fwd");
             if let (Some(pipeline), Some(o_f32)) = (&from_f32, &o_f32) {
                 let convert = Conversion::FromF32(plan.io_storage);
                 convert_pass(

@@ -5,7 +5,7 @@ use super::{GpuLinearAttention, GpuLinearState};
 use crate::gpu::pool::Scratch;
 use crate::gpu::tensor::buffer_with_contents;
 use crate::kernels::{KernelId, PackKernel, binding};
-use crate::ops::passes::{PackShape, entry, pack_rows};
+use crate::ops::passes::{PackShape, entry, pack_rows, record_pass, texture_entry};
 use crate::{DType, Engine, LinearOptions, Result, Tensor};
 
 /// The uniform block of linear.wgsl (`struct LinearParams`).
@@ -99,20 +99,9 @@ impl Engine {
             let dispatch = |encoder: &mut wgpu::CommandEncoder,
                             pipeline: &wgpu::ComputePipeline,
                             entries: &[wgpu::BindGroupEntry<'_>],
-                            groups: (u32, u32, u32),
+                            (x, y, z): (u32, u32, u32),
                             label: &str| {
-                let bind_group = device.create_bind_group(&wgpu::BindGroupDescriptor {
-                    label: Some(label),
-                    layout: &pipeline.get_bind_group_layout(0),
-                    entries,
-                });
-                let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
-                    label: Some(label),
-                    timestamp_writes: None,
-                });
-                pass.set_pipeline(pipeline);
-                pass.set_bind_group(0, &bind_group, &[]);
-                pass.dispatch_workgroups(groups.0, groups.1, groups.2);
+                record_pass(device, encoder, pipeline, entries, [x, y, z], label);
             };
             match plan.chunked {
                 None => {
@@ -253,12 +242,5 @@ impl Engine {
                 z: z_out,
             },
         })
-    }
-}
-
-fn texture_entry(binding: u32, view: &wgpu::TextureView) -> wgpu::BindGroupEntry<'_> {
-    wgpu::BindGroupEntry {
-        binding,
-        resource: wgpu::BindingResource::TextureView(view),
     }
 }
