@@ -921,9 +921,15 @@ mod hostile {
             spoil_modifier_data(&mut data, spoil);
             mods.apply(&shape, &data, &mut opts);
             // Non-finite values go into V only where every key is visible to every row: a
-            // hidden key's V row may reach a row as 0·inf = NaN when they share a key tile, as
-            // in FlashAttention (lib.rs, "Semantics"), which the reference does not model.
-            let hides_keys = causal || window.is_some();
+            // hidden key's V row may reach a row as 0·inf = NaN when the row's block loads its
+            // tile, as in FlashAttention (lib.rs, "Semantics"), which the reference does not
+            // model. Whatever hides keys (masks, windows, chunks, key masks, -inf biases), the
+            // reference's count of visible pairs says.
+            let hides_keys = !small || {
+                let problem = wflash_conformance::reference_problem(&shape, Layout::Bhsd, &opts);
+                let all = (shape.batch * shape.q_heads * shape.q_len * shape.kv_len) as u64;
+                opts.validate_modifiers(&shape).is_err() || problem.visible_pairs_total() < all
+            };
             let sized = |n: usize, poison: usize| {
                 let n = if small { (n as i64 + len_delta).max(0) as usize } else { 7 };
                 (0..n)
@@ -936,7 +942,9 @@ mod hostile {
                     .collect::<Vec<f32>>()
             };
             let (q, k, v) = if small {
-                let poison_v = if hides_keys { 0 } else { poison };
+                // Infinities in Q and K can make a logit -inf, which hides its key too: V gets
+                // NaN only (a NaN logit makes its row NaN in the reference as in the kernel).
+                let poison_v = if hides_keys || poison != 1 { 0 } else { poison };
                 (sized(shape.q_elems(), poison), sized(shape.k_elems(), poison), sized(shape.v_elems(), poison_v))
             } else {
                 (sized(0, 0), sized(0, 0), sized(0, 0))

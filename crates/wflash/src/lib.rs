@@ -26,8 +26,9 @@
 //! - NaN and `±inf` in Q, K and V propagate as in the f64 reference (`wflash-ref`): a NaN logit,
 //!   or two `+inf` logits, make their row NaN (output and LSE); a non-finite value of V reaches
 //!   the output columns of the rows that see its key. As in FlashAttention, it may also reach a
-//!   row that does not see its key (as `0·inf = NaN`) when that key shares a key tile with keys
-//!   the row sees (causal masks, windows, key masks).
+//!   row that does not see its key (as `0·inf = NaN`) when the row's block of query rows loads
+//!   that key's tile for rows that do see it (causal and prefix-LM masks, windows, chunks, key
+//!   masks, biases of `-inf`), or when the key is hidden by a `-inf` logit.
 //! - GQA/MQA: `q_heads % kv_heads == 0`; query head `h` reads kv head `h / (q_heads / kv_heads)`.
 //! - The LSE is the natural-log logsumexp of the scaled scores, f32, `[batch, q_heads, q_len]`.
 //!

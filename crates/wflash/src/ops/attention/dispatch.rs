@@ -378,7 +378,9 @@ pub(super) fn flash_params(
         let [b, h, s] = layout.strides(heads, seq, dim);
         [(b * batch_strides) as u32, h as u32, s as u32, 1]
     };
-    let side = |bound: Option<usize>| bound.map_or(-1, |b| (b as i64).min(FAR) as i32);
+    // Clamped in usize: a bound of 2⁶³ or more must not wrap to a negative i64.
+    let far = FAR as usize;
+    let side = |bound: Option<usize>| bound.map_or(-1, |b| b.min(far) as i32);
     let window = opts.window.unwrap_or_default();
     let score_unit = match opts.variant {
         Variant::Softmax => std::f32::consts::LOG2_E,
@@ -414,8 +416,8 @@ pub(super) fn flash_params(
         mask_fold: 1,
         mask_width4: 0,
         // Clamped so the kernel's i32 chunk bounds cannot overflow (see FAR).
-        prefix_len: opts.prefix_len.map_or(0, |p| (p as i64).min(FAR) as u32),
-        chunk: opts.chunk.map_or(0, |c| (c as i64).min(FAR - 1) as u32),
+        prefix_len: opts.prefix_len.map_or(0, |p| p.min(far) as u32),
+        chunk: opts.chunk.map_or(0, |c| c.min(far - 1) as u32),
         _pad0: 0,
         _pad1: 0,
         _pad2: 0,
