@@ -36,7 +36,21 @@ pub struct LinearParams {
     pub _pad1: u32,
 }
 
+/// What every pass of one call binds: the uniform block, Q/K/V/O, the decay powers and the
+/// four state buffers (initial kv and z, final kv and z).
+struct Bound<'a> {
+    uniform: &'a wgpu::Buffer,
+    decay: &'a wgpu::Buffer,
+    q: &'a Tensor,
+    k: &'a Tensor,
+    v: &'a Tensor,
+    output: &'a Tensor,
+    states: [wgpu::BindGroupEntry<'a>; 4],
+}
+
 impl Engine {
+    /// Records and submits a planned call: the recurrence, or packing and the three chunk
+    /// passes.
     pub(super) fn run_linear(
         &self,
         plan: &LinearPlan,
@@ -48,7 +62,6 @@ impl Engine {
     ) -> Result<GpuLinearAttention> {
         self.check_alive()?;
         let shape = &plan.shape;
-        let params = &plan.params;
         let pipelines = (plan.passes.iter())
             .map(|&key| self.pipeline(KernelId::Linear(key)))
             .collect::<Result<Vec<_>>>()?;
@@ -64,8 +77,6 @@ impl Engine {
         } else {
             None
         };
-        let max_groups = self.inner.info.limits.max_compute_workgroups_per_dimension;
-        let (b, h) = (shape.batch as u32, shape.q_heads as u32);
 
         self.guarded(|device| -> Result<()> {
             let queue = &self.inner.queue;
@@ -76,7 +87,7 @@ impl Engine {
                 device,
                 queue,
                 "linear params",
-                bytemuck::bytes_of(params),
+                bytemuck::bytes_of(&plan.params),
                 wgpu::BufferUsages::UNIFORM,
             );
             let storage = |label, contents: &[u8]| {
@@ -90,148 +101,30 @@ impl Engine {
                 .and_then(|s| s.z.as_ref())
                 .map_or_else(dummy, |z| z.buffer.clone());
             let z_out_buffer = z_out.as_ref().map_or_else(dummy, |z| z.buffer.clone());
-            let state_entries = [
-                entry(binding::KV_IN, &kv_in),
-                entry(binding::Z_IN, &z_in),
-                entry(binding::KV_OUT, &kv_out.buffer),
-                entry(binding::Z_OUT, &z_out_buffer),
-            ];
-            let dispatch = |encoder: &mut wgpu::CommandEncoder,
-                            pipeline: &wgpu::ComputePipeline,
-                            entries: &[wgpu::BindGroupEntry<'_>],
-                            (x, y, z): (u32, u32, u32),
-                            label: &str| {
-                record_pass(device, encoder, pipeline, entries, [x, y, z], label);
+            let bound = Bound {
+                uniform: &uniform,
+                decay: &decay,
+                q,
+                k,
+                v,
+                output: &output,
+                states: [
+                    entry(binding::KV_IN, &kv_in),
+                    entry(binding::Z_IN, &z_in),
+                    entry(binding::KV_OUT, &kv_out.buffer),
+                    entry(binding::Z_OUT, &z_out_buffer),
+                ],
             };
-            match plan.chunked {
-                None => {
-                    let mut entries = vec![
-                        entry(binding::PARAMS, &uniform),
-                        entry(binding::Q, &q.buffer),
-                        entry(binding::O, &output.buffer),
-                        entry(binding::DECAY_POWERS, &decay),
-                        entry(binding::LINEAR_K, &k.buffer),
-                        entry(binding::LINEAR_V, &v.buffer),
-                    ];
-                    entries.extend(state_entries.iter().cloned());
-                    let groups = (shape.value_dim.div_ceil(64) as u32, h, b);
-                    dispatch(
-                        &mut encoder,
-                        &pipelines[0],
-                        &entries,
-                        groups,
-                        "linear recurrent",
-                    );
+            // Loans from the scratch pool go back when this closure ends, after the submit.
+            let _loans = match (plan.chunked, &pack_pipeline) {
+                (Some(_), Some(pack)) => {
+                    self.record_chunked(device, &mut encoder, plan, &bound, &pipelines, pack)?
                 }
-                Some(c) => {
-                    let pack = pack_pipeline.as_ref().expect("chunked plans pack K/V");
-                    // Loans from the scratch pool go back when this closure ends, after the submit.
-                    let (_packed, views): (Vec<Scratch>, Vec<wgpu::TextureView>) = [
-                        (k, shape.head_dim, params.k_stride, "linear packed K"),
-                        (v, shape.value_dim, params.v_stride, "linear packed V"),
-                    ]
-                    .into_iter()
-                    .map(|(tensor, dim, stride, label)| {
-                        let pack_shape = PackShape {
-                            stride,
-                            heads: shape.kv_heads,
-                            batch: shape.batch,
-                            seq_len: shape.q_len,
-                            rows_per_head: shape.q_len,
-                            dim,
-                            fold: c.tex_fold,
-                            max_groups,
-                        };
-                        pack_rows(&self.inner, &mut encoder, pack, tensor, pack_shape, label)
-                    })
-                    .collect::<Result<Vec<_>>>()?
-                    .into_iter()
-                    .unzip();
-                    let row_bytes = c.state_fold * c.pitch * 4;
-                    let chunk_states_loan = self.inner.pool.buffer(
-                        device,
-                        "linear chunk states",
-                        u64::from(row_bytes) * u64::from(c.state_lines),
-                        wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
-                    )?;
-                    let chunk_states = chunk_states_loan.buffer();
-                    let column_groups = params.columns.div_ceil(4);
-                    let columns = column_groups.div_ceil(64);
-                    let prefix_groups = (column_groups * shape.head_dim as u32).div_ceil(64);
-                    let entries = [
-                        entry(binding::PARAMS, &uniform),
-                        texture_entry(binding::K, &views[0]),
-                        texture_entry(binding::V, &views[1]),
-                        entry(binding::DECAY_POWERS, &decay),
-                        entry(binding::CHUNK_STATES, chunk_states),
-                    ];
-                    let groups = (c.chunks * columns, h, b);
-                    dispatch(
-                        &mut encoder,
-                        &pipelines[0],
-                        &entries,
-                        groups,
-                        "linear chunk states",
-                    );
-                    let mut entries = vec![
-                        entry(binding::PARAMS, &uniform),
-                        entry(binding::DECAY_POWERS, &decay),
-                        entry(binding::CHUNK_STATES, chunk_states),
-                    ];
-                    entries.extend(state_entries.iter().cloned());
-                    dispatch(
-                        &mut encoder,
-                        &pipelines[1],
-                        &entries,
-                        (prefix_groups, h, b),
-                        "linear chunk prefix",
-                    );
-                    let size = wgpu::Extent3d {
-                        width: c.state_fold * c.pitch / 4,
-                        height: c.state_lines,
-                        depth_or_array_layers: 1,
-                    };
-                    let state_loan = self.inner.pool.texture(
-                        device,
-                        "linear chunk states texture",
-                        size,
-                        wgpu::TextureFormat::Rgba32Float,
-                        wgpu::TextureUsages::STORAGE_BINDING | wgpu::TextureUsages::COPY_DST,
-                    )?;
-                    let state_texture = state_loan.texture();
-                    encoder.copy_buffer_to_texture(
-                        wgpu::TexelCopyBufferInfo {
-                            buffer: chunk_states,
-                            layout: wgpu::TexelCopyBufferLayout {
-                                offset: 0,
-                                bytes_per_row: Some(row_bytes),
-                                rows_per_image: Some(c.state_lines),
-                            },
-                        },
-                        state_texture.as_image_copy(),
-                        size,
-                    );
-                    let state_view =
-                        state_texture.create_view(&wgpu::TextureViewDescriptor::default());
-                    let entries = [
-                        entry(binding::PARAMS, &uniform),
-                        entry(binding::Q, &q.buffer),
-                        texture_entry(binding::K, &views[0]),
-                        texture_entry(binding::V, &views[1]),
-                        entry(binding::O, &output.buffer),
-                        entry(binding::DECAY_POWERS, &decay),
-                        texture_entry(binding::STATE_TEXTURE, &state_view),
-                    ];
-                    let groups = (shape.q_len.div_ceil(64 * c.rows as usize) as u32, h, b);
-                    dispatch(
-                        &mut encoder,
-                        &pipelines[2],
-                        &entries,
-                        groups,
-                        "linear chunk output",
-                    );
+                _ => {
+                    self.record_recurrent(device, &mut encoder, plan, &bound, &pipelines[0]);
+                    Vec::new()
                 }
-            }
+            };
             queue.submit([encoder.finish()]);
             Ok(())
         })??;
@@ -242,5 +135,169 @@ impl Engine {
                 z: z_out,
             },
         })
+    }
+
+    /// The recurrent kernel: one pass, one invocation per value column.
+    fn record_recurrent(
+        &self,
+        device: &wgpu::Device,
+        encoder: &mut wgpu::CommandEncoder,
+        plan: &LinearPlan,
+        bound: &Bound<'_>,
+        pipeline: &wgpu::ComputePipeline,
+    ) {
+        let shape = &plan.shape;
+        let mut entries = vec![
+            entry(binding::PARAMS, bound.uniform),
+            entry(binding::Q, &bound.q.buffer),
+            entry(binding::O, &bound.output.buffer),
+            entry(binding::DECAY_POWERS, bound.decay),
+            entry(binding::LINEAR_K, &bound.k.buffer),
+            entry(binding::LINEAR_V, &bound.v.buffer),
+        ];
+        entries.extend(bound.states.iter().cloned());
+        let grid = [
+            shape.value_dim.div_ceil(64) as u32,
+            shape.q_heads as u32,
+            shape.batch as u32,
+        ];
+        record_pass(
+            device,
+            encoder,
+            pipeline,
+            &entries,
+            grid,
+            "linear recurrent",
+        );
+    }
+
+    /// The chunked kernel: K and V packed into textures, each chunk's own state, the prefix
+    /// scan over chunks (into the per-chunk states and the final state), those states copied
+    /// into a texture, the output rows. Returns the scratch loans to hold until the submit.
+    fn record_chunked(
+        &self,
+        device: &wgpu::Device,
+        encoder: &mut wgpu::CommandEncoder,
+        plan: &LinearPlan,
+        bound: &Bound<'_>,
+        pipelines: &[wgpu::ComputePipeline],
+        pack: &wgpu::ComputePipeline,
+    ) -> Result<Vec<Scratch>> {
+        let (shape, params) = (&plan.shape, &plan.params);
+        let c = plan.chunked.ok_or_else(|| {
+            crate::Error::Internal("a chunked recording of a recurrent plan".into())
+        })?;
+        let (b, h) = (shape.batch as u32, shape.q_heads as u32);
+        let max_groups = self.inner.info.limits.max_compute_workgroups_per_dimension;
+        let (mut loans, views): (Vec<Scratch>, Vec<wgpu::TextureView>) = [
+            (bound.k, shape.head_dim, params.k_stride, "linear packed K"),
+            (bound.v, shape.value_dim, params.v_stride, "linear packed V"),
+        ]
+        .into_iter()
+        .map(|(tensor, dim, stride, label)| {
+            let pack_shape = PackShape {
+                stride,
+                heads: shape.kv_heads,
+                batch: shape.batch,
+                seq_len: shape.q_len,
+                rows_per_head: shape.q_len,
+                dim,
+                fold: c.tex_fold,
+                max_groups,
+            };
+            pack_rows(&self.inner, encoder, pack, tensor, pack_shape, label)
+        })
+        .collect::<Result<Vec<_>>>()?
+        .into_iter()
+        .unzip();
+        let row_bytes = c.state_fold * c.pitch * 4;
+        let chunk_states_loan = self.inner.pool.buffer(
+            device,
+            "linear chunk states",
+            u64::from(row_bytes) * u64::from(c.state_lines),
+            wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
+        )?;
+        let chunk_states = chunk_states_loan.buffer();
+        let column_groups = params.columns.div_ceil(4);
+        let columns = column_groups.div_ceil(64);
+        let prefix_groups = (column_groups * shape.head_dim as u32).div_ceil(64);
+        let entries = [
+            entry(binding::PARAMS, bound.uniform),
+            texture_entry(binding::K, &views[0]),
+            texture_entry(binding::V, &views[1]),
+            entry(binding::DECAY_POWERS, bound.decay),
+            entry(binding::CHUNK_STATES, chunk_states),
+        ];
+        let grid = [c.chunks * columns, h, b];
+        record_pass(
+            device,
+            encoder,
+            &pipelines[0],
+            &entries,
+            grid,
+            "linear chunk states",
+        );
+        let mut entries = vec![
+            entry(binding::PARAMS, bound.uniform),
+            entry(binding::DECAY_POWERS, bound.decay),
+            entry(binding::CHUNK_STATES, chunk_states),
+        ];
+        entries.extend(bound.states.iter().cloned());
+        let grid = [prefix_groups, h, b];
+        record_pass(
+            device,
+            encoder,
+            &pipelines[1],
+            &entries,
+            grid,
+            "linear chunk prefix",
+        );
+        let size = wgpu::Extent3d {
+            width: c.state_fold * c.pitch / 4,
+            height: c.state_lines,
+            depth_or_array_layers: 1,
+        };
+        let state_loan = self.inner.pool.texture(
+            device,
+            "linear chunk states texture",
+            size,
+            wgpu::TextureFormat::Rgba32Float,
+            wgpu::TextureUsages::STORAGE_BINDING | wgpu::TextureUsages::COPY_DST,
+        )?;
+        let state_texture = state_loan.texture();
+        encoder.copy_buffer_to_texture(
+            wgpu::TexelCopyBufferInfo {
+                buffer: chunk_states,
+                layout: wgpu::TexelCopyBufferLayout {
+                    offset: 0,
+                    bytes_per_row: Some(row_bytes),
+                    rows_per_image: Some(c.state_lines),
+                },
+            },
+            state_texture.as_image_copy(),
+            size,
+        );
+        let state_view = state_texture.create_view(&wgpu::TextureViewDescriptor::default());
+        let entries = [
+            entry(binding::PARAMS, bound.uniform),
+            entry(binding::Q, &bound.q.buffer),
+            texture_entry(binding::K, &views[0]),
+            texture_entry(binding::V, &views[1]),
+            entry(binding::O, &bound.output.buffer),
+            entry(binding::DECAY_POWERS, bound.decay),
+            texture_entry(binding::STATE_TEXTURE, &state_view),
+        ];
+        let grid = [shape.q_len.div_ceil(64 * c.rows as usize) as u32, h, b];
+        record_pass(
+            device,
+            encoder,
+            &pipelines[2],
+            &entries,
+            grid,
+            "linear chunk output",
+        );
+        loans.push(chunk_states_loan);
+        loans.push(state_loan);
+        Ok(loans)
     }
 }
