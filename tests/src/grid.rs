@@ -90,55 +90,10 @@ pub fn covering_rows<const N: usize>(
     seed: u64,
     allowed: impl Fn(usize, usize, usize, usize) -> bool,
 ) -> Vec<[usize; N]> {
-    let mut uncovered = std::collections::HashSet::new();
-    for (a, &size_a) in axes.iter().enumerate() {
-        for (b, &size_b) in axes.iter().enumerate().skip(a + 1) {
-            for va in 0..size_a {
-                for vb in 0..size_b {
-                    if allowed(a, va, b, vb) {
-                        uncovered.insert((a, va, b, vb));
-                    }
-                }
-            }
-        }
-    }
-    let valid = |row: &[usize; N]| covered_by(row).all(|(a, va, b, vb)| allowed(a, va, b, vb));
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let mut rows = Vec::new();
-    while !uncovered.is_empty() {
-        // Seed each candidate with one uncovered pair so every round makes progress.
-        let &(a0, va0, b0, vb0) = uncovered.iter().min().expect("non-empty");
-        let mut best: Option<([usize; N], usize)> = None;
-        let mut tries = 0;
-        while tries < 48 || best.is_none() {
-            tries += 1;
-            let mut row = [0; N];
-            for (axis, slot) in row.iter_mut().enumerate() {
-                *slot = rng.random_range(0..axes[axis]);
-            }
-            row[a0] = va0;
-            row[b0] = vb0;
-            if !valid(&row) {
-                continue;
-            }
-            let gain = covered_by(&row).filter(|p| uncovered.contains(p)).count();
-            if best.is_none_or(|(_, g)| gain > g) {
-                best = Some((row, gain));
-            }
-        }
-        let (row, _) = best.expect("a valid candidate");
-        for pair in covered_by(&row) {
-            uncovered.remove(&pair);
-        }
-        rows.push(row);
-    }
-    rows
-}
-
-fn covered_by<const N: usize>(
-    row: &[usize; N],
-) -> impl Iterator<Item = (usize, usize, usize, usize)> + '_ {
-    (0..N).flat_map(move |a| (a + 1..N).map(move |b| (a, row[a], b, row[b])))
+    extend_rows(Vec::new(), &axes, seed, allowed)
+        .into_iter()
+        .map(|row| row.try_into().expect("a row per axis"))
+        .collect()
 }
 
 /// The sampled grid as cases, with a fresh seed per case.
@@ -428,7 +383,8 @@ pub fn modifier_rows() -> Vec<Vec<usize>> {
 }
 
 /// `rows` and, after them, rows that cover the pairs of `axes` values they leave uncovered
-/// (greedily, as [`covering_rows`]), none holding a pair `allowed` refuses.
+/// (greedily, AETG-style: among random candidates the row that covers the most uncovered
+/// pairs; deterministic for a seed), none holding a pair `allowed` refuses.
 pub fn extend_rows(
     mut rows: Vec<Vec<usize>>,
     axes: &[usize],
@@ -461,6 +417,7 @@ pub fn extend_rows(
     }
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     while !uncovered.is_empty() {
+        // Seed each candidate with one uncovered pair so every round makes progress.
         let &(a0, va0, b0, vb0) = uncovered.iter().min().expect("non-empty");
         let mut best: Option<(Vec<usize>, usize)> = None;
         let mut tries = 0;
