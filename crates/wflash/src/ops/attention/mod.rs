@@ -4,8 +4,7 @@
 mod dispatch;
 mod plan;
 
-pub use dispatch::{FlashParams, SequenceInfo};
-pub use plan::{PackPlan, Packed, Plan};
+pub use plan::{FlashParams, PackPlan, Packed, Plan, SequenceInfo};
 
 use crate::ops::passes::check_qkv;
 use crate::{

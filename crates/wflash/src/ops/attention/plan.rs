@@ -1,11 +1,12 @@
 //! How an attention call runs: validation, kernel, tile, dispatch grid and batch splitting,
 //! decided on the host before anything touches the GPU.
 
-use super::dispatch::{FlashParams, SequenceInfo, flash_params, head_data, sequence_infos};
 use crate::gpu::tensor::buffer_bytes;
 use crate::kernels::{Family, KernelKey, PackKernel, Storage, UNROLLED_KEYS, VariantKind};
 use crate::ops::passes::PackShape;
-use crate::{AttentionOptions, DType, Engine, Error, Layout, ModifierSet, Result, Shape};
+use crate::{
+    AttentionOptions, Causal, DType, Engine, Error, Layout, ModifierSet, Result, Shape, Variant,
+};
 
 /// llvmpipe (Mesa 22.3) ends every loop of an invocation once 65535 loop iterations have run in
 /// total (docs/PERF.md). On CPU adapters calls whose loop count could reach that are refused.
@@ -434,4 +435,175 @@ struct Folds {
 pub(super) fn tex_rows_per_head(shape: &Shape, opts: &AttentionOptions<'_>) -> usize {
     let keys = UNROLLED_KEYS as usize;
     shape.kv_len.next_multiple_of(keys) + if opts.varlen.is_some() { keys } else { 0 }
+}
+
+/// The uniform block of the forward kernels (`struct Params` in flash_common.wgsl); a test
+/// checks the layout against naga's.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct FlashParams {
+    pub q_heads: u32,
+    pub kv_heads: u32,
+    /// Unrolled family: packed K/V rows per kv head and per batch element (0 for varlen).
+    pub tex_rows_per_head: u32,
+    pub tex_rows_per_batch: u32,
+    pub q_stride: [u32; 4],
+    pub k_stride: [u32; 4],
+    pub v_stride: [u32; 4],
+    pub o_stride: [u32; 4],
+    /// (batch, head) strides of per-row data (LSE, temperature).
+    pub row_batch_stride: u32,
+    pub row_head_stride: u32,
+    /// Unrolled family: packed K/V rows per texture line.
+    pub tex_fold: u32,
+    /// `HAS_SINKS` (1) | `HAS_TEMPERATURE` (2).
+    pub flags: u32,
+    /// What Q is multiplied by: `scale · log2 e` (softmax) or `scale` (sigmoid).
+    pub q_scale: f32,
+    /// `log2 e` (softmax) or 1 (sigmoid).
+    pub score_unit: f32,
+    /// `softcap · score_unit`.
+    pub softcap: f32,
+    /// Window bounds left/right of the diagonal; -1 for unbounded.
+    pub window_left: i32,
+    pub window_right: i32,
+    pub bias_batch_rows: u32,
+    pub bias_head_rows: u32,
+    pub bias_fold: u32,
+    pub bias_width4: u32,
+    pub mask_fold: u32,
+    pub mask_width4: u32,
+    /// Prefix-LM: keys before it are visible past the causal bound (0: none).
+    pub prefix_len: u32,
+    /// Chunked local attention: keys per chunk (0: none).
+    pub chunk: u32,
+    pub _pad0: u32,
+    pub _pad1: u32,
+    pub _pad2: u32,
+}
+
+/// One batch element or varlen sequence (`struct Sequence` in flash_common.wgsl).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct SequenceInfo {
+    pub q_offset: u32,
+    pub q_len: u32,
+    pub kv_offset: u32,
+    pub kv_len: u32,
+    /// Keys outside `[key_lo, key_hi)` are hidden from every row (the key mask's span).
+    pub key_lo: u32,
+    pub key_hi: u32,
+    pub diag_offset: i32,
+    pub sigmoid_bias: f32,
+}
+
+const HAS_SINKS: u32 = 1;
+const HAS_TEMPERATURE: u32 = 2;
+
+/// Diagonal offsets and window sides are clamped to ±FAR so the kernel's i32 sums cannot
+/// overflow; a bound that far out already means "every key" or "no key" for any problem that fits.
+const FAR: i64 = 1 << 30;
+
+/// The per-sequence records of the whole call: one per batch element, or per varlen sequence.
+fn sequence_infos(shape: &Shape, opts: &AttentionOptions<'_>) -> Result<Vec<SequenceInfo>> {
+    let info =
+        |q_offset: usize, q_len: usize, kv_offset: usize, kv_len: usize, keys: (usize, usize)| {
+            let diag_offset = match opts.causal {
+                Some(Causal::TopLeft) => 0,
+                Some(Causal::BottomRight) | None => kv_len as i64 - q_len as i64,
+            };
+            Ok(SequenceInfo {
+                q_offset: q_offset as u32,
+                q_len: q_len as u32,
+                kv_offset: kv_offset as u32,
+                kv_len: kv_len as u32,
+                key_lo: keys.0 as u32,
+                key_hi: keys.1 as u32,
+                diag_offset: diag_offset.clamp(-FAR, FAR) as i32,
+                sigmoid_bias: opts.resolved_sigmoid_bias(kv_len)?,
+            })
+        };
+    if let Some(varlen) = opts.varlen {
+        return varlen
+            .spans()
+            .map(|(q0, nq, k0, nk)| info(q0, nq, k0, nk, (0, nk)))
+            .collect();
+    }
+    (0..shape.batch)
+        .map(|b| {
+            // The key mask's span: first to last key that takes part (none: an empty span).
+            let keys = opts.key_mask.map_or((0, shape.kv_len), |mask| {
+                let row = &mask[b * shape.kv_len..(b + 1) * shape.kv_len];
+                match (row.iter().position(|&x| x), row.iter().rposition(|&x| x)) {
+                    (Some(first), Some(last)) => (first, last + 1),
+                    _ => (0, 0),
+                }
+            });
+            info(0, shape.q_len, 0, shape.kv_len, keys)
+        })
+        .collect()
+}
+
+/// `row_data`'s per-head part: ALiBi slopes and sinks per query head (zeros when absent).
+fn head_data(shape: &Shape, opts: &AttentionOptions<'_>) -> Vec<f32> {
+    let heads = shape.q_heads;
+    let mut data = Vec::with_capacity(2 * heads);
+    data.extend_from_slice(opts.alibi_slopes.unwrap_or(&vec![0.0; heads]));
+    data.extend_from_slice(opts.sinks.unwrap_or(&vec![0.0; heads]));
+    data
+}
+
+/// The uniform values of a call, before its texture geometries. Plan has already bounded every
+/// index to u32.
+fn flash_params(shape: &Shape, layout: Layout, opts: &AttentionOptions<'_>) -> Result<FlashParams> {
+    // A varlen dispatch's z index is the sequence, not a batch element: no batch stride.
+    let batch_strides = opts.varlen.is_none() as usize;
+    let stride = |heads: usize, seq: usize, dim: usize| {
+        let [b, h, s] = layout.strides(heads, seq, dim);
+        [(b * batch_strides) as u32, h as u32, s as u32, 1]
+    };
+    // Clamped in usize: a bound of 2⁶³ or more must not wrap to a negative i64.
+    let far = FAR as usize;
+    let side = |bound: Option<usize>| bound.map_or(-1, |b| b.min(far) as i32);
+    let window = opts.window.unwrap_or_default();
+    let score_unit = match opts.variant {
+        Variant::Softmax => std::f32::consts::LOG2_E,
+        Variant::Sigmoid { .. } => 1.0,
+    };
+    Ok(FlashParams {
+        q_heads: shape.q_heads as u32,
+        kv_heads: shape.kv_heads as u32,
+        tex_rows_per_head: 0,
+        tex_rows_per_batch: 0,
+        q_stride: stride(shape.q_heads, shape.q_len, shape.head_dim),
+        k_stride: stride(shape.kv_heads, shape.kv_len, shape.head_dim),
+        v_stride: stride(shape.kv_heads, shape.kv_len, shape.value_dim),
+        o_stride: stride(shape.q_heads, shape.q_len, shape.value_dim),
+        row_batch_stride: (shape.q_heads * shape.q_len * batch_strides) as u32,
+        row_head_stride: shape.q_len as u32,
+        tex_fold: 0,
+        flags: if opts.sinks.is_some() { HAS_SINKS } else { 0 }
+            | if opts.temperature.is_some() {
+                HAS_TEMPERATURE
+            } else {
+                0
+            },
+        q_scale: opts.resolved_scale(shape)? * score_unit,
+        score_unit,
+        softcap: opts.softcap.unwrap_or(1.0) * score_unit,
+        window_left: side(window.left),
+        window_right: side(window.right),
+        bias_batch_rows: 0,
+        bias_head_rows: 0,
+        bias_fold: 1,
+        bias_width4: 0,
+        mask_fold: 1,
+        mask_width4: 0,
+        // Clamped so the kernel's i32 chunk bounds cannot overflow (see FAR).
+        prefix_len: opts.prefix_len.map_or(0, |p| p.min(far) as u32),
+        chunk: opts.chunk.map_or(0, |c| c.min(far - 1) as u32),
+        _pad0: 0,
+        _pad1: 0,
+        _pad2: 0,
+    })
 }

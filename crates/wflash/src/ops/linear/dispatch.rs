@@ -8,34 +8,6 @@ use crate::kernels::{KernelId, PackKernel, binding};
 use crate::ops::passes::{PackShape, entry, pack_rows, record_pass, texture_entry};
 use crate::{DType, Engine, LinearOptions, Result, Tensor};
 
-/// The uniform block of linear.wgsl (`struct LinearParams`).
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
-pub struct LinearParams {
-    pub q_stride: [u32; 4],
-    pub k_stride: [u32; 4],
-    pub v_stride: [u32; 4],
-    pub o_stride: [u32; 4],
-    pub q_heads: u32,
-    pub group: u32,
-    pub len: u32,
-    pub chunk: u32,
-    pub chunks: u32,
-    pub columns: u32,
-    pub pitch: u32,
-    pub tex_rows_per_head: u32,
-    pub tex_fold: u32,
-    pub state_fold: u32,
-    pub scale: f32,
-    pub eps: f32,
-    /// Bit 0: an initial kv state; bit 1: an initial z.
-    pub has_initial: u32,
-    pub causal: u32,
-    /// Entries per head of the decay-power table (`λ^0 ..`).
-    pub decay_stride: u32,
-    pub _pad1: u32,
-}
-
 /// What every pass of one call binds: the uniform block, Q/K/V/O, the decay powers and the
 /// four state buffers (initial kv and z, final kv and z).
 struct Bound<'a> {

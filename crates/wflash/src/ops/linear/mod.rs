@@ -4,8 +4,7 @@
 mod dispatch;
 mod plan;
 
-pub use dispatch::LinearParams;
-pub use plan::{ChunkPlan, LinearPlan};
+pub use plan::{ChunkPlan, LinearParams, LinearPlan};
 
 use crate::ops::passes::check_qkv;
 use crate::{
