@@ -5,8 +5,11 @@
 //! The semantics (layouts, mask alignment, GQA head mapping, fully masked rows) are the
 //! contract documented in the `wflash` crate; this crate is their executable definition.
 
+mod backward;
 pub mod linear;
 pub mod naive;
+
+pub use backward::{Grads, backward, sigmoid_slope, softcap_slope};
 
 /// How a 4-D tensor is laid out in memory.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -464,64 +467,146 @@ pub fn per_sequence<T: Copy + Default>(
     v: &[T],
     f: impl Fn(&Problem, &[T], &[T], &[T]) -> Forward,
 ) -> Forward {
-    let Some(varlen) = &p.varlen else {
+    if p.varlen.is_none() {
         return f(p, q, k, v);
-    };
-    assert_eq!(p.batch, 1, "varlen problems have batch 1");
+    }
     let mut output = vec![0.0; p.o_elems()];
     let mut lse = match p.variant {
         Variant::Softmax => vec![f64::NEG_INFINITY; p.lse_elems()],
         Variant::Sigmoid { .. } => Vec::new(),
     };
+    for seq in sequences(p) {
+        let sub = &seq.problem;
+        // A sequence without keys is a problem with kv_len 0: every row sees nothing.
+        let result = f(
+            sub,
+            &seq.gather_q(p, q, p.head_dim),
+            &seq.gather_kv(p, k, p.head_dim),
+            &seq.gather_kv(p, v, p.value_dim),
+        );
+        seq.scatter_q(p, &result.output, &mut output, p.value_dim);
+        if !lse.is_empty() {
+            seq.scatter_rows(p, &result.lse, &mut lse);
+        }
+    }
+    Forward { output, lse }
+}
+
+/// One sequence of a varlen problem, as its own batch-1 problem: its rows start at `q0` (queries)
+/// and `k0` (keys) of the packed tensors.
+#[derive(Clone, Debug)]
+pub struct Sequence {
+    pub problem: Problem,
+    pub q0: usize,
+    pub k0: usize,
+}
+
+/// The non-empty sequences of a varlen problem (sequences without query rows have nothing to
+/// compute), each with its per-query data (temperature) sliced out.
+///
+/// # Panics
+/// If `p` has no varlen, or its batch is not 1.
+pub fn sequences(p: &Problem) -> Vec<Sequence> {
+    let varlen = p.varlen.as_ref().expect("a varlen problem");
+    assert_eq!(p.batch, 1, "varlen problems have batch 1");
     let spans = varlen
         .cu_seqlens_q
         .windows(2)
         .zip(varlen.cu_seqlens_k.windows(2));
-    for (qs, ks) in spans {
-        let (q0, nq, k0, nk) = (qs[0], qs[1] - qs[0], ks[0], ks[1] - ks[0]);
-        if nq == 0 {
-            continue;
-        }
-        let mut sub = Problem {
-            q_len: nq,
-            kv_len: nk,
-            varlen: None,
-            ..p.clone()
-        };
-        sub.modifiers.temperature = p.modifiers.temperature.as_ref().map(|t| {
-            (0..p.q_heads)
-                .flat_map(|h| t[h * p.q_len + q0..h * p.q_len + q0 + nq].iter().copied())
-                .collect()
-        });
-        // Rows (heads, seq) of the packed tensor, gathered into the sub-problem's layout.
-        let gather = |x: &[T], heads: usize, len: usize, start: usize, n: usize, dim: usize| {
-            let mut out = vec![T::default(); heads * n * dim];
-            for h in 0..heads {
-                for s in 0..n {
-                    let from = p.layout.index(0, h, start + s, 0, heads, len, dim);
-                    let to = sub.layout.index(0, h, s, 0, heads, n, dim);
-                    out[to..to + dim].copy_from_slice(&x[from..from + dim]);
-                }
+    spans
+        .filter(|(qs, _)| qs[1] > qs[0])
+        .map(|(qs, ks)| {
+            let (q0, nq, k0, nk) = (qs[0], qs[1] - qs[0], ks[0], ks[1] - ks[0]);
+            let mut sub = Problem {
+                q_len: nq,
+                kv_len: nk,
+                varlen: None,
+                ..p.clone()
+            };
+            sub.modifiers.temperature = p.modifiers.temperature.as_ref().map(|t| {
+                (0..p.q_heads)
+                    .flat_map(|h| t[h * p.q_len + q0..h * p.q_len + q0 + nq].iter().copied())
+                    .collect()
+            });
+            Sequence {
+                problem: sub,
+                q0,
+                k0,
             }
-            out
-        };
-        let sq = gather(q, p.q_heads, p.q_len, q0, nq, p.head_dim);
-        let sk = gather(k, p.kv_heads, p.kv_len, k0, nk, p.head_dim);
-        let sv = gather(v, p.kv_heads, p.kv_len, k0, nk, p.value_dim);
-        // A sequence without keys is a problem with kv_len 0: every row sees nothing.
-        let result = f(&sub, &sq, &sk, &sv);
+        })
+        .collect()
+}
+
+impl Sequence {
+    /// The sequence's rows of a packed per-query tensor (Q, O, dO) of row width `dim`.
+    pub fn gather_q<T: Copy + Default>(&self, p: &Problem, x: &[T], dim: usize) -> Vec<T> {
+        self.gather(p, x, p.q_heads, p.q_len, self.q0, self.problem.q_len, dim)
+    }
+    /// The sequence's rows of a packed per-key tensor (K, V) of row width `dim`.
+    pub fn gather_kv<T: Copy + Default>(&self, p: &Problem, x: &[T], dim: usize) -> Vec<T> {
+        self.gather(p, x, p.kv_heads, p.kv_len, self.k0, self.problem.kv_len, dim)
+    }
+    /// Writes the sequence's per-query rows `rows` (its own layout) into packed `out`.
+    pub fn scatter_q(&self, p: &Problem, rows: &[f64], out: &mut [f64], dim: usize) {
+        let (len, n) = (p.q_len, self.problem.q_len);
+        self.scatter(p, rows, out, p.q_heads, len, self.q0, n, dim);
+    }
+    /// Writes the sequence's per-key rows `rows` (its own layout) into packed `out`.
+    pub fn scatter_kv(&self, p: &Problem, rows: &[f64], out: &mut [f64], dim: usize) {
+        let (len, n) = (p.kv_len, self.problem.kv_len);
+        self.scatter(p, rows, out, p.kv_heads, len, self.k0, n, dim);
+    }
+    /// Writes the sequence's per-query values `[q_heads, n]` (LSE, temperature gradient) into
+    /// packed `out` (`[q_heads, total_q]`).
+    pub fn scatter_rows(&self, p: &Problem, values: &[f64], out: &mut [f64]) {
+        let n = self.problem.q_len;
         for h in 0..p.q_heads {
-            for s in 0..nq {
-                let from = sub.o_row_range(0, h, s);
-                let to = p.o_row_range(0, h, q0 + s);
-                output[to].copy_from_slice(&result.output[from]);
-                if !lse.is_empty() {
-                    lse[h * p.q_len + q0 + s] = result.lse[h * nq + s];
-                }
+            out[h * p.q_len + self.q0..][..n].copy_from_slice(&values[h * n..(h + 1) * n]);
+        }
+    }
+
+    #[expect(clippy::too_many_arguments, reason = "a strided block copy's extents")]
+    fn gather<T: Copy + Default>(
+        &self,
+        p: &Problem,
+        x: &[T],
+        heads: usize,
+        len: usize,
+        start: usize,
+        n: usize,
+        dim: usize,
+    ) -> Vec<T> {
+        let mut out = vec![T::default(); heads * n * dim];
+        for h in 0..heads {
+            for s in 0..n {
+                let from = p.layout.index(0, h, start + s, 0, heads, len, dim);
+                let to = p.layout.index(0, h, s, 0, heads, n, dim);
+                out[to..to + dim].copy_from_slice(&x[from..from + dim]);
+            }
+        }
+        out
+    }
+
+    #[expect(clippy::too_many_arguments, reason = "a strided block copy's extents")]
+    fn scatter(
+        &self,
+        p: &Problem,
+        rows: &[f64],
+        out: &mut [f64],
+        heads: usize,
+        len: usize,
+        start: usize,
+        n: usize,
+        dim: usize,
+    ) {
+        for h in 0..heads {
+            for s in 0..n {
+                let from = p.layout.index(0, h, s, 0, heads, n, dim);
+                let to = p.layout.index(0, h, start + s, 0, heads, len, dim);
+                out[to..to + dim].copy_from_slice(&rows[from..from + dim]);
             }
         }
     }
-    Forward { output, lse }
 }
 
 /// The numerically stable logistic function: no overflow for any finite `x`.

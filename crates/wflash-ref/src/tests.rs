@@ -415,3 +415,195 @@ fn varlen_is_each_sequence_on_its_own() {
     assert!(fwd.output[8..12].iter().all(|&x| x == 0.0));
     assert_eq!(fwd.lse[2], f64::NEG_INFINITY);
 }
+
+/// `Σ dO ∘ O`, the loss whose gradients [`backward`] returns.
+fn loss(p: &Problem, q: &[f64], k: &[f64], v: &[f64], d_o: &[f64]) -> f64 {
+    let out = forward(p, q, k, v).output;
+    out.iter().zip(d_o).map(|(a, b)| a * b).sum()
+}
+
+/// Central differences of the loss along each element of `x` (as `set` writes it into a copy of
+/// the problem and inputs), compared with `analytic`.
+fn check_by_finite_differences(
+    what: &str,
+    analytic: &[f64],
+    x: &[f64],
+    loss_at: impl Fn(&[f64]) -> f64,
+) {
+    assert_eq!(analytic.len(), x.len(), "{what}: length");
+    let step = 1e-5;
+    for i in 0..x.len() {
+        let mut plus = x.to_vec();
+        let mut minus = x.to_vec();
+        plus[i] += step;
+        minus[i] -= step;
+        let numeric = (loss_at(&plus) - loss_at(&minus)) / (2.0 * step);
+        let err = (numeric - analytic[i]).abs();
+        assert!(
+            err <= 1e-6 * (1.0 + numeric.abs()),
+            "{what}[{i}]: analytic {} vs finite differences {numeric}",
+            analytic[i]
+        );
+    }
+}
+
+/// Every gradient of every modifier, checked against central differences of the forward.
+fn check_gradients(p: &Problem, seed: u64) {
+    let q = values(p.q_elems(), seed);
+    let k = values(p.k_elems(), seed ^ 1);
+    let v = values(p.v_elems(), seed ^ 2);
+    let d_o = values(p.o_elems(), seed ^ 3);
+    let g = backward(p, &q, &k, &v, &d_o);
+    check_by_finite_differences("dq", &g.dq, &q, |x| loss(p, x, &k, &v, &d_o));
+    check_by_finite_differences("dk", &g.dk, &k, |x| loss(p, &q, x, &v, &d_o));
+    check_by_finite_differences("dv", &g.dv, &v, |x| loss(p, &q, &k, x, &d_o));
+    let with = |f: &dyn Fn(&mut Modifiers)| {
+        let mut p = p.clone();
+        f(&mut p.modifiers);
+        loss(&p, &q, &k, &v, &d_o)
+    };
+    let m = &p.modifiers;
+    assert_eq!(g.d_sinks.is_some(), m.sinks.is_some());
+    assert_eq!(g.d_temperature.is_some(), m.temperature.is_some());
+    assert_eq!(g.d_bias.is_some(), m.bias.is_some());
+    if let (Some(d), Some(sinks)) = (&g.d_sinks, &m.sinks) {
+        check_by_finite_differences("d_sinks", d, sinks, |x| {
+            with(&|m| m.sinks = Some(x.to_vec()))
+        });
+    }
+    if let (Some(d), Some(t)) = (&g.d_temperature, &m.temperature) {
+        check_by_finite_differences("d_temperature", d, t, |x| {
+            with(&|m| m.temperature = Some(x.to_vec()))
+        });
+    }
+    if let (Some(d), Some(bias)) = (&g.d_bias, &m.bias) {
+        // -inf entries stay -inf under a finite step: their gradient is 0.
+        check_by_finite_differences("d_bias", d, &bias.values, |x| {
+            with(&|m| {
+                m.bias = Some(Bias {
+                    values: x.to_vec(),
+                    ..bias.clone()
+                })
+            })
+        });
+    }
+}
+
+#[test]
+fn gradients_match_finite_differences_for_every_option() {
+    let base = Problem::new(2, 4, 2, 5, 7, 3, 2, Layout::Bhsd);
+    let (b, h, nq, nk) = (base.batch, base.q_heads, base.q_len, base.kv_len);
+    let mut problems = vec![base.clone()];
+    let mut add = |f: &dyn Fn(&mut Problem)| {
+        let mut p = base.clone();
+        f(&mut p);
+        problems.push(p);
+    };
+    add(&|p| p.causal = Some(CausalAlign::BottomRight));
+    add(&|p| {
+        p.causal = Some(CausalAlign::TopLeft);
+        p.layout = Layout::Bshd;
+    });
+    add(&|p| {
+        p.window = Some(Window {
+            left: Some(2),
+            right: Some(1),
+        })
+    });
+    add(&|p| p.modifiers.softcap = Some(0.7));
+    add(&|p| p.modifiers.alibi_slopes = Some(vec![0.5, 0.25, 0.125, 0.0625]));
+    let bias = |batch: usize, heads: usize, seed: u64| Bias {
+        values: values(batch * heads * nq * nk, seed)
+            .into_iter()
+            .enumerate()
+            .map(|(i, x)| if i % 5 == 1 { f64::NEG_INFINITY } else { x })
+            .collect(),
+        batch,
+        heads,
+    };
+    add(&|p| p.modifiers.bias = Some(bias(b, h, 11)));
+    add(&|p| p.modifiers.bias = Some(bias(1, h, 12)));
+    add(&|p| p.modifiers.bias = Some(bias(b, 1, 13)));
+    add(&|p| p.modifiers.bias = Some(bias(1, 1, 14)));
+    add(&|p| {
+        p.modifiers.key_mask = Some((0..b * nk).map(|j| j % 3 != 0 && j != 8).collect());
+        p.causal = Some(CausalAlign::BottomRight);
+    });
+    add(&|p| p.modifiers.sinks = Some(vec![0.3, -1.0, 2.0, 0.0]));
+    add(&|p| p.modifiers.temperature = Some(values(b * h * nq, 15)));
+    add(&|p| {
+        p.causal = Some(CausalAlign::BottomRight);
+        p.modifiers.prefix_len = Some(3);
+    });
+    add(&|p| p.modifiers.chunk = Some(3));
+    for sigmoid_bias in [None, Some(-1.5)] {
+        add(&|p| {
+            p.variant = Variant::Sigmoid { bias: sigmoid_bias };
+            p.causal = Some(CausalAlign::BottomRight);
+            p.modifiers.softcap = Some(1.3);
+            p.modifiers.alibi_slopes = Some(vec![0.5, 0.25, 0.125, 0.0625]);
+            p.modifiers.bias = Some(bias(1, h, 16));
+            p.modifiers.temperature = Some(values(b * h * nq, 17));
+        });
+    }
+    // Everything softmax has at once.
+    add(&|p| {
+        p.causal = Some(CausalAlign::TopLeft);
+        p.modifiers.softcap = Some(1.1);
+        p.modifiers.bias = Some(bias(b, 1, 18));
+        p.modifiers.sinks = Some(vec![0.3, -1.0, 2.0, 0.0]);
+        p.modifiers.temperature = Some(values(b * h * nq, 19));
+        p.modifiers.prefix_len = Some(2);
+    });
+    // Varlen: three sequences, one without keys, one without queries.
+    for variant in [Variant::Softmax, Variant::Sigmoid { bias: None }] {
+        add(&|p| {
+            p.batch = 1;
+            p.q_len = 8;
+            p.kv_len = 9;
+            p.layout = Layout::Bshd;
+            p.variant = variant;
+            p.causal = Some(CausalAlign::BottomRight);
+            p.varlen = Some(Varlen {
+                cu_seqlens_q: vec![0, 3, 3, 6, 8],
+                cu_seqlens_k: vec![0, 4, 6, 9, 9],
+            });
+            p.modifiers.temperature = Some(values(4 * 8, 20));
+            if variant == Variant::Softmax {
+                p.modifiers.sinks = Some(vec![0.3, -1.0, 2.0, 0.0]);
+            }
+        });
+    }
+    for (n, p) in problems.iter().enumerate() {
+        check_gradients(p, 100 + n as u64);
+    }
+}
+
+#[test]
+fn fully_masked_rows_have_zero_gradients() {
+    // q_len 4 > kv_len 2, bottom-right causal: queries 0 and 1 see nothing.
+    let mut p = Problem::new(1, 1, 1, 4, 2, 2, 2, Layout::Bhsd);
+    p.causal = Some(CausalAlign::BottomRight);
+    let (q, k, v, d_o) = (values(8, 1), values(4, 2), values(4, 3), values(8, 4));
+    let g = backward(&p, &q, &k, &v, &d_o);
+    assert!(g.dq[..4].iter().all(|&x| x == 0.0), "{:?}", g.dq);
+    assert!(g.dq.iter().chain(&g.dk).chain(&g.dv).all(|x| x.is_finite()));
+}
+
+proptest! {
+    #[test]
+    fn naive_f32_backward_is_close_to_reference(p in arb_problem(), seed in any::<u64>()) {
+        let q = values(p.q_elems(), seed);
+        let k = values(p.k_elems(), seed ^ 1);
+        let v = values(p.v_elems(), seed ^ 2);
+        let d_o = values(p.o_elems(), seed ^ 3);
+        let narrow = |x: &[f64]| x.iter().map(|&a| a as f32).collect::<Vec<f32>>();
+        let truth = backward(&p, &q, &k, &v, &d_o);
+        let naive = naive::backward_f32(&p, &narrow(&q), &narrow(&k), &narrow(&v), &narrow(&d_o), |x| x);
+        for (got, want) in [(&naive.dq, &truth.dq), (&naive.dk, &truth.dk), (&naive.dv, &truth.dv)] {
+            for (a, b) in got.iter().zip(want.iter()) {
+                prop_assert!((a - b).abs() < 1e-4 * (1.0 + b.abs()), "{a} vs {b}");
+            }
+        }
+    }
+}
