@@ -55,6 +55,14 @@ impl<'a> Output<'a> {
         }
     }
 
+    /// A gradient, judged by the backward contract.
+    pub fn backward(name: &'static str, got: Vec<f64>, truth: &'a [f64], naive: &'a [f64]) -> Self {
+        Output {
+            tolerance: Tolerance::BACKWARD,
+            ..Output::forward(name, got, truth, naive)
+        }
+    }
+
     /// Slack relative to the truth's largest finite magnitude (at least 1).
     pub fn slack_scaled_to_truth(mut self) -> Self {
         self.slack_scale = (self.truth.iter())

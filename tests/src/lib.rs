@@ -15,6 +15,7 @@ use wflash::{
 };
 use wflash_ref::{CausalAlign, Problem};
 
+pub mod backward;
 pub mod grid;
 pub mod judge;
 pub mod linear;

@@ -148,12 +148,16 @@ fn sequence_backward(p: &Problem, q: &[f64], k: &[f64], v: &[f64], d_o: &[f64]) 
                     d_t += dx * p.scale * dot;
                     let k_row = p.k_row(k, b, kh, j);
                     let dq_at = p.layout.index(b, h, i, 0, p.q_heads, p.q_len, p.head_dim);
-                    let dk_at = p.layout.index(b, kh, j, 0, p.kv_heads, p.kv_len, p.head_dim);
+                    let dk_at = p
+                        .layout
+                        .index(b, kh, j, 0, p.kv_heads, p.kv_len, p.head_dim);
                     for d in 0..p.head_dim {
                         dq[dq_at + d] += dx * p.scale * t * k_row[d];
                         dk[dk_at + d] += dx * p.scale * t * q_row[d];
                     }
-                    let dv_at = p.layout.index(b, kh, j, 0, p.kv_heads, p.kv_len, p.value_dim);
+                    let dv_at = p
+                        .layout
+                        .index(b, kh, j, 0, p.kv_heads, p.kv_len, p.value_dim);
                     for (e, &g) in do_row.iter().enumerate() {
                         dv[dv_at + e] += pj * g;
                     }

@@ -544,7 +544,15 @@ impl Sequence {
     }
     /// The sequence's rows of a packed per-key tensor (K, V) of row width `dim`.
     pub fn gather_kv<T: Copy + Default>(&self, p: &Problem, x: &[T], dim: usize) -> Vec<T> {
-        self.gather(p, x, p.kv_heads, p.kv_len, self.k0, self.problem.kv_len, dim)
+        self.gather(
+            p,
+            x,
+            p.kv_heads,
+            p.kv_len,
+            self.k0,
+            self.problem.kv_len,
+            dim,
+        )
     }
     /// Writes the sequence's per-query rows `rows` (its own layout) into packed `out`.
     pub fn scatter_q(&self, p: &Problem, rows: &[f64], out: &mut [f64], dim: usize) {

@@ -293,12 +293,16 @@ fn sequence_backward_f32(
                     };
                     d_t += dx * scale * dot;
                     let k_row = p.k_row(k, b, kh, j);
-                    let dk_at = p.layout.index(b, kh, j, 0, p.kv_heads, p.kv_len, p.head_dim);
+                    let dk_at = p
+                        .layout
+                        .index(b, kh, j, 0, p.kv_heads, p.kv_len, p.head_dim);
                     for d in 0..p.head_dim {
                         dq_acc[d] += dx * k_row[d];
                         dk[dk_at + d] += dx * scale * t * q_row[d];
                     }
-                    let dv_at = p.layout.index(b, kh, j, 0, p.kv_heads, p.kv_len, p.value_dim);
+                    let dv_at = p
+                        .layout
+                        .index(b, kh, j, 0, p.kv_heads, p.kv_len, p.value_dim);
                     for (e, &g) in do_row.iter().enumerate() {
                         dv[dv_at + e] += pj * g;
                     }

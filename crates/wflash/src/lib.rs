@@ -62,12 +62,15 @@ pub use api::options::{
     AttentionOptions, Bias, BiasValues, Causal, Variant, Varlen, Window, alibi_slopes,
 };
 pub(crate) use api::shape::check_len;
-pub use api::shape::{Attention, DType, Element, Layout, MAX_HEAD_DIM, Shape};
+pub use api::shape::{Attention, AttentionGrads, DType, Element, Layout, MAX_HEAD_DIM, Shape};
 pub use engine::{Engine, EngineInfo, EngineOptions, F16Path, TuningSource};
 pub use gpu::pool::PoolStats;
 pub use gpu::tensor::Tensor;
 pub use kernels::{Family, TileConfig};
 pub use ops::attention::{FlashParams, GpuAttention, PackPlan, Packed, Plan, SequenceInfo};
+pub use ops::attention_backward::{
+    BackwardParams, BackwardPlan, BiasGradPlan, GpuAttentionGrads, ReduceParams,
+};
 pub use ops::linear::{ChunkPlan, GpuLinearAttention, GpuLinearState, LinearParams, LinearPlan};
 pub use ops::passes::{PackParams, PackShape};
 

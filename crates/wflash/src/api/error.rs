@@ -55,6 +55,9 @@ pub enum Error {
         modifier: &'static str,
         reason: String,
     },
+    /// The backward of softmax attention needs the forward's LSE; sigmoid has none.
+    #[error("{0}")]
+    Lse(&'static str),
     /// A combination of options that has no meaning or no fused kernel; never run unfused.
     #[error("unsupported combination: {combination}")]
     Unsupported { combination: &'static str },

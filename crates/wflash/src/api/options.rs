@@ -181,6 +181,10 @@ pub struct AttentionOptions<'a> {
     /// `diagonal(i)` as for the causal mask), and with a causal mask only those up to its
     /// diagonal. Key tiles outside the chunk are skipped. With varlen, per sequence.
     pub chunk: Option<usize>,
+    /// The backward also returns the bias's gradient ([`crate::AttentionGrads::d_bias`]): off
+    /// by default, since it is as large as the bias (`q_len × kv_len` per batch element and
+    /// head it does not broadcast over). No effect on the forward.
+    pub bias_grad: bool,
 }
 
 /// ALiBi's slopes for `heads` heads (Press et al.): `2^(-8 i / n)` for `i = 1..=n`, `n` the
@@ -266,6 +270,12 @@ impl<'a> AttentionOptions<'a> {
     /// Chunked local attention: see [`AttentionOptions::chunk`].
     pub fn with_chunked_local(mut self, chunk: usize) -> Self {
         self.chunk = Some(chunk);
+        self
+    }
+
+    /// Asks the backward for the bias's gradient: see [`AttentionOptions::bias_grad`].
+    pub fn with_bias_grad(mut self) -> Self {
+        self.bias_grad = true;
         self
     }
 

@@ -231,3 +231,24 @@ pub struct Attention<T> {
     /// `-inf` for a row that sees no key. `Some` for softmax.
     pub lse: Option<Vec<f32>>,
 }
+
+/// The gradients of an attention call on host slices ([`crate::Engine::attention_backward`]):
+/// of `Σ dO ∘ O` with respect to each input, each in the layout and (dQ, dK, dV) element type of
+/// what it differentiates.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AttentionGrads<T> {
+    /// Like Q.
+    pub dq: Vec<T>,
+    /// Like K: summed over the query heads of each GQA group.
+    pub dk: Vec<T>,
+    /// Like V: summed over the query heads of each GQA group.
+    pub dv: Vec<T>,
+    /// f32, like the bias (`[batch | 1, heads | 1, q_len, kv_len]`, summed over the axes it
+    /// broadcasts over). `Some` when the call has a bias and asks for its gradient
+    /// ([`crate::AttentionOptions::with_bias_grad`]).
+    pub d_bias: Option<Vec<f32>>,
+    /// f32, one per query head (summed over batch and rows). `Some` with sinks.
+    pub d_sinks: Option<Vec<f32>>,
+    /// f32, like the temperature (`[batch, q_heads, q_len]`). `Some` with a temperature.
+    pub d_temperature: Option<Vec<f32>>,
+}

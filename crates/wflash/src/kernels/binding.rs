@@ -49,4 +49,26 @@ bindings! {
     /// The conversion pass: its source and destination.
     CONVERT_FROM = 1, "convert_from";
     CONVERT_TO = 2, "convert_to";
+    /// The backward passes (flash_bwd.wgsl): their own uniform block, the f32 inputs, the
+    /// statistics, the packed textures and the gradients.
+    BWD = 10, "bwd";
+    BWD_Q = 11, "bwd_q";
+    BWD_K = 12, "bwd_k";
+    BWD_V = 13, "bwd_v";
+    BWD_O = 14, "bwd_o";
+    BWD_DO = 15, "bwd_do";
+    BWD_STATS = 16, "bwd_stats";
+    BWD_Q_TEX = 17, "bwd_q_tex";
+    BWD_DO_TEX = 18, "bwd_do_tex";
+    BWD_K_TEX = 19, "bwd_k_tex";
+    BWD_V_TEX = 20, "bwd_v_tex";
+    BWD_DQ = 21, "bwd_dq";
+    BWD_DK = 22, "bwd_dk";
+    BWD_DV = 23, "bwd_dv";
+    BWD_D_TEMPERATURE = 24, "bwd_d_temperature";
+    BWD_D_BIAS = 25, "bwd_d_bias";
+    BWD_SINK_PARTIALS = 26, "bwd_sink_partials";
+    /// The reduction pass (flash_bwd.wgsl's `reduce_sum`).
+    REDUCE_IN = 1, "reduce_in";
+    REDUCE_OUT = 2, "reduce_out";
 }

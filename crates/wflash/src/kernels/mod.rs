@@ -7,12 +7,14 @@
 //! private arrays or switch compiled modifiers) followed by the family's file in `shaders/`.
 //! Everything else is a WGSL `override` constant or runtime data.
 
+mod backward;
 pub mod binding;
 mod forward;
 mod linear;
 mod passes;
 mod wgsl;
 
+pub use backward::{BackwardKey, BackwardPass, ReduceKernel, backward_rows};
 pub use forward::{
     Family, KernelKey, PRIVATE_DIM_MAX, TILED_BLOCK_MS, TILED_BLOCK_NS, TileConfig, UNROLLED_KEYS,
     UNROLLED_LANES, VariantKind, dim_capacity, tiled_tiles, unrolled_tile, unrolled_tiles,
@@ -45,6 +47,8 @@ pub enum KernelId {
     Pack(PackKernel),
     Convert(Conversion),
     Linear(LinearKey),
+    Backward(BackwardKey),
+    Reduce(ReduceKernel),
 }
 
 impl KernelId {
@@ -54,6 +58,8 @@ impl KernelId {
             KernelId::Pack(k) => k,
             KernelId::Convert(k) => k,
             KernelId::Linear(k) => k,
+            KernelId::Backward(k) => k,
+            KernelId::Reduce(k) => k,
         }
     }
 }
@@ -78,7 +84,8 @@ impl Kernel for KernelId {
 /// in every storage type the family computes in, every tile the planner or a tuning may choose,
 /// causal or not, softmax and sigmoid, every subset of the compiled modifiers; the packing and
 /// conversion passes; the linear passes in every storage type, feature map and normaliser
-/// setting (key and value dims capped at the linear kernels' limit; output-pass rows 1, 2, 4).
+/// setting (key and value dims capped at the linear kernels' limit; output-pass rows 1, 2, 4);
+/// the backward passes (see `backward::variants`).
 pub fn all_variants(dims: &[(u32, u32)]) -> Vec<KernelId> {
     let mut kernels = Vec::new();
     let mods: Vec<ModifierSet> = ModifierSet::all_compiled().subsets().collect();
@@ -123,6 +130,7 @@ pub fn all_variants(dims: &[(u32, u32)]) -> Vec<KernelId> {
             }
         }
     }
+    kernels.extend(backward::variants(dims));
     kernels
 }
 

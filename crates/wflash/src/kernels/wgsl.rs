@@ -42,7 +42,11 @@ impl Storage {
 
 /// Every WGSL file the kernels are built from, by path under `shaders/` (embedded: the crate
 /// package carries `shaders/`, a link to the workspace's).
-const FILES: [(&str, &str); 8] = [
+const FILES: [(&str, &str); 9] = [
+    (
+        "flash_bwd.wgsl",
+        include_str!("../../shaders/flash_bwd.wgsl"),
+    ),
     (
         "flash_fwd.wgsl",
         include_str!("../../shaders/flash_fwd.wgsl"),
@@ -116,19 +120,7 @@ impl Wgsl {
         variant: &str,
         args: &[(&str, &str)],
     ) -> &mut Self {
-        let marker = format!("//#section {kind} {variant}");
-        let mut lines = file(path).lines().skip_while(|l| l.trim() != marker);
-        assert!(lines.next().is_some(), "no `{marker}` in shaders/{path}");
-        let mut body: Vec<&str> = lines
-            .take_while(|l| !l.trim_start().starts_with("//#section "))
-            .collect();
-        while body
-            .last()
-            .is_some_and(|l| l.trim().is_empty() || l.trim_start().starts_with("// "))
-        {
-            body.pop();
-        }
-        let mut text = body.join("\n") + "\n";
+        let mut text = section_text(path, kind, variant);
         for (key, value) in args {
             text = text.replace(&format!("{{{key}}}"), value);
         }
@@ -157,6 +149,24 @@ impl Wgsl {
             }
         }
     }
+}
+
+/// The text of section `//#section {kind} {variant}` of `shaders/{path}`: it runs to the next
+/// section marker; comments after its last line (the next section's) are left out.
+pub(crate) fn section_text(path: &str, kind: &str, variant: &str) -> String {
+    let marker = format!("//#section {kind} {variant}");
+    let mut lines = file(path).lines().skip_while(|l| l.trim() != marker);
+    assert!(lines.next().is_some(), "no `{marker}` in shaders/{path}");
+    let mut body: Vec<&str> = lines
+        .take_while(|l| !l.trim_start().starts_with("//#section "))
+        .collect();
+    while body
+        .last()
+        .is_some_and(|l| l.trim().is_empty() || l.trim_start().starts_with("// "))
+    {
+        body.pop();
+    }
+    body.join("\n") + "\n"
 }
 
 /// `line` with each `{binding.NAME}` replaced by the number [`super::binding`] gives NAME.

@@ -188,7 +188,7 @@ impl Engine {
         clippy::too_many_arguments,
         reason = "the plan, one pack, the options and one dispatch's range and K/V; private"
     )]
-    fn pack_input(
+    pub(crate) fn pack_input(
         &self,
         plan: &Plan,
         pack: &PackPlan,

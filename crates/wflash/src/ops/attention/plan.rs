@@ -73,7 +73,20 @@ impl Engine {
         opts: &AttentionOptions<'_>,
         dtype: DType,
     ) -> Result<Plan> {
-        let (key, storage) = self.forward_kernel(shape, opts, dtype)?;
+        self.plan_family(shape, layout, opts, dtype, self.family())
+    }
+
+    /// [`Engine::plan`] for the kernel family `family` (the backward plans its K/V packing as
+    /// the unrolled family's).
+    pub(crate) fn plan_family(
+        &self,
+        shape: &Shape,
+        layout: Layout,
+        opts: &AttentionOptions<'_>,
+        dtype: DType,
+        family: Family,
+    ) -> Result<Plan> {
+        let (key, storage) = self.forward_kernel(shape, opts, dtype, family)?;
         let query_tiles = self.query_tiles(shape, opts, &key)?;
         let (
             batch_per_dispatch,
@@ -197,6 +210,7 @@ impl Engine {
         shape: &Shape,
         opts: &AttentionOptions<'_>,
         dtype: DType,
+        family: Family,
     ) -> Result<(KernelKey, Storage)> {
         shape.validate()?;
         opts.resolved_scale(shape)?;
@@ -206,7 +220,6 @@ impl Engine {
         if let Some(bias) = opts.bias {
             self.storage_for(bias.values.dtype())?;
         }
-        let family = self.family();
         let on_cpu = self.inner.info.device_type == wgpu::DeviceType::Cpu;
         let tile = match family {
             Family::Tiled => {
