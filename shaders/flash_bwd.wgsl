@@ -375,6 +375,8 @@ fn flash_bwd_dq(
     var row_diag: array<i32, ROWS>;
     var bias_row: array<u32, ROWS>;
     var d_t: array<f32, ROWS>;
+    var d_t_b: array<f32, ROWS>;
+    var d_exact: array<f32, ROWS>;
 //#unroll r ROWS
     {
         let row = block_row0 + {r} * LANES + lane;
@@ -394,6 +396,8 @@ fn flash_bwd_dq(
         row_diag[{r}] = i32(row) + seq.diag_offset;
         bias_row[{r}] = batch * params.bias_batch_rows + head * params.bias_head_rows + row;
         d_t[{r}] = 0.0;
+        d_t_b[{r}] = 0.0;
+        d_exact[{r}] = 0.0;
     }
 //#end
 
@@ -457,11 +461,26 @@ fn flash_bwd_dq(
                         d_bias[((batch * params.q_heads + head) * bwd.q_len + row) * bwd.kv_len + key] = ds;
                     }
                 }
+                var slope_dot = dot;
                 if SOFTCAP {
-                    ds *= softcap_slope(xs);
+                    let cap_slope = softcap_slope(xs);
+                    ds *= cap_slope;
+                    slope_dot *= cap_slope;
                 }
                 dx[{j}] = ds;
-                d_t[{r}] += ds * dot;
+                // The temperature's gradient, Σ dx · q·k: for softmax it is Σ P (dP − D) σ q·k
+                // (σ the soft-cap's slope), kept as Σ P dP σ q·k and Σ P σ q·k with D taken
+                // at the end as Σ P dP, which this loop sees exactly. The prep pass's D comes
+                // from O in its storage type, whose rounding this sum over the row would
+                // gather coherently.
+                if SIGMOID {
+                    d_t[{r}] += ds * dot;
+                } else {
+                    let w = p * slope_dot;
+                    d_t[{r}] = fma(w, dp[{r} * KEYS + {j}], d_t[{r}]);
+                    d_t_b[{r}] += w;
+                    d_exact[{r}] = fma(p, dp[{r} * KEYS + {j}], d_exact[{r}]);
+                }
             }
 //#end
 //#unroll d D4
@@ -483,7 +502,8 @@ fn flash_bwd_dq(
             store_dq4(base, {d} * 4u, dq[{r} * D4 + {d}] * factor);
 //#end
             if (params.flags & HAS_TEMPERATURE) != 0u {
-                d_temperature[row_index(seq, batch, head, row)] = d_t[{r}] * params.q_scale / score_unit;
+                let sum = select(d_t[{r}] - d_exact[{r}] * d_t_b[{r}], d_t[{r}], SIGMOID);
+                d_temperature[row_index(seq, batch, head, row)] = sum * params.q_scale / score_unit;
             }
         }
     }
