@@ -61,6 +61,14 @@ fn row_texel(g: u32, fold: u32, width4: u32) -> vec2<u32> {
     return vec2<u32>((g % fold) * width4, g / fold);
 }
 
+// The texel of the next packed row after the one at `at`, for loops that walk rows in order:
+// an add and a compare where row_texel divides (a CPU driver runs integer division per lane,
+// tens of cycles each).
+fn next_row_texel(at: vec2<u32>, fold: u32, width4: u32) -> vec2<u32> {
+    let x = at.x + width4;
+    return select(vec2<u32>(x, at.y), vec2<u32>(0u, at.y + 1u), x >= fold * width4);
+}
+
 // `1 − tanh²(x / cap)`, the soft-cap's slope at the unmodified score x (kernel units).
 fn softcap_slope(x: f32) -> f32 {
     let t = tanh_f32(x / params.softcap);
@@ -232,34 +240,33 @@ fn flash_bwd_dkdv(
         let head = kv_head * group + hg;
         let slope = alibi_slope(head);
         let q_row0 = batch * bwd.q_rows_per_batch + head * bwd.q_rows_per_head + seq.q_offset;
+        var q_at = row_texel(q_row0 + row_begin, bwd.q_fold, D4);
+        var do_at = row_texel(q_row0 + row_begin, bwd.do_fold, DV4 + 1u);
         for (var row0 = row_begin; row0 < row_end; row0 += 4u) {
 //#unroll u 4
             {
                 let row = row0 + {u};
                 let keys = select(vec2<u32>(0u), visible_keys(seq, row), row < seq.q_len);
                 let diag = i32(row) + seq.diag_offset;
-                let g = q_row0 + row;
-                let q_at = row_texel(g, bwd.q_fold, D4);
-                let do_at = row_texel(g, bwd.do_fold, DV4 + 1u);
                 let stats = textureLoad(do_packed, do_at + vec2<u32>(DV4, 0u));
                 let bias_row = batch * params.bias_batch_rows + head * params.bias_head_rows + row;
+                // The row's Q and dO texels, fetched once and used by every key of the lane
+                // twice (scores, then dK / dV).
+                var qt: array<vec4<f32>, D4>;
+                var gt: array<vec4<f32>, DV4>;
                 var dot_qk: array<vec4<f32>, ROWS>;
                 var dot_dv: array<vec4<f32>, ROWS>;
 //#unroll d D4
-                {
-                    let qd = textureLoad(q_packed, q_at + vec2<u32>({d}, 0u));
+                qt[{d}] = textureLoad(q_packed, q_at + vec2<u32>({d}, 0u));
 //#unroll r ROWS
-                    dot_qk[{r}] = fma(qd, k[{r} * D4 + {d}], dot_qk[{r}]);
+                dot_qk[{r}] = fma(qt[{d}], k[{r} * D4 + {d}], dot_qk[{r}]);
 //#end
-                }
 //#end
 //#unroll e DV4
-                {
-                    let gd = textureLoad(do_packed, do_at + vec2<u32>({e}, 0u));
+                gt[{e}] = textureLoad(do_packed, do_at + vec2<u32>({e}, 0u));
 //#unroll r ROWS
-                    dot_dv[{r}] = fma(gd, v[{r} * DV4 + {e}], dot_dv[{r}]);
+                dot_dv[{r}] = fma(gt[{e}], v[{r} * DV4 + {e}], dot_dv[{r}]);
 //#end
-                }
 //#end
                 var p: array<f32, ROWS>;
                 var dx: array<f32, ROWS>;
@@ -280,21 +287,17 @@ fn flash_bwd_dkdv(
                 }
 //#end
 //#unroll d D4
-                {
-                    let qd = textureLoad(q_packed, q_at + vec2<u32>({d}, 0u));
 //#unroll r ROWS
-                    dk[{r} * D4 + {d}] = fma(vec4<f32>(dx[{r}]), qd, dk[{r} * D4 + {d}]);
+                dk[{r} * D4 + {d}] = fma(vec4<f32>(dx[{r}]), qt[{d}], dk[{r} * D4 + {d}]);
 //#end
-                }
 //#end
 //#unroll e DV4
-                {
-                    let gd = textureLoad(do_packed, do_at + vec2<u32>({e}, 0u));
 //#unroll r ROWS
-                    dv[{r} * DV4 + {e}] = fma(vec4<f32>(p[{r}]), gd, dv[{r} * DV4 + {e}]);
+                dv[{r} * DV4 + {e}] = fma(vec4<f32>(p[{r}]), gt[{e}], dv[{r} * DV4 + {e}]);
 //#end
-                }
 //#end
+                q_at = next_row_texel(q_at, bwd.q_fold, D4);
+                do_at = next_row_texel(do_at, bwd.do_fold, DV4 + 1u);
             }
 //#end
         }
@@ -411,10 +414,12 @@ fn flash_bwd_dq(
     var kt: array<vec4<f32>, KEYS * D4>;
     var x: array<f32, ROWS * KEYS>;
     var dp: array<f32, ROWS * KEYS>;
+    var k_at = row_texel(kv_row0 + kv_begin, params.tex_fold, D4);
+    var v_at = row_texel(kv_row0 + kv_begin, params.tex_fold, DV4);
     for (var key0 = kv_begin; key0 < kv_end; key0 += KEYS) {
 //#unroll j KEYS
         {
-            let at = row_texel(kv_row0 + key0 + {j}, params.tex_fold, D4);
+            let at = k_at;
             var dot_qk: array<vec4<f32>, ROWS>;
 //#unroll d D4
             {
@@ -425,7 +430,6 @@ fn flash_bwd_dq(
 //#end
             }
 //#end
-            let v_at = row_texel(kv_row0 + key0 + {j}, params.tex_fold, DV4);
             var dot_dv: array<vec4<f32>, ROWS>;
 //#unroll e DV4
             {
@@ -435,6 +439,8 @@ fn flash_bwd_dq(
 //#end
             }
 //#end
+            k_at = next_row_texel(k_at, params.tex_fold, D4);
+            v_at = next_row_texel(v_at, params.tex_fold, DV4);
 //#unroll r ROWS
             x[{r} * KEYS + {j}] = (dot_qk[{r}].x + dot_qk[{r}].y) + (dot_qk[{r}].z + dot_qk[{r}].w);
             dp[{r} * KEYS + {j}] = (dot_dv[{r}].x + dot_dv[{r}].y) + (dot_dv[{r}].z + dot_dv[{r}].w);

@@ -48,8 +48,9 @@ struct Args {
     /// Time with wall clock even where the adapter has GPU timestamps.
     #[arg(long)]
     wall_clock: bool,
-    /// Run only the cases whose name contains this substring.
-    #[arg(long, value_name = "SUBSTR")]
+    /// Run only the cases whose name contains one of these comma-separated substrings, or
+    /// equals one ending in `$`.
+    #[arg(long, value_name = "SUBSTR,...")]
     filter: Option<String>,
     /// Print the adapter in use and exit.
     #[arg(long)]
@@ -160,7 +161,15 @@ struct Case {
     /// A trailing window of this many keys ([`Window::trailing`]).
     window: Option<usize>,
     modifier: Option<Modifier>,
+    /// The backward pass (all gradients) of the case's attention, from the forward's O and LSE
+    /// and a random dO.
+    backward: bool,
+    /// Grouped-query attention: HEADS / GQA_GROUP kv heads instead of HEADS.
+    gqa: bool,
 }
+
+/// Query heads per kv head of a `gqa` case.
+const GQA_GROUP: usize = 4;
 
 /// How a model uses each modifier ([`Modifier::ALL`]), the bench's one table of them (the
 /// conformance harness sets the options from this data):
@@ -210,9 +219,15 @@ const GPU_TIMEOUT: Duration = Duration::from_secs(120);
 impl Case {
     fn name(&self) -> String {
         format!(
-            "{}_fwd_{}_b{BATCH}_h{HEADS}_n{}_d{}{}{}",
+            "{}_{}_{}_b{BATCH}_h{HEADS}{}_n{}_d{}{}{}",
             self.variant_name(),
+            if self.backward { "bwd" } else { "fwd" },
             self.dtype.name(),
+            if self.gqa {
+                format!("_kv{}", HEADS / GQA_GROUP)
+            } else {
+                String::new()
+            },
             self.seq,
             self.head_dim,
             if self.causal { "_causal" } else { "" },
@@ -222,7 +237,10 @@ impl Case {
             .map_or(String::new(), |m| format!("_{}", m.name()))
     }
     fn shape(&self) -> Shape {
-        Shape::mha(BATCH, HEADS, self.seq, self.head_dim)
+        Shape {
+            kv_heads: if self.gqa { HEADS / GQA_GROUP } else { HEADS },
+            ..Shape::mha(BATCH, HEADS, self.seq, self.head_dim)
+        }
     }
     fn variant_name(&self) -> &'static str {
         match (self.linear, self.sigmoid) {
@@ -231,8 +249,9 @@ impl Case {
             (false, false) => "softmax",
         }
     }
-    /// Useful FLOPs: FlashAttention's 4·D per visible (query, key) pair; for linear attention
-    /// the recurrent form's 4·Dk·Dv per token and head (state update and read-out).
+    /// Useful FLOPs: FlashAttention's 4·D per visible (query, key) pair (its backward 2.5 times
+    /// that); for linear attention the recurrent form's 4·Dk·Dv per token and head (state
+    /// update and read-out).
     fn flops(&self) -> f64 {
         let shape = self.shape();
         if self.linear {
@@ -240,7 +259,12 @@ impl Case {
             return per_token * (shape.batch * shape.q_heads * shape.q_len) as f64;
         }
         let problem = self.problem(&self.data());
-        4.0 * shape.head_dim as f64 * problem.visible_pairs_total() as f64
+        let forward = 4.0 * shape.head_dim as f64 * problem.visible_pairs_total() as f64;
+        if self.backward {
+            2.5 * forward
+        } else {
+            forward
+        }
     }
     /// Cases of one group are timed with interleaved samples: attention cases by length (the
     /// ratios #3 states compare cases of one length), linear cases all together (its scaling
@@ -318,6 +342,11 @@ impl Case {
         let mut rng = StdRng::seed_from_u64(self.seed());
         [shape.q_elems(), shape.k_elems(), shape.v_elems()].map(|n| random_normals(&mut rng, n))
     }
+    /// Seeded random normal dO of a backward case.
+    fn d_o(&self) -> Vec<f32> {
+        let mut rng = StdRng::seed_from_u64(self.seed() ^ 0xd0);
+        random_normals(&mut rng, self.shape().o_elems())
+    }
     fn seed(&self) -> u64 {
         let dtype = match self.dtype {
             DType::F32 => 1,
@@ -334,9 +363,15 @@ impl Case {
             .validate_modifiers(&self.shape())
             .is_ok()
     }
-    /// Whether the naive three-dispatch baseline computes this case (plain softmax only).
+    /// Whether the naive three-dispatch baseline computes this case (plain softmax forward
+    /// only).
     fn naive_applies(&self) -> bool {
-        !self.linear && !self.sigmoid && self.window.is_none() && self.modifier.is_none()
+        !self.linear
+            && !self.sigmoid
+            && !self.backward
+            && !self.gqa
+            && self.window.is_none()
+            && self.modifier.is_none()
     }
 }
 
@@ -351,6 +386,8 @@ fn cases(quick: bool) -> Vec<Case> {
         linear_chunk: None,
         window: None,
         modifier: None,
+        backward: false,
+        gqa: false,
     };
     let modified = |modifier, sigmoid| Case {
         modifier: Some(modifier),
@@ -365,6 +402,10 @@ fn cases(quick: bool) -> Vec<Case> {
         linear: true,
         ..case(DType::F32, seq, 64, causal)
     };
+    let backward = |case: Case| Case {
+        backward: true,
+        ..case
+    };
     if quick {
         return vec![
             case(DType::F32, 512, 64, false),
@@ -378,6 +419,7 @@ fn cases(quick: bool) -> Vec<Case> {
                 ..modified(Modifier::Bias, false)
             },
             linear(1024, true),
+            backward(case(DType::F32, 512, 64, false)),
         ];
     }
     let mut cases: Vec<Case> = [512, 1024, 2048, 4096]
@@ -423,6 +465,22 @@ fn cases(quick: bool) -> Vec<Case> {
             }
         }
     }
+    // The backward beside the forward at N=2048 (#19): softmax and sigmoid, causal, GQA, D=64
+    // and 128, f32 and f16.
+    for c in [
+        case(DType::F32, 2048, 64, false),
+        case(DType::F32, 2048, 64, true),
+        sigmoid(2048, false),
+        sigmoid(2048, true),
+        Case {
+            gqa: true,
+            ..case(DType::F32, 2048, 64, false)
+        },
+        case(DType::F32, 2048, 128, false),
+        case(DType::F16, 2048, 64, false),
+    ] {
+        cases.push(backward(c));
+    }
     // Chunked local attention (chunks of 1024) against full causal attention at 8192.
     cases.push(Case {
         causal: true,
@@ -430,6 +488,15 @@ fn cases(quick: bool) -> Vec<Case> {
     });
     cases.last_mut().expect("just pushed").seq = 8192;
     cases
+}
+
+/// Whether a case name matches `--filter`: contains one of its comma-separated parts, or
+/// equals one written with a trailing `$`.
+fn matches_filter(name: &str, filter: &str) -> bool {
+    filter.split(',').any(|part| match part.strip_suffix('$') {
+        Some(exact) => name == exact,
+        None => name.contains(part),
+    })
 }
 
 /// Waits (up to `GPU_TIMEOUT`) until everything submitted so far has finished.
@@ -459,41 +526,79 @@ struct Prepared {
     q: Tensor,
     k: Tensor,
     v: Tensor,
+    /// A backward case's O and LSE (from the forward on the GPU) and dO.
+    backward: Option<BackwardInputs>,
+}
+
+struct BackwardInputs {
+    o: Tensor,
+    lse: Option<Tensor>,
+    d_o: Tensor,
 }
 
 impl Prepared {
     fn new<T: Element>(engine: &Engine, case: &Case, inputs: [&[f32]; 3]) -> Result<Self, String> {
-        let convert = |x: &[f32]| x.iter().map(|&v| T::from_f32(v)).collect::<Vec<T>>();
-        let upload = |x: &[f32]| engine.upload(&convert(x)).map_err(|e| e.to_string());
         // The kernel key does not depend on sequence length: a small problem compiles the
-        // pipeline, so compile time stays out of the warm-ups' first run too.
+        // pipelines, so compile time stays out of the warm-ups' first run too.
         let small_case = Case { seq: 64, ..*case };
         let small_shape = small_case.shape();
-        let small = Prepared {
-            case: small_case,
-            data: small_case.data(),
-            q: upload(&inputs[0][..small_shape.q_elems()])?,
-            k: upload(&inputs[1][..small_shape.k_elems()])?,
-            v: upload(&inputs[2][..small_shape.v_elems()])?,
-        };
-        small.run(engine)?;
-        Ok(Prepared {
+        let small_inputs = [
+            &inputs[0][..small_shape.q_elems()],
+            &inputs[1][..small_shape.k_elems()],
+            &inputs[2][..small_shape.v_elems()],
+        ];
+        Self::upload::<T>(engine, &small_case, small_inputs)?.run(engine)?;
+        Self::upload::<T>(engine, case, inputs)
+    }
+
+    fn upload<T: Element>(
+        engine: &Engine,
+        case: &Case,
+        inputs: [&[f32]; 3],
+    ) -> Result<Self, String> {
+        let convert = |x: &[f32]| x.iter().map(|&v| T::from_f32(v)).collect::<Vec<T>>();
+        let upload = |x: &[f32]| engine.upload(&convert(x)).map_err(|e| e.to_string());
+        let mut prepared = Prepared {
             case: *case,
             data: case.data(),
             q: upload(inputs[0])?,
             k: upload(inputs[1])?,
             v: upload(inputs[2])?,
-        })
+            backward: None,
+        };
+        if case.backward {
+            let forward = Case {
+                backward: false,
+                ..*case
+            };
+            let fwd = engine
+                .attention_gpu(
+                    &case.shape(),
+                    Layout::Bhsd,
+                    &forward.options(&prepared.data),
+                    &prepared.q,
+                    &prepared.k,
+                    &prepared.v,
+                )
+                .map_err(|e| e.to_string())?;
+            let d_o = case.d_o();
+            prepared.backward = Some(BackwardInputs {
+                o: fwd.output,
+                lse: fwd.lse,
+                d_o: upload(&d_o[..case.shape().o_elems()])?,
+            });
+        }
+        Ok(prepared)
     }
 
-    /// One forward pass, waited for.
+    /// One pass, waited for.
     fn run(&self, engine: &Engine) -> Result<Tensor, String> {
         let output = self.submit(engine)?;
         wait(engine.device())?;
         Ok(output)
     }
 
-    /// One forward pass, submitted and not waited for.
+    /// One pass (forward, or backward: its dQ is the output), submitted and not waited for.
     fn submit(&self, engine: &Engine) -> Result<Tensor, String> {
         let shape = self.case.shape();
         let (q, k, v) = (&self.q, &self.k, &self.v);
@@ -503,6 +608,21 @@ impl Prepared {
             engine
                 .linear_attention_gpu(&shape, Layout::Bhsd, &opts, q, k, v, None)
                 .map(|out| out.output)
+        } else if let Some(b) = &self.backward {
+            let opts = self.case.options(&self.data);
+            engine
+                .attention_backward_gpu(
+                    &shape,
+                    Layout::Bhsd,
+                    &opts,
+                    q,
+                    k,
+                    v,
+                    &b.o,
+                    b.lse.as_ref(),
+                    &b.d_o,
+                )
+                .map(|grads| grads.dq)
         } else {
             let opts = self.case.options(&self.data);
             engine
@@ -792,6 +912,8 @@ fn comparisons() -> Vec<Comparison> {
         linear_chunk: None,
         window: None,
         modifier: None,
+        backward: false,
+        gqa: false,
     };
     let linear = |seq| Case {
         linear: true,
@@ -830,6 +952,40 @@ fn comparisons() -> Vec<Comparison> {
                 ..plain(8192, true)
             },
             needs: Needs::AtLeast(5.0),
+        },
+        Comparison {
+            what: "softmax backward / forward, N=2048 (#19)",
+            first: Case {
+                backward: true,
+                ..plain(2048, false)
+            },
+            second: plain(2048, false),
+            needs: Needs::AtMost(4.0),
+        },
+        Comparison {
+            what: "softmax / sigmoid backward, N=2048 (#19)",
+            first: Case {
+                backward: true,
+                ..plain(2048, false)
+            },
+            second: Case {
+                backward: true,
+                sigmoid: true,
+                ..plain(2048, false)
+            },
+            needs: Needs::AtLeast(1.0),
+        },
+        Comparison {
+            what: "non-causal / causal softmax backward, N=2048 (#19)",
+            first: Case {
+                backward: true,
+                ..plain(2048, false)
+            },
+            second: Case {
+                backward: true,
+                ..plain(2048, true)
+            },
+            needs: Needs::AtLeast(1.6),
         },
         Comparison {
             what: "causal linear N=16384 / N=4096 (#4)",
@@ -1165,7 +1321,11 @@ fn main() -> ExitCode {
 
     let selected: Vec<Case> = cases(args.quick)
         .into_iter()
-        .filter(|c| args.filter.as_deref().is_none_or(|f| c.name().contains(f)))
+        .filter(|c| {
+            args.filter
+                .as_deref()
+                .is_none_or(|f| matches_filter(&c.name(), f))
+        })
         .map(|c| Case {
             linear_chunk: args.linear_chunk,
             ..c
@@ -1353,6 +1513,9 @@ fn main() -> ExitCode {
                         let reference = if case.linear {
                             let p = case.linear_problem();
                             wflash_ref::linear::linear_forward(&p, &q64, &k64, &v64, None).output
+                        } else if case.backward {
+                            let p = case.problem(&case.data());
+                            wflash_ref::backward(&p, &q64, &k64, &v64, &to_f64(&case.d_o())).dq
                         } else {
                             wflash_ref::forward(&case.problem(&case.data()), &q64, &k64, &v64)
                                 .output

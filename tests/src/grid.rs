@@ -98,12 +98,48 @@ pub fn covering_rows<const N: usize>(
 
 /// The sampled grid as cases, with a fresh seed per case.
 pub fn cases() -> Vec<Case> {
-    pairwise_rows(0x5eed)
-        .into_iter()
+    rows_to_cases(pairwise_rows(0x5eed), &SEQ_LENS, &HEAD_DIMS, 1000)
+}
+
+/// Sequence pairs of the backward grid: the main grid's but its longest (1023 × 1024 and
+/// 1024 × 1023), where the f64 reference backward takes most of a case's time.
+pub const BACKWARD_SEQ_LENS: [(usize, usize); 6] = [
+    (1, 1),
+    (1, 300),
+    (113, 203),
+    (128, 217),
+    (256, 512),
+    (512, 256),
+];
+/// Head dims of the backward grid, 1 to 256: each is a kernel of its own (a 10-25 s compile on
+/// llvmpipe per pass), so fewer than the main grid's, odd and even, across the
+/// rows-per-invocation classes.
+pub const BACKWARD_HEAD_DIMS: [usize; 6] = [1, 32, 59, 64, 128, 256];
+
+/// The backward grid: a pairwise covering sample of the main grid's axes with
+/// [`BACKWARD_SEQ_LENS`] and [`BACKWARD_HEAD_DIMS`] (every other axis whole: causal modes,
+/// MHA/GQA/MQA, storage paths, layouts, value dims, batch, variants, windows).
+pub fn backward_cases() -> Vec<Case> {
+    let mut axes = AXES;
+    axes[0] = BACKWARD_SEQ_LENS.len();
+    axes[1] = BACKWARD_HEAD_DIMS.len();
+    let rows = covering_rows(axes, 0xbac4, |_, _, _, _| true);
+    rows_to_cases(rows, &BACKWARD_SEQ_LENS, &BACKWARD_HEAD_DIMS, 7000)
+}
+
+/// The cases rows of [`AXES`] (sequence pairs and head dims from the given lists) stand for,
+/// seeded from `first_seed` on.
+fn rows_to_cases(
+    rows: Vec<[usize; 10]>,
+    seq_lens: &[(usize, usize)],
+    head_dims: &[usize],
+    first_seed: u64,
+) -> Vec<Case> {
+    rows.into_iter()
         .enumerate()
         .map(|(i, [s, d, c, h, p, l, v, b, var, w])| {
-            let (q_len, kv_len) = SEQ_LENS[s];
-            let head_dim = HEAD_DIMS[d];
+            let (q_len, kv_len) = seq_lens[s];
+            let head_dim = head_dims[d];
             let (q_heads, kv_heads) = HEADS[h];
             Case {
                 shape: Shape {
@@ -123,7 +159,7 @@ pub fn cases() -> Vec<Case> {
                 path: Path::ALL[p],
                 input_std: 1.0,
                 mods: Default::default(),
-                seed: 1000 + i as u64,
+                seed: first_seed + i as u64,
             }
         })
         .collect()

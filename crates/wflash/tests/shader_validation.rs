@@ -323,4 +323,33 @@ fn host_structs_match_wgsl_layout() {
             _pad1,
         ]
     );
+    let backward = kernels::all_variants(&[(64, 64)])
+        .into_iter()
+        .find(|k| matches!(k, KernelId::Backward(_)))
+        .expect("a backward kernel")
+        .source();
+    assert_same_layout!(
+        &backward,
+        wflash::BackwardParams,
+        "Backward",
+        [
+            q_rows_per_head,
+            q_rows_per_batch,
+            q_fold,
+            do_fold,
+            q_len,
+            kv_len,
+            prep_blocks,
+            _pad0,
+        ]
+    );
+    let reduce = KernelId::Reduce(kernels::ReduceKernel).source();
+    assert_same_layout!(
+        &reduce,
+        wflash::ReduceParams,
+        "Reduce",
+        [
+            outputs, inner, outer, count_a, stride_a, count_c, stride_c, groups_x,
+        ]
+    );
 }
