@@ -75,13 +75,13 @@ fn softcap_slope(x: f32) -> f32 {
     return 1.0 - t * t;
 }
 
-// dL/ds of a kept score (kept_score): the weight P recomputed and turned into dS. `stats` is
-// the row's (LSE · score_unit, D, ...); hidden keys (NO_MAX) give 0. Natural-log units.
-fn score_grad(s: f32, p: f32, dp: f32, stats: vec4<f32>, sigmoid_bias: f32) -> f32 {
+// dL/ds of a kept score (kept_score) from its recomputed weight p (recomputed_weight) and dP:
+// softmax P (dP − D), `stats` the row's (LSE · score_unit, D, ...); sigmoid dP σ(1 − σ)
+// (FlashSigmoid's form: no second exp or division; 1 − σ loses relative digits only where
+// σ' is below f32's resolution of 1). Hidden keys (NO_MAX) give 0. Natural-log units.
+fn score_grad(s: f32, p: f32, dp: f32, stats: vec4<f32>) -> f32 {
     if SIGMOID {
-        let e = exp(-abs(s + sigmoid_bias));
-        let r = 1.0 / (1.0 + e);
-        return select(dp * e * r * r, 0.0, s == NO_MAX);
+        return select(dp * p * (1.0 - p), 0.0, s == NO_MAX);
     }
     return select(p * (dp - stats.y), 0.0, s == NO_MAX);
 }
@@ -278,7 +278,7 @@ fn flash_bwd_dkdv(
                     let s = kept_score(modified_score(x, key, diag, slope, additive), key >= keys.x && key < keys.y);
                     let dp = (dot_dv[{r}].x + dot_dv[{r}].y) + (dot_dv[{r}].z + dot_dv[{r}].w);
                     p[{r}] = recomputed_weight(s, stats, seq.sigmoid_bias);
-                    var ds = score_grad(s, p[{r}], dp, stats, seq.sigmoid_bias);
+                    var ds = score_grad(s, p[{r}], dp, stats);
                     if SOFTCAP {
                         ds *= softcap_slope(x);
                     }
@@ -461,7 +461,7 @@ fn flash_bwd_dq(
                 let xs = dot * stats[{r}].z;
                 let s = kept_score(modified_score(xs, key, row_diag[{r}], slope, additive[{j}]), key >= row_keys[{r}].x && key < row_keys[{r}].y);
                 let p = recomputed_weight(s, stats[{r}], seq.sigmoid_bias);
-                var ds = score_grad(s, p, dp[{r} * KEYS + {j}], stats[{r}], seq.sigmoid_bias);
+                var ds = score_grad(s, p, dp[{r} * KEYS + {j}], stats[{r}]);
                 if BIAS_GRAD {
                     if row < seq.q_len && key < seq.kv_len {
                         d_bias[((batch * params.q_heads + head) * bwd.q_len + row) * bwd.kv_len + key] = ds;

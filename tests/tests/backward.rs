@@ -412,3 +412,66 @@ fn backward_at_16384_fits_a_budget_below_one_score_matrix() {
     }
     assert!(g.dq.iter().all(|x| x.is_finite()));
 }
+
+/// NaN in dO, or in V (then in the forward's O too), reaches exactly the gradients the f64
+/// reference says it reaches. With full attention every row sees every key: a NaN in row i of
+/// dO makes dQ_i, every dK_j and a column of every dV_j NaN; one in V, every dQ and dK.
+#[test]
+fn nan_in_d_o_and_v_propagates_as_the_reference_says() {
+    use wflash::{AttentionOptions, Layout, Shape};
+    let Some(engine) = engine(Path::F32) else {
+        return;
+    };
+    let shape = Shape {
+        batch: 1,
+        q_heads: 2,
+        kv_heads: 1,
+        q_len: 13,
+        kv_len: 17,
+        head_dim: 8,
+        value_dim: 8,
+    };
+    for opts in [AttentionOptions::softmax(), AttentionOptions::sigmoid()] {
+        for poisoned in ["d_o", "v"] {
+            let [q, k, mut v, mut o, lse, mut d_o] = training_step_inputs(engine, &shape, &opts, 3);
+            let mut lse = (!lse.is_empty()).then_some(lse);
+            match poisoned {
+                "d_o" => d_o[5 * 8 + 3] = f32::NAN,
+                _ => {
+                    // The forward of the poisoned V gives the backward its O and LSE.
+                    v[7 * 8 + 2] = f32::NAN;
+                    let fwd = engine
+                        .attention_blocking(&shape, Layout::Bhsd, &opts, &q, &k, &v)
+                        .unwrap();
+                    (o, lse) = (fwd.output, fwd.lse);
+                }
+            }
+            let g = engine
+                .attention_backward_blocking(
+                    &shape,
+                    Layout::Bhsd,
+                    &opts,
+                    &q,
+                    &k,
+                    &v,
+                    &o,
+                    lse.as_deref(),
+                    &d_o,
+                )
+                .unwrap();
+            let p = wflash_conformance::reference_problem(&shape, Layout::Bhsd, &opts);
+            let wide = |x: &[f32]| x.iter().map(|&a| f64::from(a)).collect::<Vec<f64>>();
+            let truth = wflash_ref::backward(&p, &wide(&q), &wide(&k), &wide(&v), &wide(&d_o));
+            assert!(truth.dq.iter().any(|x| x.is_nan()), "the reference has NaN");
+            for (name, got, want) in [
+                ("dq", &g.dq, &truth.dq),
+                ("dk", &g.dk, &truth.dk),
+                ("dv", &g.dv, &truth.dv),
+            ] {
+                let got: Vec<bool> = got.iter().map(|x| x.is_nan()).collect();
+                let want: Vec<bool> = want.iter().map(|x| x.is_nan()).collect();
+                assert_eq!(got, want, "{opts:?}, NaN in {poisoned}: {name}'s NaNs");
+            }
+        }
+    }
+}
