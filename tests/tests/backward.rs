@@ -138,6 +138,21 @@ fn training_step_inputs(
     [q, k, v, fwd.output, lse, d_o]
 }
 
+/// The backward of one training step's inputs (`training_step_inputs`; an empty LSE is
+/// sigmoid's none), BHSD.
+fn backward_of(
+    engine: &wflash::Engine,
+    shape: &wflash::Shape,
+    opts: &wflash::AttentionOptions,
+    [q, k, v, o, lse, d_o]: &[Vec<f32>; 6],
+) -> wflash::AttentionGrads<f32> {
+    let lse = (!lse.is_empty()).then_some(lse.as_slice());
+    let layout = wflash::Layout::Bhsd;
+    engine
+        .attention_backward_blocking(shape, layout, opts, q, k, v, o, lse, d_o)
+        .expect("backward")
+}
+
 /// Mismatched O, LSE and dO, an LSE from another call's shape, an LSE where sigmoid has none
 /// or none where softmax needs one, and bad options: each a typed error before any dispatch.
 #[test]
@@ -211,7 +226,7 @@ fn bad_backward_input_is_a_typed_error() {
 /// a whole batch element) get zero gradients, and nothing is NaN.
 #[test]
 fn fully_masked_rows_have_zero_gradients() {
-    use wflash::{AttentionOptions, Causal, Layout, Shape};
+    use wflash::{AttentionOptions, Causal, Shape};
     let Some(engine) = engine(Path::F32) else {
         return;
     };
@@ -234,21 +249,12 @@ fn fully_masked_rows_have_zero_gradients() {
             .with_key_mask(&mask)
             .with_sinks(&sinks),
     ] {
-        let [q, k, v, o, lse, d_o] = training_step_inputs(engine, &shape, &opts, 7);
-        let lse = (!lse.is_empty()).then_some(lse);
-        let g = engine
-            .attention_backward_blocking(
-                &shape,
-                Layout::Bhsd,
-                &opts,
-                &q,
-                &k,
-                &v,
-                &o,
-                lse.as_deref(),
-                &d_o,
-            )
-            .unwrap();
+        let g = backward_of(
+            engine,
+            &shape,
+            &opts,
+            &training_step_inputs(engine, &shape, &opts, 7),
+        );
         let all = g.dq.iter().chain(&g.dk).chain(&g.dv);
         assert!(all.clone().all(|x| x.is_finite()), "{opts:?}");
         for b in 0..2 {
@@ -303,12 +309,7 @@ fn backward_is_deterministic_alone_and_concurrent() {
             .map(|x| x.to_bits())
             .collect::<Vec<u32>>()
     };
-    let call = |[q, k, v, o, lse, d_o]: &[Vec<f32>; 6]| {
-        engine
-            .attention_backward_blocking(&shape, Layout::Bhsd, &opts, q, k, v, o, Some(lse), d_o)
-            .map(|g| bits(&g))
-            .unwrap()
-    };
+    let call = |inputs: &[Vec<f32>; 6]| bits(&backward_of(engine, &shape, &opts, inputs));
     let serial: Vec<Vec<u32>> = calls.iter().map(call).collect();
     assert_eq!(serial[0], call(&calls[0]), "the same call twice");
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -361,7 +362,7 @@ fn backward_is_deterministic_alone_and_concurrent() {
 /// one, so Σ_j dV_j = Σ_i dO_i; and each row's dS sums to zero, so Σ_j dK_j = 0.
 #[test]
 fn backward_at_16384_fits_a_budget_below_one_score_matrix() {
-    use wflash::{AttentionOptions, Causal, Engine, EngineOptions, Layout, Shape};
+    use wflash::{AttentionOptions, Causal, Engine, EngineOptions, Shape};
     let n = 16384;
     let budget = 256u64 << 20;
     assert!(budget < (n * n * 4) as u64);
@@ -377,20 +378,9 @@ fn backward_at_16384_fits_a_budget_below_one_score_matrix() {
     };
     let shape = Shape::mha(1, 1, n, 64);
     let opts = AttentionOptions::softmax().with_causal(Causal::BottomRight);
-    let [q, k, v, o, lse, d_o] = training_step_inputs(&engine, &shape, &opts, 16384);
-    let g = engine
-        .attention_backward_blocking(
-            &shape,
-            Layout::Bhsd,
-            &opts,
-            &q,
-            &k,
-            &v,
-            &o,
-            Some(&lse),
-            &d_o,
-        )
-        .unwrap();
+    let inputs = training_step_inputs(&engine, &shape, &opts, 16384);
+    let g = backward_of(&engine, &shape, &opts, &inputs);
+    let d_o = &inputs[5];
     let column_sums = |x: &[f32]| {
         let mut sums = vec![0.0f64; 64];
         for row in x.chunks(64) {
@@ -400,7 +390,7 @@ fn backward_at_16384_fits_a_budget_below_one_score_matrix() {
         }
         sums
     };
-    let (dv, d_o_sum, dk) = (column_sums(&g.dv), column_sums(&d_o), column_sums(&g.dk));
+    let (dv, d_o_sum, dk) = (column_sums(&g.dv), column_sums(d_o), column_sums(&g.dk));
     for c in 0..64 {
         assert!(
             (dv[c] - d_o_sum[c]).abs() < 1e-2,
@@ -433,35 +423,24 @@ fn nan_in_d_o_and_v_propagates_as_the_reference_says() {
     };
     for opts in [AttentionOptions::softmax(), AttentionOptions::sigmoid()] {
         for poisoned in ["d_o", "v"] {
-            let [q, k, mut v, mut o, lse, mut d_o] = training_step_inputs(engine, &shape, &opts, 3);
-            let mut lse = (!lse.is_empty()).then_some(lse);
+            let mut inputs = training_step_inputs(engine, &shape, &opts, 3);
             match poisoned {
-                "d_o" => d_o[5 * 8 + 3] = f32::NAN,
+                "d_o" => inputs[5][5 * 8 + 3] = f32::NAN,
                 _ => {
                     // The forward of the poisoned V gives the backward its O and LSE.
-                    v[7 * 8 + 2] = f32::NAN;
+                    inputs[2][7 * 8 + 2] = f32::NAN;
+                    let [q, k, v, ..] = &inputs;
                     let fwd = engine
-                        .attention_blocking(&shape, Layout::Bhsd, &opts, &q, &k, &v)
+                        .attention_blocking(&shape, Layout::Bhsd, &opts, q, k, v)
                         .unwrap();
-                    (o, lse) = (fwd.output, fwd.lse);
+                    (inputs[3], inputs[4]) = (fwd.output, fwd.lse.unwrap_or_default());
                 }
             }
-            let g = engine
-                .attention_backward_blocking(
-                    &shape,
-                    Layout::Bhsd,
-                    &opts,
-                    &q,
-                    &k,
-                    &v,
-                    &o,
-                    lse.as_deref(),
-                    &d_o,
-                )
-                .unwrap();
+            let g = backward_of(engine, &shape, &opts, &inputs);
             let p = wflash_conformance::reference_problem(&shape, Layout::Bhsd, &opts);
             let wide = |x: &[f32]| x.iter().map(|&a| f64::from(a)).collect::<Vec<f64>>();
-            let truth = wflash_ref::backward(&p, &wide(&q), &wide(&k), &wide(&v), &wide(&d_o));
+            let [q, k, v, d_o] = [0, 1, 2, 5].map(|i| wide(&inputs[i]));
+            let truth = wflash_ref::backward(&p, &q, &k, &v, &d_o);
             assert!(truth.dq.iter().any(|x| x.is_nan()), "the reference has NaN");
             for (name, got, want) in [
                 ("dq", &g.dq, &truth.dq),

@@ -43,8 +43,21 @@ pub fn sigmoid_slope(x: f64) -> f64 {
 /// If a slice length does not match the problem (the reference trusts its caller).
 pub fn backward(p: &Problem, q: &[f64], k: &[f64], v: &[f64], d_o: &[f64]) -> Grads {
     assert_eq!(d_o.len(), p.o_elems(), "d_o length");
+    per_sequence_grads(p, q, k, v, d_o, sequence_backward)
+}
+
+/// Runs `f` on each sequence of a varlen problem as its own batch-1 problem and assembles the
+/// gradients in the packed layout (the sinks' summed over sequences); calls `f` once otherwise.
+pub fn per_sequence_grads<T: Copy + Default>(
+    p: &Problem,
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    d_o: &[T],
+    f: impl Fn(&Problem, &[T], &[T], &[T], &[T]) -> Grads,
+) -> Grads {
     if p.varlen.is_none() {
-        return sequence_backward(p, q, k, v, d_o);
+        return f(p, q, k, v, d_o);
     }
     let m = &p.modifiers;
     let mut grads = Grads {
@@ -56,7 +69,7 @@ pub fn backward(p: &Problem, q: &[f64], k: &[f64], v: &[f64], d_o: &[f64]) -> Gr
         d_temperature: m.temperature.as_ref().map(|t| vec![0.0; t.len()]),
     };
     for seq in crate::sequences(p) {
-        let g = sequence_backward(
+        let g = f(
             &seq.problem,
             &seq.gather_q(p, q, p.head_dim),
             &seq.gather_kv(p, k, p.head_dim),

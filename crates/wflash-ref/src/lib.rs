@@ -5,7 +5,7 @@
 //! The semantics (layouts, mask alignment, GQA head mapping, fully masked rows) are the
 //! contract documented in the `wflash` crate; this crate is their executable definition.
 
-mod backward;
+pub mod backward;
 pub mod linear;
 pub mod naive;
 

@@ -162,41 +162,9 @@ pub fn backward_f32(
     d_o: &[f32],
     store: impl Fn(f32) -> f32,
 ) -> Grads {
-    if p.varlen.is_none() {
-        return sequence_backward_f32(p, q, k, v, d_o, &store);
-    }
-    let m = &p.modifiers;
-    let mut grads = Grads {
-        dq: vec![0.0; p.q_elems()],
-        dk: vec![0.0; p.k_elems()],
-        dv: vec![0.0; p.v_elems()],
-        d_bias: None,
-        d_sinks: m.sinks.as_ref().map(|s| vec![0.0; s.len()]),
-        d_temperature: m.temperature.as_ref().map(|t| vec![0.0; t.len()]),
-    };
-    for seq in crate::sequences(p) {
-        let g = sequence_backward_f32(
-            &seq.problem,
-            &seq.gather_q(p, q, p.head_dim),
-            &seq.gather_kv(p, k, p.head_dim),
-            &seq.gather_kv(p, v, p.value_dim),
-            &seq.gather_q(p, d_o, p.value_dim),
-            &store,
-        );
-        seq.scatter_q(p, &g.dq, &mut grads.dq, p.head_dim);
-        seq.scatter_kv(p, &g.dk, &mut grads.dk, p.head_dim);
-        seq.scatter_kv(p, &g.dv, &mut grads.dv, p.value_dim);
-        if let (Some(all), Some(one)) = (&mut grads.d_temperature, &g.d_temperature) {
-            seq.scatter_rows(p, one, all);
-        }
-        if let (Some(all), Some(one)) = (&mut grads.d_sinks, &g.d_sinks) {
-            // Summed in f32 as the rest.
-            all.iter_mut()
-                .zip(one)
-                .for_each(|(a, x)| *a = f64::from(*a as f32 + *x as f32));
-        }
-    }
-    grads
+    crate::backward::per_sequence_grads(p, q, k, v, d_o, |p, q, k, v, d_o| {
+        sequence_backward_f32(p, q, k, v, d_o, &store)
+    })
 }
 
 fn sequence_backward_f32(

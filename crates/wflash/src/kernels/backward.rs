@@ -1,9 +1,8 @@
 //! The backward kernels (flash_bwd.wgsl): the prep pass, the dK/dV pass, the dQ pass, and the
 //! fixed-order reduction that sums gradients over broadcast axes.
 
-use super::binding;
-use super::forward::VariantKind;
-use super::wgsl::{Wgsl, expand_unrolls, section_text, texture_accessor};
+use super::forward::{VariantKind, modifier_prelude};
+use super::wgsl::{Wgsl, expand_unrolls, section_text};
 use crate::{Modifier, ModifierSet};
 
 /// One of flash_bwd.wgsl's attention passes.
@@ -129,16 +128,7 @@ impl BackwardKey {
             self.variant == VariantKind::Sigmoid,
             self.bias_grad
         ));
-        for modifier in Modifier::ALL {
-            if let Some(name) = modifier.compiled() {
-                let on = self.mods.contains(modifier);
-                src.push(&format!("const {name}: bool = {on};"));
-            }
-        }
-        let bias = self.mods.contains(Modifier::Bias);
-        texture_accessor(&mut src, bias, binding::BIAS, "bias4", "bias");
-        let key_mask = self.mods.contains(Modifier::KeyMask);
-        texture_accessor(&mut src, key_mask, binding::KEY_MASK, "key_mask4", "mask");
+        modifier_prelude(&mut src, self.mods);
         for section in ["common", self.pass.section()] {
             let text = section_text("flash_bwd.wgsl", "pass", section);
             src.push(&expand_unrolls(&text, &counts));

@@ -213,16 +213,7 @@ impl KernelKey {
             "const SIGMOID: bool = {};",
             self.variant == VariantKind::Sigmoid
         ));
-        for modifier in Modifier::ALL {
-            if let Some(name) = modifier.compiled() {
-                let on = self.mods.contains(modifier);
-                src.push(&format!("const {name}: bool = {on};"));
-            }
-        }
-        let bias = self.mods.contains(Modifier::Bias);
-        texture_accessor(&mut src, bias, binding::BIAS, "bias4", "bias");
-        let key_mask = self.mods.contains(Modifier::KeyMask);
-        texture_accessor(&mut src, key_mask, binding::KEY_MASK, "key_mask4", "mask");
+        modifier_prelude(&mut src, self.mods);
         match self.family {
             Family::Tiled => {
                 src.push(&format!("const BLOCK_N: u32 = {}u;", self.tile.block_n));
@@ -276,6 +267,22 @@ impl KernelKey {
             ("CAUSAL", if self.causal { 1.0 } else { 0.0 }),
         ]
     }
+}
+
+/// The compiled modifiers' part of a kernel's prelude (forward and backward): a `const` per
+/// compiled modifier, on or off, and the bias and key-mask texture readers (`bias4`,
+/// `key_mask4`; zeros, and no binding, when the modifier is off).
+pub(super) fn modifier_prelude(src: &mut Wgsl, mods: ModifierSet) {
+    for modifier in Modifier::ALL {
+        if let Some(name) = modifier.compiled() {
+            let on = mods.contains(modifier);
+            src.push(&format!("const {name}: bool = {on};"));
+        }
+    }
+    let bias = mods.contains(Modifier::Bias);
+    texture_accessor(src, bias, binding::BIAS, "bias4", "bias");
+    let key_mask = mods.contains(Modifier::KeyMask);
+    texture_accessor(src, key_mask, binding::KEY_MASK, "key_mask4", "mask");
 }
 
 /// Bytes of workgroup memory: a K tile and a V-slice tile of `block_n` keys, and the accumulators.

@@ -143,19 +143,18 @@ impl Engine {
                 bytemuck::cast_slice(&forward.sequences),
             );
 
+            let convert = |encoder: &mut wgpu::CommandEncoder,
+                           pipeline: &wgpu::ComputePipeline,
+                           conversion,
+                           from: &Tensor,
+                           to: &Tensor| {
+                convert_pass(
+                    device, queue, encoder, pipeline, conversion, from, to, max_groups,
+                );
+            };
             for (from, to) in [&q32, &k32, &v32, &o32, &do32] {
                 if let (Some(pipeline), Some(to)) = (&to_f32, to) {
-                    let conversion = Conversion::ToF32(io);
-                    convert_pass(
-                        device,
-                        queue,
-                        &mut encoder,
-                        pipeline,
-                        conversion,
-                        from,
-                        to,
-                        max_groups,
-                    );
+                    convert(&mut encoder, pipeline, Conversion::ToF32(io), from, to);
                 }
             }
             let f32_of =
@@ -316,21 +315,9 @@ impl Engine {
                 sum(&params, full, out);
             }
 
-            if let Some(pipeline) = &from_f32 {
-                for (from, to) in [(&dq32, &dq), (&dk32, &dk), (&dv32, &dv)] {
-                    if let Some(from) = from {
-                        let conversion = Conversion::FromF32(io);
-                        convert_pass(
-                            device,
-                            queue,
-                            &mut encoder,
-                            pipeline,
-                            conversion,
-                            from,
-                            to,
-                            max_groups,
-                        );
-                    }
+            for (from, to) in [(&dq32, &dq), (&dk32, &dk), (&dv32, &dv)] {
+                if let (Some(pipeline), Some(from)) = (&from_f32, from) {
+                    convert(&mut encoder, pipeline, Conversion::FromF32(io), from, to);
                 }
             }
             queue.submit([encoder.finish()]);
