@@ -90,7 +90,7 @@ pub fn per_sequence_grads<T: Copy + Default>(
     grads
 }
 
-/// [`backward`] of one sequence (no varlen).
+/// [`backward()`] of one sequence (no varlen).
 fn sequence_backward(p: &Problem, q: &[f64], k: &[f64], v: &[f64], d_o: &[f64]) -> Grads {
     assert_eq!(q.len(), p.q_elems(), "q length");
     assert_eq!(k.len(), p.k_elems(), "k length");

@@ -153,7 +153,7 @@ pub fn softmax_forward_f32(
 /// The naive backward in `f32` (what a framework's autograd does through the unfused forward):
 /// `S`, `P`, `dP = dO Vᵀ` and `dS` materialised and rounded with `store`, `D = rowsum(P ∘ dP)`
 /// and every product accumulated in f32, `dQ`, `dK`, `dV` stored. The modifier gradients are
-/// f32 sums of the stored `dS` (see [`crate::backward`] for the formulas).
+/// f32 sums of the stored `dS` (see [`mod@crate::backward`] for the formulas).
 pub fn backward_f32(
     p: &Problem,
     q: &[f32],

@@ -416,7 +416,7 @@ fn varlen_is_each_sequence_on_its_own() {
     assert_eq!(fwd.lse[2], f64::NEG_INFINITY);
 }
 
-/// `Σ dO ∘ O`, the loss whose gradients [`backward`] returns.
+/// `Σ dO ∘ O`, the loss whose gradients [`backward()`] returns.
 fn loss(p: &Problem, q: &[f64], k: &[f64], v: &[f64], d_o: &[f64]) -> f64 {
     let out = forward(p, q, k, v).output;
     out.iter().zip(d_o).map(|(a, b)| a * b).sum()
