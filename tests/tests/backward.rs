@@ -454,3 +454,38 @@ fn nan_in_d_o_and_v_propagates_as_the_reference_says() {
         }
     }
 }
+
+/// On a CPU adapter, a backward whose key pass would loop past llvmpipe's 65535 iterations
+/// per invocation (4 query rows a step, over every head of a GQA group) is refused with
+/// `TooLarge` at plan time; the same rows with fewer heads per group plan.
+#[test]
+fn backward_past_the_cpu_loop_limit_is_too_large() {
+    use wflash::{AttentionOptions, DType, Error, Layout, Shape};
+    let Some(engine) = engine(Path::F32) else {
+        return;
+    };
+    if engine.info().device_type != wflash::wgpu::DeviceType::Cpu {
+        return;
+    }
+    let shape = |kv_heads| Shape {
+        batch: 1,
+        q_heads: 8,
+        kv_heads,
+        q_len: 40_000,
+        kv_len: 64,
+        head_dim: 16,
+        value_dim: 16,
+    };
+    let opts = AttentionOptions::softmax();
+    // 8 heads per kv head × 10,000 steps of 4 rows.
+    let err = engine
+        .plan_backward(&shape(1), Layout::Bhsd, &opts, DType::F32)
+        .unwrap_err();
+    assert!(matches!(err, Error::TooLarge { .. }), "{err}");
+    // 1 head per kv head × 10,000 steps.
+    assert!(
+        engine
+            .plan_backward(&shape(8), Layout::Bhsd, &opts, DType::F32)
+            .is_ok()
+    );
+}
