@@ -1,10 +1,11 @@
 // FlashAttention-2 backward (Algorithm 2) without float atomics, in three passes:
 //   flash_bwd_prep  per query row: D = rowsum(dO ∘ O), the row's statistics, dO packed for the
-//                   key pass, and each block's share of the sinks' gradient;
+//                   key pass;
 //   flash_bwd_dkdv  per key block: dK and dV, looping over every query row of every query head
 //                   of the key's GQA group (so the group sum needs no atomics);
 //   flash_bwd_dq    per query block: dQ (and the temperature's and the bias's gradients),
-//                   looping over the key blocks, as the forward does.
+//                   looping over the key blocks, as the forward does;
+//   flash_bwd_sinks (with sinks) each block of rows' share of the sinks' gradient.
 // P is recomputed from Q, K and the forward's LSE in both loops; nothing N×N is stored (the
 // bias gradient, when asked for, is N×N by nature).
 //
@@ -27,7 +28,7 @@
 //
 // Dispatch: prep (ceil(q rows per head / 64), q_heads, batch); dkdv (ceil(longest kv_len /
 // (LANES·ROWS)), kv_heads, sequences); dq (ceil(longest q_len / (LANES·ROWS)), q_heads,
-// sequences); reduce_sum (ceil(outputs / 64) workgroups, folded into x and y).
+// sequences); sinks as prep; reduce_sum (ceil(outputs / 64) workgroups, folded into x and y).
 //
 // The file is in sections, `//#section pass NAME`: each kernel is the `common` section and its
 // own (the reduction is its own alone).
@@ -101,10 +102,6 @@ fn recomputed_weight(s: f32, stats: vec4<f32>, sigmoid_bias: f32) -> f32 {
 @group(0) @binding({binding.lse}) var<storage, read> lse_in: array<f32>;
 @group(0) @binding({binding.bwd_stats}) var<storage, read_write> stats_out: array<vec4<f32>>;
 @group(0) @binding({binding.bwd_do_tex}) var do_packed: texture_storage_2d<rgba32float, write>;
-@group(0) @binding({binding.bwd_sink_partials}) var<storage, read_write> sink_partials: array<f32>;
-
-var<workgroup> sink_terms: array<f32, PREP_ROWS>;
-
 @compute @workgroup_size(PREP_ROWS)
 fn flash_bwd_prep(
     @builtin(workgroup_id) wg: vec3<u32>,
@@ -139,23 +136,43 @@ fn flash_bwd_prep(
     }
 //#end
     var stats = vec4<f32>(0.0);
-    var sink_term = 0.0;
     if valid {
         // A row that saw nothing has LSE -inf: its weights are never used (every key hidden),
         // so any finite stand-in does.
         let lse = select(max(lse_in[idx] * params.score_unit, NO_MAX), 0.0, SIGMOID);
         stats = vec4<f32>(lse, d, row_q_scale(idx), 0.0);
         stats_out[idx] = stats;
-        if (params.flags & HAS_SINKS) != 0u && !SIGMOID {
-            let sink = row_data[params.q_heads + head] * params.score_unit;
-            sink_term = -exp2(sink - lse) * d;
-        }
     }
     if row < bwd.q_rows_per_head {
         textureStore(do_packed, at + vec2<u32>(DV4, 0u), stats);
     }
-    // This block's share of d_sink[head], summed in a fixed order (deterministic).
-    sink_terms[lid] = sink_term;
+}
+
+//#section pass sinks
+@group(0) @binding({binding.bwd_stats}) var<storage, read> stats_in: array<vec4<f32>>;
+@group(0) @binding({binding.bwd_sink_partials}) var<storage, read_write> sink_partials: array<f32>;
+
+var<workgroup> sink_terms: array<f32, PREP_ROWS>;
+
+// Each block of 64 query rows' share of d_sink[head] = −Σ P_sink · D, after the dQ pass: D is
+// the row's Σ P dP as that pass saw it (statistics' w), not the prep pass's dO · O, whose
+// storage-type rounding a sum over every row and batch element would gather.
+@compute @workgroup_size(PREP_ROWS)
+fn flash_bwd_sinks(
+    @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let head = wg.y;
+    let batch = wg.z;
+    let row = wg.x * PREP_ROWS + lid;
+    var term = 0.0;
+    if row < bwd.q_len {
+        let stats = stats_in[batch * params.row_batch_stride + head * params.row_head_stride + row];
+        let sink = row_data[params.q_heads + head] * params.score_unit;
+        term = -exp2(sink - stats.x) * stats.w;
+    }
+    // Summed in a fixed order (deterministic).
+    sink_terms[lid] = term;
     workgroupBarrier();
     if lid == 0u {
         var sum = 0.0;
@@ -352,7 +369,7 @@ fn store4(base: u32, start: u32, len: u32, x: vec4<f32>, tensor: u32) {
 @group(0) @binding({binding.bwd_v_tex}) var v_packed: texture_storage_2d<rgba32float, read>;
 @group(0) @binding({binding.bwd_q}) var<storage, read> q_in: array<f32>;
 @group(0) @binding({binding.bwd_do}) var<storage, read> do_in: array<f32>;
-@group(0) @binding({binding.bwd_stats}) var<storage, read> stats_in: array<vec4<f32>>;
+@group(0) @binding({binding.bwd_stats}) var<storage, read_write> stats_rows: array<vec4<f32>>;
 @group(0) @binding({binding.bwd_dq}) var<storage, read_write> dq_out: array<f32>;
 @group(0) @binding({binding.bwd_d_temperature}) var<storage, read_write> d_temperature: array<f32>;
 @group(0) @binding({binding.bwd_d_bias}) var<storage, read_write> d_bias: array<f32>;
@@ -394,7 +411,7 @@ fn flash_bwd_dq(
 //#unroll e DV4
         g_o[{r} * DV4 + {e}] = load_row4(valid, o_base, {e} * 4u, VALUE_DIM, 1u);
 //#end
-        stats[{r}] = select(vec4<f32>(0.0), stats_in[row_index(seq, batch, head, row)], valid);
+        stats[{r}] = select(vec4<f32>(0.0), stats_rows[row_index(seq, batch, head, row)], valid);
         row_keys[{r}] = select(vec2<u32>(0u), visible_keys(seq, row), valid);
         row_diag[{r}] = i32(row) + seq.diag_offset;
         bias_row[{r}] = batch * params.bias_batch_rows + head * params.bias_head_rows + row;
@@ -510,6 +527,10 @@ fn flash_bwd_dq(
             if (params.flags & HAS_TEMPERATURE) != 0u {
                 let sum = select(d_t[{r}] - d_exact[{r}] * d_t_b[{r}], d_t[{r}], SIGMOID);
                 d_temperature[row_index(seq, batch, head, row)] = sum * params.q_scale / score_unit;
+            }
+            // The row's exact D for the sinks' gradient (flash_bwd_sinks).
+            if (params.flags & HAS_SINKS) != 0u && !SIGMOID {
+                stats_rows[row_index(seq, batch, head, row)].w = d_exact[{r}];
             }
         }
     }

@@ -139,15 +139,15 @@ fn every_variant_validates_and_translates() {
 
 /// The backward passes (a test of their own, so the two run side by side): at DIMS, the prep
 /// pass per variant, the dK/dV and dQ passes causal or not × variants × every modifier subset
-/// (× the bias gradient with a bias), and the reduction.
+/// (× the bias gradient with a bias), the sinks pass and the reduction.
 #[test]
 fn every_backward_variant_validates_and_translates() {
     let kernels: Vec<KernelId> = (kernels::all_variants(&DIMS).into_iter())
         .filter(|k| matches!(k, KernelId::Backward(_) | KernelId::Reduce(_)))
         .collect();
-    // Per dims and variant: one prep pass; dK/dV 2 causal × 16 subsets; dQ 2 × (16 + 8 with
-    // the bias gradient).
-    assert_eq!(kernels.len(), 1 + DIMS.len() * 2 * (1 + 2 * 16 + 2 * 24));
+    // The reduction and the sinks pass; per dims and variant: one prep pass; dK/dV 2 causal ×
+    // 16 subsets; dQ 2 × (16 + 8 with the bias gradient).
+    assert_eq!(kernels.len(), 2 + DIMS.len() * 2 * (1 + 2 * 16 + 2 * 24));
     compile_all(&kernels);
 }
 

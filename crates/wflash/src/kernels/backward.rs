@@ -14,13 +14,16 @@ pub enum BackwardPass {
     KeyValue,
     /// Per query block: dQ, the temperature's and the bias's gradients.
     Query,
+    /// Per block of query rows, after the dQ pass: the shares of the sinks' gradient.
+    Sinks,
 }
 
 impl BackwardPass {
-    pub const ALL: [BackwardPass; 3] = [
+    pub const ALL: [BackwardPass; 4] = [
         BackwardPass::Prep,
         BackwardPass::KeyValue,
         BackwardPass::Query,
+        BackwardPass::Sinks,
     ];
     /// Its section of flash_bwd.wgsl.
     fn section(self) -> &'static str {
@@ -28,6 +31,7 @@ impl BackwardPass {
             BackwardPass::Prep => "prep",
             BackwardPass::KeyValue => "dkdv",
             BackwardPass::Query => "dq",
+            BackwardPass::Sinks => "sinks",
         }
     }
     pub fn entry_point(self) -> &'static str {
@@ -35,6 +39,7 @@ impl BackwardPass {
             BackwardPass::Prep => "flash_bwd_prep",
             BackwardPass::KeyValue => "flash_bwd_dkdv",
             BackwardPass::Query => "flash_bwd_dq",
+            BackwardPass::Sinks => "flash_bwd_sinks",
         }
     }
 }
@@ -55,7 +60,8 @@ pub fn backward_rows(head_dim: u32, value_dim: u32) -> u32 {
 }
 
 /// Everything that selects one compiled backward pipeline. The prep pass depends only on the
-/// value dim and the variant (the planner leaves the other fields at their defaults for it).
+/// value dim and the variant, the sinks pass on nothing (the planner leaves the other fields
+/// at their defaults for them).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct BackwardKey {
     pub pass: BackwardPass,
@@ -83,6 +89,14 @@ impl BackwardKey {
             variant,
             mods: ModifierSet::default(),
             bias_grad: false,
+        }
+    }
+
+    /// The sinks pass's key (softmax only: sigmoid has no sinks).
+    pub fn sinks() -> BackwardKey {
+        BackwardKey {
+            pass: BackwardPass::Sinks,
+            ..BackwardKey::prep(1, VariantKind::Softmax)
         }
     }
 
@@ -169,9 +183,12 @@ impl super::Kernel for ReduceKernel {
 
 /// Every backward kernel at these dims: the prep pass per variant; the dK/dV and dQ passes
 /// causal or not × variants × every subset of the compiled modifiers (× the bias gradient
-/// where the bias is compiled in); the reduction.
+/// where the bias is compiled in); the sinks pass and the reduction.
 pub(super) fn variants(dims: &[(u32, u32)]) -> Vec<super::KernelId> {
-    let mut kernels = vec![super::KernelId::Reduce(ReduceKernel)];
+    let mut kernels = vec![
+        super::KernelId::Reduce(ReduceKernel),
+        super::KernelId::Backward(BackwardKey::sinks()),
+    ];
     for &(head_dim, value_dim) in dims {
         for variant in VariantKind::ALL {
             kernels.push(super::KernelId::Backward(BackwardKey::prep(

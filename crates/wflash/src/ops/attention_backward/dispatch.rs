@@ -6,7 +6,9 @@ use super::GpuAttentionGrads;
 use super::plan::{BackwardPlan, ReduceParams};
 use crate::gpu::pool::Scratch;
 use crate::gpu::tensor::buffer_with_contents;
-use crate::kernels::{Conversion, KernelId, PackKernel, ReduceKernel, Storage, binding};
+use crate::kernels::{
+    BackwardKey, Conversion, KernelId, PackKernel, ReduceKernel, Storage, binding,
+};
 use crate::ops::passes::{convert_pass, entry, pack_rows, record_pass, texture_entry};
 use crate::{AttentionOptions, DType, Engine, Modifier, Result, Tensor};
 
@@ -43,6 +45,9 @@ impl Engine {
             plan.sinks.is_some() || plan.bias_grad.is_some_and(|b| b.reduce.is_some());
         let reduce = reduce_needed
             .then(|| self.pipeline(KernelId::Reduce(ReduceKernel)))
+            .transpose()?;
+        let sinks_pass = (plan.sinks.is_some())
+            .then(|| self.pipeline(KernelId::Backward(BackwardKey::sinks())))
             .transpose()?;
         let pack_q = self.pipeline(KernelId::Pack(PackKernel(io)))?;
         let packs = (forward.packs.iter())
@@ -233,7 +238,6 @@ impl Engine {
                 entry(binding::ROW_DATA, &row_data),
                 entry(binding::BWD_STATS, &stats.buffer),
                 texture_entry(binding::BWD_DO_TEX, &do_view),
-                entry(binding::BWD_SINK_PARTIALS, &sink_partials.buffer),
             ];
             record_pass(
                 device,
@@ -294,6 +298,25 @@ impl Engine {
                 "flash_bwd_dq",
             );
 
+            if let Some(pipeline) = &sinks_pass {
+                // After the dQ pass, which leaves each row's exact D in its statistics.
+                let entries = [
+                    entry(binding::PARAMS, &params),
+                    entry(binding::BWD, &bwd),
+                    entry(binding::ROW_DATA, &row_data),
+                    entry(binding::BWD_STATS, &stats.buffer),
+                    entry(binding::BWD_SINK_PARTIALS, &sink_partials.buffer),
+                ];
+                let grid = plan.grids[0];
+                record_pass(
+                    device,
+                    &mut encoder,
+                    pipeline,
+                    &entries,
+                    grid,
+                    "flash_bwd_sinks",
+                );
+            }
             let mut sum = |params: &ReduceParams, from: &Tensor, to: &Tensor| {
                 let pipeline = reduce.as_ref().expect("planned with a reduction");
                 let uniform = uniform("reduce_sum params", bytemuck::bytes_of(params));
