@@ -8,6 +8,36 @@ use wflash::{Modifier, ModifierSet};
 
 use crate::{BiasForm, Case, Mods, Path};
 
+/// The cases of a grid this run takes, from the environment:
+/// - `WFLASH_SEEDS=5004,0x1f00` keeps only the cases with these seeds (decimal or 0x-hex), to
+///   chase one failure;
+/// - `WFLASH_GRID_SAMPLE=K` keeps every K-th case (the first, the (K+1)-th, ...) of what the
+///   caller passes: CI's GL part runs a sample of each grid this way (xtask `gl_part`).
+///
+/// Returns the cases and whether a seed list was given.
+pub fn selected<T>(cases: Vec<T>, seed: impl Fn(&T) -> u64) -> (Vec<T>, bool) {
+    let parse = |s: &str| {
+        let s = s.trim();
+        s.strip_prefix("0x")
+            .map_or_else(|| s.parse().ok(), |h| u64::from_str_radix(h, 16).ok())
+    };
+    let seeds: Option<Vec<u64>> = std::env::var("WFLASH_SEEDS")
+        .ok()
+        .map(|s| s.split(',').filter_map(parse).collect());
+    let every = std::env::var("WFLASH_GRID_SAMPLE")
+        .ok()
+        .and_then(|k| k.trim().parse::<usize>().ok())
+        .unwrap_or(1)
+        .max(1);
+    let cases = (cases.into_iter())
+        .filter(|c| seeds.as_ref().is_none_or(|s| s.contains(&seed(c))))
+        .enumerate()
+        .filter(|(i, _)| i % every == 0)
+        .map(|(_, c)| c)
+        .collect();
+    (cases, seeds.is_some())
+}
+
 pub const SEQ_LENS: [(usize, usize); 8] = [
     (1, 1),
     (1, 300),

@@ -314,6 +314,36 @@ fn f16_without_shader_f16_uses_the_packed_path_or_fails_when_native_is_required(
     );
 }
 
+/// A device that cannot run the kernels (here: fewer storage buffers per shader than they
+/// bind, as on small GL drivers) is refused when the engine is made, with the way out named.
+#[test]
+fn a_device_that_cannot_run_the_kernels_is_refused_with_the_backend_named() {
+    let Some(shared) = engine(Path::F32) else {
+        return;
+    };
+    let (device, queue) = wflash_conformance::custom_device(
+        |limits| {
+            limits.max_storage_buffers_per_shader_stage =
+                wflash::kernels::STORAGE_BUFFERS_PER_KERNEL - 1;
+        },
+        wgpu::Features::empty(),
+    );
+    let err = Engine::from_device(device, queue, EngineOptions::default()).unwrap_err();
+    let Error::BackendUnsupported { backend, .. } = &err else {
+        panic!("{err}");
+    };
+    assert_eq!(*backend, shared.info().backend);
+    let message = err.to_string();
+    for named in ["storage buffers", "WGPU_BACKEND", "mesa-vulkan-drivers"] {
+        assert!(message.contains(named), "{message}");
+    }
+    // The shared engine's device has what the kernels need: it was made.
+    assert!(
+        shared.info().limits.max_storage_buffers_per_shader_stage
+            >= wflash::kernels::STORAGE_BUFFERS_PER_KERNEL
+    );
+}
+
 #[test]
 fn gpu_resident_calls_chain_and_match_the_host_path() {
     let Some(engine) = engine(Path::F32) else {

@@ -11,14 +11,8 @@ use wflash_conformance::{Case, Path, engine, grid};
 
 /// Runs `cases` of `path` and writes a one-line summary to target/conformance/<name>.txt.
 fn run(name: &str, cases: Vec<Case>, path: Path) {
-    // WFLASH_SEEDS=5004,5005 runs only those cases (to chase one failure).
-    let seeds: Option<Vec<u64>> = std::env::var("WFLASH_SEEDS")
-        .ok()
-        .map(|s| s.split(',').filter_map(|x| x.trim().parse().ok()).collect());
-    let cases: Vec<Case> = (cases.into_iter())
-        .filter(|c| c.path == path)
-        .filter(|c| seeds.as_ref().is_none_or(|s| s.contains(&c.seed)))
-        .collect();
+    let path_cases = cases.into_iter().filter(|c| c.path == path).collect();
+    let (cases, seeds_given) = grid::selected(path_cases, |c: &Case| c.seed);
     let Some(engine) = engine(path) else {
         return;
     };
@@ -49,7 +43,7 @@ fn run(name: &str, cases: Vec<Case>, path: Path) {
     {
         let _ = f.write_all(summary.as_bytes());
     }
-    assert!(seeds.is_some() || !cases.is_empty(), "no cases for {name}");
+    assert!(seeds_given || !cases.is_empty(), "no cases for {name}");
     assert!(
         failures.is_empty(),
         "{} of {} cases failed:\n{}",

@@ -21,21 +21,17 @@ fn run_cases(
     family: Option<Family>,
     keep: impl Fn(&Case) -> bool,
 ) {
-    // WFLASH_SEEDS=5004,5005 runs only those cases (to chase one failure).
-    let seeds: Option<Vec<u64>> = std::env::var("WFLASH_SEEDS")
-        .ok()
-        .map(|s| s.split(',').filter_map(|x| x.trim().parse().ok()).collect());
-    let cases: Vec<_> = cases
+    let kept = cases
         .into_iter()
         .filter(|c| c.path == path && keep(c))
-        .filter(|c| seeds.as_ref().is_none_or(|s| s.contains(&c.seed)))
         .collect();
+    let (cases, seeds_given) = grid::selected(kept, |c: &Case| c.seed);
     let name = match family {
         None => format!("{grid_name}{path:?}"),
         Some(f) => format!("{grid_name}{path:?}-{}", f.name()),
     };
     if cases.is_empty() {
-        assert!(seeds.is_some(), "no cases for {name}");
+        assert!(seeds_given, "no cases for {name}");
         return;
     }
     let mut failures = Vec::new();

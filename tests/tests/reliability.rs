@@ -276,13 +276,142 @@ fn many_tasks_and_threads_get_the_results_of_calls_made_alone() {
     );
 }
 
-/// NaN and ±inf in Q, K and V, in both kernel families, softmax and sigmoid, with and without
-/// soft-capping: the output and LSE have NaN and infinities exactly where the f64 reference has
-/// them, and agree with it elsewhere. A key whose logit is -inf counts as hidden (a row of
-/// nothing else is 0 with LSE -inf); a NaN logit makes its row NaN.
+/// Device work on other threads goes on while pipelines compile, on every backend. On GL,
+/// whose context lock gives up after 6 s and panics, llvmpipe holds the context for seconds
+/// (building a pipeline, and compiling its shader variant at the first dispatch inside the
+/// submit), and any thread that touched the device meanwhile panicked (issue #21; this test
+/// did, in `create_buffer`, `get_fence_value` and `destroy_buffer`, before the engine's
+/// device gate, `gpu/gate.rs`, made those threads wait for their turn instead). A fresh
+/// engine compiles the forward and backward kernels at head dim 256 (the longest builds) on
+/// one thread while three threads upload, read back and drop tensors, make cached calls and
+/// create and drop a buffer of their own through `Engine::with_device`.
+#[test]
+fn device_work_on_other_threads_goes_on_while_a_compile_is_in_flight() {
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::Instant;
+    let Some(shared) = engine(Path::F32) else {
+        return;
+    };
+    // An empty pipeline cache: every kernel of the big call compiles below.
+    let engine = Engine::new_blocking(wflash::EngineOptions {
+        tuning: wflash::TuningSource::Off,
+        family: Some(shared.family()),
+        ..Default::default()
+    })
+    .expect("engine");
+    let small = Shape::mha(1, 2, 40, 32);
+    let ones = vec![0.25f32; small.q_elems()];
+    let halves = vec![0.5f32; small.v_elems()];
+    let softmax = AttentionOptions::softmax();
+    let cached = || {
+        let out = engine
+            .attention_blocking(&small, Layout::Bhsd, &softmax, &ones, &ones, &halves)
+            .expect("cached call")
+            .output;
+        assert!(out.iter().all(|&x| (x - 0.5).abs() < 1e-6));
+    };
+    cached(); // compiled before the race starts
+    let builds = Arc::new(Mutex::new(Vec::<(String, Instant)>::new()));
+    let seen = builds.clone();
+    engine.on_pipeline_build(move |label| {
+        seen.lock()
+            .unwrap()
+            .push((label.to_string(), Instant::now()));
+    });
+    let big = Shape::mha(1, 2, 48, 256);
+    let x: Vec<f32> = (0..big.q_elems())
+        .map(|i| ((i % 17) as f32 - 8.0) / 16.0)
+        .collect();
+    let done = AtomicBool::new(false);
+    let start = Instant::now();
+    std::thread::scope(|scope| {
+        let compiling = scope.spawn(|| {
+            let result = engine
+                .attention_blocking(&big, Layout::Bhsd, &softmax, &x, &x, &x)
+                .and_then(|fwd| {
+                    engine.attention_backward_blocking(
+                        &big,
+                        Layout::Bhsd,
+                        &softmax,
+                        &x,
+                        &x,
+                        &x,
+                        &fwd.output,
+                        fwd.lse.as_deref(),
+                        &x,
+                    )
+                });
+            done.store(true, Ordering::SeqCst);
+            result
+        });
+        let workers: Vec<_> = (0..3)
+            .map(|t| {
+                let (engine, builds, done, cached) = (&engine, &builds, &done, &cached);
+                scope.spawn(move || {
+                    let (mut ops, mut during) = (0, 0);
+                    while !done.load(Ordering::SeqCst) {
+                        let building = !builds.lock().unwrap().is_empty();
+                        let data: Vec<f32> = (0..4096).map(|i| (i * 3 + t) as f32).collect();
+                        let tensor = engine.upload(&data).expect("upload");
+                        assert_eq!(engine.read_blocking::<f32>(&tensor).expect("read"), data);
+                        drop(tensor);
+                        cached();
+                        // An application's own device work, beside wflash's, in the gate.
+                        let own = engine.with_device(|device, _| {
+                            device.create_buffer(&wflash::wgpu::BufferDescriptor {
+                                label: Some("the application's own"),
+                                size: 1 << 16,
+                                usage: wflash::wgpu::BufferUsages::STORAGE,
+                                mapped_at_creation: false,
+                            })
+                        });
+                        engine.with_device(|_, _| drop(own));
+                        ops += 1;
+                        during += usize::from(building && !done.load(Ordering::SeqCst));
+                    }
+                    (ops, during)
+                })
+            })
+            .collect();
+        let grads = compiling
+            .join()
+            .expect("the compiling thread")
+            .expect("forward and backward");
+        assert!(
+            grads
+                .dq
+                .iter()
+                .chain(&grads.dk)
+                .chain(&grads.dv)
+                .all(|g| g.is_finite())
+        );
+        let (ops, during) = workers
+            .into_iter()
+            .map(|w| w.join().expect("a worker thread"))
+            .fold((0, 0), |(a, b), (c, d)| (a + c, b + d));
+        let builds = builds.lock().unwrap();
+        eprintln!(
+            "{} builds in {:.1} s on {:?}; {ops} rounds of upload, read, drop and cached call \
+             on 3 threads, {during} of them begun while the big call compiled and ran",
+            builds.len(),
+            start.elapsed().as_secs_f64(),
+            engine.info().backend
+        );
+        assert!(
+            builds.len() >= 4,
+            "{:?}",
+            builds.iter().map(|b| &b.0).collect::<Vec<_>>()
+        );
+        assert!(during > 0, "no device work overlapped the compiles");
+    });
+}
+
 /// A caller whose pipelines are cached never waits behind another caller's compile: while one
 /// thread is held inside a pipeline build (by the build hook), calls on cached pipelines run to
 /// completion on other threads; then the held build finishes and its call is right too.
+/// (The hook runs before the build takes the device: on GL, where the build itself holds the
+/// device gate, cached calls wait out the compile proper; see the test above.)
 #[test]
 fn cached_pipelines_do_not_wait_behind_a_compile() {
     let Some(shared) = engine(Path::F32) else {
@@ -366,6 +495,10 @@ fn cached_pipelines_do_not_wait_behind_a_compile() {
     assert_eq!(engine.cached_pipelines(), cached + 1);
 }
 
+/// NaN and ±inf in Q, K and V, in both kernel families, softmax and sigmoid, with and without
+/// soft-capping: the output and LSE have NaN and infinities exactly where the f64 reference has
+/// them, and agree with it elsewhere. A key whose logit is -inf counts as hidden (a row of
+/// nothing else is 0 with LSE -inf); a NaN logit makes its row NaN.
 #[test]
 fn non_finite_inputs_propagate_as_the_reference_says() {
     if engine(Path::F32).is_none() {

@@ -50,13 +50,23 @@ fn cargo() -> String {
     std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())
 }
 
+/// Environment variables a step runs with, beyond the inherited ones.
+type Env = [(String, String)];
+
 /// Runs `cargo <args>` in the workspace root, echoing it; fails with the command's exit code.
 fn run_cargo(args: &[&str]) -> Result<(), Failure> {
-    let shown = format!("cargo {}", args.join(" "));
+    run_cargo_env(args, &[])
+}
+
+/// [`run_cargo`] with `env` added to the environment (and shown).
+fn run_cargo_env(args: &[&str], env: &Env) -> Result<(), Failure> {
+    let vars: Vec<String> = env.iter().map(|(k, v)| format!("{k}={v} ")).collect();
+    let shown = format!("{}cargo {}", vars.concat(), args.join(" "));
     eprintln!("xtask: $ {shown}");
     let start = Instant::now();
     let status = Command::new(cargo())
         .args(args)
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .current_dir(workspace_root())
         .status();
     let status = status.map_err(|e| (format!("{shown}: could not start cargo: {e}"), 1))?;
@@ -80,15 +90,194 @@ fn allow_no_gpu() -> bool {
 }
 
 fn test() -> Result<(), Failure> {
-    if let Err((msg, code)) = run_bin("wflash-bench", &["--adapter".to_string()]) {
+    let env = adapter_env()?;
+    test_in(&env, &["--workspace"])
+}
+
+/// Prints the adapter `env` selects (a failure unless WFLASH_ALLOW_NO_GPU=1), then runs
+/// `cargo test <selection>` there and prints the conformance summaries.
+fn test_in(env: &Env, selection: &[&str]) -> Result<(), Failure> {
+    if let Err((msg, code)) = run_bin("wflash-bench", &["--adapter".to_string()], env) {
         if !allow_no_gpu() {
             return Err((msg, code));
         }
         eprintln!("xtask: {msg}; continuing because WFLASH_ALLOW_NO_GPU=1");
     }
-    let result = run_cargo(&["test", "--workspace"]);
+    let mut args = vec!["test"];
+    args.extend_from_slice(selection);
+    let result = run_cargo_env(&args, env);
     print_conformance_summaries();
     result
+}
+
+/// Every how many cases of each conformance grid CI's GL part runs (`WFLASH_GRID_SAMPLE`).
+const GL_GRID_SAMPLE: &str = "8";
+
+/// CI's GL part: the suite on Mesa's GL llvmpipe, what a machine without a Vulkan driver gets
+/// (no shader-f16, no subgroups: the packed f16 path and the fallbacks). The API and
+/// reliability suites run whole (the concurrency tests among them: GL's context lock is what
+/// they guard against); the forward, backward and linear conformance grids run every
+/// `GL_GRID_SAMPLE`-th case of each grid and path. Mesa's shader cache is off, so every
+/// pipeline compiles for real, as on a fresh machine.
+fn gl_part() -> Result<(), Failure> {
+    let mut env = runtime_dir_env();
+    env.extend(
+        [
+            ("WGPU_BACKEND", "gl"),
+            ("MESA_SHADER_CACHE_DISABLE", "true"),
+            ("WFLASH_GRID_SAMPLE", GL_GRID_SAMPLE),
+        ]
+        .map(|(k, v)| (k.to_string(), v.to_string())),
+    );
+    let suites = ["api", "reliability", "conformance", "backward", "linear"];
+    let mut selection = vec!["-p", "wflash-conformance"];
+    for suite in &suites {
+        selection.extend(["--test", suite]);
+    }
+    test_in(&env, &selection)
+}
+
+/// Where the Vulkan loader finds lavapipe (Mesa's software Vulkan) once `mesa-vulkan-drivers`
+/// is installed.
+fn lavapipe_icd() -> PathBuf {
+    PathBuf::from(format!(
+        "/usr/share/vulkan/icd.d/lvp_icd.{}.json",
+        std::env::consts::ARCH
+    ))
+}
+
+/// The environment the tests and the bench run in: the adapter the suite is meant for.
+///
+/// `WGPU_BACKEND` set by the caller wins (`WGPU_BACKEND=gl` runs on GL). Otherwise, on Linux, a
+/// reachable Vulkan adapter (a GPU's driver, or lavapipe) is used; where there is none, as on a
+/// fresh machine without a GPU, lavapipe is installed (`mesa-vulkan-drivers`, when the user
+/// may) and pinned, so the suite does not fall to Mesa's GL llvmpipe by accident. Elsewhere
+/// (Metal, DX12) wgpu's own choice stands.
+fn adapter_env() -> Result<Vec<(String, String)>, Failure> {
+    let mut env = runtime_dir_env();
+    if let Ok(backend) = std::env::var("WGPU_BACKEND")
+        && !backend.is_empty()
+    {
+        eprintln!("xtask: WGPU_BACKEND={backend} is set: running on the adapter it selects");
+        return Ok(env);
+    }
+    if !cfg!(target_os = "linux") {
+        return Ok(env);
+    }
+    let vulkan = ("WGPU_BACKEND".to_string(), "vulkan".to_string());
+    let mut probe_env = env.clone();
+    probe_env.push(vulkan.clone());
+    if adapter_reachable(&probe_env) {
+        env.push(vulkan);
+        return Ok(env);
+    }
+    let icd = lavapipe_icd();
+    if !icd.exists() {
+        install_lavapipe()?;
+    }
+    let icd = icd.display().to_string();
+    eprintln!("xtask: no Vulkan adapter was reachable: pinning lavapipe ({icd})");
+    env.push(("VK_ICD_FILENAMES".into(), icd.clone()));
+    env.push(("VK_DRIVER_FILES".into(), icd));
+    env.push(vulkan);
+    Ok(env)
+}
+
+/// `XDG_RUNTIME_DIR` where the caller has none: Mesa's llvmpipe looks for one and logs
+/// when it is missing.
+fn runtime_dir_env() -> Vec<(String, String)> {
+    match std::env::var_os("XDG_RUNTIME_DIR") {
+        Some(_) => Vec::new(),
+        None => vec![(
+            "XDG_RUNTIME_DIR".into(),
+            std::env::temp_dir().display().to_string(),
+        )],
+    }
+}
+
+/// Whether `wflash-bench --adapter` opens an adapter under `env` (its output is not shown).
+fn adapter_reachable(env: &Env) -> bool {
+    // Builds the bench first (shown: on a fresh clone it takes minutes), then probes quietly.
+    if run_cargo(&[
+        "build",
+        "--quiet",
+        "-p",
+        "wflash-bench",
+        "--bin",
+        "wflash-bench",
+    ])
+    .is_err()
+    {
+        return false;
+    }
+    Command::new(cargo())
+        .args([
+            "run",
+            "--quiet",
+            "-p",
+            "wflash-bench",
+            "--bin",
+            "wflash-bench",
+            "--",
+            "--adapter",
+        ])
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .current_dir(workspace_root())
+        .output()
+        .is_ok_and(|out| out.status.success())
+}
+
+/// Installs `mesa-vulkan-drivers` with apt-get as root (directly, or through password-less
+/// sudo); otherwise fails with the command to run.
+fn install_lavapipe() -> Result<(), Failure> {
+    const MANUAL: &str = "sudo apt-get update && sudo apt-get install -y mesa-vulkan-drivers";
+    let succeeds = |program: &str, args: &[&str]| {
+        Command::new(program)
+            .args(args)
+            .output()
+            .is_ok_and(|out| out.status.success())
+    };
+    if !succeeds("apt-get", &["--version"]) {
+        return Err((
+            "no Vulkan adapter and no apt-get: install Mesa's Vulkan drivers (lavapipe) with \
+             your package manager, or run on GL with WGPU_BACKEND=gl"
+                .into(),
+            1,
+        ));
+    }
+    let root = Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|out| out.stdout.trim_ascii() == b"0");
+    let prefix: &[&str] = if root {
+        &[]
+    } else if succeeds("sudo", &["-n", "true"]) {
+        &["sudo", "-n"]
+    } else {
+        return Err((
+            format!(
+                "no Vulkan adapter: install lavapipe (Mesa's software Vulkan) with `{MANUAL}`, \
+                 then run this again (or run on GL with WGPU_BACKEND=gl)"
+            ),
+            1,
+        ));
+    };
+    for args in [
+        &["apt-get", "update", "-qq"][..],
+        &["apt-get", "install", "-y", "-qq", "mesa-vulkan-drivers"][..],
+    ] {
+        let mut command: Vec<&str> = prefix.to_vec();
+        command.extend_from_slice(args);
+        eprintln!("xtask: no Vulkan adapter: $ {}", command.join(" "));
+        let status = Command::new(command[0])
+            .args(&command[1..])
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .status();
+        if !status.is_ok_and(|s| s.success()) {
+            return Err((format!("`{}` failed; try `{MANUAL}`", command.join(" ")), 1));
+        }
+    }
+    Ok(())
 }
 
 /// Prints `target/conformance/*.txt`, the one-line summaries the conformance tests leave.
@@ -118,14 +307,14 @@ fn print_conformance_summaries() {
 fn bench(args: &[String]) -> Result<(), Failure> {
     // The dev profile builds dependencies at opt-level 2 and wflash-bench at 3 (workspace
     // Cargo.toml), so the bench shares one build with the tests instead of a second, release one.
-    run_bin("wflash-bench", args)
+    run_bin("wflash-bench", args, &adapter_env()?)
 }
 
-/// `cargo run` of a binary of the bench crate with `args`.
-fn run_bin(bin: &str, args: &[String]) -> Result<(), Failure> {
+/// `cargo run` of a binary of the bench crate with `args` and `env`.
+fn run_bin(bin: &str, args: &[String], env: &Env) -> Result<(), Failure> {
     let mut cargo_args = vec!["run", "--quiet", "-p", "wflash-bench", "--bin", bin, "--"];
     cargo_args.extend(args.iter().map(String::as_str));
-    run_cargo(&cargo_args)
+    run_cargo_env(&cargo_args, env)
 }
 
 fn ci() -> Result<(), Failure> {
@@ -150,12 +339,11 @@ fn ci() -> Result<(), Failure> {
         "wflash",
         "--allow-dirty",
     ])?;
-    test()?;
-    bench(&[
-        "--quick".into(),
-        "--json".into(),
-        "target/bench-quick.json".into(),
-    ])?;
+    let env = adapter_env()?;
+    test_in(&env, &["--workspace"])?;
+    gl_part()?;
+    let quick = ["--quick", "--json", "target/bench-quick.json"].map(String::from);
+    run_bin("wflash-bench", &quick, &env)?;
     eprintln!("xtask: ci passed in {:.1} s", start.elapsed().as_secs_f64());
     Ok(())
 }
@@ -183,7 +371,7 @@ fn main() -> ExitCode {
     let result = match cli.task {
         Task::Test => test(),
         Task::Bench { args } => bench(&args),
-        Task::Soak { args } => run_bin("wflash-soak", &args),
+        Task::Soak { args } => adapter_env().and_then(|env| run_bin("wflash-soak", &args, &env)),
         Task::Shaders => run_cargo(&["test", "-p", "wflash", "--test", "shader_validation"]),
         Task::Ci => ci(),
     };

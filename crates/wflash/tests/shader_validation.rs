@@ -353,3 +353,38 @@ fn host_structs_match_wgsl_layout() {
         ]
     );
 }
+
+/// Every kernel binds at most the storage buffers and textures the engine requires of an
+/// adapter (`kernels::STORAGE_BUFFERS_PER_KERNEL`, `kernels::TEXTURES_PER_KERNEL`): an adapter
+/// below them is refused when the engine is made, not when a kernel fails to build.
+#[test]
+fn every_kernel_fits_the_bindings_the_engine_requires() {
+    let (mut buffers, mut textures) = (0, 0);
+    // Bindings do not depend on the dims.
+    for kernel in kernels::all_variants(&[(64, 64)]) {
+        let source = kernel.source();
+        let module = naga::front::wgsl::parse_str(&source).expect("parses");
+        let globals = || module.global_variables.iter().map(|(_, g)| g);
+        let storage = globals()
+            .filter(|g| matches!(g.space, naga::AddressSpace::Storage { .. }))
+            .count() as u32;
+        let sampled = globals()
+            .filter(|g| matches!(module.types[g.ty].inner, naga::TypeInner::Image { .. }))
+            .count() as u32;
+        assert!(
+            storage <= kernels::STORAGE_BUFFERS_PER_KERNEL,
+            "{}: {storage} storage buffers",
+            kernel.label()
+        );
+        assert!(
+            sampled <= kernels::TEXTURES_PER_KERNEL,
+            "{}: {sampled} textures",
+            kernel.label()
+        );
+        buffers = buffers.max(storage);
+        textures = textures.max(sampled);
+    }
+    // The constants are the maxima, not loose bounds: an adapter is not refused for nothing.
+    assert_eq!(buffers, kernels::STORAGE_BUFFERS_PER_KERNEL);
+    assert_eq!(textures, kernels::TEXTURES_PER_KERNEL);
+}

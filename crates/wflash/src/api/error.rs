@@ -10,8 +10,23 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 #[non_exhaustive]
 pub enum Error {
     /// No adapter matched the request (or none exists on this machine).
-    #[error("no GPU adapter found ({0})")]
+    #[error(
+        "no GPU adapter found ({0}); on Linux without a GPU, install Mesa's software Vulkan \
+         (`mesa-vulkan-drivers`), or choose a backend with WGPU_BACKEND"
+    )]
     NoAdapter(String),
+    /// The device's backend cannot run wflash's kernels: no compute shaders (WebGL2-class GL),
+    /// or fewer storage buffers or textures per shader than the kernels bind.
+    #[error(
+        "the {backend:?} adapter `{adapter}` cannot run wflash: {reason}. Choose another \
+         backend with WGPU_BACKEND (e.g. WGPU_BACKEND=vulkan); on Linux without a GPU, Mesa's \
+         software Vulkan (lavapipe) is the `mesa-vulkan-drivers` package"
+    )]
+    BackendUnsupported {
+        backend: wgpu::Backend,
+        adapter: String,
+        reason: String,
+    },
     /// The adapter refused to create a device.
     #[error("could not create a device: {0}")]
     RequestDevice(#[from] wgpu::RequestDeviceError),

@@ -2,8 +2,9 @@
 
 use std::sync::{Arc, Mutex};
 
+use crate::gpu::gate::DropInGate;
 use crate::gpu::readback::wait_for;
-use crate::gpu::tensor::{buffer_bytes, buffer_with_contents};
+use crate::gpu::tensor::{Backing, buffer_bytes, buffer_with_contents};
 use crate::{DType, Element, Engine, Error, Result, Tensor};
 
 const TENSOR_USAGE: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE
@@ -35,10 +36,10 @@ impl Engine {
             )
         })?;
         Ok(Tensor {
+            _backing: Backing::new(&buffer, charge, &self.inner.gate),
             buffer,
             dtype: T::DTYPE,
             len: data.len(),
-            _charge: Arc::new(charge),
         })
     }
 
@@ -69,10 +70,10 @@ impl Engine {
             })?
         };
         Ok(Tensor {
+            _backing: Backing::new(&buffer, charge, &self.inner.gate),
             buffer,
             dtype,
             len,
-            _charge: Arc::new(charge),
         })
     }
 
@@ -122,6 +123,10 @@ impl Engine {
             let submission = self.inner.queue.submit([encoder.finish()]);
             (staging, submission)
         })?;
+        let gate = &self.inner.gate;
+        // Dropped in the gate however this ends (a timeout, a lost device, the read).
+        let staging = DropInGate::new(staging, gate);
+        let held = gate.hold();
         let statuses: Vec<Arc<Mutex<Option<bool>>>> = staging
             .iter()
             .map(|buffer| {
@@ -133,10 +138,12 @@ impl Engine {
                 status
             })
             .collect();
+        drop(held);
         let pending = statuses.clone();
         let lost = self.inner.lost.clone();
         wait_for(
             &self.inner.device,
+            gate,
             submission,
             self.inner.options.readback_timeout,
             // Every callback has run (or the device is gone and none will).
@@ -148,8 +155,9 @@ impl Engine {
             },
         )
         .await?;
+        let _held = gate.hold();
         let mut out = Vec::with_capacity(tensors.len());
-        for ((tensor, buffer), status) in tensors.iter().zip(&staging).zip(&statuses) {
+        for ((tensor, buffer), status) in tensors.iter().zip(staging.iter()).zip(&statuses) {
             let mapped = *status.lock().unwrap_or_else(|e| e.into_inner());
             if mapped != Some(true) {
                 self.check_alive()?;
@@ -170,7 +178,10 @@ impl Engine {
     }
 
     /// Runs `f` inside validation and out-of-memory error scopes and turns what they catch into errors.
+    /// Holds the device gate throughout (see `gpu/gate.rs`): whatever `f` creates and drops,
+    /// and its result if the scopes report an error, is dropped inside it.
     pub(crate) fn guarded<R>(&self, f: impl FnOnce(&wgpu::Device) -> R) -> Result<R> {
+        let _held = self.inner.gate.hold();
         let device = &self.inner.device;
         let oom = device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
         let validation = device.push_error_scope(wgpu::ErrorFilter::Validation);

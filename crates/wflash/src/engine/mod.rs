@@ -10,8 +10,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
+use crate::gpu::gate::DeviceGate;
 use crate::gpu::memory::{Charge, Ledger};
-use crate::kernels::{Family, KernelId, Storage, TileConfig};
+use crate::kernels::{
+    Family, KernelId, STORAGE_BUFFERS_PER_KERNEL, Storage, TEXTURES_PER_KERNEL, TileConfig,
+};
 use crate::{DType, Error, Result};
 use pipelines::{BuildHook, PipelineSlot};
 use tuning::TuningFile;
@@ -31,7 +34,8 @@ pub enum F16Path {
 /// How an engine picks and configures its device.
 #[derive(Clone, Debug)]
 pub struct EngineOptions {
-    /// Backends to consider; `None` reads `WGPU_BACKEND` (e.g. `vulkan`, `metal`, `dx12`), else all.
+    /// Backends to consider; `None` reads `WGPU_BACKEND` (e.g. `vulkan`, `metal`, `dx12`, `gl`),
+    /// else the primary backends first and GL where they have no adapter (see [`Engine::new`]).
     pub backends: Option<wgpu::Backends>,
     /// Substring of the adapter name; `None` reads `WGPU_ADAPTER_NAME`, else the default adapter.
     pub adapter_name: Option<String>,
@@ -99,6 +103,8 @@ impl Default for EngineOptions {
 #[derive(Clone, Debug)]
 pub struct EngineInfo {
     pub adapter_name: String,
+    /// The graphics API the engine runs on (Vulkan, Metal, DX12, GL, WebGPU); see
+    /// [`Engine::new`] for how it is chosen.
     pub backend: wgpu::Backend,
     pub driver: String,
     pub driver_info: String,
@@ -120,7 +126,7 @@ impl std::fmt::Display for EngineInfo {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{} ({:?} {:?}, driver {} {}; shader-f16 {}, subgroups {} [{}..{}], timestamps {}, workgroup memory {} B)",
+            "{} (backend {:?}, device {:?}, driver {} {}; shader-f16 {}, subgroups {} [{}..{}], timestamps {}, workgroup memory {} B)",
             self.adapter_name,
             self.backend,
             self.device_type,
@@ -164,19 +170,33 @@ pub(crate) struct Inner {
     pub(crate) lost: Arc<AtomicBool>,
     pub(crate) pool: Arc<crate::gpu::pool::ScratchPool>,
     pub(crate) ledger: Arc<Ledger>,
+    /// Serialises device work where the backend needs it (GL; see `gpu/gate.rs`).
+    pub(crate) gate: DeviceGate,
 }
 
 impl Engine {
     /// Opens the adapter chosen by `options` (honouring `WGPU_BACKEND` and `WGPU_ADAPTER_NAME`).
+    ///
+    /// Without a backend chosen ([`EngineOptions::backends`] or `WGPU_BACKEND`), the primary
+    /// backends (Vulkan, Metal, DX12, WebGPU) come first and GL only where none of them has an
+    /// adapter: a Linux machine with a Vulkan driver (a GPU's, or Mesa's lavapipe) gets
+    /// Vulkan, one without gets Mesa's GL. [`EngineInfo::backend`] says which it is.
     pub async fn new(options: EngineOptions) -> Result<Engine> {
-        let backends = options
-            .backends
-            .or_else(wgpu::Backends::from_env)
-            .unwrap_or(wgpu::Backends::all());
-        let mut desc = wgpu::InstanceDescriptor::new_without_display_handle_from_env();
-        desc.backends = backends;
-        let instance = wgpu::Instance::new(desc);
-        let adapter = select_adapter(&instance, backends, &options).await?;
+        let tiers = match options.backends.or_else(wgpu::Backends::from_env) {
+            Some(chosen) => vec![chosen],
+            None => vec![wgpu::Backends::PRIMARY, wgpu::Backends::SECONDARY],
+        };
+        let mut adapter = Err(Error::NoAdapter("no backends".into()));
+        for backends in tiers {
+            let mut desc = wgpu::InstanceDescriptor::new_without_display_handle_from_env();
+            desc.backends = backends;
+            let instance = wgpu::Instance::new(desc);
+            adapter = select_adapter(&instance, backends, &options).await;
+            if adapter.is_ok() {
+                break;
+            }
+        }
+        let adapter = adapter?;
 
         let adapter_features = adapter.features();
         let mut features = wgpu::Features::empty();
@@ -232,6 +252,7 @@ impl Engine {
             timestamp_queries: features.contains(wgpu::Features::TIMESTAMP_QUERY),
             limits: device.limits(),
         };
+        check_capable(&info)?;
         let lost = Arc::new(AtomicBool::new(false));
         let flag = lost.clone();
         device
@@ -250,6 +271,7 @@ impl Engine {
             None => TuningFile::default(),
         };
         let ledger = Ledger::new(options.memory_budget_bytes);
+        let gate = DeviceGate::for_device(&device, info.backend);
         let engine = Engine {
             inner: Arc::new(Inner {
                 device,
@@ -257,7 +279,9 @@ impl Engine {
                 pool: crate::gpu::pool::ScratchPool::new(
                     options.scratch_pool_bytes,
                     ledger.clone(),
+                    gate.clone(),
                 ),
+                gate,
                 ledger,
                 options,
                 pipelines: Mutex::new(HashMap::new()),
@@ -288,7 +312,8 @@ impl Engine {
         &self.inner.info
     }
 
-    /// The engine's device, for applications and tools that dispatch their own work beside wflash.
+    /// The engine's device, for applications and tools that dispatch their own work beside
+    /// wflash (on other threads while wflash calls run, through [`Engine::with_device`]).
     pub fn device(&self) -> &wgpu::Device {
         &self.inner.device
     }
@@ -296,6 +321,15 @@ impl Engine {
     /// The engine's queue.
     pub fn queue(&self) -> &wgpu::Queue {
         &self.inner.queue
+    }
+
+    /// Runs `f` with the device and queue while no other thread of this engine (or of another
+    /// engine on the same device) is inside wgpu. On GL, where wgpu's context lock panics
+    /// after a few seconds of waiting, an application's own device work on other threads
+    /// belongs in here while wflash calls run; elsewhere it costs nothing.
+    pub fn with_device<R>(&self, f: impl FnOnce(&wgpu::Device, &wgpu::Queue) -> R) -> R {
+        let _held = self.inner.gate.hold();
+        f(&self.inner.device, &self.inner.queue)
     }
 
     /// The options the engine was created with.
@@ -356,6 +390,33 @@ impl Engine {
             },
         )
     }
+}
+
+/// Refuses a device whose backend cannot run the kernels, before any of them is built.
+fn check_capable(info: &EngineInfo) -> Result<()> {
+    let limits = &info.limits;
+    let reason = if limits.max_compute_workgroups_per_dimension == 0
+        || limits.max_compute_invocations_per_workgroup == 0
+    {
+        "it has no compute shaders".to_string()
+    } else if limits.max_storage_buffers_per_shader_stage < STORAGE_BUFFERS_PER_KERNEL {
+        format!(
+            "it allows {} storage buffers per shader stage; the kernels bind up to {}",
+            limits.max_storage_buffers_per_shader_stage, STORAGE_BUFFERS_PER_KERNEL
+        )
+    } else if limits.max_sampled_textures_per_shader_stage < TEXTURES_PER_KERNEL {
+        format!(
+            "it allows {} sampled textures per shader stage; the kernels bind up to {}",
+            limits.max_sampled_textures_per_shader_stage, TEXTURES_PER_KERNEL
+        )
+    } else {
+        return Ok(());
+    };
+    Err(Error::BackendUnsupported {
+        backend: info.backend,
+        adapter: info.adapter_name.clone(),
+        reason,
+    })
 }
 
 async fn select_adapter(

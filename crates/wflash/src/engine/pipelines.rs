@@ -61,6 +61,9 @@ impl Engine {
         if let Some(BuildHook(hook)) = hook {
             hook(&label);
         }
+        // Taken while holding only this key's slot (no gated path waits on a slot): on GL the
+        // build holds the context for seconds, and other threads must wait here, not in wgpu.
+        let _held = self.inner.gate.hold();
         let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
         let t0 = std::time::Instant::now();
         let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {

@@ -15,6 +15,7 @@
 use std::sync::{Arc, Mutex};
 
 use crate::Result;
+use crate::gpu::gate::DeviceGate;
 use crate::gpu::memory::{Charge, Ledger};
 
 /// What a pooled resource is: a take matches it exactly.
@@ -84,6 +85,8 @@ pub(crate) struct ScratchPool {
     cap: u64,
     state: Mutex<State>,
     ledger: Arc<Ledger>,
+    /// Evicted resources are dropped inside it (see `gpu/gate.rs`).
+    gate: DeviceGate,
 }
 
 /// Bytes held and how takes went: what tests and the soak report.
@@ -99,11 +102,12 @@ pub struct PoolStats {
 }
 
 impl ScratchPool {
-    pub(crate) fn new(cap: u64, ledger: Arc<Ledger>) -> Arc<ScratchPool> {
+    pub(crate) fn new(cap: u64, ledger: Arc<Ledger>, gate: DeviceGate) -> Arc<ScratchPool> {
         Arc::new(ScratchPool {
             cap,
             state: Mutex::new(State::default()),
             ledger,
+            gate,
         })
     }
 
@@ -114,7 +118,9 @@ impl ScratchPool {
             state.bytes = 0;
             std::mem::take(&mut state.free)
         };
-        // Dropped outside the lock: dropping wgpu resources may take wgpu's own locks.
+        // Dropped outside the lock (dropping wgpu resources may take wgpu's own locks), in
+        // the gate.
+        let _held = self.gate.hold();
         drop(free);
     }
 
@@ -151,6 +157,8 @@ impl ScratchPool {
     }
 
     fn give(&self, key: ScratchKey, held: Held) {
+        // The gate before the pool's lock, as everywhere: evictions drop resources.
+        let _gate = self.gate.hold();
         let bytes = key.bytes();
         if bytes > self.cap {
             return;

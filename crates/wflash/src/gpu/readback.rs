@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
+use crate::gpu::gate::DeviceGate;
 use crate::{Error, Result};
 
 #[derive(Debug)]
@@ -58,24 +59,45 @@ fn off_thread<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> P
 /// thread whose poll completes a submission runs the callbacks of every buffer it unblocks,
 /// so this thread's own `poll(Wait)` can return before another thread has finished running
 /// this thread's callbacks. Until `ready()`, keep polling.
+///
+/// Behind a closed gate (GL) the wait goes in short slices, each inside the gate, so other
+/// threads' device work runs between them instead of waiting out the whole GPU job.
 pub(crate) async fn wait_for(
     device: &wgpu::Device,
+    gate: &DeviceGate,
     submission: wgpu::SubmissionIndex,
     timeout: Duration,
     ready: impl Fn() -> bool + Send + 'static,
 ) -> Result<()> {
     let device = device.clone();
+    let gate = gate.clone();
     let outcome = off_thread(move || {
         let start = std::time::Instant::now();
-        device.poll(wgpu::PollType::Wait {
-            submission_index: Some(submission),
-            timeout: Some(timeout),
-        })?;
+        let slice = if gate.is_closed() {
+            GATED_WAIT_SLICE
+        } else {
+            timeout
+        };
+        loop {
+            let left = timeout.saturating_sub(start.elapsed());
+            let _held = gate.hold();
+            match device.poll(wgpu::PollType::Wait {
+                submission_index: Some(submission.clone()),
+                timeout: Some(slice.min(left)),
+            }) {
+                Ok(_) => break,
+                Err(wgpu::PollError::Timeout) if !left.is_zero() => continue,
+                Err(err) => return Err(err),
+            }
+        }
         while !ready() {
             if start.elapsed() > timeout {
                 return Err(wgpu::PollError::Timeout);
             }
-            device.poll(wgpu::PollType::Poll)?;
+            {
+                let _held = gate.hold();
+                device.poll(wgpu::PollType::Poll)?;
+            }
             std::thread::yield_now();
         }
         Ok(())
@@ -87,3 +109,6 @@ pub(crate) async fn wait_for(
         Err(other) => Err(Error::Internal(format!("waiting for the GPU: {other}"))),
     }
 }
+
+/// The longest one gated wait holds the device (GL), so others' uploads and calls interleave.
+const GATED_WAIT_SLICE: Duration = Duration::from_millis(20);

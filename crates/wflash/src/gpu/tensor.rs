@@ -3,6 +3,7 @@
 use std::sync::Arc;
 
 use crate::DType;
+use crate::gpu::gate::{DeviceGate, DropInGate};
 use crate::gpu::memory::Charge;
 
 /// A flat array of `len` elements of `dtype` in a GPU storage buffer.
@@ -14,8 +15,9 @@ pub struct Tensor {
     pub(crate) buffer: wgpu::Buffer,
     pub(crate) dtype: DType,
     pub(crate) len: usize,
-    /// The buffer's bytes on the engine's memory ledger, shared by clones of this handle.
-    pub(crate) _charge: Arc<Charge>,
+    /// Shared by clones of this handle. Declared after `buffer`, so this handle's clone of the
+    /// buffer is gone first and the backing's is the last: it lets the buffer go in the gate.
+    pub(crate) _backing: Arc<Backing>,
 }
 
 impl Tensor {
@@ -32,6 +34,23 @@ impl Tensor {
     }
     pub fn is_empty(&self) -> bool {
         self.len == 0
+    }
+}
+
+/// What the last handle of a [`Tensor`] lets go: the buffer, inside the device gate (GL
+/// destroys a buffer under its context lock; see `gpu/gate.rs`), and its ledger charge.
+#[derive(Debug)]
+pub(crate) struct Backing {
+    _buffer: DropInGate<Option<wgpu::Buffer>>,
+    _charge: Charge,
+}
+
+impl Backing {
+    pub(crate) fn new(buffer: &wgpu::Buffer, charge: Charge, gate: &DeviceGate) -> Arc<Backing> {
+        Arc::new(Backing {
+            _buffer: DropInGate::new(Some(buffer.clone()), gate),
+            _charge: charge,
+        })
     }
 }
 

@@ -26,6 +26,13 @@ pub use wgsl::{Storage, expand_unrolls};
 
 use crate::{FeatureMap, ModifierSet};
 
+/// The most storage buffers one kernel binds (the naga test checks every variant against it);
+/// an engine refuses a device whose `max_storage_buffers_per_shader_stage` is below it.
+pub const STORAGE_BUFFERS_PER_KERNEL: u32 = 10;
+/// The most textures one kernel binds; an engine refuses a device whose
+/// `max_sampled_textures_per_shader_stage` is below it.
+pub const TEXTURES_PER_KERNEL: u32 = 4;
+
 /// One compilable kernel: everything `create_compute_pipeline` needs.
 pub trait Kernel {
     /// The wgpu label; unique per specialisation (`flash_fwd softmax tiled f16 bm64 ...`).
