@@ -94,11 +94,18 @@ fn visible_keys(seq: Sequence, row: u32) -> vec2<u32> {
         hi = min(hi, max(diag + 1, i32(params.prefix_len)));
     }
     if params.chunk > 0u {
-        // The chunk holding the diagonal key: diag rounded down (toward -inf) to a multiple.
-        let size = i32(params.chunk);
-        let start = diag - ((diag % size) + size) % size;
+        // The chunk holding the diagonal key: diag rounded down (toward -inf) to a multiple,
+        // dividing only non-negative numbers in u32: GLSL leaves `%` of a negative integer
+        // undefined, and naga's GL output keeps WGSL's operator (llvmpipe GL got it wrong).
+        let size = params.chunk;
+        let left_of_zero = u32(max(-diag, 0)) + size - 1u;
+        let start = select(
+            i32(u32(max(diag, 0)) / size * size),
+            -i32(left_of_zero / size * size),
+            diag < 0
+        );
         lo = max(lo, start);
-        hi = min(hi, start + size);
+        hi = min(hi, start + i32(size));
     }
     if params.window_left >= 0 {
         lo = max(lo, diag - params.window_left);
