@@ -791,6 +791,7 @@ fn out_of_memory_is_a_typed_error_and_the_engine_works_afterwards() {
 /// needs none, as its copy alone takes ~5 ms, and a fast GPU is caught too). The engine goes on
 /// dispatching, and once the queue drains the tensor reads back whole (through a twin engine on
 /// the same device with a generous timeout: at 1 ms, any large read would time out again).
+/// On GL, where nothing is left to wait for after a submit, the reads come back whole instead.
 #[test]
 fn a_readback_past_its_timeout_is_a_typed_error_and_the_engine_works_afterwards() {
     use wflash::{EngineOptions, Error, TuningSource};
@@ -836,6 +837,10 @@ fn a_readback_past_its_timeout_is_a_typed_error_and_the_engine_works_afterwards(
             .unwrap()
     };
     drain();
+    // wgpu's GL backend runs each submission to completion inside `queue.submit` (on
+    // llvmpipe GL, 1024 queued calls and a 64 MiB copy left no read anything to wait for), so
+    // there no readback can pass its timeout: the reads must simply be whole.
+    let on_gl = tight.info().backend == wflash::wgpu::Backend::Gl;
     let start = std::time::Instant::now();
     let mut queued = 0;
     let err = loop {
@@ -843,7 +848,11 @@ fn a_readback_past_its_timeout_is_a_typed_error_and_the_engine_works_afterwards(
             drop(call());
         }
         match tight.read_blocking::<f32>(&big_tensor) {
-            Err(err) => break err,
+            Err(err) => break Some(err),
+            Ok(read) if on_gl && queued >= 16 => {
+                assert_eq!(read, big);
+                break None;
+            }
             Ok(_) => {
                 assert!(
                     start.elapsed() < Duration::from_secs(120),
@@ -854,11 +863,19 @@ fn a_readback_past_its_timeout_is_a_typed_error_and_the_engine_works_afterwards(
             }
         }
     };
-    assert!(
-        matches!(err, Error::ReadbackTimeout { timeout: t } if t == timeout),
-        "{err}"
-    );
-    eprintln!("behind {queued} queued call(s): {err}");
+    match err {
+        Some(err) => {
+            assert!(
+                matches!(err, Error::ReadbackTimeout { timeout: t } if t == timeout),
+                "{err}"
+            );
+            eprintln!("behind {queued} queued call(s): {err}");
+        }
+        None => eprintln!(
+            "GL runs each submission inside submit: reads behind up to {queued} queued calls \
+             had nothing to wait for and came back whole"
+        ),
+    }
 
     let out = call();
     drain();

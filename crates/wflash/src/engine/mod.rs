@@ -49,7 +49,9 @@ pub struct EngineOptions {
     /// shows up. Costs a buffer fill; the conformance tests turn it on.
     pub poison_outputs: bool,
     /// The longest a readback may wait for the GPU before failing with [`Error::ReadbackTimeout`].
-    /// The GPU work goes on; a later read of the same tensor waits for it again.
+    /// The GPU work goes on; a later read of the same tensor waits for it again. (wgpu's GL
+    /// backend runs each submission to completion inside the submit, so there a readback has
+    /// nothing left to wait for and this never fires.)
     pub readback_timeout: Duration,
     /// Which forward kernel to run; `None` picks by adapter: [`Family::Unrolled`] on CPU
     /// adapters (llvmpipe, SwiftShader), [`Family::Tiled`] on GPUs. Tests set it to cover both.
