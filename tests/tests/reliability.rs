@@ -294,12 +294,7 @@ fn device_work_on_other_threads_goes_on_while_a_compile_is_in_flight() {
         return;
     };
     // An empty pipeline cache: every kernel of the big call compiles below.
-    let engine = Engine::new_blocking(wflash::EngineOptions {
-        tuning: wflash::TuningSource::Off,
-        family: Some(shared.family()),
-        ..Default::default()
-    })
-    .expect("engine");
+    let engine = fresh_engine_like(shared);
     let small = Shape::mha(1, 2, 40, 32);
     let ones = vec![0.25f32; small.q_elems()];
     let halves = vec![0.5f32; small.v_elems()];
@@ -417,13 +412,7 @@ fn cached_pipelines_do_not_wait_behind_a_compile() {
     let Some(shared) = engine(Path::F32) else {
         return;
     };
-    // A fresh engine (an empty cache) on the same kind of adapter.
-    let engine = Engine::new_blocking(wflash::EngineOptions {
-        tuning: wflash::TuningSource::Off,
-        family: Some(shared.family()),
-        ..Default::default()
-    })
-    .expect("engine");
+    let engine = fresh_engine_like(shared);
     let shape = Shape::mha(1, 2, 40, 32);
     let q = vec![0.25f32; shape.q_elems()];
     let v = vec![0.5f32; shape.v_elems()];
@@ -882,6 +871,17 @@ fn a_readback_past_its_timeout_is_a_typed_error_and_the_engine_works_afterwards(
     assert_eq!(patient.read_blocking::<f32>(&big_tensor).unwrap(), big);
     let values = patient.read_blocking::<f32>(&out.output).unwrap();
     assert!(values.iter().all(|&x| (x - 0.5).abs() < 1e-6));
+}
+
+/// A fresh engine (an empty pipeline cache) on the same kind of adapter and kernel family as
+/// `shared`, for tests that watch pipelines being built.
+fn fresh_engine_like(shared: &Engine) -> Engine {
+    Engine::new_blocking(wflash::EngineOptions {
+        tuning: wflash::TuningSource::Off,
+        family: Some(shared.family()),
+        ..Default::default()
+    })
+    .expect("engine")
 }
 
 /// Whether GPU values agree with the f64 reference: NaN exactly where it is NaN, the same
