@@ -51,6 +51,11 @@
 use crate::Layout;
 use std::ops::Range;
 
+pub mod backward;
+pub use backward::{
+    LinearGrads, linear_backward, linear_backward_recurrent, naive_linear_backward_f32,
+};
+
 /// The elementwise feature map φ applied to query and key rows before their dot product.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum FeatureMap {
@@ -65,6 +70,12 @@ pub enum FeatureMap {
 }
 
 impl FeatureMap {
+    pub const ALL: [FeatureMap; 3] = [
+        FeatureMap::Identity,
+        FeatureMap::EluPlusOne,
+        FeatureMap::Relu,
+    ];
+
     /// φ of one element, in `f64`.
     pub fn apply(self, x: f64) -> f64 {
         match self {
@@ -95,13 +106,57 @@ impl FeatureMap {
         }
     }
 
+    /// `φ'(x)`, the chain rule's factor: 1 for the identity; 1 above zero and `exp(x)` at or
+    /// below it for elu+1 (the branch `apply` takes); 1 above zero and 0 at or below it for relu
+    /// (PyTorch's convention at the kink).
+    pub fn slope(self, x: f64) -> f64 {
+        match self {
+            FeatureMap::Identity => 1.0,
+            FeatureMap::EluPlusOne => {
+                if x > 0.0 {
+                    1.0
+                } else {
+                    x.exp()
+                }
+            }
+            FeatureMap::Relu => {
+                if x > 0.0 {
+                    1.0
+                } else {
+                    0.0
+                }
+            }
+        }
+    }
+
+    /// `φ'(x)` in `f32` (see [`FeatureMap::slope`]).
+    pub fn slope_f32(self, x: f32) -> f32 {
+        match self {
+            FeatureMap::Identity => 1.0,
+            FeatureMap::EluPlusOne => {
+                if x > 0.0 {
+                    1.0
+                } else {
+                    x.exp()
+                }
+            }
+            FeatureMap::Relu => {
+                if x > 0.0 {
+                    1.0
+                } else {
+                    0.0
+                }
+            }
+        }
+    }
+
     /// φ of every element of a row.
-    fn map_row(self, row: &[f64]) -> Vec<f64> {
+    pub(crate) fn map_row(self, row: &[f64]) -> Vec<f64> {
         row.iter().map(|&x| self.apply(x)).collect()
     }
 
     /// φ of every element of a row, in `f32`.
-    fn map_row_f32(self, row: &[f32]) -> Vec<f32> {
+    pub(crate) fn map_row_f32(self, row: &[f32]) -> Vec<f32> {
         row.iter().map(|&x| self.apply_f32(x)).collect()
     }
 }
@@ -210,7 +265,7 @@ impl LinearProblem {
     }
 
     /// The decay weight `λ^{i−j}` of key `j` in query `i`'s output (1 when non-causal).
-    fn key_weight(&self, h: usize, i: usize, j: usize) -> f64 {
+    pub(crate) fn key_weight(&self, h: usize, i: usize, j: usize) -> f64 {
         if self.causal {
             self.decay_power(h, i - j)
         } else {
@@ -260,7 +315,7 @@ impl LinearProblem {
 
     /// Checks the inputs against the problem and the contract (the reference trusts its caller
     /// only this far).
-    fn assert_inputs(
+    pub(crate) fn assert_inputs(
         &self,
         q_len: usize,
         k_len: usize,
@@ -342,7 +397,7 @@ pub struct LinearForward {
 }
 
 /// The initial `kv` block of (batch `b`, query head `h`), if there is an initial state.
-fn initial_kv<'a>(
+pub(crate) fn initial_kv<'a>(
     p: &LinearProblem,
     initial: Option<&'a LinearState>,
     b: usize,
@@ -353,7 +408,7 @@ fn initial_kv<'a>(
 
 /// The initial `z` block of (batch `b`, query head `h`), if the problem normalises and the
 /// initial state carries one.
-fn initial_z<'a>(
+pub(crate) fn initial_z<'a>(
     p: &LinearProblem,
     initial: Option<&'a LinearState>,
     b: usize,
@@ -364,7 +419,7 @@ fn initial_z<'a>(
         .map(|state| &state.z[p.z_state_range(b, h)])
 }
 
-fn dot(a: &[f64], b: &[f64]) -> f64 {
+pub(crate) fn dot(a: &[f64], b: &[f64]) -> f64 {
     a.iter().zip(b).map(|(x, y)| x * y).sum()
 }
 
@@ -851,13 +906,13 @@ mod tests {
     /// A random problem, the seed of its inputs, and whether (and after how many prefix tokens)
     /// it starts from an initial state.
     #[derive(Clone, Debug)]
-    struct Case {
-        p: LinearProblem,
-        seed: u64,
-        initial_after: Option<usize>,
+    pub(super) struct Case {
+        pub(super) p: LinearProblem,
+        pub(super) seed: u64,
+        pub(super) initial_after: Option<usize>,
     }
 
-    fn arb_case(causal: bool) -> impl Strategy<Value = Case> {
+    pub(super) fn arb_case(causal: bool) -> impl Strategy<Value = Case> {
         (
             (
                 1usize..3,
@@ -920,7 +975,7 @@ mod tests {
     /// state of a random prefix. With the identity map and the normaliser, Q and K are made
     /// non-negative, as a usable normaliser needs (a denominator near zero would measure
     /// cancellation, not the formulas).
-    fn inputs(c: &Case) -> (Vec<f64>, Vec<f64>, Vec<f64>, Option<LinearState>) {
+    pub(super) fn inputs(c: &Case) -> (Vec<f64>, Vec<f64>, Vec<f64>, Option<LinearState>) {
         let non_negative = c.p.normalize && c.p.feature_map == FeatureMap::Identity;
         let qk = |n: usize, seed: u64| {
             let x = values(n, seed);
@@ -952,7 +1007,7 @@ mod tests {
     }
 
     /// The largest difference relative to the larger magnitude (at least 1).
-    fn max_rel_err(got: &[f64], want: &[f64]) -> f64 {
+    pub(super) fn max_rel_err(got: &[f64], want: &[f64]) -> f64 {
         assert_eq!(got.len(), want.len(), "lengths differ");
         got.iter()
             .zip(want)
@@ -962,7 +1017,7 @@ mod tests {
 
     /// Rows `rows` of every (batch, head) of a `[batch, heads, len, dim]` tensor in `layout`,
     /// as a tensor of length `rows.len()` in the same layout.
-    fn cut(
+    pub(super) fn cut(
         x: &[f64],
         layout: Layout,
         (batch, heads, len, dim): (usize, usize, usize, usize),
