@@ -264,20 +264,15 @@ fn state_texel(bh: u32, slot: u32, d: u32, e4: u32) -> vec4<f32> {
     return textureLoad(state_tex, vec2<u32>(x, row / params.state_fold));
 }
 
-// Pass 3: the output rows, ROWS consecutive tokens per invocation, all in one chunk (the chunk
-// is a multiple of ROWS): every key, value and state texel fetched feeds ROWS rows.
-// Dispatch (ceil(len / (64 · ROWS)), q_heads, batch).
-@compute @workgroup_size(WORKGROUP)
-fn linear_chunk_output(
-    @builtin(workgroup_id) wg: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-) {
-    let i0 = (wg.x * WORKGROUP + lid) * ROWS;
-    if i0 >= params.len {
-        return;
-    }
-    let head = wg.y;
-    let batch = wg.z;
+// The unnormalised output rows (numerators) and denominators (without eps) of ROWS
+// consecutive tokens from i0, all in one chunk: the intra-chunk quadratic part plus the
+// carried state (see pass 3). Shared with the backward's readout pass (linear_bwd.wgsl).
+struct OutputRows {
+    o: array<vec4<f32>, ROWS * DV4>,
+    den: array<f32, ROWS>,
+}
+
+fn output_rows(batch: u32, head: u32, i0: u32) -> OutputRows {
     let bh = batch * params.q_heads + head;
     let k_width4 = (KEY_DIM + 3u) / 4u;
     let v_width4 = (VALUE_DIM + 3u) / 4u;
@@ -361,12 +356,30 @@ fn linear_chunk_output(
 //#end
         }
     }
+    return OutputRows(o, den);
+}
+
+// Pass 3: the output rows, ROWS consecutive tokens per invocation, all in one chunk (the chunk
+// is a multiple of ROWS): every key, value and state texel fetched feeds ROWS rows.
+// Dispatch (ceil(len / (64 · ROWS)), q_heads, batch).
+@compute @workgroup_size(WORKGROUP)
+fn linear_chunk_output(
+    @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let i0 = (wg.x * WORKGROUP + lid) * ROWS;
+    if i0 >= params.len {
+        return;
+    }
+    let head = wg.y;
+    let batch = wg.z;
+    let rows = output_rows(batch, head, i0);
 //#unroll r ROWS
     if i0 + {r} < params.len {
         let o_base = batch * params.o_stride.x + head * params.o_stride.y + (i0 + {r}) * params.o_stride.z;
-        let inv = select(1.0, 1.0 / (den[{r}] + params.eps), NORMALIZE);
+        let inv = select(1.0, 1.0 / (rows.den[{r}] + params.eps), NORMALIZE);
 //#unroll e DV4
-        store_o4(o_base, {e} * 4u, o[{r} * DV4 + {e}] * inv);
+        store_o4(o_base, {e} * 4u, rows.o[{r} * DV4 + {e}] * inv);
 //#end
     }
 //#end
