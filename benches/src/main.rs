@@ -251,11 +251,14 @@ impl Case {
     }
     /// Useful FLOPs: FlashAttention's 4·D per visible (query, key) pair (its backward 2.5 times
     /// that); for linear attention the recurrent form's 4·Dk·Dv per token and head (state
-    /// update and read-out).
+    /// update and read-out), its backward 8·Dk·Dv.
     fn flops(&self) -> f64 {
         let shape = self.shape();
         if self.linear {
-            let per_token = 4.0 * (shape.head_dim * shape.value_dim) as f64;
+            // The backward's recurrent form: dq (S g), the state gradient's update, dk (D v)
+            // and dv (Dᵀ k), 8·Dk·Dv per token and head.
+            let per_token = if self.backward { 8.0 } else { 4.0 };
+            let per_token = per_token * (shape.head_dim * shape.value_dim) as f64;
             return per_token * (shape.batch * shape.q_heads * shape.q_len) as f64;
         }
         let problem = self.problem(&self.data());
@@ -449,6 +452,14 @@ fn cases(quick: bool) -> Vec<Case> {
     cases.push(linear(4096, false));
     // Causal softmax at 8192 too, to compare with linear attention there.
     cases.push(case(DType::F32, 8192, 64, true));
+    // The linear backward over N beside its forward (#20), and causal softmax's forward and
+    // backward at 16384 to compare training steps with.
+    cases.push(linear(65536, true));
+    for n in [4096, 16384, 65536] {
+        cases.push(backward(linear(n, true)));
+    }
+    cases.push(case(DType::F32, 16384, 64, true));
+    cases.push(backward(case(DType::F32, 16384, 64, true)));
     // Each modifier at N=2048, to compare with plain softmax (and sigmoid) there; causal where
     // the modifier needs it or models use it so (prefix-LM, chunked local attention).
     for modifier in Modifier::ALL {
@@ -531,7 +542,8 @@ struct Prepared {
 }
 
 struct BackwardInputs {
-    o: Tensor,
+    /// The forward's output (attention; the linear backward recomputes what it needs).
+    o: Option<Tensor>,
     lse: Option<Tensor>,
     d_o: Tensor,
 }
@@ -566,7 +578,15 @@ impl Prepared {
             v: upload(inputs[2])?,
             backward: None,
         };
-        if case.backward {
+        if case.backward && case.linear {
+            // The linear backward recomputes what it needs of the forward itself.
+            let d_o = case.d_o();
+            prepared.backward = Some(BackwardInputs {
+                o: None,
+                lse: None,
+                d_o: upload(&d_o[..case.shape().o_elems()])?,
+            });
+        } else if case.backward {
             let forward = Case {
                 backward: false,
                 ..*case
@@ -583,7 +603,7 @@ impl Prepared {
                 .map_err(|e| e.to_string())?;
             let d_o = case.d_o();
             prepared.backward = Some(BackwardInputs {
-                o: fwd.output,
+                o: Some(fwd.output),
                 lse: fwd.lse,
                 d_o: upload(&d_o[..case.shape().o_elems()])?,
             });
@@ -605,11 +625,29 @@ impl Prepared {
         if self.case.linear {
             let decay = self.case.decay();
             let opts = self.case.linear_options(decay.as_deref());
-            engine
-                .linear_attention_gpu(&shape, Layout::Bhsd, &opts, q, k, v, None)
-                .map(|out| out.output)
+            match &self.backward {
+                Some(b) => engine
+                    .linear_attention_backward_gpu(
+                        &shape,
+                        Layout::Bhsd,
+                        &opts,
+                        q,
+                        k,
+                        v,
+                        None,
+                        &b.d_o,
+                        None,
+                    )
+                    .map(|grads| grads.dq),
+                None => engine
+                    .linear_attention_gpu(&shape, Layout::Bhsd, &opts, q, k, v, None)
+                    .map(|out| out.output),
+            }
         } else if let Some(b) = &self.backward {
             let opts = self.case.options(&self.data);
+            let o =
+                b.o.as_ref()
+                    .ok_or("an attention backward case without its forward")?;
             engine
                 .attention_backward_gpu(
                     &shape,
@@ -618,7 +656,7 @@ impl Prepared {
                     q,
                     k,
                     v,
-                    &b.o,
+                    o,
                     b.lse.as_ref(),
                     &b.d_o,
                 )
@@ -887,11 +925,12 @@ fn print_ratios(records: &[Record]) {
     }
 }
 
-/// A time ratio an issue states, checked on this run's records: `first`'s time over `second`'s.
+/// A time ratio an issue states, checked on this run's records: `first`'s time over `second`'s
+/// (each the sum of its cases: a training step is a forward and a backward).
 struct Comparison {
     what: &'static str,
-    first: Case,
-    second: Case,
+    first: Vec<Case>,
+    second: Vec<Case>,
     needs: Needs,
 }
 
@@ -919,90 +958,112 @@ fn comparisons() -> Vec<Comparison> {
         linear: true,
         ..plain(seq, true)
     };
+    let backward = |case: Case| Case {
+        backward: true,
+        ..case
+    };
     vec![
         Comparison {
             what: "softmax / sigmoid, N=2048 (#3)",
-            first: plain(2048, false),
-            second: Case {
+            first: vec![plain(2048, false)],
+            second: vec![Case {
                 sigmoid: true,
                 ..plain(2048, false)
-            },
+            }],
             needs: Needs::AtLeast(1.0),
         },
         Comparison {
             what: "non-causal / causal softmax, N=4096 (#3)",
-            first: plain(4096, false),
-            second: plain(4096, true),
+            first: vec![plain(4096, false)],
+            second: vec![plain(4096, true)],
             needs: Needs::AtLeast(1.6),
         },
         Comparison {
             what: "full / window 256, N=8192 (#3)",
-            first: plain(8192, false),
-            second: Case {
+            first: vec![plain(8192, false)],
+            second: vec![Case {
                 window: Some(256),
                 ..plain(8192, false)
-            },
+            }],
             needs: Needs::AtLeast(8.0),
         },
         Comparison {
             what: "causal / chunked local 1024 (causal), N=8192 (#15)",
-            first: plain(8192, true),
-            second: Case {
+            first: vec![plain(8192, true)],
+            second: vec![Case {
                 modifier: Some(Modifier::ChunkedLocal),
                 ..plain(8192, true)
-            },
+            }],
             needs: Needs::AtLeast(5.0),
         },
         Comparison {
             what: "softmax backward / forward, N=2048 (#19)",
-            first: Case {
+            first: vec![Case {
                 backward: true,
                 ..plain(2048, false)
-            },
-            second: plain(2048, false),
+            }],
+            second: vec![plain(2048, false)],
             needs: Needs::AtMost(4.0),
         },
         Comparison {
             what: "softmax / sigmoid backward, N=2048 (#19)",
-            first: Case {
+            first: vec![Case {
                 backward: true,
                 ..plain(2048, false)
-            },
-            second: Case {
+            }],
+            second: vec![Case {
                 backward: true,
                 sigmoid: true,
                 ..plain(2048, false)
-            },
+            }],
             needs: Needs::AtLeast(1.0),
         },
         Comparison {
             what: "non-causal / causal softmax backward, N=2048 (#19)",
-            first: Case {
+            first: vec![Case {
                 backward: true,
                 ..plain(2048, false)
-            },
-            second: Case {
+            }],
+            second: vec![Case {
                 backward: true,
                 ..plain(2048, true)
-            },
+            }],
             needs: Needs::AtLeast(1.6),
         },
         Comparison {
             what: "causal linear N=16384 / N=4096 (#4)",
-            first: linear(16384),
-            second: linear(4096),
+            first: vec![linear(16384)],
+            second: vec![linear(4096)],
             needs: Needs::AtMost(4.5),
         },
         Comparison {
             what: "causal softmax / causal linear, N=4096 (#4)",
-            first: plain(4096, true),
-            second: linear(4096),
+            first: vec![plain(4096, true)],
+            second: vec![linear(4096)],
             needs: Needs::AtLeast(1.0),
         },
         Comparison {
+            what: "causal linear backward N=65536 / N=16384 (#20)",
+            first: vec![backward(linear(65536))],
+            second: vec![backward(linear(16384))],
+            needs: Needs::AtMost(4.5),
+        },
+        Comparison {
+            what: "causal linear backward / forward, N=16384 (#20)",
+            first: vec![backward(linear(16384))],
+            second: vec![linear(16384)],
+            needs: Needs::AtMost(3.0),
+        },
+        Comparison {
+            what: "causal softmax / linear fwd+bwd, N=16384 (#20)",
+            first: vec![plain(16384, true), backward(plain(16384, true))],
+            second: vec![linear(16384), backward(linear(16384))],
+            needs: Needs::AtLeast(5.0),
+        },
+        Comparison {
             what: "causal softmax / causal linear, N=8192 (#4)",
-            first: plain(8192, true),
-            second: linear(8192),
+            first: vec![plain(8192, true)],
+            second: vec![linear(8192)],
             needs: Needs::AtLeast(1.0),
         },
     ]
@@ -1021,12 +1082,18 @@ fn print_comparisons(records: &[Record]) {
     println!("stated ratios (time of the first / time of the second, same run):");
     let mut any = false;
     for c in comparisons() {
-        let (Some(first), Some(second)) = (fused(&c.first), fused(&c.second)) else {
+        // (median, min) of a side: the sums over its cases, if every one of them ran.
+        let side = |cases: &[Case]| {
+            cases.iter().try_fold((0.0, 0.0), |(median, min), case| {
+                fused(case).map(|r| (median + r.median_ms, min + r.min_ms))
+            })
+        };
+        let (Some(first), Some(second)) = (side(&c.first), side(&c.second)) else {
             continue;
         };
         any = true;
-        let median = first.median_ms / second.median_ms;
-        let min = first.min_ms / second.min_ms;
+        let median = first.0 / second.0;
+        let min = first.1 / second.1;
         let (relation, bound, met) = match c.needs {
             Needs::AtLeast(x) => (">=", x, median >= x),
             Needs::AtMost(x) => ("<=", x, median <= x),
@@ -1510,7 +1577,14 @@ fn main() -> ExitCode {
                             |x: &[f32]| x.iter().map(|&v| f64::from(v)).collect::<Vec<f64>>();
                         let (q64, k64, v64) = (to_f64(q), to_f64(k), to_f64(v));
                         let start = Instant::now();
-                        let reference = if case.linear {
+                        let reference = if case.linear && case.backward {
+                            let p = case.linear_problem();
+                            let d_o = to_f64(&case.d_o());
+                            wflash_ref::linear::linear_backward(
+                                &p, &q64, &k64, &v64, None, &d_o, None,
+                            )
+                            .dq
+                        } else if case.linear {
                             let p = case.linear_problem();
                             wflash_ref::linear::linear_forward(&p, &q64, &k64, &v64, None).output
                         } else if case.backward {

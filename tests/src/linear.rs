@@ -208,38 +208,75 @@ pub fn run_linear_case(engine: &Engine, case: &LinearCase) -> Result<Verdict, St
     }
 }
 
+/// A case's inputs: Q, K, V (in the storage type, and as the f32 values the kernel sees) and
+/// the initial state, drawn from the case's seed.
+struct Inputs<T> {
+    q: (Vec<T>, Vec<f32>),
+    k: (Vec<T>, Vec<f32>),
+    v: (Vec<T>, Vec<f32>),
+    initial: Option<wflash::LinearState>,
+}
+
+/// Random f32 states of `p`'s sizes (`z` when normalising, positive with a positive feature
+/// map): the size a few hundred tokens leave behind, or their gradient.
+fn random_state(
+    rng: &mut rand::rngs::StdRng,
+    p: &LinearProblem,
+    case: &LinearCase,
+) -> wflash::LinearState {
+    let mut state = |n: usize, positive: bool| -> Vec<f32> {
+        (0..n)
+            .map(|_| {
+                let x: f32 = rng.sample(rand_distr::StandardNormal);
+                if positive { 4.0 * x.abs() } else { 4.0 * x }
+            })
+            .collect()
+    };
+    let z_positive = case.feature_map != FeatureMap::Identity;
+    wflash::LinearState {
+        kv: state(p.state_elems(), false),
+        z: if case.normalize {
+            state(p.norm_state_elems(), z_positive)
+        } else {
+            Vec::new()
+        },
+    }
+}
+
+fn inputs<T: Element>(
+    rng: &mut rand::rngs::StdRng,
+    p: &LinearProblem,
+    case: &LinearCase,
+) -> Inputs<T> {
+    let q = random::<T>(rng, p.q_elems(), 1.0);
+    let k = random::<T>(rng, p.k_elems(), 1.0);
+    let v = random::<T>(rng, p.v_elems(), 1.0);
+    let initial = case.initial.then(|| random_state(rng, p, case));
+    Inputs { q, k, v, initial }
+}
+
+fn wide(x: &[f32]) -> Vec<f64> {
+    x.iter().map(|&a| f64::from(a)).collect()
+}
+
+fn reference_state(s: &wflash::LinearState) -> LinearState {
+    LinearState {
+        kv: wide(&s.kv),
+        z: wide(&s.z),
+    }
+}
+
 fn judge_case<T: Element>(engine: &Engine, case: &LinearCase) -> Result<Verdict, String> {
     let decay = case.decays();
     let p = case.problem(decay.as_deref());
     let mut rng = rand::rngs::StdRng::seed_from_u64(case.seed);
-    let (q, q32) = random::<T>(&mut rng, p.q_elems(), 1.0);
-    let (k, k32) = random::<T>(&mut rng, p.k_elems(), 1.0);
-    let (v, v32) = random::<T>(&mut rng, p.v_elems(), 1.0);
-    // An initial state of the size a few hundred tokens leave behind.
-    let initial = case.initial.then(|| {
-        let mut state = |n: usize, positive: bool| -> Vec<f32> {
-            (0..n)
-                .map(|_| {
-                    let x: f32 = rng.sample(rand_distr::StandardNormal);
-                    if positive { 4.0 * x.abs() } else { 4.0 * x }
-                })
-                .collect()
-        };
-        let z_positive = case.feature_map != FeatureMap::Identity;
-        wflash::LinearState {
-            kv: state(p.state_elems(), false),
-            z: if case.normalize {
-                state(p.norm_state_elems(), z_positive)
-            } else {
-                Vec::new()
-            },
-        }
-    });
-    let wide = |x: &[f32]| x.iter().map(|&a| f64::from(a)).collect::<Vec<f64>>();
-    let ref_initial = initial.as_ref().map(|s| LinearState {
-        kv: wide(&s.kv),
-        z: wide(&s.z),
-    });
+    let Inputs {
+        q: (q, q32),
+        k: (k, k32),
+        v: (v, v32),
+        initial,
+    } = inputs::<T>(&mut rng, &p, case);
+    let ref_initial = initial.as_ref().map(reference_state);
 
     let shape = case.shape();
     let opts = case.options(decay.as_deref());
@@ -340,4 +377,184 @@ fn judge_case<T: Element>(engine: &Engine, case: &LinearCase) -> Result<Verdict,
             Output::forward("state", wide(&got_state), &want_state, &naive_state),
         ],
     )
+}
+
+/// Runs a case's backward on `engine` (dO and, for causal cases of even seed, a `d_final`
+/// drawn from its seed) and judges dQ, dK, dV and the initial state's gradient against
+/// `wflash_ref::linear::linear_backward` by the backward contract, with
+/// `naive_linear_backward_f32` as the baseline. A case fed in pieces trains its sequence in
+/// pieces: the forward runs piece by piece for each piece's initial state, then the backward
+/// runs from the last piece to the first, each piece's initial-state gradient the `d_final` of
+/// the piece before it; the gradients are judged against the one-call truth.
+pub fn run_linear_backward_case(engine: &Engine, case: &LinearCase) -> Result<Verdict, String> {
+    match case.path.dtype() {
+        wflash::DType::F32 => judge_backward_case::<f32>(engine, case),
+        wflash::DType::F16 => judge_backward_case::<half::f16>(engine, case),
+        wflash::DType::Bf16 => judge_backward_case::<half::bf16>(engine, case),
+    }
+}
+
+fn judge_backward_case<T: Element>(engine: &Engine, case: &LinearCase) -> Result<Verdict, String> {
+    let decay = case.decays();
+    let p = case.problem(decay.as_deref());
+    let mut rng = rand::rngs::StdRng::seed_from_u64(case.seed);
+    let Inputs {
+        q: (q, q32),
+        k: (k, k32),
+        v: (v, v32),
+        initial,
+    } = inputs::<T>(&mut rng, &p, case);
+    let (d_o, do32) = random::<T>(&mut rng, p.o_elems(), 1.0);
+    let d_final =
+        (case.causal && case.seed.is_multiple_of(2)).then(|| random_state(&mut rng, &p, case));
+
+    let shape = case.shape();
+    let opts = case.options(decay.as_deref());
+    let err = |e: wflash::Error| format!("{case:?}: engine error {e}");
+    let q_dims = [case.batch, case.q_heads, case.len, case.key_dim];
+    let k_dims = [case.batch, case.kv_heads, case.len, case.key_dim];
+    let v_dims = [case.batch, case.kv_heads, case.len, case.value_dim];
+    let o_dims = [case.batch, case.q_heads, case.len, case.value_dim];
+    let upload_state = |s: &wflash::LinearState| -> Result<GpuLinearState, String> {
+        Ok(GpuLinearState {
+            kv: engine.upload(&s.kv).map_err(err)?,
+            z: if s.z.is_empty() {
+                None
+            } else {
+                Some(engine.upload(&s.z).map_err(err)?)
+            },
+        })
+    };
+    let pieces = case.pieces();
+    let piece_shape = |range: &std::ops::Range<usize>| Shape {
+        q_len: range.len(),
+        kv_len: range.len(),
+        ..shape
+    };
+    let upload = |x: &[T], dims, range: &std::ops::Range<usize>| {
+        engine
+            .upload(&take_tokens(x, case.layout, dims, range.clone()))
+            .map_err(err)
+    };
+    // Each piece's initial state, from the forward run piece by piece.
+    let mut starts = Vec::with_capacity(pieces.len());
+    let mut state = initial.as_ref().map(upload_state).transpose()?;
+    for range in &pieces {
+        let out = engine
+            .linear_attention_gpu(
+                &piece_shape(range),
+                case.layout,
+                &opts,
+                &upload(&q, q_dims, range)?,
+                &upload(&k, k_dims, range)?,
+                &upload(&v, v_dims, range)?,
+                state.as_ref(),
+            )
+            .map_err(err)?;
+        starts.push(state.replace(out.state));
+    }
+    let poison = || T::from_f32(f32::NAN);
+    let mut dq = vec![poison(); p.q_elems()];
+    let mut dk = vec![poison(); p.k_elems()];
+    let mut dv = vec![poison(); p.v_elems()];
+    let mut carried = d_final.as_ref().map(upload_state).transpose()?;
+    for (range, start) in pieces.iter().zip(&starts).rev() {
+        let grads = engine
+            .linear_attention_backward_gpu(
+                &piece_shape(range),
+                case.layout,
+                &opts,
+                &upload(&q, q_dims, range)?,
+                &upload(&k, k_dims, range)?,
+                &upload(&v, v_dims, range)?,
+                start.as_ref(),
+                &upload(&d_o, o_dims, range)?,
+                carried.as_ref(),
+            )
+            .map_err(err)?;
+        if grads.d_initial.is_some() != start.is_some() {
+            return Err(format!(
+                "{case:?}: initial-state gradient present = {}",
+                grads.d_initial.is_some()
+            ));
+        }
+        for (all, dims, piece) in [
+            (&mut dq, q_dims, &grads.dq),
+            (&mut dk, k_dims, &grads.dk),
+            (&mut dv, v_dims, &grads.dv),
+        ] {
+            let piece: Vec<T> = engine.read_blocking(piece).map_err(err)?;
+            put_tokens(all, &piece, case.layout, dims, range.clone());
+        }
+        carried = grads.d_initial;
+    }
+    let d_initial = match (&initial, &carried) {
+        (Some(_), Some(s)) => {
+            let kv: Vec<f32> = engine.read_blocking(&s.kv).map_err(err)?;
+            let z: Vec<f32> = match &s.z {
+                Some(z) => engine.read_blocking(z).map_err(err)?,
+                None => Vec::new(),
+            };
+            if case.normalize == z.is_empty() {
+                return Err(format!("{case:?}: d_initial z present = {}", !z.is_empty()));
+            }
+            Some([kv, z].concat())
+        }
+        (None, None) => None,
+        _ => {
+            return Err(format!(
+                "{case:?}: initial-state gradient without an initial state, or missing"
+            ));
+        }
+    };
+    let narrow = |x: &[T]| x.iter().map(|a| a.to_f32()).collect::<Vec<f32>>();
+    let (dq, dk, dv) = (narrow(&dq), narrow(&dk), narrow(&dv));
+    crate::record_output_hash(
+        &format!("linear backward {case:?}"),
+        &[
+            ("dQ", &dq),
+            ("dK", &dk),
+            ("dV", &dv),
+            ("d_initial", d_initial.as_deref().unwrap_or(&[])),
+        ],
+    );
+
+    let ref_initial = initial.as_ref().map(reference_state);
+    let ref_d_final = d_final.as_ref().map(reference_state);
+    let (truth, naive) = std::thread::scope(|scope| {
+        let truth = scope.spawn(|| {
+            reference::linear_backward(
+                &p,
+                &wide(&q32),
+                &wide(&k32),
+                &wide(&v32),
+                ref_initial.as_ref(),
+                &wide(&do32),
+                ref_d_final.as_ref(),
+            )
+        });
+        let store = |x: f32| T::from_f32(x).to_f32();
+        let naive = reference::naive_linear_backward_f32(
+            &p,
+            &q32,
+            &k32,
+            &v32,
+            ref_initial.as_ref(),
+            &do32,
+            ref_d_final.as_ref(),
+            &store,
+        );
+        (truth.join().expect("reference thread"), naive)
+    });
+    let flat = |s: &Option<LinearState>| s.as_ref().map(|s| [s.kv.clone(), s.z.clone()].concat());
+    let (truth_initial, naive_initial) = (flat(&truth.d_initial), flat(&naive.d_initial));
+    let mut outputs = vec![
+        Output::backward("dQ", wide(&dq), &truth.dq, &naive.dq),
+        Output::backward("dK", wide(&dk), &truth.dk, &naive.dk),
+        Output::backward("dV", wide(&dv), &truth.dv, &naive.dv),
+    ];
+    if let (Some(got), Some(truth), Some(naive)) = (&d_initial, &truth_initial, &naive_initial) {
+        outputs.push(Output::backward("d_initial", wide(got), truth, naive));
+    }
+    judge(case, outputs)
 }

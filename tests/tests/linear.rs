@@ -3,8 +3,9 @@
 //! feeding the sequence (one call, pieces, token by token).
 
 use wflash::{FeatureMap, Layout, LinearKernel};
+use wflash_conformance::Verdict;
 use wflash_conformance::grid::covering_rows;
-use wflash_conformance::linear::{Feed, LinearCase, run_linear_case};
+use wflash_conformance::linear::{Feed, LinearCase, run_linear_backward_case, run_linear_case};
 use wflash_conformance::{Path, engine};
 
 const LAYOUTS: [Layout; 2] = [Layout::Bhsd, Layout::Bshd];
@@ -113,6 +114,20 @@ fn selected(cases: Vec<LinearCase>) -> Vec<LinearCase> {
 
 #[test]
 fn linear_conformance_grid() {
+    run_grid("linear", run_linear_case);
+}
+
+/// The same grid's gradients: dQ, dK, dV and the initial state's (each case's dO, and for
+/// causal cases of even seed a d_final, drawn from its seed); cases fed in pieces train their
+/// sequence in pieces (tests/src/linear.rs).
+#[test]
+fn linear_backward_grid() {
+    run_grid("linear backward", run_linear_backward_case);
+}
+
+/// Runs the selected cases of the grid through `run`, writes the worst error ratio per path to
+/// target/conformance/<name>.txt and fails with every failing case.
+fn run_grid(name: &str, run: fn(&wflash::Engine, &LinearCase) -> Result<Verdict, String>) {
     let cases = selected(grid());
     let mut failures = Vec::new();
     let mut worst = std::collections::BTreeMap::<&str, f64>::new();
@@ -121,7 +136,7 @@ fn linear_conformance_grid() {
         let Some(engine) = engine(case.path) else {
             continue;
         };
-        match run_linear_case(engine, case) {
+        match run(engine, case) {
             Ok(outcome) => {
                 let path = match case.path {
                     Path::F32 => "f32",
@@ -136,14 +151,14 @@ fn linear_conformance_grid() {
         }
     }
     let summary = format!(
-        "linear: {} cases, worst error ratio per path {worst:.3?} (pass <= 1)\n",
+        "{name}: {} cases, worst error ratio per path {worst:.3?} (pass <= 1)\n",
         cases.len()
     );
     eprint!("{summary}");
     // Kept for the record (xtask test prints it), as the attention grids do.
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/conformance");
     if std::fs::create_dir_all(&dir).is_ok() {
-        let _ = std::fs::write(dir.join("linear.txt"), summary);
+        let _ = std::fs::write(dir.join(format!("{}.txt", name.replace(' ', "_"))), summary);
     }
     assert!(
         failures.is_empty(),
@@ -446,7 +461,109 @@ fn bad_linear_input_is_a_typed_error() {
             Err(e) => assert!(expect(&e), "{what}: unexpected error {e:?}"),
             Ok(_) => panic!("{what}: accepted"),
         }
+        // The backward refuses the same calls the same way.
+        let d_o = vec![0.5f32; s.o_elems()];
+        match engine.linear_attention_backward_blocking(
+            shape,
+            Layout::Bhsd,
+            opts,
+            &q,
+            &k,
+            &v,
+            *initial,
+            &d_o,
+            None,
+        ) {
+            Err(e) => assert!(expect(&e), "{what} (backward): unexpected error {e:?}"),
+            Ok(_) => panic!("{what} (backward): accepted"),
+        }
     }
+    // The backward's own inputs: d_final (sizes, non-causal, z without the normaliser) and dO.
+    let backward_cases: Vec<(&str, LinearOptions, &LinearState, Check)> = vec![
+        (
+            "d_final too short",
+            causal(),
+            &short_state,
+            Box::new(
+                (|e| {
+                    matches!(
+                        e,
+                        Error::LengthMismatch {
+                            tensor: "d_final kv state",
+                            ..
+                        }
+                    )
+                }) as Expect,
+            ),
+        ),
+        (
+            "d_final z too long",
+            causal().with_normalizer(),
+            &short_z_state,
+            Box::new(
+                (|e| {
+                    matches!(
+                        e,
+                        Error::LengthMismatch {
+                            tensor: "d_final z state",
+                            ..
+                        }
+                    )
+                }) as Expect,
+            ),
+        ),
+        (
+            "d_final z without the normaliser",
+            causal(),
+            &z_state,
+            Box::new(invalid("d_final_state")),
+        ),
+        (
+            "d_final for a non-causal call",
+            LinearOptions::non_causal(),
+            &good_state,
+            Box::new((|e| matches!(e, Error::Unsupported { .. })) as Expect),
+        ),
+    ];
+    let (q, k, v, d_o) = (
+        vec![0.5f32; s.q_elems()],
+        vec![0.5f32; s.k_elems()],
+        vec![0.5f32; s.v_elems()],
+        vec![0.5f32; s.o_elems()],
+    );
+    for (what, opts, d_final, expect) in &backward_cases {
+        match engine.linear_attention_backward_blocking(
+            &s,
+            Layout::Bhsd,
+            opts,
+            &q,
+            &k,
+            &v,
+            None,
+            &d_o,
+            Some(*d_final),
+        ) {
+            Err(e) => assert!(expect(&e), "{what}: unexpected error {e:?}"),
+            Ok(_) => panic!("{what}: accepted"),
+        }
+    }
+    let err = engine
+        .linear_attention_backward_blocking(
+            &s,
+            Layout::Bhsd,
+            &causal(),
+            &q,
+            &k,
+            &v,
+            None,
+            &d_o[1..],
+            None,
+        )
+        .expect_err("short d_o");
+    assert!(
+        matches!(err, Error::LengthMismatch { tensor: "d_o", .. }),
+        "{err:?}"
+    );
     // Lengths of Q, K, V.
     let (q, k, v) = (
         vec![0.5f32; s.q_elems()],
@@ -492,6 +609,51 @@ fn bad_linear_input_is_a_typed_error() {
             err,
             Error::DTypeMismatch {
                 tensor: "initial kv state",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    // The backward on GPU tensors: dO of another type, a d_final that is not f32.
+    let d_o16 = engine
+        .upload(&vec![half::f16::ZERO; s.o_elems()])
+        .expect("upload");
+    let err = engine
+        .linear_attention_backward_gpu(
+            &s,
+            Layout::Bhsd,
+            &causal(),
+            &qt,
+            &kt,
+            &vt,
+            None,
+            &d_o16,
+            None,
+        )
+        .expect_err("f16 d_o with f32 q");
+    assert!(
+        matches!(err, Error::DTypeMismatch { tensor: "d_o", .. }),
+        "{err:?}"
+    );
+    let d_o32 = engine.upload(&vec![0.5f32; s.o_elems()]).expect("upload");
+    let err = engine
+        .linear_attention_backward_gpu(
+            &s,
+            Layout::Bhsd,
+            &causal(),
+            &qt,
+            &kt,
+            &vt,
+            None,
+            &d_o32,
+            Some(&f16_state),
+        )
+        .expect_err("f16 d_final");
+    assert!(
+        matches!(
+            err,
+            Error::DTypeMismatch {
+                tensor: "d_final kv state",
                 ..
             }
         ),
@@ -560,6 +722,80 @@ fn long_sequences_carry_the_state_across_many_chunks() {
         };
         let outcome = run_linear_case(engine, &case).unwrap_or_else(|e| panic!("{e}"));
         eprintln!("{chunk_size:?}: {outcome:?}");
+        // The backward scans the state gradient back across the same boundaries.
+        let outcome = run_linear_backward_case(engine, &case).unwrap_or_else(|e| panic!("{e}"));
+        eprintln!("{chunk_size:?} backward: {outcome:?}");
+    }
+}
+
+/// The backward has no atomics: the same call gives bitwise-identical gradients, alone and
+/// with other calls in flight on other threads.
+#[test]
+fn linear_backward_is_deterministic() {
+    use wflash::{LinearOptions, LinearState, Shape};
+    let Some(engine) = engine(Path::F32) else {
+        return;
+    };
+    let s = Shape {
+        batch: 2,
+        q_heads: 4,
+        kv_heads: 2,
+        q_len: 300,
+        kv_len: 300,
+        head_dim: 24,
+        value_dim: 20,
+    };
+    let decay = wflash::lightning_decay(s.q_heads);
+    let opts = LinearOptions::causal()
+        .with_feature_map(FeatureMap::EluPlusOne)
+        .with_decay(&decay)
+        .with_normalizer()
+        .with_chunk_size(32);
+    let values = |n: usize, seed: usize| -> Vec<f32> {
+        (0..n)
+            .map(|i| (((i * 7919 + seed * 104729) % 2003) as f32 / 1001.5) - 1.0)
+            .collect()
+    };
+    let states = s.batch * s.q_heads * s.head_dim;
+    let state = |seed| LinearState {
+        kv: values(states * s.value_dim, seed),
+        z: values(states, seed + 1).iter().map(|x| x.abs()).collect(),
+    };
+    let (q, k, v, d_o) = (
+        values(s.q_elems(), 1),
+        values(s.k_elems(), 2),
+        values(s.v_elems(), 3),
+        values(s.o_elems(), 4),
+    );
+    let (initial, d_final) = (state(5), state(7));
+    let run = || {
+        let g = engine
+            .linear_attention_backward_blocking(
+                &s,
+                Layout::Bshd,
+                &opts,
+                &q,
+                &k,
+                &v,
+                Some(&initial),
+                &d_o,
+                Some(&d_final),
+            )
+            .expect("backward");
+        let d = g.d_initial.expect("an initial state was given");
+        [g.dq, g.dk, g.dv, d.kv, d.z].map(|x| x.iter().map(|a| a.to_bits()).collect::<Vec<_>>())
+    };
+    let first = run();
+    assert_eq!(run(), first, "a second call differs");
+    let concurrent: Vec<_> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..3).map(|_| scope.spawn(run)).collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("thread"))
+            .collect()
+    });
+    for got in concurrent {
+        assert_eq!(got, first, "a concurrent call differs");
     }
 }
 

@@ -1137,16 +1137,26 @@ mod hostile_linear {
     use proptest::prelude::*;
     use wflash::{FeatureMap, LinearKernel, LinearOptions, LinearState};
     use wflash_ref::linear::{
-        FeatureMap as ReferenceMap, LinearProblem, LinearState as ReferenceState, linear_forward,
+        FeatureMap as ReferenceMap, LinearProblem, LinearState as ReferenceState, linear_backward,
+        linear_forward,
     };
 
     static RAN: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    static BACKWARD_RAN: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
     #[test]
     fn hostile_linear_calls_include_calls_that_run() {
         hostile_linear_calls_end_in_ok_or_a_typed_error();
         let ran = RAN.load(std::sync::atomic::Ordering::Relaxed);
-        eprintln!("hostile linear calls that ran: {ran} of 96 (the rest: typed errors)");
+        let backward_ran = BACKWARD_RAN.load(std::sync::atomic::Ordering::Relaxed);
+        eprintln!(
+            "hostile linear calls that ran: {ran} forward, {backward_ran} backward, of 96 each \
+             (the rest: typed errors)"
+        );
+        assert!(
+            backward_ran >= 3,
+            "only {backward_ran} hostile linear backward calls got past validation"
+        );
         // About 16 are expected (48 cases gave 3 to 12); fewer than 3 would mean validation
         // refuses nearly everything.
         assert!(
@@ -1173,7 +1183,9 @@ mod hostile_linear {
         #![proptest_config(ProptestConfig { cases: 96, ..ProptestConfig::default() })]
         /// Random shapes (zero, huge, q_len != kv_len, dims past 128), decays outside (0, 1],
         /// NaN eps and scale, chunk sizes from 0 up, either kernel, initial states of wrong
-        /// sizes, and inputs with NaN or ±inf. (Run by `hostile_linear_calls_include_calls_that_run`.)
+        /// sizes, and inputs with NaN or ±inf; each also through the backward, with a dO of the
+        /// inputs' kind and the initial state as `d_final` (wrong sizes, non-causal).
+        /// (Run by `hostile_linear_calls_include_calls_that_run`.)
         fn hostile_linear_calls_end_in_ok_or_a_typed_error(
             (batch, heads, len, other_len) in (dim(), dim(), dim(), dim()),
             dims in prop_oneof![Just((0usize, 0usize)), Just((129, 8)), Just((8, usize::MAX))],
@@ -1280,6 +1292,40 @@ mod hostile_linear {
                     agrees_up_to_association(&out.state.kv, &reference.state.kv).map_err(|e| TestCaseError::fail(format!("state {e}: {what}")))?;
                 }
                 RAN.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            let d_o = if small { sized(shape.o_elems(), len_delta) } else { sized(0, 0) };
+            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                engine.linear_attention_backward_blocking(
+                    &shape, Layout::Bhsd, &opts, &q, &k, &v, initial.as_ref(), &d_o, initial.as_ref(),
+                )
+            }));
+            let result = result.map_err(|_| TestCaseError::fail(format!("backward panicked: {shape:?} {opts:?}")))?;
+            if let Err(err) = &result {
+                prop_assert!(is_user_error(err), "backward: {err:?} is not an error of the input: {shape:?} {opts:?}");
+            }
+            if let Ok(grads) = result {
+                prop_assert!(small && len_delta == 0, "backward Ok for a call with wrong lengths: {shape:?}");
+                prop_assert_eq!(grads.dq.len(), shape.q_elems());
+                prop_assert_eq!(grads.d_initial.is_some(), initial.is_some());
+                // Against the reference with finite inputs (as the forward, non-finite values
+                // meet the masked products differently).
+                if poison == 0 {
+                    let wide = |x: &[f32]| x.iter().map(|&a| f64::from(a)).collect::<Vec<f64>>();
+                    let problem = LinearProblem {
+                        causal,
+                        feature_map: ReferenceMap::EluPlusOne,
+                        decay: decays.as_ref().map(|d| wide(d)),
+                        normalize,
+                        ..LinearProblem::new(shape.batch, shape.q_heads, shape.kv_heads, shape.q_len, shape.head_dim, shape.value_dim, wflash_ref::Layout::Bhsd)
+                    };
+                    let state = initial.as_ref().map(|s| ReferenceState { kv: wide(&s.kv), z: wide(&s.z) });
+                    let reference = linear_backward(&problem, &wide(&q), &wide(&k), &wide(&v), state.as_ref(), &wide(&d_o), state.as_ref());
+                    let what = format!("{shape:?} {opts:?}");
+                    for (name, got, want) in [("dq", &grads.dq, &reference.dq), ("dk", &grads.dk, &reference.dk), ("dv", &grads.dv, &reference.dv)] {
+                        agrees_up_to_association(got, want).map_err(|e| TestCaseError::fail(format!("{name} {e}: {what}")))?;
+                    }
+                }
+                BACKWARD_RAN.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
             // The engine is still usable.
             let spec = &specs()[0];

@@ -54,7 +54,7 @@ pub use engine::tuning;
 pub use api::error::{Error, Result};
 pub use api::linear::{
     FeatureMap, LINEAR_MAX_CHUNK, LINEAR_MAX_DIM, LINEAR_MAX_SEQUENTIAL_STEPS, LinearAttention,
-    LinearKernel, LinearOptions, LinearState, RECURRENT_AUTO_MAX_LEN, lightning_decay,
+    LinearGrads, LinearKernel, LinearOptions, LinearState, RECURRENT_AUTO_MAX_LEN, lightning_decay,
 };
 pub use api::modifier::{Modifier, ModifierSet};
 pub(crate) use api::options::resolve_scale;
@@ -71,7 +71,10 @@ pub use ops::attention::{FlashParams, GpuAttention, PackPlan, Packed, Plan, Sequ
 pub use ops::attention_backward::{
     BackwardParams, BackwardPlan, BiasGradPlan, GpuAttentionGrads, ReduceParams,
 };
-pub use ops::linear::{ChunkPlan, GpuLinearAttention, GpuLinearState, LinearParams, LinearPlan};
+pub use ops::linear::{
+    ChunkPlan, GpuLinearAttention, GpuLinearGrads, GpuLinearState, LinearBackwardPlan,
+    LinearParams, LinearPlan,
+};
 pub use ops::passes::{PackParams, PackShape};
 
 pub use half;

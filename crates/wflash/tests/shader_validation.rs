@@ -159,16 +159,19 @@ fn every_variant_the_planner_picks_is_among_all_variants() {
         assert!(kernels.iter().any(|k| matches!(k,
             KernelId::Forward(f) if f.family == Family::Unrolled && f.tile == tile && f.head_dim == d && f.value_dim == dv)));
         for pass in LinearPass::ALL {
-            let rows = if pass == LinearPass::ChunkOutput {
-                kernels::linear_rows(d.min(128), dv.min(128), 64)
-            } else {
-                1
+            // The forward's output pass takes rows by its value width, the backward's passes
+            // by the ĝ row's (value columns and the normaliser's).
+            let (d, dv) = (d.min(128), dv.min(128));
+            let rows = match pass {
+                LinearPass::ChunkOutput => kernels::linear_rows(d, dv, 64),
+                p if p.has_rows() => kernels::linear_rows(d, dv + 1, 64),
+                _ => 1,
             };
             let key = LinearKey {
                 pass,
                 storage: Storage::Bf16Packed,
-                key_dim: d.min(128),
-                value_dim: dv.min(128),
+                key_dim: d,
+                value_dim: dv,
                 feature_map: FeatureMap::EluPlusOne,
                 normalize: true,
                 rows,
@@ -364,7 +367,20 @@ fn every_kernel_fits_the_bindings_the_engine_requires() {
     for kernel in kernels::all_variants(&[(64, 64)]) {
         let source = kernel.source();
         let module = naga::front::wgsl::parse_str(&source).expect("parses");
-        let globals = || module.global_variables.iter().map(|(_, g)| g);
+        let info = Validator::new(ValidationFlags::all(), Capabilities::all())
+            .validate(&module)
+            .expect("validates");
+        // What the kernel's entry point uses: wgpu lays out (and an adapter must offer) only
+        // those bindings, whatever else the module declares for its other entry points.
+        let entry = (module.entry_points.iter())
+            .position(|e| e.name == kernel.entry_point())
+            .expect("the kernel's entry point");
+        let uses = info.get_entry_point(entry);
+        let globals = || {
+            (module.global_variables.iter())
+                .filter(|&(handle, _)| !uses[handle].is_empty())
+                .map(|(_, g)| g)
+        };
         let storage = globals()
             .filter(|g| matches!(g.space, naga::AddressSpace::Storage { .. }))
             .count() as u32;

@@ -255,6 +255,38 @@ impl<'a> LinearOptions<'a> {
     }
 }
 
+impl LinearOptions<'_> {
+    /// [`LinearOptions::validate`] for a backward call, plus its `d_final` (the gradient that
+    /// reaches the final state, `(kv, z)` element counts): the final state's sizes, and only
+    /// causal calls carry a state on.
+    pub fn validate_backward(
+        &self,
+        shape: &Shape,
+        initial: Option<(usize, Option<usize>)>,
+        d_final: Option<(usize, Option<usize>)>,
+    ) -> Result<()> {
+        self.validate(shape, initial)?;
+        let Some((kv, z)) = d_final else {
+            return Ok(());
+        };
+        if !self.causal {
+            return Err(Error::Unsupported {
+                combination: "a d_final state with non-causal linear attention (no state carries on)",
+            });
+        }
+        let states = shape.batch * shape.q_heads * shape.head_dim;
+        check_len("d_final kv state", states * shape.value_dim, kv)?;
+        match (z, self.normalize) {
+            (Some(z), true) => check_len("d_final z state", states, z),
+            (Some(_), false) => Err(invalid(
+                "d_final_state",
+                "a z gradient is given but the normaliser is off".into(),
+            )),
+            (None, _) => Ok(()),
+        }
+    }
+}
+
 fn invalid(modifier: &'static str, reason: String) -> Error {
     Error::InvalidModifier { modifier, reason }
 }
@@ -286,4 +318,20 @@ pub struct LinearAttention<T> {
     pub output: Vec<T>,
     /// The state after the last token.
     pub state: LinearState,
+}
+
+/// Results of [`Engine::linear_attention_backward`](crate::Engine::linear_attention_backward):
+/// the gradients of `Σ dO ∘ O + ⟨d_final, final state⟩`.
+#[derive(Clone, Debug)]
+pub struct LinearGrads<T> {
+    /// Like Q.
+    pub dq: Vec<T>,
+    /// Like K: summed over the query heads of each GQA group.
+    pub dk: Vec<T>,
+    /// Like V: summed over the query heads of each GQA group.
+    pub dv: Vec<T>,
+    /// The gradient of the initial state (f32, its layout; `z` when the call normalises),
+    /// `Some` when the call had one: the `d_final` of the piece before it in a sequence
+    /// trained in pieces.
+    pub d_initial: Option<LinearState>,
 }

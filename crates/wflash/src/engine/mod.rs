@@ -406,10 +406,10 @@ fn check_capable(info: &EngineInfo) -> Result<()> {
             "it allows {} storage buffers per shader stage; the kernels bind up to {}",
             limits.max_storage_buffers_per_shader_stage, STORAGE_BUFFERS_PER_KERNEL
         )
-    } else if limits.max_sampled_textures_per_shader_stage < TEXTURES_PER_KERNEL {
+    } else if limits.max_storage_textures_per_shader_stage < TEXTURES_PER_KERNEL {
         format!(
-            "it allows {} sampled textures per shader stage; the kernels bind up to {}",
-            limits.max_sampled_textures_per_shader_stage, TEXTURES_PER_KERNEL
+            "it allows {} storage textures per shader stage; the kernels bind up to {}",
+            limits.max_storage_textures_per_shader_stage, TEXTURES_PER_KERNEL
         )
     } else {
         return Ok(());

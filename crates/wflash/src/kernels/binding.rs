@@ -43,6 +43,15 @@ bindings! {
     KV_OUT = 9, "kv_out";
     Z_OUT = 10, "z_out";
     STATE_TEXTURE = 11, "state_texture";
+    /// Linear attention's backward (linear_bwd.wgsl): dO, packed Q and ĝ textures (ĝ written
+    /// by the readout pass, read by the others) and the gradients.
+    LINEAR_D_O = 14, "linear_do";
+    LINEAR_Q_TEX = 15, "linear_q_tex";
+    LINEAR_GRAD_TEX = 16, "linear_grad_tex";
+    LINEAR_GRAD_OUT = 17, "linear_grad_out";
+    LINEAR_DQ = 18, "linear_dq";
+    LINEAR_DK = 19, "linear_dk";
+    LINEAR_DV = 20, "linear_dv";
     /// The packing pass: the tensor it reads and the texture it writes.
     PACK_SOURCE = 1, "pack_source";
     PACK_TEXTURE = 2, "pack_texture";

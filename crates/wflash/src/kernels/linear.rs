@@ -1,4 +1,5 @@
-//! The linear-attention kernels (linear.wgsl's four entry points).
+//! The linear-attention kernels: linear.wgsl's four forward entry points and
+//! linear_bwd.wgsl's five backward ones (composed after linear.wgsl, whose helpers they use).
 
 use super::binding;
 use super::wgsl::{Storage, Wgsl, expand_unrolls, file, load_accessor, store_accessor};
@@ -14,14 +15,29 @@ pub enum LinearPass {
     ChunkOutput,
     /// The token-by-token recurrence, for decoding.
     Recurrent,
+    /// Backward: the gradient that reaches each readout row (ĝ), into a packed texture.
+    BwdReadout,
+    /// Backward: each chunk's own state gradient ΔD (parallel over chunks).
+    BwdChunkDState,
+    /// Backward: the state gradient after each chunk, scanned from the last (and dS0).
+    BwdChunkDPrefix,
+    /// Backward: dQ rows.
+    BwdDq,
+    /// Backward: dK and dV rows, summed over each kv head's query heads.
+    BwdDkDv,
 }
 
 impl LinearPass {
-    pub const ALL: [LinearPass; 4] = [
+    pub const ALL: [LinearPass; 9] = [
         LinearPass::ChunkState,
         LinearPass::ChunkPrefix,
         LinearPass::ChunkOutput,
         LinearPass::Recurrent,
+        LinearPass::BwdReadout,
+        LinearPass::BwdChunkDState,
+        LinearPass::BwdChunkDPrefix,
+        LinearPass::BwdDq,
+        LinearPass::BwdDkDv,
     ];
     pub fn entry_point(self) -> &'static str {
         match self {
@@ -29,7 +45,35 @@ impl LinearPass {
             LinearPass::ChunkPrefix => "linear_chunk_prefix",
             LinearPass::ChunkOutput => "linear_chunk_output",
             LinearPass::Recurrent => "linear_recurrent",
+            LinearPass::BwdReadout => "linear_bwd_readout",
+            LinearPass::BwdChunkDState => "linear_bwd_chunk_dstate",
+            LinearPass::BwdChunkDPrefix => "linear_bwd_chunk_dprefix",
+            LinearPass::BwdDq => "linear_bwd_dq",
+            LinearPass::BwdDkDv => "linear_bwd_dkdv",
         }
+    }
+
+    /// Whether the pass is the backward's (linear_bwd.wgsl).
+    pub fn is_backward(self) -> bool {
+        matches!(
+            self,
+            LinearPass::BwdReadout
+                | LinearPass::BwdChunkDState
+                | LinearPass::BwdChunkDPrefix
+                | LinearPass::BwdDq
+                | LinearPass::BwdDkDv
+        )
+    }
+
+    /// Whether the pass takes several tokens per invocation (`ROWS`; 1 for the others).
+    pub fn has_rows(self) -> bool {
+        matches!(
+            self,
+            LinearPass::ChunkOutput
+                | LinearPass::BwdReadout
+                | LinearPass::BwdDq
+                | LinearPass::BwdDkDv
+        )
     }
 }
 
@@ -53,7 +97,8 @@ pub struct LinearKey {
     pub value_dim: u32,
     pub feature_map: crate::FeatureMap,
     pub normalize: bool,
-    /// Tokens per invocation of [`LinearPass::ChunkOutput`] (1 for the other passes).
+    /// Tokens per invocation of the passes that take several ([`LinearPass::has_rows`]; 1 for
+    /// the others).
     pub rows: u32,
 }
 
@@ -95,12 +140,26 @@ impl LinearKey {
         load_accessor(&mut src, self.storage, binding::LINEAR_K, "k");
         load_accessor(&mut src, self.storage, binding::LINEAR_V, "v");
         store_accessor(&mut src, self.storage, binding::O, "o");
-        let counts = [
+        let backward = self.pass.is_backward();
+        if backward {
+            load_accessor(&mut src, self.storage, binding::LINEAR_D_O, "do");
+            store_accessor(&mut src, self.storage, binding::LINEAR_DQ, "dq");
+            store_accessor(&mut src, self.storage, binding::LINEAR_DK, "dk");
+            store_accessor(&mut src, self.storage, binding::LINEAR_DV, "dv");
+        }
+        let mut counts = vec![
             ("D4", self.key_dim.div_ceil(4)),
             ("DV4", self.value_dim.div_ceil(4)),
             ("ROWS", self.rows),
         ];
-        for (name, value) in counts {
+        if backward {
+            // Texels of a ĝ row: the value columns and the normaliser's.
+            counts.push((
+                "C4",
+                (self.value_dim + u32::from(self.normalize)).div_ceil(4),
+            ));
+        }
+        for &(name, value) in &counts {
             src.push(&format!("const {name}: u32 = {value}u;"));
         }
         src.push(&format!(
@@ -111,6 +170,9 @@ impl LinearKey {
             self.normalize
         ));
         src.push(&expand_unrolls(file("linear.wgsl"), &counts));
+        if backward {
+            src.push(&expand_unrolls(file("linear_bwd.wgsl"), &counts));
+        }
         src.finish()
     }
 }

@@ -26,11 +26,12 @@ pub use wgsl::{Storage, expand_unrolls};
 
 use crate::{FeatureMap, ModifierSet};
 
-/// The most storage buffers one kernel binds (the naga test checks every variant against it);
-/// an engine refuses a device whose `max_storage_buffers_per_shader_stage` is below it.
-pub const STORAGE_BUFFERS_PER_KERNEL: u32 = 10;
-/// The most textures one kernel binds; an engine refuses a device whose
-/// `max_sampled_textures_per_shader_stage` is below it.
+/// The most storage buffers one kernel's entry point binds (the naga test checks every variant
+/// against it); an engine refuses a device whose `max_storage_buffers_per_shader_stage` is
+/// below it.
+pub const STORAGE_BUFFERS_PER_KERNEL: u32 = 9;
+/// The most (storage) textures one kernel's entry point binds; an engine refuses a device whose
+/// `max_storage_textures_per_shader_stage` is below it. WebGPU's default limit is 4.
 pub const TEXTURES_PER_KERNEL: u32 = 4;
 
 /// One compilable kernel: everything `create_compute_pipeline` needs.
@@ -118,10 +119,7 @@ pub fn all_variants(dims: &[(u32, u32)]) -> Vec<KernelId> {
     for &(key_dim, value_dim) in dims {
         let (key_dim, value_dim) = (key_dim.min(linear_max), value_dim.min(linear_max));
         for pass in LinearPass::ALL {
-            let rows: &[u32] = match pass {
-                LinearPass::ChunkOutput => &[1, 2, 4],
-                _ => &[1],
-            };
+            let rows: &[u32] = if pass.has_rows() { &[1, 2, 4] } else { &[1] };
             for (&storage, feature_map, normalize, &rows) in
                 product4(&Storage::ALL, &FeatureMap::ALL, &[false, true], rows)
             {

@@ -42,7 +42,7 @@ impl Storage {
 
 /// Every WGSL file the kernels are built from, by path under `shaders/` (embedded: the crate
 /// package carries `shaders/`, a link to the workspace's).
-const FILES: [(&str, &str); 9] = [
+const FILES: [(&str, &str); 10] = [
     (
         "flash_bwd.wgsl",
         include_str!("../../shaders/flash_bwd.wgsl"),
@@ -56,6 +56,10 @@ const FILES: [(&str, &str); 9] = [
         include_str!("../../shaders/flash_fwd_unrolled.wgsl"),
     ),
     ("linear.wgsl", include_str!("../../shaders/linear.wgsl")),
+    (
+        "linear_bwd.wgsl",
+        include_str!("../../shaders/linear_bwd.wgsl"),
+    ),
     (
         "pack_rows.wgsl",
         include_str!("../../shaders/pack_rows.wgsl"),

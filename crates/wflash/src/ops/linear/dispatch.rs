@@ -1,6 +1,6 @@
 //! Records a planned linear-attention call: packing, the passes, the state copies.
 
-use super::plan::LinearPlan;
+use super::plan::{ChunkPlan, LinearPlan};
 use super::{GpuLinearAttention, GpuLinearState};
 use crate::gpu::pool::Scratch;
 use crate::gpu::tensor::buffer_with_contents;
@@ -8,16 +8,15 @@ use crate::kernels::{KernelId, PackKernel, binding};
 use crate::ops::passes::{PackShape, entry, pack_rows, record_pass, texture_entry};
 use crate::{DType, Engine, LinearOptions, Result, Tensor};
 
-/// What every pass of one call binds: the uniform block, Q/K/V/O, the decay powers and the
-/// four state buffers (initial kv and z, final kv and z).
-struct Bound<'a> {
-    uniform: &'a wgpu::Buffer,
-    decay: &'a wgpu::Buffer,
-    q: &'a Tensor,
-    k: &'a Tensor,
-    v: &'a Tensor,
-    output: &'a Tensor,
-    states: [wgpu::BindGroupEntry<'a>; 4],
+/// What the passes of one call bind: the uniform block, Q/K/V, the decay powers and the four
+/// state buffers (initial kv and z, final kv and z).
+pub(super) struct Bound<'a> {
+    pub uniform: &'a wgpu::Buffer,
+    pub decay: &'a wgpu::Buffer,
+    pub q: &'a Tensor,
+    pub k: &'a Tensor,
+    pub v: &'a Tensor,
+    pub states: [wgpu::BindGroupEntry<'a>; 4],
 }
 
 impl Engine {
@@ -79,7 +78,6 @@ impl Engine {
                 q,
                 k,
                 v,
-                output: &output,
                 states: [
                     entry(binding::KV_IN, &kv_in),
                     entry(binding::Z_IN, &z_in),
@@ -89,11 +87,18 @@ impl Engine {
             };
             // Loans from the scratch pool go back when this closure ends, after the submit.
             let _loans = match (plan.chunked, &pack_pipeline) {
-                (Some(_), Some(pack)) => {
-                    self.record_chunked(device, &mut encoder, plan, &bound, &pipelines, pack)?
-                }
+                (Some(_), Some(pack)) => self.record_chunked(
+                    device,
+                    &mut encoder,
+                    plan,
+                    &bound,
+                    &output,
+                    &pipelines,
+                    pack,
+                )?,
                 _ => {
-                    self.record_recurrent(device, &mut encoder, plan, &bound, &pipelines[0]);
+                    let pipeline = &pipelines[0];
+                    self.record_recurrent(device, &mut encoder, plan, &bound, &output, pipeline);
                     Vec::new()
                 }
             };
@@ -116,13 +121,14 @@ impl Engine {
         encoder: &mut wgpu::CommandEncoder,
         plan: &LinearPlan,
         bound: &Bound<'_>,
+        output: &Tensor,
         pipeline: &wgpu::ComputePipeline,
     ) {
         let shape = &plan.shape;
         let mut entries = vec![
             entry(binding::PARAMS, bound.uniform),
             entry(binding::Q, &bound.q.buffer),
-            entry(binding::O, &bound.output.buffer),
+            entry(binding::O, &output.buffer),
             entry(binding::DECAY_POWERS, bound.decay),
             entry(binding::LINEAR_K, &bound.k.buffer),
             entry(binding::LINEAR_V, &bound.v.buffer),
@@ -143,10 +149,52 @@ impl Engine {
         );
     }
 
-    /// The chunked kernel: K and V packed into textures, each chunk's own state, the prefix
-    /// scan over chunks (into the per-chunk states and the final state), those states copied
-    /// into a texture, the output rows. Returns the scratch loans to hold until the submit.
+    /// The chunked kernel: [`Engine::record_chunk_states`], then the output rows. Returns the
+    /// scratch loans to hold until the submit.
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "a call's bindings and its pipelines"
+    )]
     fn record_chunked(
+        &self,
+        device: &wgpu::Device,
+        encoder: &mut wgpu::CommandEncoder,
+        plan: &LinearPlan,
+        bound: &Bound<'_>,
+        output: &Tensor,
+        pipelines: &[wgpu::ComputePipeline],
+        pack: &wgpu::ComputePipeline,
+    ) -> Result<Vec<Scratch>> {
+        let shape = &plan.shape;
+        let states = self.record_chunk_states(device, encoder, plan, bound, pipelines, pack)?;
+        let c = states.chunks;
+        let (h, b) = (shape.q_heads as u32, shape.batch as u32);
+        let entries = [
+            entry(binding::PARAMS, bound.uniform),
+            entry(binding::Q, &bound.q.buffer),
+            texture_entry(binding::K, &states.k_view),
+            texture_entry(binding::V, &states.v_view),
+            entry(binding::O, &output.buffer),
+            entry(binding::DECAY_POWERS, bound.decay),
+            texture_entry(binding::STATE_TEXTURE, &states.state_view),
+        ];
+        let grid = [shape.q_len.div_ceil(64 * c.rows as usize) as u32, h, b];
+        record_pass(
+            device,
+            encoder,
+            &pipelines[2],
+            &entries,
+            grid,
+            "linear chunk output",
+        );
+        Ok(states.loans)
+    }
+
+    /// The chunked kernel's first passes: K and V packed into textures, each chunk's own
+    /// state, the prefix scan over chunks (into the per-chunk states and the final state),
+    /// those states copied into a texture. `pipelines` starts with the chunk-state and prefix
+    /// passes.
+    pub(super) fn record_chunk_states(
         &self,
         device: &wgpu::Device,
         encoder: &mut wgpu::CommandEncoder,
@@ -154,14 +202,14 @@ impl Engine {
         bound: &Bound<'_>,
         pipelines: &[wgpu::ComputePipeline],
         pack: &wgpu::ComputePipeline,
-    ) -> Result<Vec<Scratch>> {
+    ) -> Result<ChunkStates> {
         let (shape, params) = (&plan.shape, &plan.params);
         let c = plan.chunked.ok_or_else(|| {
             crate::Error::Internal("a chunked recording of a recurrent plan".into())
         })?;
         let (b, h) = (shape.batch as u32, shape.q_heads as u32);
         let max_groups = self.inner.info.limits.max_compute_workgroups_per_dimension;
-        let (mut loans, views): (Vec<Scratch>, Vec<wgpu::TextureView>) = [
+        let (mut loans, mut views): (Vec<Scratch>, Vec<wgpu::TextureView>) = [
             (bound.k, shape.head_dim, params.k_stride, "linear packed K"),
             (bound.v, shape.value_dim, params.v_stride, "linear packed V"),
         ]
@@ -189,7 +237,7 @@ impl Engine {
             u64::from(row_bytes) * u64::from(c.state_lines),
             wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
         )?;
-        let chunk_states = chunk_states_loan.buffer();
+        let chunk_states = chunk_states_loan.buffer().clone();
         let column_groups = params.columns.div_ceil(4);
         let columns = column_groups.div_ceil(64);
         let prefix_groups = (column_groups * shape.head_dim as u32).div_ceil(64);
@@ -198,7 +246,7 @@ impl Engine {
             texture_entry(binding::K, &views[0]),
             texture_entry(binding::V, &views[1]),
             entry(binding::DECAY_POWERS, bound.decay),
-            entry(binding::CHUNK_STATES, chunk_states),
+            entry(binding::CHUNK_STATES, &chunk_states),
         ];
         let grid = [c.chunks * columns, h, b];
         record_pass(
@@ -212,7 +260,7 @@ impl Engine {
         let mut entries = vec![
             entry(binding::PARAMS, bound.uniform),
             entry(binding::DECAY_POWERS, bound.decay),
-            entry(binding::CHUNK_STATES, chunk_states),
+            entry(binding::CHUNK_STATES, &chunk_states),
         ];
         entries.extend(bound.states.iter().cloned());
         let grid = [prefix_groups, h, b];
@@ -224,6 +272,38 @@ impl Engine {
             grid,
             "linear chunk prefix",
         );
+        let (state_loan, state_view) = self.copy_chunk_states(
+            device,
+            encoder,
+            &c,
+            &chunk_states,
+            "linear chunk states texture",
+        )?;
+        loans.push(chunk_states_loan);
+        loans.push(state_loan);
+        let v_view = views.pop().expect("two packed views");
+        let k_view = views.pop().expect("two packed views");
+        Ok(ChunkStates {
+            chunks: c,
+            loans,
+            k_view,
+            v_view,
+            chunk_states,
+            state_view,
+        })
+    }
+
+    /// Copies the per-chunk states (or their gradients) into a texture from the scratch pool,
+    /// for the passes that read them in loops; returns the loan and its view.
+    pub(super) fn copy_chunk_states(
+        &self,
+        device: &wgpu::Device,
+        encoder: &mut wgpu::CommandEncoder,
+        c: &ChunkPlan,
+        chunk_states: &wgpu::Buffer,
+        label: &str,
+    ) -> Result<(Scratch, wgpu::TextureView)> {
+        let row_bytes = c.state_fold * c.pitch * 4;
         let size = wgpu::Extent3d {
             width: c.state_fold * c.pitch / 4,
             height: c.state_lines,
@@ -231,7 +311,7 @@ impl Engine {
         };
         let state_loan = self.inner.pool.texture(
             device,
-            "linear chunk states texture",
+            label,
             size,
             wgpu::TextureFormat::Rgba32Float,
             wgpu::TextureUsages::STORAGE_BINDING | wgpu::TextureUsages::COPY_DST,
@@ -250,26 +330,18 @@ impl Engine {
             size,
         );
         let state_view = state_texture.create_view(&wgpu::TextureViewDescriptor::default());
-        let entries = [
-            entry(binding::PARAMS, bound.uniform),
-            entry(binding::Q, &bound.q.buffer),
-            texture_entry(binding::K, &views[0]),
-            texture_entry(binding::V, &views[1]),
-            entry(binding::O, &bound.output.buffer),
-            entry(binding::DECAY_POWERS, bound.decay),
-            texture_entry(binding::STATE_TEXTURE, &state_view),
-        ];
-        let grid = [shape.q_len.div_ceil(64 * c.rows as usize) as u32, h, b];
-        record_pass(
-            device,
-            encoder,
-            &pipelines[2],
-            &entries,
-            grid,
-            "linear chunk output",
-        );
-        loans.push(chunk_states_loan);
-        loans.push(state_loan);
-        Ok(loans)
+        Ok((state_loan, state_view))
     }
+}
+
+/// What [`Engine::record_chunk_states`] leaves for the passes after it: the packed K and V,
+/// the per-chunk states (`S_before[t]`, and the total at slot `chunks`) as a buffer and as a
+/// texture, and the scratch loans to hold until the submit.
+pub(super) struct ChunkStates {
+    pub chunks: ChunkPlan,
+    pub loans: Vec<Scratch>,
+    pub k_view: wgpu::TextureView,
+    pub v_view: wgpu::TextureView,
+    pub chunk_states: wgpu::Buffer,
+    pub state_view: wgpu::TextureView,
 }

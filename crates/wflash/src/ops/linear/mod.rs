@@ -1,9 +1,11 @@
 //! Linear attention's calls (semantics: [`crate::linear`]): the host and GPU-resident entry
 //! points. [`plan`] decides how a call runs, [`dispatch`] records it.
 
+mod backward;
 mod dispatch;
 mod plan;
 
+pub use backward::{GpuLinearGrads, LinearBackwardPlan};
 pub use plan::{ChunkPlan, LinearParams, LinearPlan};
 
 use crate::ops::passes::check_qkv;
@@ -52,28 +54,12 @@ impl Engine {
         check_len("q", shape.q_elems(), q.len())?;
         check_len("k", shape.k_elems(), k.len())?;
         check_len("v", shape.v_elems(), v.len())?;
-        let initial = match initial {
-            Some(state) => Some(GpuLinearState {
-                kv: self.upload(&state.kv)?,
-                z: if state.z.is_empty() {
-                    None
-                } else {
-                    Some(self.upload(&state.z)?)
-                },
-            }),
-            None => None,
-        };
+        let initial = initial.map(|s| self.upload_state(s)).transpose()?;
         let (q, k, v) = (self.upload(q)?, self.upload(k)?, self.upload(v)?);
         let out = self.run_linear(&plan, opts, &q, &k, &v, initial.as_ref())?;
-        let output = self.read::<T>(&out.output).await?;
-        let kv = self.read::<f32>(&out.state.kv).await?;
-        let z = match &out.state.z {
-            Some(z) => self.read::<f32>(z).await?,
-            None => Vec::new(),
-        };
         Ok(LinearAttention {
-            output,
-            state: LinearState { kv, z },
+            output: self.read::<T>(&out.output).await?,
+            state: self.read_state(&out.state).await?,
         })
     }
 
@@ -115,22 +101,54 @@ impl Engine {
         let sizes = initial.map(|s| (s.kv.len, s.z.as_ref().map(|z| z.len)));
         let plan = self.plan_linear(shape, layout, opts, q.dtype, sizes)?;
         check_qkv(shape, q, k, v)?;
-        if let Some(state) = initial {
-            for (name, t) in [
-                ("initial kv state", Some(&state.kv)),
-                ("initial z state", state.z.as_ref()),
-            ] {
-                if let Some(t) = t
-                    && t.dtype != DType::F32
-                {
-                    return Err(Error::DTypeMismatch {
-                        tensor: name,
-                        expected: DType::F32,
-                        got: t.dtype,
-                    });
-                }
-            }
-        }
+        check_state_dtype(initial, "initial kv state", "initial z state")?;
         self.run_linear(&plan, opts, q, k, v, initial)
     }
+
+    /// A host state on the GPU (`z` absent when empty).
+    fn upload_state(&self, state: &LinearState) -> Result<GpuLinearState> {
+        Ok(GpuLinearState {
+            kv: self.upload(&state.kv)?,
+            z: if state.z.is_empty() {
+                None
+            } else {
+                Some(self.upload(&state.z)?)
+            },
+        })
+    }
+
+    /// A GPU state read back (`z` empty when absent).
+    async fn read_state(&self, state: &GpuLinearState) -> Result<LinearState> {
+        Ok(LinearState {
+            kv: self.read::<f32>(&state.kv).await?,
+            z: match &state.z {
+                Some(z) => self.read::<f32>(z).await?,
+                None => Vec::new(),
+            },
+        })
+    }
+}
+
+/// States are f32 on every path: `kv` and `z` of `state` (named `kv_name`, `z_name` in the
+/// error) must be.
+fn check_state_dtype(
+    state: Option<&GpuLinearState>,
+    kv_name: &'static str,
+    z_name: &'static str,
+) -> Result<()> {
+    let Some(state) = state else {
+        return Ok(());
+    };
+    for (name, t) in [(kv_name, Some(&state.kv)), (z_name, state.z.as_ref())] {
+        if let Some(t) = t
+            && t.dtype != DType::F32
+        {
+            return Err(Error::DTypeMismatch {
+                tensor: name,
+                expected: DType::F32,
+                got: t.dtype,
+            });
+        }
+    }
+    Ok(())
 }
