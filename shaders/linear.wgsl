@@ -60,7 +60,13 @@ struct LinearParams {
     causal: u32,
     // Entries per head of decay_powers.
     decay_stride: u32,
+    // The chunk passes' heads: head_base .. head_base + state_heads (a call whose per-chunk
+    // states would not fit one binding runs them in groups of heads; one group otherwise).
+    head_base: u32,
+    state_heads: u32,
     _pad1: u32,
+    _pad2: u32,
+    _pad3: u32,
 }
 
 @group(0) @binding({binding.params}) var<uniform> params: LinearParams;
@@ -125,8 +131,10 @@ fn kv_row(batch: u32, kv_head: u32, token: u32) -> u32 {
     return (batch * (params.q_heads / params.group) + kv_head) * params.tex_rows_per_head + token;
 }
 
-// The first float of row `d` of slot `slot` of (batch · q_heads + head) `bh` in chunk_states.
-fn state_row(bh: u32, slot: u32, d: u32) -> u32 {
+// The first float of row `d` of slot `slot` of (batch, head) in chunk_states, which holds the
+// heads of this group (params.head_base ..).
+fn state_row(batch: u32, head: u32, slot: u32, d: u32) -> u32 {
+    let bh = batch * params.state_heads + head - params.head_base;
     return (bh * (params.chunks + 1u) + slot) * KEY_DIM + d;
 }
 
@@ -149,7 +157,7 @@ fn initial(bh: u32, d: u32, c: u32) -> f32 {
 }
 
 // Pass 1: ΔS_t for chunk t, four state columns (4·c4 ..) per invocation, so each fetched key
-// texel feeds four columns. Dispatch (chunks · ceil(column groups / 64), q_heads, batch).
+// texel feeds four columns. Dispatch (chunks · ceil(column groups / 64), the group's heads, batch).
 @compute @workgroup_size(WORKGROUP)
 fn linear_chunk_state(
     @builtin(workgroup_id) wg: vec3<u32>,
@@ -162,9 +170,8 @@ fn linear_chunk_state(
     if c4 >= groups || t >= params.chunks {
         return;
     }
-    let head = wg.y;
+    let head = wg.y + params.head_base;
     let batch = wg.z;
-    let bh = batch * params.q_heads + head;
     let start = t * params.chunk;
     let end = min(start + params.chunk, params.len);
     let k_width4 = (KEY_DIM + 3u) / 4u;
@@ -200,7 +207,7 @@ fn linear_chunk_state(
 //#unroll d D4
 //#unroll x 4
     if {d} * 4u + {x} < KEY_DIM {
-        chunk_states[state_row(bh, t, {d} * 4u + {x}) * (params.pitch / 4u) + c4] = s[{d} * 4u + {x}];
+        chunk_states[state_row(batch, head, t, {d} * 4u + {x}) * (params.pitch / 4u) + c4] = s[{d} * 4u + {x}];
     }
 //#end
 //#end
@@ -208,7 +215,7 @@ fn linear_chunk_state(
 
 // Pass 2: S_before[t] for every chunk and the final state. One invocation per state row d and
 // group of 4 columns: a scan over chunks of one vec4 (small code; llvmpipe compiles unrolled
-// state rows slowly). Dispatch (ceil(KEY_DIM · column groups / 64), q_heads, batch).
+// state rows slowly). Dispatch (ceil(KEY_DIM · column groups / 64), the group's heads, batch).
 @compute @workgroup_size(WORKGROUP)
 fn linear_chunk_prefix(
     @builtin(workgroup_id) wg: vec3<u32>,
@@ -221,19 +228,19 @@ fn linear_chunk_prefix(
     }
     let c4 = g % groups;
     let d = g / groups;
-    let head = wg.y;
+    let head = wg.y + params.head_base;
     let batch = wg.z;
     let bh = batch * params.q_heads + head;
     let row4 = params.pitch / 4u;
     var s = initial4(bh, d, c4);
     for (var t = 0u; t < params.chunks; t++) {
         let carried = decay_pow(head, min(params.chunk, params.len - t * params.chunk));
-        let at = state_row(bh, t, d) * row4 + c4;
+        let at = state_row(batch, head, t, d) * row4 + c4;
         let own = chunk_states[at];
         chunk_states[at] = s;
         s = s * carried + own;
     }
-    chunk_states[state_row(bh, params.chunks, d) * row4 + c4] = s;
+    chunk_states[state_row(batch, head, params.chunks, d) * row4 + c4] = s;
     for (var y = 0u; y < 4u; y++) {
         let c = c4 * 4u + y;
         if c < VALUE_DIM {
@@ -258,8 +265,8 @@ fn initial4(bh: u32, d: u32, c4: u32) -> vec4<f32> {
 }
 
 // Texel e4 of row `d` of slot `slot` of the per-chunk states.
-fn state_texel(bh: u32, slot: u32, d: u32, e4: u32) -> vec4<f32> {
-    let row = state_row(bh, slot, d);
+fn state_texel(batch: u32, head: u32, slot: u32, d: u32, e4: u32) -> vec4<f32> {
+    let row = state_row(batch, head, slot, d);
     let x = (row % params.state_fold) * (params.pitch / 4u) + e4;
     return textureLoad(state_tex, vec2<u32>(x, row / params.state_fold));
 }
@@ -273,7 +280,6 @@ struct OutputRows {
 }
 
 fn output_rows(batch: u32, head: u32, i0: u32) -> OutputRows {
-    let bh = batch * params.q_heads + head;
     let k_width4 = (KEY_DIM + 3u) / 4u;
     let v_width4 = (VALUE_DIM + 3u) / 4u;
     let causal = params.causal != 0u;
@@ -343,14 +349,14 @@ fn output_rows(batch: u32, head: u32, i0: u32) -> OutputRows {
 //#end
 //#unroll e DV4
         {
-            let s = state_texel(bh, slot, d, {e});
+            let s = state_texel(batch, head, slot, d, {e});
 //#unroll r ROWS
             o[{r} * DV4 + {e}] += qd[{r}] * s;
 //#end
         }
 //#end
         if NORMALIZE {
-            let z = state_texel(bh, slot, d, z4)[zx];
+            let z = state_texel(batch, head, slot, d, z4)[zx];
 //#unroll r ROWS
             den[{r}] += qd[{r}] * z;
 //#end
@@ -361,7 +367,7 @@ fn output_rows(batch: u32, head: u32, i0: u32) -> OutputRows {
 
 // Pass 3: the output rows, ROWS consecutive tokens per invocation, all in one chunk (the chunk
 // is a multiple of ROWS): every key, value and state texel fetched feeds ROWS rows.
-// Dispatch (ceil(len / (64 · ROWS)), q_heads, batch).
+// Dispatch (ceil(len / (64 · ROWS)), the group's heads, batch).
 @compute @workgroup_size(WORKGROUP)
 fn linear_chunk_output(
     @builtin(workgroup_id) wg: vec3<u32>,
@@ -371,7 +377,7 @@ fn linear_chunk_output(
     if i0 >= params.len {
         return;
     }
-    let head = wg.y;
+    let head = wg.y + params.head_base;
     let batch = wg.z;
     let rows = output_rows(batch, head, i0);
 //#unroll r ROWS

@@ -74,7 +74,7 @@ fn phi_slope(x: vec4<f32>) -> vec4<f32> {
 }
 
 // Pass 1: ĝ of ROWS consecutive tokens per invocation. Dispatch (ceil(len / (64 · ROWS)),
-// q_heads, batch).
+// the group's heads, batch).
 @compute @workgroup_size(WORKGROUP)
 fn linear_bwd_readout(
     @builtin(workgroup_id) wg: vec3<u32>,
@@ -84,7 +84,7 @@ fn linear_bwd_readout(
     if i0 >= params.len {
         return;
     }
-    let head = wg.y;
+    let head = wg.y + params.head_base;
     let batch = wg.z;
     var rows: OutputRows;
     if NORMALIZE {
@@ -120,7 +120,7 @@ fn linear_bwd_readout(
 }
 
 // Pass 2: ΔD_t for chunk t, four state columns (4·c4 ..) per invocation. Dispatch
-// (chunks · ceil(C4 / 64), q_heads, batch).
+// (chunks · ceil(C4 / 64), the group's heads, batch).
 @compute @workgroup_size(WORKGROUP)
 fn linear_bwd_chunk_dstate(
     @builtin(workgroup_id) wg: vec3<u32>,
@@ -132,9 +132,8 @@ fn linear_bwd_chunk_dstate(
     if c4 >= C4 || t >= params.chunks {
         return;
     }
-    let head = wg.y;
+    let head = wg.y + params.head_base;
     let batch = wg.z;
-    let bh = batch * params.q_heads + head;
     let start = t * params.chunk;
     let end = min(start + params.chunk, params.len);
     var s: array<vec4<f32>, D4 * 4u>;
@@ -159,7 +158,7 @@ fn linear_bwd_chunk_dstate(
 //#unroll d D4
 //#unroll x 4
     if {d} * 4u + {x} < KEY_DIM {
-        chunk_states[state_row(bh, t, {d} * 4u + {x}) * (params.pitch / 4u) + c4] = s[{d} * 4u + {x}];
+        chunk_states[state_row(batch, head, t, {d} * 4u + {x}) * (params.pitch / 4u) + c4] = s[{d} * 4u + {x}];
     }
 //#end
 //#end
@@ -168,7 +167,7 @@ fn linear_bwd_chunk_dstate(
 // Pass 3: A[t] for every chunk, last to first, from d_final (the initial state's bindings,
 // `params.has_initial` its bits), and dS0 = A[−1] into the final state's bindings.
 // Non-causal: the total Σ ΔD_t into slot `chunks`. One invocation per state row and group of
-// 4 columns. Dispatch (ceil(KEY_DIM · C4 / 64), q_heads, batch).
+// 4 columns. Dispatch (ceil(KEY_DIM · C4 / 64), the group's heads, batch).
 @compute @workgroup_size(WORKGROUP)
 fn linear_bwd_chunk_dprefix(
     @builtin(workgroup_id) wg: vec3<u32>,
@@ -180,23 +179,23 @@ fn linear_bwd_chunk_dprefix(
     }
     let c4 = g % C4;
     let d = g / C4;
-    let head = wg.y;
+    let head = wg.y + params.head_base;
     let batch = wg.z;
     let bh = batch * params.q_heads + head;
     let row4 = params.pitch / 4u;
     if params.causal == 0u {
         var total = vec4<f32>(0.0);
         for (var t = 0u; t < params.chunks; t++) {
-            total += chunk_states[state_row(bh, t, d) * row4 + c4];
+            total += chunk_states[state_row(batch, head, t, d) * row4 + c4];
         }
-        chunk_states[state_row(bh, params.chunks, d) * row4 + c4] = total;
+        chunk_states[state_row(batch, head, params.chunks, d) * row4 + c4] = total;
         return;
     }
     var s = initial4(bh, d, c4);
     for (var n = 0u; n < params.chunks; n++) {
         let t = params.chunks - 1u - n;
         let carried = decay_pow(head, min(params.chunk, params.len - t * params.chunk));
-        let at = state_row(bh, t, d) * row4 + c4;
+        let at = state_row(batch, head, t, d) * row4 + c4;
         let own = chunk_states[at];
         chunk_states[at] = s;
         s = s * carried + own;
@@ -212,7 +211,7 @@ fn linear_bwd_chunk_dprefix(
 }
 
 // Pass 4: dQ of ROWS consecutive tokens per invocation, all in one chunk. Dispatch
-// (ceil(len / (64 · ROWS)), q_heads, batch).
+// (ceil(len / (64 · ROWS)), the group's heads, batch).
 @compute @workgroup_size(WORKGROUP)
 fn linear_bwd_dq(
     @builtin(workgroup_id) wg: vec3<u32>,
@@ -222,9 +221,8 @@ fn linear_bwd_dq(
     if i0 >= params.len {
         return;
     }
-    let head = wg.y;
+    let head = wg.y + params.head_base;
     let batch = wg.z;
-    let bh = batch * params.q_heads + head;
     let causal = params.causal != 0u;
     let t = i0 / params.chunk;
     let start = t * params.chunk;
@@ -274,26 +272,28 @@ fn linear_bwd_dq(
         }
     }
     // The carried state: S_before ĝ_i, one state row d at a time (a dynamic loop, as the
-    // forward's output pass).
+    // forward's output pass), into an array of its own: a private array indexed dynamically
+    // anywhere stays out of registers, and `acc` is updated for every key above.
+    var from_state: array<vec4<f32>, ROWS * D4>;
     for (var d = 0u; d < KEY_DIM; d++) {
         var sg: array<f32, ROWS>;
 //#unroll c C4
         {
-            let s = state_texel(bh, slot, d, {c});
+            let s = state_texel(batch, head, slot, d, {c});
 //#unroll r ROWS
             sg[{r}] += dot(s, grad[{r} * C4 + {c}]);
 //#end
         }
 //#end
 //#unroll r ROWS
-        acc[{r} * D4 + d / 4u][d % 4u] += carried[{r}] * sg[{r}];
+        from_state[{r} * D4 + d / 4u][d % 4u] = carried[{r}] * sg[{r}];
 //#end
     }
 //#unroll r ROWS
     if i0 + {r} < params.len {
         let q_base = batch * params.q_stride.x + head * params.q_stride.y + (i0 + {r}) * params.q_stride.z;
 //#unroll d D4
-        store_dq4(q_base, {d} * 4u, phi_slope(load_q4(q_base, {d} * 4u)) * acc[{r} * D4 + {d}] * params.scale);
+        store_dq4(q_base, {d} * 4u, phi_slope(load_q4(q_base, {d} * 4u)) * (acc[{r} * D4 + {d}] + from_state[{r} * D4 + {d}]) * params.scale);
 //#end
     }
 //#end
@@ -301,7 +301,7 @@ fn linear_bwd_dq(
 
 // Pass 5: dK and dV of ROWS consecutive tokens of one kv head per invocation, all in one
 // chunk, summed over the kv head's query heads in order. Dispatch (ceil(len / (64 · ROWS)),
-// kv_heads, batch).
+// the group's kv heads, batch).
 @compute @workgroup_size(WORKGROUP)
 fn linear_bwd_dkdv(
     @builtin(workgroup_id) wg: vec3<u32>,
@@ -311,7 +311,7 @@ fn linear_bwd_dkdv(
     if j0 >= params.len {
         return;
     }
-    let kv_head = wg.y;
+    let kv_head = wg.y + params.head_base / params.group;
     let batch = wg.z;
     let causal = params.causal != 0u;
     let t = j0 / params.chunk;
@@ -322,6 +322,11 @@ fn linear_bwd_dkdv(
     var v: array<vec4<f32>, ROWS * C4>;
     var dk: array<vec4<f32>, ROWS * D4>;
     var dv: array<vec4<f32>, ROWS * DV4>;
+    // The state term's share of dK and a copy of φ(k) for it, apart from `dk` and `k`: the
+    // state loop indexes them dynamically, and a private array indexed dynamically anywhere
+    // stays out of registers (`dk` and `k` serve every (query, key) pair of the chunk).
+    var dk_state: array<vec4<f32>, ROWS * D4>;
+    var k_state: array<vec4<f32>, ROWS * D4>;
     // The rows' own k and v̂ come from storage (read once; the texture budget of a kernel,
     // 4 as WebGPU's default, goes to Q, ĝ and the state gradients).
 //#unroll r ROWS
@@ -337,6 +342,7 @@ fn linear_bwd_dkdv(
         }
 //#unroll d D4
         k[{r} * D4 + {d}] = phi_at(load_k4(k_base, {d} * 4u), {d});
+        k_state[{r} * D4 + {d}] = k[{r} * D4 + {d}];
         dk[{r} * D4 + {d}] = vec4<f32>(0.0);
 //#end
 //#unroll e DV4
@@ -346,7 +352,6 @@ fn linear_bwd_dkdv(
 //#end
     for (var h = 0u; h < params.group; h++) {
         let head = kv_head * params.group + h;
-        let bh = batch * params.q_heads + head;
         var slot = params.chunks;
         if causal {
             slot = t;
@@ -392,20 +397,30 @@ fn linear_bwd_dkdv(
         carried[{r}] = select(1.0, decay_pow(head, end - 1u - min(j0 + {r}, end - 1u)), causal);
 //#end
         for (var d = 0u; d < KEY_DIM; d++) {
+            // One dynamic read of φ(k)[d] and one dynamic write of dK[d] per row and state
+            // row; the sums over the state's columns stay in registers.
+            var kd: array<f32, ROWS>;
+            var dkd: array<f32, ROWS>;
+//#unroll r ROWS
+            kd[{r}] = carried[{r}] * k_state[{r} * D4 + d / 4u][d % 4u];
+//#end
 //#unroll c C4
             {
-                let s = state_texel(bh, slot, d, {c});
+                let s = state_texel(batch, head, slot, d, {c});
 //#unroll r ROWS
                 {
-                    dk[{r} * D4 + d / 4u][d % 4u] += carried[{r}] * dot(s, v[{r} * C4 + {c}]);
+                    dkd[{r}] += dot(s, v[{r} * C4 + {c}]);
                     // Texels past DV4 hold only the normaliser's column, which has no dV
                     // (min keeps the constant index in bounds where the branch is dead).
                     if {c} < DV4 {
-                        dv[{r} * DV4 + min({c}, DV4 - 1u)] += (carried[{r}] * k[{r} * D4 + d / 4u][d % 4u]) * s;
+                        dv[{r} * DV4 + min({c}, DV4 - 1u)] += kd[{r}] * s;
                     }
                 }
 //#end
             }
+//#end
+//#unroll r ROWS
+            dk_state[{r} * D4 + d / 4u][d % 4u] += carried[{r}] * dkd[{r}];
 //#end
         }
     }
@@ -415,7 +430,7 @@ fn linear_bwd_dkdv(
         let k_base = batch * params.k_stride.x + kv_head * params.k_stride.y + j * params.k_stride.z;
         let v_base = batch * params.v_stride.x + kv_head * params.v_stride.y + j * params.v_stride.z;
 //#unroll d D4
-        store_dk4(k_base, {d} * 4u, phi_slope(load_k4(k_base, {d} * 4u)) * dk[{r} * D4 + {d}]);
+        store_dk4(k_base, {d} * 4u, phi_slope(load_k4(k_base, {d} * 4u)) * (dk[{r} * D4 + {d}] + dk_state[{r} * D4 + {d}]));
 //#end
 //#unroll e DV4
         store_dv4(v_base, {e} * 4u, dv[{r} * DV4 + {e}]);

@@ -847,3 +847,56 @@ fn the_scratch_pool_reuses_and_stays_under_its_cap() {
         assert!(stats.bytes <= cap, "{stats:?}");
     }
 }
+
+/// Per-chunk states too large for one storage binding run the chunk passes in groups of heads
+/// (whole kv heads' worth) at the same chunk size, forward and backward, and conform.
+#[test]
+fn chunk_states_too_large_for_one_binding_run_in_groups_of_heads() {
+    use wflash::{EngineOptions, LinearOptions};
+    if engine(Path::F32).is_none() {
+        return;
+    }
+    // 256-texel lines hold 16 state rows of 64 floats (4 KiB); a head's 20 slots (19 chunks of
+    // 16 tokens, and the total) × 8 rows take 10 lines (40 KiB): 96 KiB hold two heads' states
+    // but not four, and every tensor (38 KiB at most).
+    let (small, _device) = wflash_conformance::custom_device_engine(
+        |l| {
+            l.max_texture_dimension_2d = 256;
+            l.max_storage_buffer_binding_size = 96 << 10;
+        },
+        wflash::wgpu::Features::empty(),
+        EngineOptions {
+            poison_outputs: true,
+            ..Default::default()
+        },
+    );
+    let case = LinearCase {
+        path: Path::F32,
+        layout: Layout::Bshd,
+        batch: 1,
+        q_heads: 4,
+        kv_heads: 2,
+        len: 300,
+        key_dim: 8,
+        value_dim: 8,
+        causal: true,
+        feature_map: FeatureMap::EluPlusOne,
+        decay: true,
+        normalize: true,
+        kernel: LinearKernel::Chunked,
+        chunk_size: Some(16),
+        initial: true,
+        feed: Feed::OneCall,
+        seed: 0x10_6666,
+    };
+    let decay = case.decays();
+    let opts: LinearOptions = case.options(decay.as_deref());
+    let plan = small
+        .plan_linear(&case.shape(), case.layout, &opts, wflash::DType::F32, None)
+        .expect("plan");
+    let chunks = plan.chunked.expect("chunked");
+    assert_eq!((chunks.chunk, chunks.group_heads), (16, 2), "{chunks:?}");
+    let forward = run_linear_case(&small, &case).unwrap_or_else(|e| panic!("{e}"));
+    let backward = run_linear_backward_case(&small, &case).unwrap_or_else(|e| panic!("{e}"));
+    eprintln!("forward {forward:?}\nbackward {backward:?}");
+}

@@ -323,7 +323,11 @@ fn host_structs_match_wgsl_layout() {
             has_initial,
             causal,
             decay_stride,
+            head_base,
+            state_heads,
             _pad1,
+            _pad2,
+            _pad3,
         ]
     );
     let backward = kernels::all_variants(&[(64, 64)])

@@ -112,7 +112,9 @@ pub struct LinearOptions<'a> {
     /// Multiplier of `φ(q)·φ(k)`; `None` is `1/sqrt(head_dim)`.
     pub scale: Option<f32>,
     pub kernel: LinearKernel,
-    /// Tokens per chunk of the chunked kernel; `None` picks per adapter.
+    /// Tokens per chunk of the chunked kernel; `None` takes the adapter's
+    /// (`Engine::default_linear_chunk`), doubled while the per-chunk states of a long call
+    /// would not fit the adapter's buffer or texture limits.
     pub chunk_size: Option<usize>,
 }
 

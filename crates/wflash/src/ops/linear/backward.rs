@@ -5,7 +5,7 @@
 //! gradient after each, and every gradient row is its chunk's masked quadratic part plus the
 //! carried state's. No atomics: deterministic.
 
-use super::dispatch::Bound;
+use super::dispatch::{Bound, copy_chunk_states};
 use super::{GpuLinearState, LinearParams, LinearPlan};
 use crate::gpu::tensor::buffer_with_contents;
 use crate::kernels::{KernelId, LinearKey, LinearPass, PackKernel, binding, linear_rows};
@@ -312,9 +312,9 @@ impl Engine {
         } else {
             None
         };
-        let (b, h) = (shape.batch as u32, shape.q_heads as u32);
+        let b = shape.batch as u32;
         let rows = plan.passes[0].rows as usize;
-        let row_grid = |heads: usize| [shape.q_len.div_ceil(64 * rows) as u32, heads as u32, b];
+        let row_grid = |heads: u32| [shape.q_len.div_ceil(64 * rows) as u32, heads, b];
         let c4 = fwd.params.columns.div_ceil(4);
 
         self.guarded(|device| -> Result<()> {
@@ -322,17 +322,13 @@ impl Engine {
             let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
                 label: Some("linear attention backward"),
             });
-            let uniform_buffer = |label, params: &LinearParams| {
-                buffer_with_contents(
-                    device,
-                    queue,
-                    label,
-                    bytemuck::bytes_of(params),
-                    wgpu::BufferUsages::UNIFORM,
-                )
-            };
-            let uniform = uniform_buffer("linear params", &fwd.params);
-            let scan_uniform = uniform_buffer("linear backward scan params", &plan.scan_params);
+            let uniform = buffer_with_contents(
+                device,
+                queue,
+                "linear params",
+                bytemuck::bytes_of(&fwd.params),
+                wgpu::BufferUsages::UNIFORM,
+            );
             let storage = |label, contents: &[u8]| {
                 buffer_with_contents(device, queue, label, contents, wgpu::BufferUsages::STORAGE)
             };
@@ -361,16 +357,9 @@ impl Engine {
                     entry(binding::Z_OUT, &d_z_out),
                 ],
             };
-            let states = self.record_chunk_states(
-                device,
-                &mut encoder,
-                fwd,
-                &bound,
-                &state_pipelines,
-                &pack,
-            )?;
+            let res = self.chunk_resources(device, &mut encoder, fwd, &bound, &pack)?;
             // Loans from the scratch pool go back when this closure ends, after the submit.
-            let mut loans = states.loans;
+            let mut loans = Vec::new();
             let max_groups = self.inner.info.limits.max_compute_workgroups_per_dimension;
             let q_shape = PackShape {
                 stride: fwd.params.q_stride,
@@ -407,107 +396,117 @@ impl Engine {
             let grad_view =
                 (grad_loan.texture()).create_view(&wgpu::TextureViewDescriptor::default());
             loans.push(grad_loan);
+            let (d_loan, d_texture, d_view) =
+                self.state_texture(device, &c, "linear state gradients texture")?;
+            loans.push(d_loan);
 
             let [readout, d_state, d_prefix, d_q, d_kv_pass] = &pipelines[..] else {
                 return Err(Error::Internal(
                     "the linear backward has five passes".into(),
                 ));
             };
-            let entries = [
-                entry(binding::PARAMS, &uniform),
-                entry(binding::Q, &q.buffer),
-                texture_entry(binding::K, &states.k_view),
-                texture_entry(binding::V, &states.v_view),
-                entry(binding::DECAY_POWERS, &decay),
-                texture_entry(binding::STATE_TEXTURE, &states.state_view),
-                entry(binding::LINEAR_D_O, &d_o.buffer),
-                texture_entry(binding::LINEAR_GRAD_OUT, &grad_view),
-            ];
-            let grid = row_grid(shape.q_heads);
-            record_pass(
-                device,
-                &mut encoder,
-                readout,
-                &entries,
-                grid,
-                "linear bwd readout",
-            );
-            let entries = [
-                entry(binding::PARAMS, &uniform),
-                texture_entry(binding::LINEAR_Q_TEX, &q_view),
-                texture_entry(binding::LINEAR_GRAD_TEX, &grad_view),
-                entry(binding::DECAY_POWERS, &decay),
-                entry(binding::CHUNK_STATES, &states.chunk_states),
-            ];
-            let grid = [c.chunks * c4.div_ceil(64), h, b];
-            record_pass(
-                device,
-                &mut encoder,
-                d_state,
-                &entries,
-                grid,
-                "linear bwd chunk dstate",
-            );
-            let entries = [
-                entry(binding::PARAMS, &scan_uniform),
-                entry(binding::DECAY_POWERS, &decay),
-                entry(binding::CHUNK_STATES, &states.chunk_states),
-                entry(binding::KV_IN, &d_kv_in),
-                entry(binding::Z_IN, &d_z_in),
-                entry(binding::KV_OUT, &d_kv.buffer),
-                entry(binding::Z_OUT, &d_z_out),
-            ];
-            let grid = [(c4 * shape.head_dim as u32).div_ceil(64), h, b];
-            record_pass(
-                device,
-                &mut encoder,
-                d_prefix,
-                &entries,
-                grid,
-                "linear bwd chunk dprefix",
-            );
-            let (d_loan, d_view) = self.copy_chunk_states(
-                device,
-                &mut encoder,
-                &c,
-                &states.chunk_states,
-                "linear state gradients texture",
-            )?;
-            loans.push(d_loan);
-            let entries = [
-                entry(binding::PARAMS, &uniform),
-                entry(binding::Q, &q.buffer),
-                texture_entry(binding::K, &states.k_view),
-                texture_entry(binding::V, &states.v_view),
-                texture_entry(binding::LINEAR_GRAD_TEX, &grad_view),
-                texture_entry(binding::STATE_TEXTURE, &states.state_view),
-                entry(binding::DECAY_POWERS, &decay),
-                entry(binding::LINEAR_DQ, &dq.buffer),
-            ];
-            let grid = row_grid(shape.q_heads);
-            record_pass(device, &mut encoder, d_q, &entries, grid, "linear bwd dq");
-            let entries = [
-                entry(binding::PARAMS, &uniform),
-                entry(binding::LINEAR_K, &k.buffer),
-                entry(binding::LINEAR_V, &v.buffer),
-                texture_entry(binding::LINEAR_Q_TEX, &q_view),
-                texture_entry(binding::LINEAR_GRAD_TEX, &grad_view),
-                texture_entry(binding::STATE_TEXTURE, &d_view),
-                entry(binding::DECAY_POWERS, &decay),
-                entry(binding::LINEAR_DK, &dk.buffer),
-                entry(binding::LINEAR_DV, &dv.buffer),
-            ];
-            let grid = row_grid(shape.kv_heads);
-            record_pass(
-                device,
-                &mut encoder,
-                d_kv_pass,
-                &entries,
-                grid,
-                "linear bwd dkdv",
-            );
+            let groups = self.head_groups(device, &fwd.params, &c, shape);
+            let scan_groups = self.head_groups(device, &plan.scan_params, &c, shape);
+            for (group, scan) in groups.iter().zip(&scan_groups) {
+                let h = group.heads;
+                self.record_group_states(
+                    device,
+                    &mut encoder,
+                    fwd,
+                    &bound,
+                    group,
+                    &res,
+                    &state_pipelines,
+                );
+                let entries = [
+                    entry(binding::PARAMS, &group.uniform),
+                    entry(binding::Q, &q.buffer),
+                    texture_entry(binding::K, &res.k_view),
+                    texture_entry(binding::V, &res.v_view),
+                    entry(binding::DECAY_POWERS, &decay),
+                    texture_entry(binding::STATE_TEXTURE, &res.state_view),
+                    entry(binding::LINEAR_D_O, &d_o.buffer),
+                    texture_entry(binding::LINEAR_GRAD_OUT, &grad_view),
+                ];
+                let grid = row_grid(h);
+                record_pass(
+                    device,
+                    &mut encoder,
+                    readout,
+                    &entries,
+                    grid,
+                    "linear bwd readout",
+                );
+                let entries = [
+                    entry(binding::PARAMS, &group.uniform),
+                    texture_entry(binding::LINEAR_Q_TEX, &q_view),
+                    texture_entry(binding::LINEAR_GRAD_TEX, &grad_view),
+                    entry(binding::DECAY_POWERS, &decay),
+                    entry(binding::CHUNK_STATES, &res.chunk_states),
+                ];
+                let grid = [c.chunks * c4.div_ceil(64), h, b];
+                record_pass(
+                    device,
+                    &mut encoder,
+                    d_state,
+                    &entries,
+                    grid,
+                    "linear bwd chunk dstate",
+                );
+                let entries = [
+                    entry(binding::PARAMS, &scan.uniform),
+                    entry(binding::DECAY_POWERS, &decay),
+                    entry(binding::CHUNK_STATES, &res.chunk_states),
+                    entry(binding::KV_IN, &d_kv_in),
+                    entry(binding::Z_IN, &d_z_in),
+                    entry(binding::KV_OUT, &d_kv.buffer),
+                    entry(binding::Z_OUT, &d_z_out),
+                ];
+                let grid = [(c4 * shape.head_dim as u32).div_ceil(64), h, b];
+                record_pass(
+                    device,
+                    &mut encoder,
+                    d_prefix,
+                    &entries,
+                    grid,
+                    "linear bwd chunk dprefix",
+                );
+                copy_chunk_states(&mut encoder, &c, &res.chunk_states, &d_texture);
+                let entries = [
+                    entry(binding::PARAMS, &group.uniform),
+                    entry(binding::Q, &q.buffer),
+                    texture_entry(binding::K, &res.k_view),
+                    texture_entry(binding::V, &res.v_view),
+                    texture_entry(binding::LINEAR_GRAD_TEX, &grad_view),
+                    texture_entry(binding::STATE_TEXTURE, &res.state_view),
+                    entry(binding::DECAY_POWERS, &decay),
+                    entry(binding::LINEAR_DQ, &dq.buffer),
+                ];
+                let grid = row_grid(h);
+                record_pass(device, &mut encoder, d_q, &entries, grid, "linear bwd dq");
+                let entries = [
+                    entry(binding::PARAMS, &group.uniform),
+                    entry(binding::LINEAR_K, &k.buffer),
+                    entry(binding::LINEAR_V, &v.buffer),
+                    texture_entry(binding::LINEAR_Q_TEX, &q_view),
+                    texture_entry(binding::LINEAR_GRAD_TEX, &grad_view),
+                    texture_entry(binding::STATE_TEXTURE, &d_view),
+                    entry(binding::DECAY_POWERS, &decay),
+                    entry(binding::LINEAR_DK, &dk.buffer),
+                    entry(binding::LINEAR_DV, &dv.buffer),
+                ];
+                let grid = row_grid(group.kv_heads);
+                record_pass(
+                    device,
+                    &mut encoder,
+                    d_kv_pass,
+                    &entries,
+                    grid,
+                    "linear bwd dkdv",
+                );
+            }
             queue.submit([encoder.finish()]);
-            drop(loans);
+            drop((loans, res));
             Ok(())
         })??;
         Ok(GpuLinearGrads {

@@ -1,12 +1,12 @@
 //! Records a planned linear-attention call: packing, the passes, the state copies.
 
-use super::plan::{ChunkPlan, LinearPlan};
+use super::plan::{ChunkPlan, LinearParams, LinearPlan};
 use super::{GpuLinearAttention, GpuLinearState};
 use crate::gpu::pool::Scratch;
 use crate::gpu::tensor::buffer_with_contents;
 use crate::kernels::{KernelId, PackKernel, binding};
 use crate::ops::passes::{PackShape, entry, pack_rows, record_pass, texture_entry};
-use crate::{DType, Engine, LinearOptions, Result, Tensor};
+use crate::{DType, Engine, LinearOptions, Result, Shape, Tensor};
 
 /// What the passes of one call bind: the uniform block, Q/K/V, the decay powers and the four
 /// state buffers (initial kv and z, final kv and z).
@@ -149,7 +149,8 @@ impl Engine {
         );
     }
 
-    /// The chunked kernel: [`Engine::record_chunk_states`], then the output rows. Returns the
+    /// The chunked kernel: its resources ([`Engine::chunk_resources`]), then for each group
+    /// of heads ([`Engine::head_groups`]) the chunk states and the output rows. Returns the
     /// scratch loans to hold until the submit.
     #[expect(
         clippy::too_many_arguments,
@@ -166,48 +167,81 @@ impl Engine {
         pack: &wgpu::ComputePipeline,
     ) -> Result<Vec<Scratch>> {
         let shape = &plan.shape;
-        let states = self.record_chunk_states(device, encoder, plan, bound, pipelines, pack)?;
-        let c = states.chunks;
-        let (h, b) = (shape.q_heads as u32, shape.batch as u32);
-        let entries = [
-            entry(binding::PARAMS, bound.uniform),
-            entry(binding::Q, &bound.q.buffer),
-            texture_entry(binding::K, &states.k_view),
-            texture_entry(binding::V, &states.v_view),
-            entry(binding::O, &output.buffer),
-            entry(binding::DECAY_POWERS, bound.decay),
-            texture_entry(binding::STATE_TEXTURE, &states.state_view),
-        ];
-        let grid = [shape.q_len.div_ceil(64 * c.rows as usize) as u32, h, b];
-        record_pass(
-            device,
-            encoder,
-            &pipelines[2],
-            &entries,
-            grid,
-            "linear chunk output",
-        );
-        Ok(states.loans)
+        let res = self.chunk_resources(device, encoder, plan, bound, pack)?;
+        let b = shape.batch as u32;
+        for group in self.head_groups(device, &plan.params, &res.chunks, shape) {
+            self.record_group_states(device, encoder, plan, bound, &group, &res, pipelines);
+            let entries = [
+                entry(binding::PARAMS, &group.uniform),
+                entry(binding::Q, &bound.q.buffer),
+                texture_entry(binding::K, &res.k_view),
+                texture_entry(binding::V, &res.v_view),
+                entry(binding::O, &output.buffer),
+                entry(binding::DECAY_POWERS, bound.decay),
+                texture_entry(binding::STATE_TEXTURE, &res.state_view),
+            ];
+            let rows = 64 * res.chunks.rows as usize;
+            let grid = [shape.q_len.div_ceil(rows) as u32, group.heads, b];
+            record_pass(
+                device,
+                encoder,
+                &pipelines[2],
+                &entries,
+                grid,
+                "linear chunk output",
+            );
+        }
+        Ok(res.loans)
     }
 
-    /// The chunked kernel's first passes: K and V packed into textures, each chunk's own
-    /// state, the prefix scan over chunks (into the per-chunk states and the final state),
-    /// those states copied into a texture. `pipelines` starts with the chunk-state and prefix
-    /// passes.
-    pub(super) fn record_chunk_states(
+    /// The uniform block of each group of heads the chunk passes run in (`head_base`), and
+    /// the group's query and kv heads: one group unless the per-chunk states of all heads
+    /// would not fit one binding (the plan's `group_heads`).
+    pub(super) fn head_groups(
+        &self,
+        device: &wgpu::Device,
+        params: &LinearParams,
+        c: &ChunkPlan,
+        shape: &Shape,
+    ) -> Vec<HeadGroup> {
+        let group = (shape.q_heads / shape.kv_heads) as u32;
+        (0..shape.q_heads as u32)
+            .step_by(c.group_heads as usize)
+            .map(|head_base| {
+                let heads = c.group_heads.min(shape.q_heads as u32 - head_base);
+                let params = LinearParams {
+                    head_base,
+                    ..*params
+                };
+                HeadGroup {
+                    uniform: buffer_with_contents(
+                        device,
+                        &self.inner.queue,
+                        "linear params",
+                        bytemuck::bytes_of(&params),
+                        wgpu::BufferUsages::UNIFORM,
+                    ),
+                    heads,
+                    kv_heads: heads / group,
+                }
+            })
+            .collect()
+    }
+
+    /// The chunked kernel's resources: K and V packed into textures, and the per-chunk states
+    /// of one group of heads as a buffer and as a texture (from the scratch pool).
+    pub(super) fn chunk_resources(
         &self,
         device: &wgpu::Device,
         encoder: &mut wgpu::CommandEncoder,
         plan: &LinearPlan,
         bound: &Bound<'_>,
-        pipelines: &[wgpu::ComputePipeline],
         pack: &wgpu::ComputePipeline,
-    ) -> Result<ChunkStates> {
+    ) -> Result<ChunkResources> {
         let (shape, params) = (&plan.shape, &plan.params);
         let c = plan.chunked.ok_or_else(|| {
             crate::Error::Internal("a chunked recording of a recurrent plan".into())
         })?;
-        let (b, h) = (shape.batch as u32, shape.q_heads as u32);
         let max_groups = self.inner.info.limits.max_compute_workgroups_per_dimension;
         let (mut loans, mut views): (Vec<Scratch>, Vec<wgpu::TextureView>) = [
             (bound.k, shape.head_dim, params.k_stride, "linear packed K"),
@@ -238,17 +272,53 @@ impl Engine {
             wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
         )?;
         let chunk_states = chunk_states_loan.buffer().clone();
+        let (state_loan, state_texture, state_view) =
+            self.state_texture(device, &c, "linear chunk states texture")?;
+        loans.push(chunk_states_loan);
+        loans.push(state_loan);
+        let v_view = views.pop().expect("two packed views");
+        let k_view = views.pop().expect("two packed views");
+        Ok(ChunkResources {
+            chunks: c,
+            loans,
+            k_view,
+            v_view,
+            chunk_states,
+            state_texture,
+            state_view,
+        })
+    }
+
+    /// One group's chunk states: each chunk's own state, the prefix scan over chunks (into
+    /// the per-chunk states and the group's final states), those states copied into the
+    /// texture. `pipelines` starts with the chunk-state and prefix passes.
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "a group's bindings and its pipelines"
+    )]
+    pub(super) fn record_group_states(
+        &self,
+        device: &wgpu::Device,
+        encoder: &mut wgpu::CommandEncoder,
+        plan: &LinearPlan,
+        bound: &Bound<'_>,
+        group: &HeadGroup,
+        res: &ChunkResources,
+        pipelines: &[wgpu::ComputePipeline],
+    ) {
+        let (shape, params, c) = (&plan.shape, &plan.params, &res.chunks);
+        let b = shape.batch as u32;
         let column_groups = params.columns.div_ceil(4);
         let columns = column_groups.div_ceil(64);
         let prefix_groups = (column_groups * shape.head_dim as u32).div_ceil(64);
         let entries = [
-            entry(binding::PARAMS, bound.uniform),
-            texture_entry(binding::K, &views[0]),
-            texture_entry(binding::V, &views[1]),
+            entry(binding::PARAMS, &group.uniform),
+            texture_entry(binding::K, &res.k_view),
+            texture_entry(binding::V, &res.v_view),
             entry(binding::DECAY_POWERS, bound.decay),
-            entry(binding::CHUNK_STATES, &chunk_states),
+            entry(binding::CHUNK_STATES, &res.chunk_states),
         ];
-        let grid = [c.chunks * columns, h, b];
+        let grid = [c.chunks * columns, group.heads, b];
         record_pass(
             device,
             encoder,
@@ -258,12 +328,12 @@ impl Engine {
             "linear chunk states",
         );
         let mut entries = vec![
-            entry(binding::PARAMS, bound.uniform),
+            entry(binding::PARAMS, &group.uniform),
             entry(binding::DECAY_POWERS, bound.decay),
-            entry(binding::CHUNK_STATES, &chunk_states),
+            entry(binding::CHUNK_STATES, &res.chunk_states),
         ];
         entries.extend(bound.states.iter().cloned());
-        let grid = [prefix_groups, h, b];
+        let grid = [prefix_groups, group.heads, b];
         record_pass(
             device,
             encoder,
@@ -272,76 +342,77 @@ impl Engine {
             grid,
             "linear chunk prefix",
         );
-        let (state_loan, state_view) = self.copy_chunk_states(
-            device,
-            encoder,
-            &c,
-            &chunk_states,
-            "linear chunk states texture",
-        )?;
-        loans.push(chunk_states_loan);
-        loans.push(state_loan);
-        let v_view = views.pop().expect("two packed views");
-        let k_view = views.pop().expect("two packed views");
-        Ok(ChunkStates {
-            chunks: c,
-            loans,
-            k_view,
-            v_view,
-            chunk_states,
-            state_view,
-        })
+        copy_chunk_states(encoder, c, &res.chunk_states, &res.state_texture);
     }
 
-    /// Copies the per-chunk states (or their gradients) into a texture from the scratch pool,
-    /// for the passes that read them in loops; returns the loan and its view.
-    pub(super) fn copy_chunk_states(
+    /// A texture for the per-chunk states of one group of heads (or their gradients), from the
+    /// scratch pool: the loan, the texture and its view.
+    pub(super) fn state_texture(
         &self,
         device: &wgpu::Device,
-        encoder: &mut wgpu::CommandEncoder,
         c: &ChunkPlan,
-        chunk_states: &wgpu::Buffer,
         label: &str,
-    ) -> Result<(Scratch, wgpu::TextureView)> {
-        let row_bytes = c.state_fold * c.pitch * 4;
-        let size = wgpu::Extent3d {
-            width: c.state_fold * c.pitch / 4,
-            height: c.state_lines,
-            depth_or_array_layers: 1,
-        };
-        let state_loan = self.inner.pool.texture(
+    ) -> Result<(Scratch, wgpu::Texture, wgpu::TextureView)> {
+        let loan = self.inner.pool.texture(
             device,
             label,
-            size,
+            state_texture_size(c),
             wgpu::TextureFormat::Rgba32Float,
             wgpu::TextureUsages::STORAGE_BINDING | wgpu::TextureUsages::COPY_DST,
         )?;
-        let state_texture = state_loan.texture();
-        encoder.copy_buffer_to_texture(
-            wgpu::TexelCopyBufferInfo {
-                buffer: chunk_states,
-                layout: wgpu::TexelCopyBufferLayout {
-                    offset: 0,
-                    bytes_per_row: Some(row_bytes),
-                    rows_per_image: Some(c.state_lines),
-                },
-            },
-            state_texture.as_image_copy(),
-            size,
-        );
-        let state_view = state_texture.create_view(&wgpu::TextureViewDescriptor::default());
-        Ok((state_loan, state_view))
+        let texture = loan.texture().clone();
+        let view = texture.create_view(&wgpu::TextureViewDescriptor::default());
+        Ok((loan, texture, view))
     }
 }
 
-/// What [`Engine::record_chunk_states`] leaves for the passes after it: the packed K and V,
-/// the per-chunk states (`S_before[t]`, and the total at slot `chunks`) as a buffer and as a
-/// texture, and the scratch loans to hold until the submit.
-pub(super) struct ChunkStates {
+fn state_texture_size(c: &ChunkPlan) -> wgpu::Extent3d {
+    wgpu::Extent3d {
+        width: c.state_fold * c.pitch / 4,
+        height: c.state_lines,
+        depth_or_array_layers: 1,
+    }
+}
+
+/// Copies the per-chunk states (or their gradients) into `texture`, for the passes that read
+/// them in loops.
+pub(super) fn copy_chunk_states(
+    encoder: &mut wgpu::CommandEncoder,
+    c: &ChunkPlan,
+    chunk_states: &wgpu::Buffer,
+    texture: &wgpu::Texture,
+) {
+    encoder.copy_buffer_to_texture(
+        wgpu::TexelCopyBufferInfo {
+            buffer: chunk_states,
+            layout: wgpu::TexelCopyBufferLayout {
+                offset: 0,
+                bytes_per_row: Some(c.state_fold * c.pitch * 4),
+                rows_per_image: Some(c.state_lines),
+            },
+        },
+        texture.as_image_copy(),
+        state_texture_size(c),
+    );
+}
+
+/// One group of heads of the chunk passes: its uniform block (`head_base`) and its query and
+/// kv heads.
+pub(super) struct HeadGroup {
+    pub uniform: wgpu::Buffer,
+    pub heads: u32,
+    pub kv_heads: u32,
+}
+
+/// What [`Engine::chunk_resources`] makes for the passes of a chunked call: the packed K and
+/// V, the per-chunk states of one group of heads (`S_before[t]`, and the total at slot
+/// `chunks`) as a buffer and as a texture, and the scratch loans to hold until the submit.
+pub(super) struct ChunkResources {
     pub chunks: ChunkPlan,
     pub loans: Vec<Scratch>,
     pub k_view: wgpu::TextureView,
     pub v_view: wgpu::TextureView,
     pub chunk_states: wgpu::Buffer,
+    pub state_texture: wgpu::Texture,
     pub state_view: wgpu::TextureView,
 }

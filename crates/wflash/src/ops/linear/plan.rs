@@ -1,7 +1,9 @@
 //! How a linear-attention call runs: the kernel and its geometry, every limit checked.
 
 use crate::kernels::{LinearKey, LinearPass, Storage, linear_rows};
-use crate::linear::{LINEAR_MAX_SEQUENTIAL_STEPS, LinearKernel, RECURRENT_AUTO_MAX_LEN};
+use crate::linear::{
+    LINEAR_MAX_CHUNK, LINEAR_MAX_SEQUENTIAL_STEPS, LinearKernel, RECURRENT_AUTO_MAX_LEN,
+};
 use crate::{DType, Engine, Error, Layout, LinearOptions, Result, Shape};
 
 /// How one call runs, decided whole before anything touches the GPU: the kernel and, for the
@@ -36,6 +38,10 @@ pub struct ChunkPlan {
     pub tex_fold: u32,
     /// Tokens per invocation of the output pass ([`crate::kernels::linear_rows`]).
     pub rows: u32,
+    /// Query heads per group of the chunk passes (a whole number of kv heads' query heads):
+    /// the per-chunk states hold one group, so a call whose states for all heads would not
+    /// fit one binding runs its chunk passes group by group.
+    pub group_heads: u32,
 }
 
 /// The per-chunk states' row pitch in floats (texture copies need rows of 256 bytes).
@@ -95,6 +101,7 @@ impl Engine {
             state_lines: 0,
             tex_fold: 1,
             rows: 1,
+            group_heads: shape.q_heads as u32,
         });
         // λ_h^n for n = 0..=chunk (the recurrence needs λ^1), rounded once from f64.
         let decay_stride = match chunked {
@@ -127,7 +134,11 @@ impl Engine {
             has_initial: initial.map_or(0, |(_, z)| 1 | (u32::from(z.is_some()) << 1)),
             causal: u32::from(opts.causal),
             decay_stride: decay_stride as u32,
+            head_base: 0,
+            state_heads: geometry.group_heads,
             _pad1: 0,
+            _pad2: 0,
+            _pad3: 0,
         };
         Ok(LinearPlan {
             shape: *shape,
@@ -180,10 +191,45 @@ impl Engine {
             }
             return Ok((storage, None));
         }
-        let chunk = opts
-            .chunk_size
-            .unwrap_or_else(|| self.default_linear_chunk())
-            .min(len);
+        let columns = shape.value_dim + usize::from(opts.normalize);
+        let pitch = columns.div_ceil(STATE_PITCH_ALIGN) * STATE_PITCH_ALIGN;
+        let max_dim = limits.max_texture_dimension_2d as usize;
+        let state_fold = (max_dim / (pitch / 4)).max(1);
+        // The per-chunk states of a chunk size for a group of heads: texture lines and bytes.
+        let state_size = |chunk: usize, heads: usize| {
+            let state_rows = shape.batch * heads * (len.div_ceil(chunk) + 1) * shape.head_dim;
+            let state_lines = state_rows.div_ceil(state_fold);
+            (state_lines, (state_lines * state_fold * pitch * 4) as u64)
+        };
+        let max_binding = limits.max_storage_buffer_binding_size;
+        let fits = |chunk: usize, heads: usize| {
+            let (lines, bytes) = state_size(chunk, heads);
+            lines <= max_dim && bytes <= max_binding.min(limits.max_buffer_size)
+        };
+        // The most query heads (whole kv heads' worth, for the backward's GQA sums) whose
+        // per-chunk states fit one binding at a chunk size.
+        let group = shape.q_heads / shape.kv_heads;
+        let group_heads = |chunk: usize| {
+            (1..=shape.kv_heads)
+                .rev()
+                .map(|kv| kv * group)
+                .find(|&heads| fits(chunk.min(len), heads))
+        };
+        let chunk = match opts.chunk_size {
+            Some(chunk) => chunk,
+            // The adapter's chunk; doubled only while not even one kv head's query heads fit
+            // (groups of heads keep the chunk, and so the work per token, as it is).
+            None => {
+                let mut chunk = self.default_linear_chunk();
+                while group_heads(chunk).is_none() && chunk < LINEAR_MAX_CHUNK && chunk < len {
+                    chunk *= 2;
+                }
+                chunk.min(LINEAR_MAX_CHUNK)
+            }
+        }
+        .min(len);
+        // Where none fits, the checks below name the limit for the smallest group.
+        let group_heads = group_heads(chunk).unwrap_or(group);
         let chunks = len.div_ceil(chunk);
         if chunks > LINEAR_MAX_SEQUENTIAL_STEPS {
             return Err(too_large(
@@ -193,7 +239,6 @@ impl Engine {
                 " chunks in one call (use a larger chunk_size, or pieces)",
             ));
         }
-        let columns = shape.value_dim + usize::from(opts.normalize);
         let column_groups = columns.div_ceil(4).div_ceil(64);
         let rows = linear_rows(shape.head_dim as u32, shape.value_dim as u32, chunk as u32);
         let row_groups = len.div_ceil(64 * rows as usize);
@@ -205,7 +250,6 @@ impl Engine {
                 " workgroups along x (use a larger chunk_size, or pieces)",
             ));
         }
-        let max_dim = limits.max_texture_dimension_2d as usize;
         // Packed K/V: rows of width4 texels, `fold` rows per line.
         let width4 = shape.head_dim.max(shape.value_dim).div_ceil(4);
         let tex_fold = (max_dim / width4).max(1);
@@ -218,10 +262,7 @@ impl Engine {
                 " texture lines for packed K/V",
             ));
         }
-        let pitch = columns.div_ceil(STATE_PITCH_ALIGN) * STATE_PITCH_ALIGN;
-        let state_fold = (max_dim / (pitch / 4)).max(1);
-        let state_rows = shape.batch * shape.q_heads * (chunks + 1) * shape.head_dim;
-        let state_lines = state_rows.div_ceil(state_fold);
+        let (state_lines, state_bytes) = state_size(chunk, group_heads);
         if state_lines > max_dim {
             return Err(too_large(
                 "max_texture_dimension_2d",
@@ -230,8 +271,6 @@ impl Engine {
                 " texture lines for the per-chunk states (use a larger chunk_size)",
             ));
         }
-        let state_bytes = (state_lines * state_fold * pitch * 4) as u64;
-        let max_binding = limits.max_storage_buffer_binding_size;
         if state_bytes > max_binding.min(limits.max_buffer_size) {
             return Err(Error::TooLarge {
                 limit: "max_storage_buffer_binding_size",
@@ -250,6 +289,7 @@ impl Engine {
                 state_lines: state_lines as u32,
                 tex_fold: tex_fold as u32,
                 rows,
+                group_heads: group_heads as u32,
             }),
         ))
     }
@@ -280,5 +320,11 @@ pub struct LinearParams {
     pub causal: u32,
     /// Entries per head of the decay-power table (`λ^0 ..`).
     pub decay_stride: u32,
+    /// The first head of this group of the chunk passes, and the heads a group's per-chunk
+    /// states hold ([`ChunkPlan::group_heads`]).
+    pub head_base: u32,
+    pub state_heads: u32,
     pub _pad1: u32,
+    pub _pad2: u32,
+    pub _pad3: u32,
 }
