@@ -166,14 +166,13 @@ impl Engine {
         d_o: &[T],
         d_final: Option<&LinearState>,
     ) -> Result<LinearGrads<T>> {
-        let sizes = |s: &LinearState| (s.kv.len(), (!s.z.is_empty()).then_some(s.z.len()));
         let plan = self.plan_linear_backward(
             shape,
             layout,
             opts,
             T::DTYPE,
-            initial.map(sizes),
-            d_final.map(sizes),
+            initial.map(super::host_state_sizes),
+            d_final.map(super::host_state_sizes),
         )?;
         check_len("q", shape.q_elems(), q.len())?;
         check_len("k", shape.k_elems(), k.len())?;
@@ -246,14 +245,13 @@ impl Engine {
         d_o: &Tensor,
         d_final: Option<&GpuLinearState>,
     ) -> Result<GpuLinearGrads> {
-        let sizes = |s: &GpuLinearState| (s.kv.len, s.z.as_ref().map(|z| z.len));
         let plan = self.plan_linear_backward(
             shape,
             layout,
             opts,
             q.dtype,
-            initial.map(sizes),
-            d_final.map(sizes),
+            initial.map(super::gpu_state_sizes),
+            d_final.map(super::gpu_state_sizes),
         )?;
         let dtype = check_qkv(shape, q, k, v)?;
         if d_o.dtype != dtype {

@@ -22,6 +22,17 @@ pub struct GpuLinearState {
     pub z: Option<Tensor>,
 }
 
+/// The `(kv, z)` element counts of a host state (`z` `None` when empty), as
+/// [`Engine::plan_linear`] and [`Engine::plan_linear_backward`] take them.
+fn host_state_sizes(s: &LinearState) -> (usize, Option<usize>) {
+    (s.kv.len(), (!s.z.is_empty()).then_some(s.z.len()))
+}
+
+/// The `(kv, z)` element counts of a GPU state.
+fn gpu_state_sizes(s: &GpuLinearState) -> (usize, Option<usize>) {
+    (s.kv.len, s.z.as_ref().map(|z| z.len))
+}
+
 /// Results of [`Engine::linear_attention_gpu`], still on the GPU.
 #[derive(Clone, Debug)]
 pub struct GpuLinearAttention {
@@ -49,7 +60,7 @@ impl Engine {
         v: &[T],
         initial: Option<&LinearState>,
     ) -> Result<LinearAttention<T>> {
-        let sizes = initial.map(|s| (s.kv.len(), (!s.z.is_empty()).then_some(s.z.len())));
+        let sizes = initial.map(host_state_sizes);
         let plan = self.plan_linear(shape, layout, opts, T::DTYPE, sizes)?;
         check_len("q", shape.q_elems(), q.len())?;
         check_len("k", shape.k_elems(), k.len())?;
@@ -98,7 +109,7 @@ impl Engine {
         v: &Tensor,
         initial: Option<&GpuLinearState>,
     ) -> Result<GpuLinearAttention> {
-        let sizes = initial.map(|s| (s.kv.len, s.z.as_ref().map(|z| z.len)));
+        let sizes = initial.map(gpu_state_sizes);
         let plan = self.plan_linear(shape, layout, opts, q.dtype, sizes)?;
         check_qkv(shape, q, k, v)?;
         check_state_dtype(initial, "initial kv state", "initial z state")?;
