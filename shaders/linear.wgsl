@@ -126,9 +126,12 @@ fn packed_texel(row: u32, width4: u32, d4: u32) -> vec2<u32> {
     return vec2<u32>((row % params.tex_fold) * width4 + d4, row / params.tex_fold);
 }
 
-// The packed row of token `token` of kv head `kv_head` of batch element `batch`.
+// The packed row of token `token` of kv head `kv_head` of batch element `batch`: the packed
+// textures hold the kv heads of this group of heads (params.head_base / params.group ..).
 fn kv_row(batch: u32, kv_head: u32, token: u32) -> u32 {
-    return (batch * (params.q_heads / params.group) + kv_head) * params.tex_rows_per_head + token;
+    let group_kv_heads = params.state_heads / params.group;
+    let local = kv_head - params.head_base / params.group;
+    return (batch * group_kv_heads + local) * params.tex_rows_per_head + token;
 }
 
 // The first float of row `d` of slot `slot` of (batch, head) in chunk_states, which holds the

@@ -27,16 +27,17 @@
 //
 // Host prelude: C4 = ceil(columns / 4) texels of a ĝ row, and the accessors `load_do` (binding
 // linear_do) and `store_dq`, `store_dk`, `store_dv` for the storage type. Packed Q and ĝ rows
-// are numbered per query head (`q_row`), K and V rows per kv head (`kv_row`), all with
-// `params.tex_fold` rows per texture line.
+// are numbered per query head of the group (`q_row`), K and V rows per kv head of the group
+// (`kv_row`), all with `params.tex_fold` rows per texture line.
 
 @group(0) @binding({binding.linear_q_tex}) var q_tex: texture_storage_2d<rgba32float, read>;
 @group(0) @binding({binding.linear_grad_tex}) var grad_tex: texture_storage_2d<rgba32float, read>;
 @group(0) @binding({binding.linear_grad_out}) var grad_out: texture_storage_2d<rgba32float, write>;
 
-// The packed row of token `token` of query head `head` of batch element `batch` (Q and ĝ).
+// The packed row of token `token` of query head `head` of batch element `batch` (Q and ĝ,
+// which hold the heads of this group, params.head_base ..).
 fn q_row(batch: u32, head: u32, token: u32) -> u32 {
-    return (batch * params.q_heads + head) * params.tex_rows_per_head + token;
+    return (batch * params.state_heads + head - params.head_base) * params.tex_rows_per_head + token;
 }
 
 fn packed_q(row: u32, d4: u32) -> vec4<f32> {

@@ -4,9 +4,10 @@
 // a per-lane scalar loop with a branch per component, about ten times the cost of a texel fetch
 // (docs/PERF.md). Packing costs one pass over K and V; attention then reads each row N times.
 //
-// Packed layout: row g = (batch · heads + head) · rows_per_head + seq holds the tensor row as
-// width4 texels (zero past `dim`); rows seq >= seq_len up to rows_per_head are zero, so the
-// attention kernel can read whole key tiles. `fold` rows share one texture line:
+// Packed layout: row g = (batch · heads + head) · rows_per_head + seq holds the row of source
+// head first_head + head as width4 texels (zero past `dim`); rows seq >= seq_len up to
+// rows_per_head are zero, so the attention kernel can read whole key tiles. `fold` rows share
+// one texture line:
 // texel (x, y) = ((g % fold) · width4 + d4, g / fold).
 //
 // The host prelude declares binding 1 (`x_buf`) and its accessor `load_x` for the storage type.
@@ -24,6 +25,8 @@ struct PackParams {
     fold: u32,
     texels: u32,
     groups_x: u32,
+    // The source's head of packed head 0 (a group of heads packs heads first_head ..).
+    first_head: u32,
 }
 
 @group(0) @binding({binding.params}) var<uniform> pack: PackParams;
@@ -44,7 +47,7 @@ fn pack_rows(
     let batch_head = g / pack.rows_per_head;
     var x = vec4<f32>(0.0);
     if seq < pack.seq_len {
-        let base = (batch_head / pack.heads) * pack.stride.x + (batch_head % pack.heads) * pack.stride.y
+        let base = (batch_head / pack.heads) * pack.stride.x + (batch_head % pack.heads + pack.first_head) * pack.stride.y
             + seq * pack.stride.z + d4 * 4u;
         for (var c = 0u; c < 4u; c++) {
             if d4 * 4u + c < pack.dim {

@@ -900,3 +900,125 @@ fn chunk_states_too_large_for_one_binding_run_in_groups_of_heads() {
     let backward = run_linear_backward_case(&small, &case).unwrap_or_else(|e| panic!("{e}"));
     eprintln!("forward {forward:?}\nbackward {backward:?}");
 }
+
+/// A call whose scratch would pass the scratch pool's cap runs its chunk passes in groups of
+/// heads (whole kv heads), each group packing only its own K, V, Q and ĝ rows into textures
+/// sized for one group: its outputs, final state and gradients are bitwise those of one group,
+/// over batches, GQA, both layouts, the normaliser and an initial state.
+#[test]
+fn scratch_past_the_pool_cap_runs_in_groups_of_heads_bitwise_equal() {
+    use rand::SeedableRng;
+    use wflash::{EngineOptions, LinearOptions, LinearState, Shape};
+    let Some(whole) = engine(Path::F32) else {
+        return;
+    };
+    // No scratch kept: every group is one kv head's query heads.
+    let (grouped, _device) = wflash_conformance::custom_device_engine(
+        |_| {},
+        wflash::wgpu::Features::empty(),
+        EngineOptions {
+            scratch_pool_bytes: 0,
+            poison_outputs: true,
+            ..Default::default()
+        },
+    );
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0x5c_7a7c);
+    for (layout, batch, normalize) in [(Layout::Bhsd, 2, false), (Layout::Bshd, 3, true)] {
+        let shape = Shape {
+            batch,
+            q_heads: 6,
+            kv_heads: 3,
+            q_len: 100,
+            kv_len: 100,
+            head_dim: 12,
+            value_dim: 8,
+        };
+        let decay = [0.9, 0.95, 0.99, 0.8, 1.0, 0.97];
+        let opts = LinearOptions {
+            feature_map: FeatureMap::EluPlusOne,
+            decay: Some(&decay),
+            normalize,
+            kernel: LinearKernel::Chunked,
+            chunk_size: Some(16),
+            ..Default::default()
+        };
+        let random =
+            |rng: &mut rand::rngs::StdRng, n| wflash_conformance::random::<f32>(rng, n, 1.0).0;
+        let (q, k, v) = (
+            random(&mut rng, shape.q_elems()),
+            random(&mut rng, shape.k_elems()),
+            random(&mut rng, shape.v_elems()),
+        );
+        let states = batch * shape.q_heads * shape.head_dim;
+        let state = |rng: &mut rand::rngs::StdRng| LinearState {
+            kv: random(rng, states * shape.value_dim),
+            z: if normalize {
+                random(rng, states).iter().map(|z| z.abs()).collect()
+            } else {
+                Vec::new()
+            },
+        };
+        let (initial, d_final) = (state(&mut rng), state(&mut rng));
+        let d_o = random(&mut rng, shape.o_elems());
+        let groups = |engine: &wflash::Engine| {
+            let plan = engine
+                .plan_linear_backward(&shape, layout, &opts, wflash::DType::F32, None, None)
+                .expect("plan");
+            let forward = engine
+                .plan_linear(&shape, layout, &opts, wflash::DType::F32, None)
+                .expect("plan");
+            (
+                forward.chunked.expect("chunked").group_heads,
+                plan.forward.chunked.expect("chunked").group_heads,
+            )
+        };
+        assert_eq!(groups(whole), (6, 6));
+        assert_eq!(groups(&grouped), (2, 2));
+        let run = |engine: &wflash::Engine| {
+            let fwd = engine
+                .linear_attention_blocking(&shape, layout, &opts, &q, &k, &v, Some(&initial))
+                .expect("forward");
+            let bwd = engine
+                .linear_attention_backward_blocking(
+                    &shape,
+                    layout,
+                    &opts,
+                    &q,
+                    &k,
+                    &v,
+                    Some(&initial),
+                    &d_o,
+                    Some(&d_final),
+                )
+                .expect("backward");
+            let d_initial = bwd.d_initial.expect("an initial state's gradient");
+            [
+                fwd.output,
+                fwd.state.kv,
+                fwd.state.z,
+                bwd.dq,
+                bwd.dk,
+                bwd.dv,
+                d_initial.kv,
+                d_initial.z,
+            ]
+            .map(|x| x.iter().map(|a| a.to_bits()).collect::<Vec<u32>>())
+        };
+        let names = [
+            "O",
+            "final kv",
+            "final z",
+            "dQ",
+            "dK",
+            "dV",
+            "d_initial kv",
+            "d_initial z",
+        ];
+        for ((name, a), b) in names.iter().zip(run(whole)).zip(run(&grouped)) {
+            assert!(
+                a == b,
+                "{layout:?} batch {batch}: {name} differs between one group and groups of 2 heads"
+            );
+        }
+    }
+}

@@ -58,7 +58,8 @@ pub struct EngineOptions {
     pub family: Option<Family>,
     /// The most bytes of scratch textures and buffers the engine keeps between calls for reuse
     /// (packed K/V, linear attention's chunk states); least recently used first out. 0 keeps
-    /// none.
+    /// none. Linear attention runs a long call in groups of heads whose scratch fits this, so
+    /// a smaller pool also means less scratch per call (and more, smaller groups).
     pub scratch_pool_bytes: u64,
     /// Where measured tile choices come from (see [`crate::tuning`]).
     pub tuning: TuningSource,

@@ -124,6 +124,11 @@ impl ScratchPool {
         drop(free);
     }
 
+    /// The most the pool keeps: the scratch a call may plan to find here again next time.
+    pub(crate) fn cap(&self) -> u64 {
+        self.cap
+    }
+
     pub(crate) fn stats(&self) -> PoolStats {
         let state = self.lock();
         PoolStats {

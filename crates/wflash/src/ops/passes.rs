@@ -20,6 +20,8 @@ pub struct PackParams {
     pub fold: u32,
     pub texels: u32,
     pub groups_x: u32,
+    pub first_head: u32,
+    pub _pad: [u32; 3],
 }
 
 /// What `pack_rows` needs to know about one tensor it packs (K, V, the bias, the key mask).
@@ -27,6 +29,9 @@ pub struct PackParams {
 pub struct PackShape {
     /// Element strides (batch, head, row, 1) of the tensor.
     pub stride: [u32; 4],
+    /// The heads packed: `first_head .. first_head + heads` of the tensor's heads (a group
+    /// of heads packs only its own), as rows `0 ..` of the texture.
+    pub first_head: usize,
     pub heads: usize,
     pub batch: usize,
     pub seq_len: usize,
@@ -48,6 +53,17 @@ pub(crate) fn pack_rows(
     shape: PackShape,
     label: &str,
 ) -> Result<(Scratch, wgpu::TextureView)> {
+    let (texture, view) = packed_texture(engine, shape, label)?;
+    pack_into(engine, encoder, pipeline, tensor, shape, &view, label);
+    Ok((texture, view))
+}
+
+/// An rgba32float texture from the scratch pool for the rows `shape` packs, and its view.
+pub(crate) fn packed_texture(
+    engine: &Inner,
+    shape: PackShape,
+    label: &str,
+) -> Result<(Scratch, wgpu::TextureView)> {
     let width4 = shape.dim.div_ceil(4) as u32;
     let rows = (shape.batch * shape.heads * shape.rows_per_head) as u32;
     let size = wgpu::Extent3d {
@@ -55,9 +71,8 @@ pub(crate) fn pack_rows(
         height: rows.div_ceil(shape.fold),
         depth_or_array_layers: 1,
     };
-    let (device, queue) = (&engine.device, &engine.queue);
     let texture = engine.pool.texture(
-        device,
+        &engine.device,
         label,
         size,
         wgpu::TextureFormat::Rgba32Float,
@@ -66,6 +81,23 @@ pub(crate) fn pack_rows(
     let view = texture
         .texture()
         .create_view(&wgpu::TextureViewDescriptor::default());
+    Ok((texture, view))
+}
+
+/// Records the packing of `tensor`'s rows that `shape` names into `view`, a texture with room
+/// for them (from [`packed_texture`] for this shape or one with more heads).
+pub(crate) fn pack_into(
+    engine: &Inner,
+    encoder: &mut wgpu::CommandEncoder,
+    pipeline: &wgpu::ComputePipeline,
+    tensor: &Tensor,
+    shape: PackShape,
+    view: &wgpu::TextureView,
+    label: &str,
+) {
+    let width4 = shape.dim.div_ceil(4) as u32;
+    let rows = (shape.batch * shape.heads * shape.rows_per_head) as u32;
+    let (device, queue) = (&engine.device, &engine.queue);
     let texels = rows * width4;
     let groups = texels.div_ceil(64);
     let groups_x = groups.min(shape.max_groups);
@@ -79,6 +111,8 @@ pub(crate) fn pack_rows(
         fold: shape.fold,
         texels,
         groups_x,
+        first_head: shape.first_head as u32,
+        _pad: [0; 3],
     };
     let uniform = buffer_with_contents(
         device,
@@ -90,11 +124,10 @@ pub(crate) fn pack_rows(
     let entries = [
         entry(binding::PARAMS, &uniform),
         entry(binding::PACK_SOURCE, &tensor.buffer),
-        texture_entry(binding::PACK_TEXTURE, &view),
+        texture_entry(binding::PACK_TEXTURE, view),
     ];
     let grid = [groups_x, groups.div_ceil(groups_x), 1];
     record_pass(device, encoder, pipeline, &entries, grid, label);
-    Ok((texture, view))
 }
 
 /// The uniform block of `convert.wgsl` (`struct ConvertParams`).

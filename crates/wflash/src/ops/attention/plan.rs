@@ -123,6 +123,7 @@ impl Engine {
             ] {
                 let pack_shape = PackShape {
                     stride,
+                    first_head: 0,
                     heads: shape.kv_heads,
                     batch: batch_per_dispatch,
                     seq_len: shape.kv_len,
@@ -154,6 +155,7 @@ impl Engine {
                     shape.kv_len as u32,
                     1,
                 ],
+                first_head: 0,
                 heads: bias.heads,
                 batch: if bias.batch == 1 {
                     1
@@ -178,6 +180,7 @@ impl Engine {
             let kv_len = shape.kv_len as u32;
             let pack_shape = PackShape {
                 stride: [kv_len, kv_len, kv_len, 1],
+                first_head: 0,
                 heads: 1,
                 batch: batch_per_dispatch,
                 seq_len: 1,

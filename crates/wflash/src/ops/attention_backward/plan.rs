@@ -235,6 +235,7 @@ impl Engine {
             },
             q_pack: PackShape {
                 stride: q_stride,
+                first_head: 0,
                 heads: shape.q_heads,
                 batch: shape.batch,
                 seq_len: shape.q_len,

@@ -10,7 +10,9 @@ use super::{GpuLinearState, LinearParams, LinearPlan};
 use crate::gpu::tensor::buffer_with_contents;
 use crate::kernels::{KernelId, LinearKey, LinearPass, PackKernel, binding, linear_rows};
 use crate::linear::{LINEAR_MAX_SEQUENTIAL_STEPS, LinearKernel};
-use crate::ops::passes::{PackShape, check_qkv, entry, pack_rows, record_pass, texture_entry};
+use crate::ops::passes::{
+    PackShape, check_qkv, entry, pack_into, packed_texture, record_pass, texture_entry,
+};
 use crate::{
     DType, Element, Engine, Error, Layout, LinearGrads, LinearOptions, LinearState, Result, Shape,
     Tensor, check_len,
@@ -68,8 +70,8 @@ impl Engine {
             kernel: LinearKernel::Chunked,
             ..*opts
         };
-        let mut forward = self.plan_linear(shape, layout, &chunked, dtype, initial)?;
-        let mut c = forward.chunked.ok_or_else(|| {
+        let forward = self.plan_linear_for(shape, layout, &chunked, dtype, initial, true)?;
+        let c = forward.chunked.ok_or_else(|| {
             Error::Internal("the chunked linear plan has no chunk geometry".into())
         })?;
         let limits = &self.inner.info.limits;
@@ -80,20 +82,6 @@ impl Engine {
             hint,
         };
         let columns = shape.value_dim + usize::from(opts.normalize);
-        // Packed rows of K, V, Q and ĝ share one fold: as many rows per texture line as the
-        // widest of them allows.
-        let max_dim = limits.max_texture_dimension_2d as usize;
-        let widest = (shape.head_dim.max(columns)).div_ceil(4);
-        let fold = (max_dim / widest).max(1);
-        let q_rows = shape.batch * shape.q_heads * shape.q_len;
-        if q_rows.div_ceil(fold) > max_dim {
-            return Err(too_large(
-                "max_texture_dimension_2d",
-                q_rows.div_ceil(fold),
-                max_dim,
-                " texture lines for packed Q and the readout gradients (use pieces)",
-            ));
-        }
         let rows = linear_rows(shape.head_dim as u32, columns as u32, c.chunk);
         let row_groups = shape.q_len.div_ceil(64 * rows as usize);
         let max_groups = limits.max_compute_workgroups_per_dimension as usize;
@@ -117,9 +105,6 @@ impl Engine {
                 " loop steps per dK/dV invocation: query heads per kv head × (chunk + head_dim) (use a smaller chunk_size)",
             ));
         }
-        c.tex_fold = fold as u32;
-        forward.chunked = Some(c);
-        forward.params.tex_fold = fold as u32;
         let passes = PASSES
             .iter()
             .map(|&pass| LinearKey {
@@ -355,44 +340,29 @@ impl Engine {
                     entry(binding::Z_OUT, &d_z_out),
                 ],
             };
-            let res = self.chunk_resources(device, &mut encoder, fwd, &bound, &pack)?;
+            let res = self.chunk_resources(device, fwd, &pack)?;
             // Loans from the scratch pool go back when this closure ends, after the submit.
             let mut loans = Vec::new();
-            let max_groups = self.inner.info.limits.max_compute_workgroups_per_dimension;
-            let q_shape = PackShape {
+            // Packed Q and the readout's ĝ, for one group of heads at a time.
+            let q_pack = PackShape {
                 stride: fwd.params.q_stride,
-                heads: shape.q_heads,
+                first_head: 0,
+                heads: c.group_heads as usize,
                 batch: shape.batch,
                 seq_len: shape.q_len,
                 rows_per_head: shape.q_len,
                 dim: shape.head_dim,
                 fold: c.tex_fold,
-                max_groups,
+                max_groups: self.inner.info.limits.max_compute_workgroups_per_dimension,
             };
-            let (q_loan, q_view) = pack_rows(
-                &self.inner,
-                &mut encoder,
-                &pack,
-                q,
-                q_shape,
-                "linear packed Q",
-            )?;
+            let (q_loan, q_view) = packed_texture(&self.inner, q_pack, "linear packed Q")?;
             loans.push(q_loan);
-            let q_rows = (shape.batch * shape.q_heads * shape.q_len) as u32;
-            let grad_size = wgpu::Extent3d {
-                width: c.tex_fold * c4,
-                height: q_rows.div_ceil(c.tex_fold),
-                depth_or_array_layers: 1,
+            let grad_pack = PackShape {
+                dim: c4 as usize * 4,
+                ..q_pack
             };
-            let grad_loan = self.inner.pool.texture(
-                device,
-                "linear readout gradients",
-                grad_size,
-                wgpu::TextureFormat::Rgba32Float,
-                wgpu::TextureUsages::STORAGE_BINDING,
-            )?;
-            let grad_view =
-                (grad_loan.texture()).create_view(&wgpu::TextureViewDescriptor::default());
+            let (grad_loan, grad_view) =
+                packed_texture(&self.inner, grad_pack, "linear readout gradients")?;
             loans.push(grad_loan);
             let (d_loan, d_texture, d_view) =
                 self.state_texture(device, &c, "linear state gradients texture")?;
@@ -407,6 +377,20 @@ impl Engine {
             let scan_groups = self.head_groups(device, &plan.scan_params, &c, shape);
             for (group, scan) in groups.iter().zip(&scan_groups) {
                 let h = group.heads;
+                let group_q = PackShape {
+                    first_head: group.head_base as usize,
+                    heads: h as usize,
+                    ..q_pack
+                };
+                pack_into(
+                    &self.inner,
+                    &mut encoder,
+                    &pack,
+                    q,
+                    group_q,
+                    &q_view,
+                    "linear packed Q",
+                );
                 self.record_group_states(
                     device,
                     &mut encoder,

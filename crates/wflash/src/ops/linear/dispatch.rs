@@ -5,7 +5,7 @@ use super::{GpuLinearAttention, GpuLinearState};
 use crate::gpu::pool::Scratch;
 use crate::gpu::tensor::buffer_with_contents;
 use crate::kernels::{KernelId, PackKernel, binding};
-use crate::ops::passes::{PackShape, entry, pack_rows, record_pass, texture_entry};
+use crate::ops::passes::{PackShape, entry, pack_into, packed_texture, record_pass, texture_entry};
 use crate::{DType, Engine, LinearOptions, Result, Shape, Tensor};
 
 /// What the passes of one call bind: the uniform block, Q/K/V, the decay powers and the four
@@ -167,7 +167,7 @@ impl Engine {
         pack: &wgpu::ComputePipeline,
     ) -> Result<Vec<Scratch>> {
         let shape = &plan.shape;
-        let res = self.chunk_resources(device, encoder, plan, bound, pack)?;
+        let res = self.chunk_resources(device, plan, pack)?;
         let b = shape.batch as u32;
         for group in self.head_groups(device, &plan.params, &res.chunks, shape) {
             self.record_group_states(device, encoder, plan, bound, &group, &res, pipelines);
@@ -221,6 +221,7 @@ impl Engine {
                         bytemuck::bytes_of(&params),
                         wgpu::BufferUsages::UNIFORM,
                     ),
+                    head_base,
                     heads,
                     kv_heads: heads / group,
                 }
@@ -228,14 +229,13 @@ impl Engine {
             .collect()
     }
 
-    /// The chunked kernel's resources: K and V packed into textures, and the per-chunk states
-    /// of one group of heads as a buffer and as a texture (from the scratch pool).
+    /// The chunked kernel's resources, each holding one group of heads: textures for packed K
+    /// and V, and the per-chunk states as a buffer and as a texture (from the scratch pool;
+    /// every group reuses them in turn).
     pub(super) fn chunk_resources(
         &self,
         device: &wgpu::Device,
-        encoder: &mut wgpu::CommandEncoder,
         plan: &LinearPlan,
-        bound: &Bound<'_>,
         pack: &wgpu::ComputePipeline,
     ) -> Result<ChunkResources> {
         let (shape, params) = (&plan.shape, &plan.params);
@@ -243,27 +243,22 @@ impl Engine {
             crate::Error::Internal("a chunked recording of a recurrent plan".into())
         })?;
         let max_groups = self.inner.info.limits.max_compute_workgroups_per_dimension;
-        let (mut loans, mut views): (Vec<Scratch>, Vec<wgpu::TextureView>) = [
-            (bound.k, shape.head_dim, params.k_stride, "linear packed K"),
-            (bound.v, shape.value_dim, params.v_stride, "linear packed V"),
-        ]
-        .into_iter()
-        .map(|(tensor, dim, stride, label)| {
-            let pack_shape = PackShape {
-                stride,
-                heads: shape.kv_heads,
-                batch: shape.batch,
-                seq_len: shape.q_len,
-                rows_per_head: shape.q_len,
-                dim,
-                fold: c.tex_fold,
-                max_groups,
-            };
-            pack_rows(&self.inner, encoder, pack, tensor, pack_shape, label)
-        })
-        .collect::<Result<Vec<_>>>()?
-        .into_iter()
-        .unzip();
+        let kv_heads = c.group_heads as usize / (shape.q_heads / shape.kv_heads);
+        let pack_shape = |stride, dim| PackShape {
+            stride,
+            first_head: 0,
+            heads: kv_heads,
+            batch: shape.batch,
+            seq_len: shape.q_len,
+            rows_per_head: shape.q_len,
+            dim,
+            fold: c.tex_fold,
+            max_groups,
+        };
+        let k_pack = pack_shape(params.k_stride, shape.head_dim);
+        let v_pack = pack_shape(params.v_stride, shape.value_dim);
+        let (k_loan, k_view) = packed_texture(&self.inner, k_pack, "linear packed K")?;
+        let (v_loan, v_view) = packed_texture(&self.inner, v_pack, "linear packed V")?;
         let row_bytes = c.state_fold * c.pitch * 4;
         let chunk_states_loan = self.inner.pool.buffer(
             device,
@@ -274,13 +269,12 @@ impl Engine {
         let chunk_states = chunk_states_loan.buffer().clone();
         let (state_loan, state_texture, state_view) =
             self.state_texture(device, &c, "linear chunk states texture")?;
-        loans.push(chunk_states_loan);
-        loans.push(state_loan);
-        let v_view = views.pop().expect("two packed views");
-        let k_view = views.pop().expect("two packed views");
         Ok(ChunkResources {
             chunks: c,
-            loans,
+            loans: vec![k_loan, v_loan, chunk_states_loan, state_loan],
+            pack: pack.clone(),
+            k_pack,
+            v_pack,
             k_view,
             v_view,
             chunk_states,
@@ -289,9 +283,9 @@ impl Engine {
         })
     }
 
-    /// One group's chunk states: each chunk's own state, the prefix scan over chunks (into
-    /// the per-chunk states and the group's final states), those states copied into the
-    /// texture. `pipelines` starts with the chunk-state and prefix passes.
+    /// One group's chunk states: its K and V packed, each chunk's own state, the prefix scan
+    /// over chunks (into the per-chunk states and the group's final states), those states
+    /// copied into the texture. `pipelines` starts with the chunk-state and prefix passes.
     #[expect(
         clippy::too_many_arguments,
         reason = "a group's bindings and its pipelines"
@@ -308,6 +302,17 @@ impl Engine {
     ) {
         let (shape, params, c) = (&plan.shape, &plan.params, &res.chunks);
         let b = shape.batch as u32;
+        for (tensor, pack, view, label) in [
+            (bound.k, res.k_pack, &res.k_view, "linear packed K"),
+            (bound.v, res.v_pack, &res.v_view, "linear packed V"),
+        ] {
+            let pack = PackShape {
+                first_head: (group.head_base / params.group) as usize,
+                heads: group.kv_heads as usize,
+                ..pack
+            };
+            pack_into(&self.inner, encoder, &res.pack, tensor, pack, view, label);
+        }
         let column_groups = params.columns.div_ceil(4);
         let columns = column_groups.div_ceil(64);
         let prefix_groups = (column_groups * shape.head_dim as u32).div_ceil(64);
@@ -400,16 +405,21 @@ pub(super) fn copy_chunk_states(
 /// kv heads.
 pub(super) struct HeadGroup {
     pub uniform: wgpu::Buffer,
+    pub head_base: u32,
     pub heads: u32,
     pub kv_heads: u32,
 }
 
-/// What [`Engine::chunk_resources`] makes for the passes of a chunked call: the packed K and
-/// V, the per-chunk states of one group of heads (`S_before[t]`, and the total at slot
-/// `chunks`) as a buffer and as a texture, and the scratch loans to hold until the submit.
+/// What [`Engine::chunk_resources`] makes for the passes of a chunked call, for one group of
+/// heads at a time: textures for the packed K and V (the pack pipeline and shapes that fill
+/// them), the per-chunk states (`S_before[t]`, and the total at slot `chunks`) as a buffer and
+/// as a texture, and the scratch loans to hold until the submit.
 pub(super) struct ChunkResources {
     pub chunks: ChunkPlan,
     pub loans: Vec<Scratch>,
+    pub pack: wgpu::ComputePipeline,
+    pub k_pack: PackShape,
+    pub v_pack: PackShape,
     pub k_view: wgpu::TextureView,
     pub v_view: wgpu::TextureView,
     pub chunk_states: wgpu::Buffer,

@@ -64,8 +64,23 @@ impl Engine {
         dtype: DType,
         initial: Option<(usize, Option<usize>)>,
     ) -> Result<LinearPlan> {
+        self.plan_linear_for(shape, layout, opts, dtype, initial, false)
+    }
+
+    /// [`Engine::plan_linear`] for a forward call, or for the backward's rebuilding of the
+    /// states (`backward`: its packed textures share the widest fold of K, V, Q and ĝ, and
+    /// its scratch per head is larger, so its groups of heads may be smaller).
+    pub(super) fn plan_linear_for(
+        &self,
+        shape: &Shape,
+        layout: Layout,
+        opts: &LinearOptions<'_>,
+        dtype: DType,
+        initial: Option<(usize, Option<usize>)>,
+        backward: bool,
+    ) -> Result<LinearPlan> {
         opts.validate(shape, initial)?;
-        let (storage, chunked) = self.linear_kernel(shape, opts, dtype)?;
+        let (storage, chunked) = self.linear_kernel(shape, opts, dtype, backward)?;
         let passes: &[LinearPass] = match chunked {
             Some(_) => &[
                 LinearPass::ChunkState,
@@ -156,6 +171,7 @@ impl Engine {
         shape: &Shape,
         opts: &LinearOptions<'_>,
         dtype: DType,
+        backward: bool,
     ) -> Result<(Storage, Option<ChunkPlan>)> {
         let storage = self.storage_for(dtype)?;
         let len = shape.q_len;
@@ -228,8 +244,45 @@ impl Engine {
             }
         }
         .min(len);
-        // Where none fits, the checks below name the limit for the smallest group.
-        let group_heads = group_heads(chunk).unwrap_or(group);
+        // Packed rows of K and V (and the backward's Q and ĝ) share one fold: as many rows per
+        // texture line as the widest of them allows.
+        let (d4, v4, c4) = (
+            shape.head_dim.div_ceil(4),
+            shape.value_dim.div_ceil(4),
+            columns.div_ceil(4),
+        );
+        let widest = if backward { d4.max(c4) } else { d4.max(v4) };
+        let tex_fold = (max_dim / widest).max(1);
+        let texture_bytes =
+            |rows: usize, width4: usize| (rows.div_ceil(tex_fold) * tex_fold * width4 * 16) as u64;
+        // A group's scratch: packed K and V, its per-chunk states as a buffer and a texture;
+        // the backward's packed Q and ĝ and the states' gradients as a texture.
+        let scratch = |heads: usize| {
+            let rows = shape.batch * heads * len;
+            let kv_rows = rows / group;
+            let states = state_size(chunk, heads).1;
+            let forward = texture_bytes(kv_rows, d4) + texture_bytes(kv_rows, v4) + 2 * states;
+            match backward {
+                true => forward + texture_bytes(rows, d4) + texture_bytes(rows, c4) + states,
+                false => forward,
+            }
+        };
+        let texture_rows =
+            |heads: usize| shape.batch * heads * len / if backward { 1 } else { group };
+        // The most heads whose states fit one binding and whose scratch the pool keeps between
+        // calls (a long call's scratch then scales with a group of heads, not the call, and is
+        // not created and zero-filled again each time); at least one kv head's query heads,
+        // where the checks below name the limit if even that does not fit.
+        let cap = self.inner.pool.cap();
+        let group_heads = (1..=shape.kv_heads)
+            .rev()
+            .map(|kv| kv * group)
+            .find(|&heads| {
+                fits(chunk, heads)
+                    && texture_rows(heads).div_ceil(tex_fold) <= max_dim
+                    && scratch(heads) <= cap
+            })
+            .unwrap_or(group);
         let chunks = len.div_ceil(chunk);
         if chunks > LINEAR_MAX_SEQUENTIAL_STEPS {
             return Err(too_large(
@@ -250,16 +303,13 @@ impl Engine {
                 " workgroups along x (use a larger chunk_size, or pieces)",
             ));
         }
-        // Packed K/V: rows of width4 texels, `fold` rows per line.
-        let width4 = shape.head_dim.max(shape.value_dim).div_ceil(4);
-        let tex_fold = (max_dim / width4).max(1);
-        let kv_rows = shape.batch * shape.kv_heads * len;
-        if kv_rows.div_ceil(tex_fold) > max_dim {
+        let packed_rows = texture_rows(group_heads);
+        if packed_rows.div_ceil(tex_fold) > max_dim {
             return Err(too_large(
                 "max_texture_dimension_2d",
-                kv_rows.div_ceil(tex_fold),
+                packed_rows.div_ceil(tex_fold),
                 max_dim,
-                " texture lines for packed K/V",
+                " texture lines for the packed rows of one kv head (use pieces)",
             ));
         }
         let (state_lines, state_bytes) = state_size(chunk, group_heads);
