@@ -7,6 +7,7 @@
 
 pub mod backward;
 pub mod linear;
+pub mod merge;
 pub mod naive;
 
 pub use backward::{Grads, backward, sigmoid_slope, softcap_slope};

@@ -62,7 +62,9 @@ pub use api::options::{
     AttentionOptions, Bias, BiasValues, Causal, Variant, Varlen, Window, alibi_slopes,
 };
 pub(crate) use api::shape::check_len;
-pub use api::shape::{Attention, AttentionGrads, DType, Element, Layout, MAX_HEAD_DIM, Shape};
+pub use api::shape::{
+    Attention, AttentionGrads, DType, Element, Layout, MAX_HEAD_DIM, OutputShape, Shape,
+};
 pub use engine::{Engine, EngineInfo, EngineOptions, F16Path, TuningSource};
 pub use gpu::pool::PoolStats;
 pub use gpu::tensor::Tensor;
@@ -75,6 +77,7 @@ pub use ops::linear::{
     ChunkPlan, GpuLinearAttention, GpuLinearGrads, GpuLinearState, LinearBackwardPlan,
     LinearParams, LinearPlan,
 };
+pub use ops::merge::{MergeParams, MergePlan};
 pub use ops::passes::{PackParams, PackShape};
 
 pub use half;

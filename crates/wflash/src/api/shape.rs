@@ -141,6 +141,69 @@ impl Layout {
 }
 
 /// `LengthMismatch` unless a tensor holds the number of elements the call needs.
+/// The query side of attention calls: outputs `[batch, heads, len, value_dim]` in a layout
+/// and LSEs `[batch, heads, len]`. What [`crate::Engine::merge_attention`] merges.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct OutputShape {
+    pub batch: usize,
+    pub heads: usize,
+    pub len: usize,
+    pub value_dim: usize,
+}
+
+impl OutputShape {
+    pub fn o_elems(&self) -> usize {
+        self.batch * self.heads * self.len * self.value_dim
+    }
+    pub fn lse_elems(&self) -> usize {
+        self.batch * self.heads * self.len
+    }
+
+    /// Checks the sizes: none zero, the value dim at most [`MAX_HEAD_DIM`], the element count
+    /// a `usize`.
+    pub fn validate(&self) -> Result<()> {
+        for (dim, value) in [
+            ("batch", self.batch),
+            ("heads", self.heads),
+            ("len", self.len),
+            ("value_dim", self.value_dim),
+        ] {
+            if value == 0 {
+                return Err(Error::ZeroDimension { dim });
+            }
+        }
+        if self.value_dim > MAX_HEAD_DIM {
+            return Err(Error::HeadDimUnsupported {
+                dim: "value_dim",
+                got: self.value_dim,
+                max: MAX_HEAD_DIM,
+            });
+        }
+        [self.heads, self.len, self.value_dim]
+            .iter()
+            .try_fold(self.batch, |n, &d| n.checked_mul(d))
+            .map(|_| ())
+            .ok_or(Error::TooLarge {
+                limit: "usize",
+                needed: u64::MAX,
+                max: usize::MAX as u64,
+                hint: " output elements",
+            })
+    }
+}
+
+impl Shape {
+    /// The query side of this call: what its output and LSE hold.
+    pub fn output_shape(&self) -> OutputShape {
+        OutputShape {
+            batch: self.batch,
+            heads: self.q_heads,
+            len: self.q_len,
+            value_dim: self.value_dim,
+        }
+    }
+}
+
 pub(crate) fn check_len(tensor: &'static str, expected: usize, got: usize) -> Result<()> {
     if expected != got {
         return Err(Error::LengthMismatch {

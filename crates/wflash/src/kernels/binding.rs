@@ -77,6 +77,12 @@ bindings! {
     BWD_D_TEMPERATURE = 24, "bwd_d_temperature";
     BWD_D_BIAS = 25, "bwd_d_bias";
     BWD_SINK_PARTIALS = 26, "bwd_sink_partials";
+    /// The merge of partial attention results (merge.wgsl): the stacked outputs and LSEs,
+    /// the merged output and LSE.
+    MERGE_PARTS = 1, "merge_parts";
+    MERGE_LSE = 2, "merge_lse";
+    MERGE_OUT = 3, "merge_out";
+    MERGE_LSE_OUT = 4, "merge_lse_out";
     /// The reduction pass (flash_bwd.wgsl's `reduce_sum`).
     REDUCE_IN = 1, "reduce_in";
     REDUCE_OUT = 2, "reduce_out";

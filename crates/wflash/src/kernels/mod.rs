@@ -21,7 +21,7 @@ pub use forward::{
     workgroup_bytes,
 };
 pub use linear::{LinearKey, LinearPass, linear_rows};
-pub use passes::{Conversion, PackKernel};
+pub use passes::{Conversion, MergeKernel, PackKernel};
 pub use wgsl::{Storage, expand_unrolls};
 
 use crate::{FeatureMap, ModifierSet};
@@ -57,6 +57,7 @@ pub enum KernelId {
     Linear(LinearKey),
     Backward(BackwardKey),
     Reduce(ReduceKernel),
+    Merge(MergeKernel),
 }
 
 impl KernelId {
@@ -68,6 +69,7 @@ impl KernelId {
             KernelId::Linear(k) => k,
             KernelId::Backward(k) => k,
             KernelId::Reduce(k) => k,
+            KernelId::Merge(k) => k,
         }
     }
 }
@@ -114,6 +116,12 @@ pub fn all_variants(dims: &[(u32, u32)]) -> Vec<KernelId> {
         kernels.push(KernelId::Pack(PackKernel(storage)));
         kernels.push(KernelId::Convert(Conversion::ToF32(storage)));
         kernels.push(KernelId::Convert(Conversion::FromF32(storage)));
+        for parts in [storage, Storage::F32] {
+            kernels.push(KernelId::Merge(MergeKernel {
+                parts,
+                output: storage,
+            }));
+        }
     }
     let linear_max = crate::linear::LINEAR_MAX_DIM as u32;
     for &(key_dim, value_dim) in dims {

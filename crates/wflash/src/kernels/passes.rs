@@ -1,8 +1,8 @@
-//! The small passes around the kernels: K/V packing (pack_rows.wgsl) and element-type
-//! conversion (convert.wgsl).
+//! The small passes around the kernels: K/V packing (pack_rows.wgsl), element-type
+//! conversion (convert.wgsl) and the merge of partial attention results (merge.wgsl).
 
 use super::binding;
-use super::wgsl::{Storage, Wgsl, load_accessor, storage_section};
+use super::wgsl::{Storage, Wgsl, load_accessor, storage_section, store_accessor};
 
 /// An element-type conversion pass (convert.wgsl).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -87,5 +87,33 @@ impl super::Kernel for PackKernel {
     }
     fn entry_point(&self) -> &'static str {
         "pack_rows"
+    }
+}
+
+/// The merge of partial attention results (merge.wgsl): parts stored as `parts`, the merged
+/// output as `output` (the public merge: both the tensors' type; split-KV decoding: f32 parts).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct MergeKernel {
+    pub parts: Storage,
+    pub output: Storage,
+}
+
+impl super::Kernel for MergeKernel {
+    fn label(&self) -> String {
+        format!("merge {} to {}", self.parts.name(), self.output.name())
+    }
+    /// `load_parts` and `store_o` for the storage types, then merge.wgsl.
+    fn source(&self) -> String {
+        let mut src = Wgsl::new();
+        if Storage::F16Native == self.parts || Storage::F16Native == self.output {
+            src.push("enable f16;");
+        }
+        load_accessor(&mut src, self.parts, binding::MERGE_PARTS, "parts");
+        store_accessor(&mut src, self.output, binding::MERGE_OUT, "o");
+        src.file("merge.wgsl");
+        src.finish()
+    }
+    fn entry_point(&self) -> &'static str {
+        "merge"
     }
 }

@@ -42,7 +42,7 @@ impl Storage {
 
 /// Every WGSL file the kernels are built from, by path under `shaders/` (embedded: the crate
 /// package carries `shaders/`, a link to the workspace's).
-const FILES: [(&str, &str); 10] = [
+const FILES: [(&str, &str); 11] = [
     (
         "flash_bwd.wgsl",
         include_str!("../../shaders/flash_bwd.wgsl"),
@@ -65,6 +65,7 @@ const FILES: [(&str, &str); 10] = [
         include_str!("../../shaders/pack_rows.wgsl"),
     ),
     ("convert.wgsl", include_str!("../../shaders/convert.wgsl")),
+    ("merge.wgsl", include_str!("../../shaders/merge.wgsl")),
     (
         "common/flash_common.wgsl",
         include_str!("../../shaders/common/flash_common.wgsl"),

@@ -7,4 +7,5 @@
 pub(crate) mod attention;
 pub(crate) mod attention_backward;
 pub(crate) mod linear;
+pub(crate) mod merge;
 pub(crate) mod passes;
