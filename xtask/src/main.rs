@@ -132,8 +132,8 @@ const GL_GRIDS: [&str; 10] = [
 ];
 
 /// CI's GL part: the suite on Mesa's GL llvmpipe, what a machine without a Vulkan driver gets
-/// (no shader-f16, no subgroups: the packed f16 path and the fallbacks). The API, reliability
-/// and merge suites run whole (the concurrency tests among them: GL's context lock is what
+/// (no shader-f16, no subgroups: the packed f16 path and the fallbacks). The API, reliability,
+/// merge and decode suites run whole (the concurrency tests among them: GL's context lock is what
 /// they guard against), with Mesa's shader cache off so every pipeline compiles for real, as
 /// on a fresh machine; then every `GL_GRID_SAMPLE`-th case of each grid in `GL_GRIDS`, with
 /// the shader cache on in a fresh directory (the grids' binaries share many kernels).
@@ -163,6 +163,8 @@ fn gl_part() -> Result<(), Failure> {
             "reliability",
             "--test",
             "merge",
+            "--test",
+            "decode",
         ],
     )?;
     let cache = workspace_root().join("target/gl-shader-cache");

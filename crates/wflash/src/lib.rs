@@ -73,6 +73,9 @@ pub use ops::attention::{FlashParams, GpuAttention, PackPlan, Packed, Plan, Sequ
 pub use ops::attention_backward::{
     BackwardParams, BackwardPlan, BiasGradPlan, GpuAttentionGrads, ReduceParams,
 };
+pub use ops::decode::{
+    DECODE_MAX_TOKENS, DecodeOptions, DecodeParams, DecodePlan, KvCache, KvCacheShape,
+};
 pub use ops::linear::{
     ChunkPlan, GpuLinearAttention, GpuLinearGrads, GpuLinearState, LinearBackwardPlan,
     LinearParams, LinearPlan,

@@ -104,6 +104,15 @@ pub enum Error {
         reason: &'static str,
     },
 
+    /// A KV cache call would put a sequence past the cache's capacity, or names lengths the
+    /// cache does not have.
+    #[error("KV cache: sequence {sequence} would hold {needed} tokens, capacity {capacity}")]
+    CacheCapacity {
+        sequence: usize,
+        needed: usize,
+        capacity: usize,
+    },
+
     /// The device was lost (driver reset, `destroy`, or unplugged).
     #[error("the GPU device was lost: {0}")]
     DeviceLost(String),

@@ -77,6 +77,20 @@ impl Engine {
         })
     }
 
+    /// Copies an attention result (output, and LSE where there is one) back to the host.
+    pub(crate) async fn read_attention<T: Element>(
+        &self,
+        out: &crate::GpuAttention,
+    ) -> Result<crate::Attention<T>> {
+        Ok(crate::Attention {
+            output: self.read(&out.output).await?,
+            lse: match &out.lse {
+                Some(lse) => Some(self.read(lse).await?),
+                None => None,
+            },
+        })
+    }
+
     /// Copies a tensor back to the host.
     pub async fn read<T: Element>(&self, tensor: &Tensor) -> Result<Vec<T>> {
         let mut out = self.read_many::<T>(&[tensor]).await?;

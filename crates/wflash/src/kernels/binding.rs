@@ -83,6 +83,15 @@ bindings! {
     MERGE_LSE = 2, "merge_lse";
     MERGE_OUT = 3, "merge_out";
     MERGE_LSE_OUT = 4, "merge_lse_out";
+    /// Decoding (decode.wgsl): sequence lengths, the cache (read by the split pass, written by
+    /// the append pass), the new tokens appended, the partial outputs and LSEs. Q at `Q`.
+    DECODE_LENGTHS = 2, "decode_lengths";
+    DECODE_K = 3, "decode_k";
+    DECODE_V = 4, "decode_v";
+    DECODE_PARTIAL_O = 5, "decode_partial_o";
+    DECODE_PARTIAL_LSE = 6, "decode_partial_lse";
+    DECODE_NEW = 7, "decode_new";
+    DECODE_CACHE = 8, "decode_cache";
     /// The reduction pass (flash_bwd.wgsl's `reduce_sum`).
     REDUCE_IN = 1, "reduce_in";
     REDUCE_OUT = 2, "reduce_out";

@@ -9,12 +9,14 @@
 
 mod backward;
 pub mod binding;
+mod decode;
 mod forward;
 mod linear;
 mod passes;
 mod wgsl;
 
 pub use backward::{BackwardKey, BackwardPass, ReduceKernel, backward_rows};
+pub use decode::{DecodeKey, DecodePass};
 pub use forward::{
     Family, KernelKey, PRIVATE_DIM_MAX, TILED_BLOCK_MS, TILED_BLOCK_NS, TileConfig, UNROLLED_KEYS,
     UNROLLED_LANES, VariantKind, dim_capacity, tiled_tiles, unrolled_tile, unrolled_tiles,
@@ -58,6 +60,7 @@ pub enum KernelId {
     Backward(BackwardKey),
     Reduce(ReduceKernel),
     Merge(MergeKernel),
+    Decode(DecodeKey),
 }
 
 impl KernelId {
@@ -70,6 +73,7 @@ impl KernelId {
             KernelId::Backward(k) => k,
             KernelId::Reduce(k) => k,
             KernelId::Merge(k) => k,
+            KernelId::Decode(k) => k,
         }
     }
 }
@@ -144,6 +148,7 @@ pub fn all_variants(dims: &[(u32, u32)]) -> Vec<KernelId> {
         }
     }
     kernels.extend(backward::variants(dims));
+    kernels.extend(decode::variants(dims).into_iter().map(KernelId::Decode));
     kernels
 }
 

@@ -42,7 +42,7 @@ impl Storage {
 
 /// Every WGSL file the kernels are built from, by path under `shaders/` (embedded: the crate
 /// package carries `shaders/`, a link to the workspace's).
-const FILES: [(&str, &str); 11] = [
+const FILES: [(&str, &str); 12] = [
     (
         "flash_bwd.wgsl",
         include_str!("../../shaders/flash_bwd.wgsl"),
@@ -66,6 +66,7 @@ const FILES: [(&str, &str); 11] = [
     ),
     ("convert.wgsl", include_str!("../../shaders/convert.wgsl")),
     ("merge.wgsl", include_str!("../../shaders/merge.wgsl")),
+    ("decode.wgsl", include_str!("../../shaders/decode.wgsl")),
     (
         "common/flash_common.wgsl",
         include_str!("../../shaders/common/flash_common.wgsl"),

@@ -6,6 +6,7 @@
 
 pub(crate) mod attention;
 pub(crate) mod attention_backward;
+pub(crate) mod decode;
 pub(crate) mod linear;
 pub(crate) mod merge;
 pub(crate) mod passes;

@@ -41,13 +41,7 @@ impl Engine {
             .collect::<Result<Vec<_>>>()?;
         let refs: Vec<(&Tensor, &Tensor)> = uploaded.iter().map(|(o, l)| (o, l)).collect();
         let merged = self.merge_attention_gpu(shape, layout, &refs)?;
-        Ok(Attention {
-            output: self.read(&merged.output).await?,
-            lse: match &merged.lse {
-                Some(lse) => Some(self.read(lse).await?),
-                None => None,
-            },
-        })
+        self.read_attention(&merged).await
     }
 
     /// Blocking twin of [`Engine::merge_attention`].

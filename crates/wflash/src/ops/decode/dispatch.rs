@@ -1,0 +1,156 @@
+//! Records planned appends and decode calls.
+
+use super::KvCache;
+use super::plan::{DecodeParams, DecodePlan};
+use crate::gpu::tensor::buffer_with_contents;
+use crate::kernels::{KernelId, binding};
+use crate::ops::passes::{entry, record_pass};
+use crate::{DType, Engine, Error, GpuAttention, Result, Tensor};
+
+impl Engine {
+    /// The sequences' lengths as a storage buffer.
+    fn lengths_buffer(&self, device: &wgpu::Device, cache: &KvCache) -> wgpu::Buffer {
+        let lengths: Vec<u32> = cache.lengths.iter().map(|&l| l as u32).collect();
+        buffer_with_contents(
+            device,
+            &self.inner.queue,
+            "decode lengths",
+            bytemuck::cast_slice(&lengths),
+            wgpu::BufferUsages::STORAGE,
+        )
+    }
+
+    /// A pass's uniform block.
+    fn params_buffer(&self, device: &wgpu::Device, params: &DecodeParams) -> wgpu::Buffer {
+        buffer_with_contents(
+            device,
+            &self.inner.queue,
+            "decode params",
+            bytemuck::bytes_of(params),
+            wgpu::BufferUsages::UNIFORM,
+        )
+    }
+
+    /// Records and submits a planned append: K's pass, then V's.
+    pub(super) fn run_append(
+        &self,
+        cache: &KvCache,
+        plan: &DecodePlan,
+        k: &Tensor,
+        v: &Tensor,
+    ) -> Result<()> {
+        self.check_alive()?;
+        let pipelines = (plan.passes.iter())
+            .map(|(key, _, _)| self.pipeline(KernelId::Decode(*key)))
+            .collect::<Result<Vec<_>>>()?;
+        self.guarded(|device| {
+            let queue = &self.inner.queue;
+            let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("kv cache append"),
+            });
+            let lengths = self.lengths_buffer(device, cache);
+            let sources = [(k, &cache.k), (v, &cache.v)];
+            for (((_, params, grid), pipeline), (new, cached)) in
+                plan.passes.iter().zip(&pipelines).zip(sources)
+            {
+                let uniform = self.params_buffer(device, params);
+                let entries = [
+                    entry(binding::PARAMS, &uniform),
+                    entry(binding::DECODE_LENGTHS, &lengths),
+                    entry(binding::DECODE_NEW, &new.buffer),
+                    entry(binding::DECODE_CACHE, &cached.buffer),
+                ];
+                record_pass(
+                    device,
+                    &mut encoder,
+                    pipeline,
+                    &entries,
+                    *grid,
+                    "kv cache append",
+                );
+            }
+            queue.submit([encoder.finish()]);
+        })
+    }
+
+    /// Records and submits a planned decode call: the split pass into partials (scratch from
+    /// the pool), then their merge into the output.
+    pub(super) fn run_decode(
+        &self,
+        cache: &KvCache,
+        plan: &DecodePlan,
+        q: &Tensor,
+    ) -> Result<GpuAttention> {
+        self.check_alive()?;
+        let (Some(merge), [(key, params, grid)]) = (&plan.merge, &plan.passes[..]) else {
+            return Err(Error::Internal(
+                "a decode plan has one split pass and a merge".into(),
+            ));
+        };
+        let split = self.pipeline(KernelId::Decode(*key))?;
+        let merge_pipeline = self.pipeline(KernelId::Merge(merge.kernel))?;
+        let out = &merge.shape;
+        let output = self.output_tensor(q.dtype, out.o_elems())?;
+        let lse = self.output_tensor(DType::F32, out.lse_elems())?;
+        let parts = u64::from(merge.params.parts);
+        self.guarded(|device| -> Result<()> {
+            let queue = &self.inner.queue;
+            let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("decode attention"),
+            });
+            let pool = &self.inner.pool;
+            let usage = wgpu::BufferUsages::STORAGE;
+            let partial_o = pool.buffer(
+                device,
+                "decode partial outputs",
+                merge.part_bytes * parts,
+                usage,
+            )?;
+            let partial_lse = pool.buffer(
+                device,
+                "decode partial lses",
+                merge.lse_bytes * parts,
+                usage,
+            )?;
+            let lengths = self.lengths_buffer(device, cache);
+            let uniform = self.params_buffer(device, params);
+            let entries = [
+                entry(binding::PARAMS, &uniform),
+                entry(binding::Q, &q.buffer),
+                entry(binding::DECODE_K, &cache.k.buffer),
+                entry(binding::DECODE_V, &cache.v.buffer),
+                entry(binding::DECODE_LENGTHS, &lengths),
+                entry(binding::DECODE_PARTIAL_O, partial_o.buffer()),
+                entry(binding::DECODE_PARTIAL_LSE, partial_lse.buffer()),
+            ];
+            record_pass(
+                device,
+                &mut encoder,
+                &split,
+                &entries,
+                *grid,
+                "decode split",
+            );
+            self.record_merge(
+                device,
+                &mut encoder,
+                merge,
+                &merge_pipeline,
+                [
+                    partial_o.buffer(),
+                    partial_lse.buffer(),
+                    &output.buffer,
+                    &lse.buffer,
+                ],
+            );
+            queue.submit([encoder.finish()]);
+            // The loans go back after the submit (the pool's rule).
+            drop((partial_o, partial_lse));
+            Ok(())
+        })??;
+        Ok(GpuAttention {
+            output,
+            lse: Some(lse),
+        })
+    }
+}

@@ -1,0 +1,225 @@
+//! Decoding against a KV cache (FlashDecoding; semantics: the forward over each sequence's
+//! cached keys with bottom-right causal masking): a GPU-resident cache with per-sequence
+//! lengths, an append of new tokens, and the split-KV attention of a few new queries per
+//! sequence against it, whose partial results merge.wgsl combines. shaders/decode.wgsl.
+
+mod dispatch;
+mod plan;
+
+pub use plan::{DecodeParams, DecodePlan};
+
+use crate::{
+    Attention, DType, Element, Engine, Error, GpuAttention, Layout, MAX_HEAD_DIM, Result, Tensor,
+};
+
+/// The most query tokens per sequence of one decode call (speculative decoding's drafts).
+pub const DECODE_MAX_TOKENS: usize = 16;
+
+/// The sizes of a KV cache: K `[batch, kv_heads, capacity, head_dim]` and V `[batch, kv_heads,
+/// capacity, value_dim]`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct KvCacheShape {
+    pub batch: usize,
+    pub kv_heads: usize,
+    /// Tokens each sequence can hold.
+    pub capacity: usize,
+    pub head_dim: usize,
+    pub value_dim: usize,
+}
+
+/// A contiguous, GPU-resident KV cache of one element type, with the number of valid tokens
+/// of each sequence (sequences of one batch may differ). Made by [`Engine::kv_cache`], filled
+/// by [`Engine::append_kv`], read by [`Engine::decode_attention_gpu`].
+#[derive(Clone, Debug)]
+pub struct KvCache {
+    pub(crate) shape: KvCacheShape,
+    pub(crate) k: Tensor,
+    pub(crate) v: Tensor,
+    pub(crate) lengths: Vec<usize>,
+}
+
+impl KvCache {
+    pub fn shape(&self) -> &KvCacheShape {
+        &self.shape
+    }
+    pub fn dtype(&self) -> DType {
+        self.k.dtype
+    }
+    /// Valid tokens of each sequence.
+    pub fn lengths(&self) -> &[usize] {
+        &self.lengths
+    }
+    /// Sets how many tokens of each sequence are valid (to drop rejected draft tokens, or to
+    /// start sequences of one batch at different lengths); tokens past a length are ignored
+    /// and overwritten by the next append.
+    pub fn set_lengths(&mut self, lengths: &[usize]) -> Result<()> {
+        crate::check_len("kv cache lengths", self.shape.batch, lengths.len())?;
+        if let Some((sequence, &needed)) =
+            (lengths.iter().enumerate()).find(|&(_, &length)| length > self.shape.capacity)
+        {
+            return Err(Error::CacheCapacity {
+                sequence,
+                needed,
+                capacity: self.shape.capacity,
+            });
+        }
+        self.lengths = lengths.to_vec();
+        Ok(())
+    }
+    /// The cache's K and V tensors (`[batch, kv_heads, capacity, dim]`).
+    pub fn tensors(&self) -> (&Tensor, &Tensor) {
+        (&self.k, &self.v)
+    }
+}
+
+/// How a decode call runs: the query side and, optionally, the scale and the split count.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct DecodeOptions {
+    /// Query heads, a multiple of the cache's kv heads (GQA when larger).
+    pub q_heads: usize,
+    /// New query tokens per sequence, 1..=[`DECODE_MAX_TOKENS`]: the last `tokens` of each
+    /// sequence's cached keys, masked bottom-right causal.
+    pub tokens: usize,
+    /// Multiplier of `q·k`; `None`: `1/sqrt(head_dim)`.
+    pub scale: Option<f32>,
+    /// Splits of the keys; `None`: the planner's choice from the longest sequence.
+    pub splits: Option<usize>,
+}
+
+impl DecodeOptions {
+    /// One new token per sequence for `q_heads` query heads.
+    pub fn new(q_heads: usize) -> DecodeOptions {
+        DecodeOptions {
+            q_heads,
+            tokens: 1,
+            scale: None,
+            splits: None,
+        }
+    }
+}
+
+impl Engine {
+    /// A KV cache of this shape and element type, every sequence empty.
+    pub fn kv_cache(&self, shape: KvCacheShape, dtype: DType) -> Result<KvCache> {
+        self.check_kv_cache_shape(&shape, dtype)?;
+        self.storage_for(dtype)?;
+        let slots = shape.batch * shape.kv_heads * shape.capacity;
+        Ok(KvCache {
+            k: self.output_tensor(dtype, slots * shape.head_dim)?,
+            v: self.output_tensor(dtype, slots * shape.value_dim)?,
+            lengths: vec![0; shape.batch],
+            shape,
+        })
+    }
+
+    /// Appends `tokens` new tokens to every sequence of `cache`, at each sequence's length:
+    /// `k` `[batch, kv_heads, tokens, head_dim]` and `v` (`value_dim`) in `layout`, the cache's
+    /// element type. A sequence that would pass the capacity is a typed error, before anything
+    /// is written.
+    pub fn append_kv(
+        &self,
+        cache: &mut KvCache,
+        layout: Layout,
+        k: &Tensor,
+        v: &Tensor,
+        tokens: usize,
+    ) -> Result<()> {
+        let plan = self.plan_append(cache, layout, k, v, tokens)?;
+        self.run_append(cache, &plan, k, v)?;
+        for length in &mut cache.lengths {
+            *length += tokens;
+        }
+        Ok(())
+    }
+
+    /// Attention of `opts.tokens` new queries per sequence (`q` `[batch, q_heads, tokens,
+    /// head_dim]` in `layout`, the cache's element type) against each sequence's cached keys,
+    /// the last `tokens` of which are the queries' own (bottom-right causal). Returns the
+    /// output (`[batch, q_heads, tokens, value_dim]` in `layout`) and the LSE. Submits and
+    /// returns at once.
+    pub fn decode_attention_gpu(
+        &self,
+        cache: &KvCache,
+        opts: &DecodeOptions,
+        layout: Layout,
+        q: &Tensor,
+    ) -> Result<GpuAttention> {
+        let plan = self.plan_decode(cache, opts, layout, q)?;
+        self.run_decode(cache, &plan, q)
+    }
+
+    /// [`Engine::decode_attention_gpu`] with queries from the host, the results read back.
+    pub async fn decode_attention<T: Element>(
+        &self,
+        cache: &KvCache,
+        opts: &DecodeOptions,
+        layout: Layout,
+        q: &[T],
+    ) -> Result<Attention<T>> {
+        if T::DTYPE != cache.dtype() {
+            return Err(Error::DTypeMismatch {
+                tensor: "q",
+                expected: cache.dtype(),
+                got: T::DTYPE,
+            });
+        }
+        let q = self.upload(q)?;
+        let out = self.decode_attention_gpu(cache, opts, layout, &q)?;
+        self.read_attention(&out).await
+    }
+
+    /// Blocking twin of [`Engine::decode_attention`].
+    pub fn decode_attention_blocking<T: Element>(
+        &self,
+        cache: &KvCache,
+        opts: &DecodeOptions,
+        layout: Layout,
+        q: &[T],
+    ) -> Result<Attention<T>> {
+        pollster::block_on(self.decode_attention(cache, opts, layout, q))
+    }
+
+    fn check_kv_cache_shape(&self, shape: &KvCacheShape, dtype: DType) -> Result<()> {
+        for (dim, value) in [
+            ("batch", shape.batch),
+            ("kv_heads", shape.kv_heads),
+            ("capacity", shape.capacity),
+            ("head_dim", shape.head_dim),
+            ("value_dim", shape.value_dim),
+        ] {
+            if value == 0 {
+                return Err(Error::ZeroDimension { dim });
+            }
+        }
+        for (dim, got) in [("head_dim", shape.head_dim), ("value_dim", shape.value_dim)] {
+            if got > MAX_HEAD_DIM {
+                return Err(Error::HeadDimUnsupported {
+                    dim,
+                    got,
+                    max: MAX_HEAD_DIM,
+                });
+            }
+        }
+        let limits = &self.inner.info.limits;
+        let max = limits
+            .max_storage_buffer_binding_size
+            .min(limits.max_buffer_size);
+        let slots = [shape.batch, shape.kv_heads, shape.capacity]
+            .iter()
+            .try_fold(1u64, |n, &d| n.checked_mul(d as u64));
+        let needed = slots
+            .and_then(|s| {
+                s.checked_mul((shape.head_dim.max(shape.value_dim) * dtype.size_bytes()) as u64)
+            })
+            .unwrap_or(u64::MAX);
+        if needed > max {
+            return Err(Error::TooLarge {
+                limit: "max_storage_buffer_binding_size",
+                needed,
+                max,
+                hint: " bytes of one cache tensor (a smaller capacity or batch)",
+            });
+        }
+        Ok(())
+    }
+}

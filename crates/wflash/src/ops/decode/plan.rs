@@ -1,0 +1,240 @@
+//! How an append or a decode call runs, every input and limit checked before the GPU is
+//! touched: the uniform block, the grid, the split count and the merge's plan.
+
+use super::{DECODE_MAX_TOKENS, DecodeOptions, KvCache};
+use crate::api::options::resolve_scale;
+use crate::kernels::{DecodeKey, DecodePass, Storage};
+use crate::ops::merge::MergePlan;
+use crate::{Engine, Error, Layout, OutputShape, Result, Shape, Tensor, check_len};
+
+/// The uniform block of decode.wgsl (`struct DecodeParams`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct DecodeParams {
+    pub q_stride: [u32; 4],
+    pub o_stride: [u32; 4],
+    pub new_stride: [u32; 4],
+    pub batch: u32,
+    pub q_heads: u32,
+    pub kv_heads: u32,
+    pub group: u32,
+    pub tokens: u32,
+    pub capacity: u32,
+    pub splits: u32,
+    pub keys_per_split: u32,
+    pub rows: u32,
+    pub lanes: u32,
+    pub row_blocks: u32,
+    pub scale: f32,
+    pub part_elems: u32,
+    pub part_rows: u32,
+    pub dim: u32,
+    pub elems: u32,
+    pub groups_x: u32,
+    pub _pad0: u32,
+    pub _pad1: u32,
+    pub _pad2: u32,
+}
+
+/// One pass of decode.wgsl: its kernel, uniform block and grid (an append has one for K and
+/// one for V); a decode's merge of its partial results.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DecodePlan {
+    pub passes: Vec<(DecodeKey, DecodeParams, [u32; 3])>,
+    /// Split-KV's merge: `None` for an append.
+    pub merge: Option<MergePlan>,
+}
+
+/// Keys per split the automatic split count aims at: enough work per workgroup to hide its
+/// start, few enough splits that a long cache fills the device.
+const KEYS_PER_SPLIT_TARGET: usize = 512;
+/// The most splits a decode call takes.
+pub const DECODE_MAX_SPLITS: usize = 16;
+
+impl Engine {
+    /// Checks an append and plans its two passes.
+    pub fn plan_append(
+        &self,
+        cache: &KvCache,
+        layout: Layout,
+        k: &Tensor,
+        v: &Tensor,
+        tokens: usize,
+    ) -> Result<DecodePlan> {
+        let shape = &cache.shape;
+        if tokens == 0 {
+            return Err(Error::ZeroDimension { dim: "tokens" });
+        }
+        for (tensor, t) in [("k", k), ("v", v)] {
+            if t.dtype != cache.dtype() {
+                return Err(Error::DTypeMismatch {
+                    tensor,
+                    expected: cache.dtype(),
+                    got: t.dtype,
+                });
+            }
+        }
+        let rows = shape.batch * shape.kv_heads * tokens;
+        check_len("k", rows * shape.head_dim, k.len)?;
+        check_len("v", rows * shape.value_dim, v.len)?;
+        if let Some((sequence, &length)) = (cache.lengths.iter().enumerate())
+            .find(|&(_, &length)| length + tokens > shape.capacity)
+        {
+            return Err(Error::CacheCapacity {
+                sequence,
+                needed: length + tokens,
+                capacity: shape.capacity,
+            });
+        }
+        let storage = self.storage_for(cache.dtype())?;
+        let key = DecodeKey {
+            pass: DecodePass::Append,
+            storage,
+            head_dim: 1,
+            value_dim: 1,
+        };
+        let max_groups = self.inner.info.limits.max_compute_workgroups_per_dimension;
+        let passes = [shape.head_dim, shape.value_dim]
+            .into_iter()
+            .map(|dim| {
+                let elems = rows * dim;
+                let [b, h, s] = layout.strides(shape.kv_heads, tokens, dim);
+                let groups = (elems as u64).div_ceil(64);
+                let groups_x = groups.min(u64::from(max_groups));
+                let params = DecodeParams {
+                    new_stride: [b as u32, h as u32, s as u32, 1],
+                    batch: shape.batch as u32,
+                    kv_heads: shape.kv_heads as u32,
+                    tokens: tokens as u32,
+                    capacity: shape.capacity as u32,
+                    dim: dim as u32,
+                    elems: elems as u32,
+                    groups_x: groups_x as u32,
+                    ..Default::default()
+                };
+                let grid = [groups_x as u32, groups.div_ceil(groups_x) as u32, 1];
+                (key, params, grid)
+            })
+            .collect();
+        Ok(DecodePlan {
+            passes,
+            merge: None,
+        })
+    }
+
+    /// Checks a decode call and plans its split pass and merge.
+    pub fn plan_decode(
+        &self,
+        cache: &KvCache,
+        opts: &DecodeOptions,
+        layout: Layout,
+        q: &Tensor,
+    ) -> Result<DecodePlan> {
+        let c = &cache.shape;
+        let shape = Shape {
+            batch: c.batch,
+            q_heads: opts.q_heads,
+            kv_heads: c.kv_heads,
+            q_len: opts.tokens,
+            kv_len: c.capacity,
+            head_dim: c.head_dim,
+            value_dim: c.value_dim,
+        };
+        shape.validate()?;
+        if opts.tokens > DECODE_MAX_TOKENS {
+            return Err(Error::TooLarge {
+                limit: "DECODE_MAX_TOKENS",
+                needed: opts.tokens as u64,
+                max: DECODE_MAX_TOKENS as u64,
+                hint: " query tokens per sequence in one decode call (use attention for a prefill)",
+            });
+        }
+        if q.dtype != cache.dtype() {
+            return Err(Error::DTypeMismatch {
+                tensor: "q",
+                expected: cache.dtype(),
+                got: q.dtype,
+            });
+        }
+        check_len("q", shape.q_elems(), q.len)?;
+        if let Some((sequence, &length)) =
+            (cache.lengths.iter().enumerate()).find(|&(_, &length)| length > c.capacity)
+        {
+            return Err(Error::CacheCapacity {
+                sequence,
+                needed: length,
+                capacity: c.capacity,
+            });
+        }
+        let scale = resolve_scale(opts.scale, &shape)?;
+        let storage = self.storage_for(cache.dtype())?;
+        let longest = cache.lengths.iter().copied().max().unwrap_or(0).max(1);
+        let splits = match opts.splits {
+            Some(0) => return Err(Error::ZeroDimension { dim: "splits" }),
+            Some(splits) => splits.min(longest),
+            None => longest.div_ceil(KEYS_PER_SPLIT_TARGET),
+        }
+        .clamp(1, DECODE_MAX_SPLITS);
+        let keys_per_split = longest.div_ceil(splits);
+        let group = shape.q_heads / shape.kv_heads;
+        let group_rows = group * opts.tokens;
+        let rows = group_rows.min(64);
+        let lanes = 64 / rows;
+        let row_blocks = group_rows.div_ceil(rows);
+        let parts = splits * lanes;
+        let out = OutputShape {
+            batch: c.batch,
+            heads: opts.q_heads,
+            len: opts.tokens,
+            value_dim: c.value_dim,
+        };
+        let merge = self.plan_merge(&out, layout, parts, Storage::F32, storage)?;
+        let max_groups = self.inner.info.limits.max_compute_workgroups_per_dimension as usize;
+        if c.kv_heads * row_blocks > max_groups || c.batch > max_groups {
+            return Err(Error::TooLarge {
+                limit: "max_compute_workgroups_per_dimension",
+                needed: (c.kv_heads * row_blocks).max(c.batch) as u64,
+                max: max_groups as u64,
+                hint: " (kv heads × row blocks and batch are dispatch dimensions)",
+            });
+        }
+        let stride = |heads: usize, dim: usize| {
+            let [b, h, s] = layout.strides(heads, opts.tokens, dim);
+            [b as u32, h as u32, s as u32, 1]
+        };
+        let params = DecodeParams {
+            q_stride: stride(opts.q_heads, c.head_dim),
+            o_stride: stride(opts.q_heads, c.value_dim),
+            batch: c.batch as u32,
+            q_heads: opts.q_heads as u32,
+            kv_heads: c.kv_heads as u32,
+            group: group as u32,
+            tokens: opts.tokens as u32,
+            capacity: c.capacity as u32,
+            splits: splits as u32,
+            keys_per_split: keys_per_split as u32,
+            rows: rows as u32,
+            lanes: lanes as u32,
+            row_blocks: row_blocks as u32,
+            scale,
+            part_elems: out.o_elems() as u32,
+            part_rows: out.lse_elems() as u32,
+            ..Default::default()
+        };
+        let key = DecodeKey {
+            pass: DecodePass::Split,
+            storage,
+            head_dim: c.head_dim as u32,
+            value_dim: c.value_dim as u32,
+        };
+        let grid = [
+            splits as u32,
+            (c.kv_heads * row_blocks) as u32,
+            c.batch as u32,
+        ];
+        Ok(DecodePlan {
+            passes: vec![(key, params, grid)],
+            merge: Some(merge),
+        })
+    }
+}

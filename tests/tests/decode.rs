@@ -1,0 +1,513 @@
+//! Decoding against a KV cache (`Engine::kv_cache`, `append_kv`, `decode_attention`): the
+//! output and LSE of a few new queries per sequence equal the forward over that sequence's
+//! cached keys (bottom-right causal), judged like the forward against the f64 reference, over
+//! element types, layouts, GQA ratios, query tokens, split counts, head dims and ragged
+//! lengths; a token-by-token generation loop equals one causal call; bad input is a typed
+//! error before anything is dispatched.
+
+use rand::SeedableRng;
+use wflash::{DType, DecodeOptions, Element, Engine, Error, KvCacheShape, Layout, Shape, Tensor};
+use wflash_conformance::{Output, Path, engine, judge, random};
+use wflash_ref::{CausalAlign, Problem};
+
+#[derive(Clone, Debug)]
+struct DecodeCase {
+    path: Path,
+    layout: Layout,
+    q_heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    value_dim: usize,
+    capacity: usize,
+    /// Tokens appended first to every sequence, then each sequence cut to its length here
+    /// (ragged), then `tokens` more appended and decoded.
+    prefill: usize,
+    lengths: Vec<usize>,
+    tokens: usize,
+    splits: Option<usize>,
+    seed: u64,
+}
+
+/// Element (b, h, s, d) of a `[batch, heads, len, dim]` tensor in `layout`.
+fn index(
+    layout: Layout,
+    [_, heads, len, dim]: [usize; 4],
+    b: usize,
+    h: usize,
+    s: usize,
+    d: usize,
+) -> usize {
+    match layout {
+        Layout::Bhsd => ((b * heads + h) * len + s) * dim + d,
+        Layout::Bshd => ((b * len + s) * heads + h) * dim + d,
+    }
+}
+
+/// Rows `tokens` of batch element `b` of a tensor in `layout`, as a batch-1 BHSD tensor.
+fn rows_of(
+    x: &[f32],
+    layout: Layout,
+    dims: [usize; 4],
+    b: usize,
+    tokens: std::ops::Range<usize>,
+) -> Vec<f64> {
+    let [_, heads, _, dim] = dims;
+    let mut out = Vec::with_capacity(heads * tokens.len() * dim);
+    for h in 0..heads {
+        for s in tokens.clone() {
+            for d in 0..dim {
+                out.push(f64::from(x[index(layout, dims, b, h, s, d)]));
+            }
+        }
+    }
+    out
+}
+
+fn upload<T: Element>(engine: &Engine, x: &[T]) -> Tensor {
+    engine.upload(x).expect("upload")
+}
+
+fn run_case<T: Element>(
+    engine: &Engine,
+    case: &DecodeCase,
+) -> Result<wflash_conformance::Verdict, String> {
+    let batch = case.lengths.len();
+    let cache_shape = KvCacheShape {
+        batch,
+        kv_heads: case.kv_heads,
+        capacity: case.capacity,
+        head_dim: case.head_dim,
+        value_dim: case.value_dim,
+    };
+    let err = |e: Error| format!("{case:?}: {e}");
+    let mut cache = engine.kv_cache(cache_shape, T::DTYPE).map_err(err)?;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(case.seed);
+    let (kv, n) = (case.kv_heads, case.tokens);
+    let prefill_k_dims = [batch, kv, case.prefill, case.head_dim];
+    let prefill_v_dims = [batch, kv, case.prefill, case.value_dim];
+    let (pk, pk32) = random::<T>(&mut rng, prefill_k_dims.iter().product(), 1.0);
+    let (pv, pv32) = random::<T>(&mut rng, prefill_v_dims.iter().product(), 1.0);
+    engine
+        .append_kv(
+            &mut cache,
+            case.layout,
+            &upload(engine, &pk),
+            &upload(engine, &pv),
+            case.prefill,
+        )
+        .map_err(err)?;
+    cache.set_lengths(&case.lengths).map_err(err)?;
+    let new_k_dims = [batch, kv, n, case.head_dim];
+    let new_v_dims = [batch, kv, n, case.value_dim];
+    let (nk, nk32) = random::<T>(&mut rng, new_k_dims.iter().product(), 1.0);
+    let (nv, nv32) = random::<T>(&mut rng, new_v_dims.iter().product(), 1.0);
+    engine
+        .append_kv(
+            &mut cache,
+            case.layout,
+            &upload(engine, &nk),
+            &upload(engine, &nv),
+            n,
+        )
+        .map_err(err)?;
+    let want_lengths: Vec<usize> = case.lengths.iter().map(|l| l + n).collect();
+    if cache.lengths() != want_lengths {
+        return Err(format!(
+            "{case:?}: lengths {:?} after the append",
+            cache.lengths()
+        ));
+    }
+    let q_dims = [batch, case.q_heads, n, case.head_dim];
+    let (q, q32) = random::<T>(&mut rng, q_dims.iter().product(), 1.0);
+    let opts = DecodeOptions {
+        tokens: n,
+        splits: case.splits,
+        ..DecodeOptions::new(case.q_heads)
+    };
+    let out = engine
+        .decode_attention_blocking(&cache, &opts, case.layout, &q)
+        .map_err(err)?;
+    let lse = out.lse.ok_or("decode returned no LSE")?;
+
+    // The reference, sequence by sequence: its kept prefill keys, then the new ones.
+    let o_dims = [batch, case.q_heads, n, case.value_dim];
+    let o_elems: usize = o_dims.iter().product();
+    let (mut truth_o, mut naive_o) = (vec![0.0; o_elems], vec![0.0; o_elems]);
+    let (mut truth_lse, mut naive_lse) = (Vec::new(), Vec::new());
+    let store = |x: f32| T::from_f32(x).to_f32();
+    for (b, &length) in case.lengths.iter().enumerate() {
+        let keys = |prefill: &[f32], dims_p: [usize; 4], new: &[f32], dims_n: [usize; 4]| {
+            let (old, fresh) = (
+                rows_of(prefill, case.layout, dims_p, b, 0..length),
+                rows_of(new, case.layout, dims_n, b, 0..n),
+            );
+            let dim = dims_p[3];
+            let mut out = Vec::new();
+            for h in 0..kv {
+                out.extend_from_slice(&old[h * length * dim..(h + 1) * length * dim]);
+                out.extend_from_slice(&fresh[h * n * dim..(h + 1) * n * dim]);
+            }
+            out
+        };
+        let k = keys(&pk32, prefill_k_dims, &nk32, new_k_dims);
+        let v = keys(&pv32, prefill_v_dims, &nv32, new_v_dims);
+        let q_b = rows_of(&q32, case.layout, q_dims, b, 0..n);
+        let mut p = Problem::new(
+            1,
+            case.q_heads,
+            kv,
+            n,
+            length + n,
+            case.head_dim,
+            case.value_dim,
+            wflash_ref::Layout::Bhsd,
+        );
+        p.causal = Some(CausalAlign::BottomRight);
+        p.scale = f64::from(1.0 / (case.head_dim as f32).sqrt());
+        let truth = wflash_ref::forward(&p, &q_b, &k, &v);
+        let narrow = |x: &[f64]| x.iter().map(|&a| a as f32).collect::<Vec<f32>>();
+        let naive =
+            wflash_ref::naive::forward_f32(&p, &narrow(&q_b), &narrow(&k), &narrow(&v), store);
+        for h in 0..case.q_heads {
+            for t in 0..n {
+                for d in 0..case.value_dim {
+                    let at = index(case.layout, o_dims, b, h, t, d);
+                    let from = (h * n + t) * case.value_dim + d;
+                    truth_o[at] = truth.output[from];
+                    naive_o[at] = naive.output[from];
+                }
+            }
+        }
+        truth_lse.extend_from_slice(&truth.lse);
+        naive_lse.extend_from_slice(&naive.lse);
+    }
+    let wide = |x: &[f32]| x.iter().map(|&a| f64::from(a)).collect::<Vec<f64>>();
+    judge(
+        case,
+        vec![
+            Output::forward(
+                "O",
+                out.output.iter().map(|x| f64::from(x.to_f32())).collect(),
+                &truth_o,
+                &naive_o,
+            ),
+            Output::forward("LSE", wide(&lse), &truth_lse, &naive_lse).slack_scaled_to_truth(),
+        ],
+    )
+}
+
+fn run(case: &DecodeCase) {
+    let Some(engine) = engine(case.path) else {
+        return;
+    };
+    let verdict = match case.path.dtype() {
+        DType::F32 => run_case::<f32>(engine, case),
+        DType::F16 => run_case::<half::f16>(engine, case),
+        DType::Bf16 => run_case::<half::bf16>(engine, case),
+    }
+    .unwrap_or_else(|e| panic!("{e}"));
+    eprintln!("{case:?}: ratio {:.3}", verdict.ratio);
+}
+
+/// The decode grid: every axis (element type and storage path, layout, GQA ratio up to rows
+/// spread over two row blocks, query tokens 1..16, split count 1..16 and the planner's, head
+/// dims 1..256 and value dim apart, ragged lengths down to a sequence holding only its new
+/// tokens) in some case.
+#[test]
+fn decode_grid() {
+    let base = DecodeCase {
+        path: Path::F32,
+        layout: Layout::Bhsd,
+        q_heads: 4,
+        kv_heads: 2,
+        head_dim: 64,
+        value_dim: 64,
+        capacity: 400,
+        prefill: 300,
+        lengths: vec![300, 37, 0],
+        tokens: 1,
+        splits: None,
+        seed: 0xdec_0000,
+    };
+    let cases = [
+        DecodeCase { ..base.clone() },
+        DecodeCase {
+            layout: Layout::Bshd,
+            tokens: 3,
+            splits: Some(3),
+            seed: 0xdec_0001,
+            ..base.clone()
+        },
+        DecodeCase {
+            path: Path::F16Native,
+            q_heads: 8,
+            kv_heads: 1,
+            tokens: 16,
+            splits: Some(16),
+            seed: 0xdec_0002,
+            ..base.clone()
+        },
+        DecodeCase {
+            path: Path::F16Packed,
+            layout: Layout::Bshd,
+            q_heads: 6,
+            kv_heads: 3,
+            tokens: 5,
+            splits: Some(1),
+            seed: 0xdec_0003,
+            ..base.clone()
+        },
+        DecodeCase {
+            path: Path::Bf16,
+            q_heads: 32,
+            kv_heads: 8,
+            tokens: 2,
+            seed: 0xdec_0004,
+            ..base.clone()
+        },
+        // Rows of one kv head past 64: two row blocks.
+        DecodeCase {
+            q_heads: 8,
+            kv_heads: 1,
+            tokens: 9,
+            head_dim: 128,
+            value_dim: 96,
+            splits: Some(7),
+            seed: 0xdec_0005,
+            ..base.clone()
+        },
+        DecodeCase {
+            head_dim: 256,
+            value_dim: 256,
+            lengths: vec![5, 300],
+            prefill: 300,
+            seed: 0xdec_0006,
+            ..base.clone()
+        },
+        DecodeCase {
+            head_dim: 5,
+            value_dim: 3,
+            layout: Layout::Bshd,
+            tokens: 4,
+            capacity: 1100,
+            prefill: 1090,
+            lengths: vec![1090, 700, 1],
+            seed: 0xdec_0007,
+            ..base.clone()
+        },
+    ];
+    for case in &cases {
+        run(case);
+    }
+}
+
+/// A sequence generated token by token through the cache (each step appends one token's K
+/// and V and decodes its query) gives, step by step, the rows of one causal forward call over
+/// the whole sequence.
+#[test]
+fn generation_token_by_token_equals_one_causal_call() {
+    use wflash::{AttentionOptions, Causal};
+    let Some(engine) = engine(Path::F32) else {
+        return;
+    };
+    let (q_heads, kv_heads, dim, steps) = (4, 2, 32, 300);
+    let shape = Shape {
+        batch: 1,
+        q_heads,
+        kv_heads,
+        q_len: steps,
+        kv_len: steps,
+        head_dim: dim,
+        value_dim: dim,
+    };
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0xdec_0100);
+    // BSHD: a token's rows are contiguous.
+    let q = random::<f32>(&mut rng, shape.q_elems(), 1.0).0;
+    let k = random::<f32>(&mut rng, shape.k_elems(), 1.0).0;
+    let v = random::<f32>(&mut rng, shape.v_elems(), 1.0).0;
+    let whole = engine
+        .attention_blocking(
+            &shape,
+            Layout::Bshd,
+            &AttentionOptions::softmax().with_causal(Causal::BottomRight),
+            &q,
+            &k,
+            &v,
+        )
+        .expect("one call");
+    let cache_shape = KvCacheShape {
+        batch: 1,
+        kv_heads,
+        capacity: steps,
+        head_dim: dim,
+        value_dim: dim,
+    };
+    let mut cache = engine.kv_cache(cache_shape, DType::F32).expect("cache");
+    let opts = DecodeOptions::new(q_heads);
+    let (q_row, kv_row) = (q_heads * dim, kv_heads * dim);
+    let mut worst = 0.0f32;
+    for t in 0..steps {
+        let (k_t, v_t) = (
+            &k[t * kv_row..(t + 1) * kv_row],
+            &v[t * kv_row..(t + 1) * kv_row],
+        );
+        engine
+            .append_kv(
+                &mut cache,
+                Layout::Bshd,
+                &upload(engine, k_t),
+                &upload(engine, v_t),
+                1,
+            )
+            .expect("append");
+        let step = engine
+            .decode_attention_blocking(&cache, &opts, Layout::Bshd, &q[t * q_row..(t + 1) * q_row])
+            .expect("decode");
+        let want = &whole.output[t * q_row..(t + 1) * q_row];
+        for (a, b) in step.output.iter().zip(want) {
+            worst = worst.max((a - b).abs());
+        }
+    }
+    // Both are f32 attention over the same keys, summed in different orders.
+    assert!(worst < 1e-5, "worst |decode - forward| {worst:e}");
+    assert_eq!(cache.lengths(), [steps]);
+}
+
+/// Bad input is a typed error before anything is dispatched or written.
+#[test]
+fn bad_decode_input_is_a_typed_error() {
+    let Some(engine) = engine(Path::F32) else {
+        return;
+    };
+    let shape = KvCacheShape {
+        batch: 2,
+        kv_heads: 2,
+        capacity: 8,
+        head_dim: 4,
+        value_dim: 4,
+    };
+    assert!(matches!(
+        engine.kv_cache(
+            KvCacheShape {
+                capacity: 0,
+                ..shape
+            },
+            DType::F32
+        ),
+        Err(Error::ZeroDimension { dim: "capacity" })
+    ));
+    assert!(matches!(
+        engine.kv_cache(
+            KvCacheShape {
+                head_dim: 1000,
+                ..shape
+            },
+            DType::F32
+        ),
+        Err(Error::HeadDimUnsupported { .. })
+    ));
+    assert!(matches!(
+        engine.kv_cache(
+            KvCacheShape {
+                capacity: 1 << 40,
+                ..shape
+            },
+            DType::F32
+        ),
+        Err(Error::TooLarge { .. })
+    ));
+    let mut cache = engine.kv_cache(shape, DType::F32).expect("cache");
+    let tokens = |n: usize| upload(engine, &vec![0.5f32; 2 * 2 * n * 4]);
+    // Past the capacity: nothing is written, the lengths stay.
+    assert!(matches!(
+        engine.append_kv(&mut cache, Layout::Bhsd, &tokens(9), &tokens(9), 9),
+        Err(Error::CacheCapacity {
+            sequence: 0,
+            needed: 9,
+            capacity: 8
+        })
+    ));
+    assert_eq!(cache.lengths(), [0, 0]);
+    engine
+        .append_kv(&mut cache, Layout::Bhsd, &tokens(5), &tokens(5), 5)
+        .expect("append");
+    assert!(matches!(
+        engine.append_kv(&mut cache, Layout::Bhsd, &tokens(4), &tokens(4), 4),
+        Err(Error::CacheCapacity { needed: 9, .. })
+    ));
+    assert!(matches!(
+        engine.append_kv(&mut cache, Layout::Bhsd, &tokens(2), &tokens(1), 2),
+        Err(Error::LengthMismatch { tensor: "v", .. })
+    ));
+    assert!(matches!(
+        engine.append_kv(&mut cache, Layout::Bhsd, &tokens(0), &tokens(0), 0),
+        Err(Error::ZeroDimension { dim: "tokens" })
+    ));
+    let half = upload(engine, &[half::f16::ONE; 2 * 2 * 4]);
+    assert!(matches!(
+        engine.append_kv(&mut cache, Layout::Bhsd, &half, &tokens(1), 1),
+        Err(Error::DTypeMismatch { tensor: "k", .. })
+    ));
+    assert!(matches!(
+        cache.set_lengths(&[1]),
+        Err(Error::LengthMismatch { .. })
+    ));
+    assert!(matches!(
+        cache.set_lengths(&[1, 9]),
+        Err(Error::CacheCapacity {
+            sequence: 1,
+            needed: 9,
+            capacity: 8
+        })
+    ));
+    let q = vec![0.5f32; 2 * 4 * 4];
+    let decode = |opts: DecodeOptions, q: &[f32]| {
+        engine.decode_attention_blocking(&cache, &opts, Layout::Bhsd, q)
+    };
+    assert!(matches!(
+        decode(DecodeOptions::new(3), &q),
+        Err(Error::HeadsNotDivisible { .. })
+    ));
+    assert!(matches!(
+        decode(DecodeOptions::new(4), &q[1..]),
+        Err(Error::LengthMismatch { tensor: "q", .. })
+    ));
+    assert!(matches!(
+        decode(
+            DecodeOptions {
+                tokens: 17,
+                ..DecodeOptions::new(4)
+            },
+            &vec![0.5; 2 * 4 * 17 * 4]
+        ),
+        Err(Error::TooLarge {
+            limit: "DECODE_MAX_TOKENS",
+            ..
+        })
+    ));
+    assert!(matches!(
+        decode(
+            DecodeOptions {
+                splits: Some(0),
+                ..DecodeOptions::new(4)
+            },
+            &q
+        ),
+        Err(Error::ZeroDimension { dim: "splits" })
+    ));
+    assert!(matches!(
+        decode(
+            DecodeOptions {
+                scale: Some(f32::NAN),
+                ..DecodeOptions::new(4)
+            },
+            &q
+        ),
+        Err(Error::InvalidScale { .. })
+    ));
+    let q16 = vec![half::f16::ONE; 2 * 4 * 4];
+    assert!(matches!(
+        engine.decode_attention_blocking(&cache, &DecodeOptions::new(4), Layout::Bhsd, &q16),
+        Err(Error::DTypeMismatch { tensor: "q", .. })
+    ));
+}
