@@ -3,7 +3,8 @@
 // busy; each split writes a partial output and LSE that merge.wgsl combines.
 //
 // The cache holds K `[batch, kv_heads, capacity, HEAD_DIM]` and V `[.., VALUE_DIM]` in the
-// element type; `lengths[b]` tokens of sequence b are valid.
+// element type, or (PAGED) a pool `[blocks, block_size, kv_heads, dim]` that block tables map
+// tokens into (`cache_row`); `lengths[b]` tokens of sequence b are valid.
 //
 //   decode_append: writes `tokens` new tokens of K or V (in their layout) at each sequence's
 //                  length, one invocation per element.
@@ -17,7 +18,7 @@
 // Masking: bottom-right causal (query t of n sees keys j <= length - n + t), which is what a
 // cache holding the new tokens needs; a partial that sees no key writes LSE −∞.
 //
-// Host prelude: HEAD_DIM, VALUE_DIM; `load_q` (binding q), `load_k`, `load_v` (the cache),
+// Host prelude: HEAD_DIM, VALUE_DIM, PAGED; `load_q` (binding q), `load_k`, `load_v` (the cache),
 // `load_new` and `store_cache` (append) for the storage type.
 
 struct DecodeParams {
@@ -47,17 +48,31 @@ struct DecodeParams {
     dim: u32,
     elems: u32,
     groups_x: u32,
+    // A paged cache's tokens per block and block-table entries per sequence.
+    block_size: u32,
+    table_width: u32,
     _pad0: u32,
-    _pad1: u32,
-    _pad2: u32,
 }
 
 @group(0) @binding({binding.params}) var<uniform> params: DecodeParams;
 @group(0) @binding({binding.decode_lengths}) var<storage, read> lengths: array<u32>;
+// A paged cache's block tables, [batch, table_width] (a contiguous cache binds a word).
+@group(0) @binding({binding.decode_blocks}) var<storage, read> blocks: array<u32>;
 @group(0) @binding({binding.decode_partial_o}) var<storage, read_write> partial_o: array<f32>;
 @group(0) @binding({binding.decode_partial_lse}) var<storage, read_write> partial_lse: array<f32>;
 
 const NEG_INF_BITS: u32 = 0xff800000u;
+
+// The cache row (of HEAD_DIM or VALUE_DIM elements) of token `token` of kv head `kv_head` of
+// sequence `batch`: contiguous [batch, kv_heads, capacity], or paged [block, slot, kv_heads]
+// through the sequence's block table.
+fn cache_row(batch: u32, kv_head: u32, token: u32) -> u32 {
+    if PAGED {
+        let block = blocks[batch * params.table_width + token / params.block_size];
+        return (block * params.block_size + token % params.block_size) * params.kv_heads + kv_head;
+    }
+    return (batch * params.kv_heads + kv_head) * params.capacity + token;
+}
 
 @compute @workgroup_size(64)
 fn decode_append(
@@ -74,8 +89,7 @@ fn decode_append(
     let head = (i / (params.dim * params.tokens)) % params.kv_heads;
     let batch = i / (params.dim * params.tokens * params.kv_heads);
     let src = batch * params.new_stride.x + head * params.new_stride.y + token * params.new_stride.z + d;
-    let position = lengths[batch] + token;
-    let dst = ((batch * params.kv_heads + head) * params.capacity + position) * params.dim + d;
+    let dst = cache_row(batch, head, lengths[batch] + token) * params.dim + d;
     store_cache(dst, load_new(src));
 }
 
@@ -109,9 +123,9 @@ fn decode_split(
     var o: array<f32, VALUE_DIM>;
     var m = bitcast<f32>(NEG_INF_BITS);
     var l = 0.0;
-    let kv_base = (batch * params.kv_heads + kv_head) * params.capacity;
     for (var j = start + lane; j < end; j += params.lanes) {
-        let k_base = (kv_base + j) * HEAD_DIM;
+        let key_row = cache_row(batch, kv_head, j);
+        let k_base = key_row * HEAD_DIM;
         var s = 0.0;
         for (var d = 0u; d < HEAD_DIM; d++) {
             s += q[d] * load_k(k_base + d);
@@ -121,7 +135,7 @@ fn decode_split(
         let correction = select(exp(m - m_new), 0.0, bitcast<u32>(m) == NEG_INF_BITS);
         let p = exp(s - m_new);
         l = l * correction + p;
-        let v_base = (kv_base + j) * VALUE_DIM;
+        let v_base = key_row * VALUE_DIM;
         for (var d = 0u; d < VALUE_DIM; d++) {
             o[d] = o[d] * correction + p * load_v(v_base + d);
         }

@@ -6,7 +6,10 @@
 //! error before anything is dispatched.
 
 use rand::SeedableRng;
-use wflash::{DType, DecodeOptions, Element, Engine, Error, KvCacheShape, Layout, Shape, Tensor};
+use wflash::{
+    DType, DecodeOptions, Element, Engine, Error, KvBlocks, KvCache, KvCacheShape, Layout, Shape,
+    Tensor,
+};
 use wflash_conformance::{Output, Path, engine, judge, random};
 use wflash_ref::{CausalAlign, Problem};
 
@@ -25,7 +28,43 @@ struct DecodeCase {
     lengths: Vec<usize>,
     tokens: usize,
     splits: Option<usize>,
+    /// A paged cache of blocks of this many tokens (each sequence's blocks drawn at random
+    /// from a pool with spare blocks), instead of a contiguous one.
+    block_size: Option<usize>,
     seed: u64,
+}
+
+/// A cache for `case`: contiguous, or paged with shuffled block tables.
+fn make_cache(
+    engine: &Engine,
+    case: &DecodeCase,
+    shape: KvCacheShape,
+    dtype: DType,
+    rng: &mut rand::rngs::StdRng,
+) -> Result<KvCache, Error> {
+    let Some(block_size) = case.block_size else {
+        return engine.kv_cache(shape, dtype);
+    };
+    use rand::seq::SliceRandom;
+    let per_sequence = shape.capacity.div_ceil(block_size);
+    let num_blocks = shape.batch * per_sequence + 3;
+    let mut ids: Vec<u32> = (0..num_blocks as u32).collect();
+    ids.shuffle(rng);
+    let mut cache = engine.paged_kv_cache(
+        shape,
+        KvBlocks {
+            block_size,
+            num_blocks,
+        },
+        dtype,
+    )?;
+    let tables: Vec<Vec<u32>> = ids
+        .chunks(per_sequence)
+        .take(shape.batch)
+        .map(<[u32]>::to_vec)
+        .collect();
+    cache.set_block_tables(&tables)?;
+    Ok(cache)
 }
 
 /// Element (b, h, s, d) of a `[batch, heads, len, dim]` tensor in `layout`.
@@ -80,8 +119,8 @@ fn run_case<T: Element>(
         value_dim: case.value_dim,
     };
     let err = |e: Error| format!("{case:?}: {e}");
-    let mut cache = engine.kv_cache(cache_shape, T::DTYPE).map_err(err)?;
     let mut rng = rand::rngs::StdRng::seed_from_u64(case.seed);
+    let mut cache = make_cache(engine, case, cache_shape, T::DTYPE, &mut rng).map_err(err)?;
     let (kv, n) = (case.kv_heads, case.tokens);
     let prefill_k_dims = [batch, kv, case.prefill, case.head_dim];
     let prefill_v_dims = [batch, kv, case.prefill, case.value_dim];
@@ -227,6 +266,7 @@ fn decode_grid() {
         lengths: vec![300, 37, 0],
         tokens: 1,
         splits: None,
+        block_size: None,
         seed: 0xdec_0000,
     };
     let cases = [
@@ -301,11 +341,165 @@ fn decode_grid() {
     }
 }
 
-/// A sequence generated token by token through the cache (each step appends one token's K
+/// The decode grid's axes again through paged caches (block sizes 1 to 256, shuffled block
+/// tables over a pool with spare blocks, the last block of a sequence partly used).
+#[test]
+fn paged_decode_grid() {
+    let base = DecodeCase {
+        path: Path::F32,
+        layout: Layout::Bhsd,
+        q_heads: 4,
+        kv_heads: 2,
+        head_dim: 64,
+        value_dim: 64,
+        capacity: 400,
+        prefill: 300,
+        lengths: vec![300, 37, 0],
+        tokens: 1,
+        splits: None,
+        block_size: Some(16),
+        seed: 0xdec_1000,
+    };
+    let cases = [
+        DecodeCase { ..base.clone() },
+        DecodeCase {
+            block_size: Some(256),
+            layout: Layout::Bshd,
+            tokens: 3,
+            splits: Some(3),
+            seed: 0xdec_1001,
+            ..base.clone()
+        },
+        DecodeCase {
+            path: Path::F16Packed,
+            block_size: Some(32),
+            q_heads: 8,
+            kv_heads: 1,
+            tokens: 16,
+            splits: Some(16),
+            seed: 0xdec_1002,
+            ..base.clone()
+        },
+        DecodeCase {
+            path: Path::Bf16,
+            block_size: Some(64),
+            q_heads: 32,
+            kv_heads: 8,
+            tokens: 2,
+            seed: 0xdec_1003,
+            ..base.clone()
+        },
+        DecodeCase {
+            block_size: Some(1),
+            head_dim: 5,
+            value_dim: 3,
+            capacity: 60,
+            prefill: 50,
+            lengths: vec![50, 7],
+            tokens: 4,
+            seed: 0xdec_1004,
+            ..base.clone()
+        },
+        DecodeCase {
+            path: Path::F16Native,
+            block_size: Some(128),
+            head_dim: 128,
+            value_dim: 96,
+            capacity: 1100,
+            prefill: 1090,
+            lengths: vec![1090, 1],
+            seed: 0xdec_1005,
+            ..base.clone()
+        },
+    ];
+    for case in &cases {
+        run(case);
+    }
+}
+
+/// A paged cache gives bitwise the contiguous cache's outputs (same keys, same splits: the
+/// same arithmetic, only the addresses differ).
+#[test]
+fn paged_and_contiguous_caches_agree_bitwise() {
+    let Some(engine) = engine(Path::F32) else {
+        return;
+    };
+    let shape = KvCacheShape {
+        batch: 2,
+        kv_heads: 2,
+        capacity: 200,
+        head_dim: 32,
+        value_dim: 16,
+    };
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0xdec_2000);
+    let k = random::<f32>(&mut rng, 2 * 2 * 150 * 32, 1.0).0;
+    let v = random::<f32>(&mut rng, 2 * 2 * 150 * 16, 1.0).0;
+    let q = random::<f32>(&mut rng, 2 * 4 * 2 * 32, 1.0).0;
+    let opts = DecodeOptions {
+        tokens: 2,
+        splits: Some(3),
+        ..DecodeOptions::new(4)
+    };
+    let mut outputs = Vec::new();
+    for block_size in [None, Some(16), Some(7)] {
+        let case = DecodeCase {
+            path: Path::F32,
+            layout: Layout::Bshd,
+            q_heads: 4,
+            kv_heads: 2,
+            head_dim: 32,
+            value_dim: 16,
+            capacity: 200,
+            prefill: 150,
+            lengths: vec![150, 150],
+            tokens: 2,
+            splits: Some(3),
+            block_size,
+            seed: 0,
+        };
+        let mut cache = make_cache(engine, &case, shape, DType::F32, &mut rng).expect("cache");
+        engine
+            .append_kv(
+                &mut cache,
+                Layout::Bshd,
+                &upload(engine, &k),
+                &upload(engine, &v),
+                150,
+            )
+            .expect("append");
+        if let Some(paging) = cache.paging() {
+            // The pool's layout: token j of sequence b, kv head h at
+            // ((table[b][j / block] · block + j % block) · kv_heads + h) · head_dim.
+            let pool: Vec<f32> = engine.read_blocking(cache.tensors().0).expect("read");
+            let bs = paging.block_size;
+            for (b, j, h) in [(0, 0, 0), (1, 149, 1), (0, 77, 1), (1, 16, 0)] {
+                let slot = (paging.tables[b][j / bs] as usize * bs + j % bs) * 2 + h;
+                let src = ((b * 150 + j) * 2 + h) * 32;
+                assert_eq!(pool[slot * 32..slot * 32 + 32], k[src..src + 32]);
+            }
+        }
+        cache.set_lengths(&[150, 61]).expect("lengths");
+        let out = engine
+            .decode_attention_blocking(&cache, &opts, Layout::Bshd, &q)
+            .expect("decode");
+        let bits = |x: &[f32]| x.iter().map(|a| a.to_bits()).collect::<Vec<_>>();
+        outputs.push((bits(&out.output), bits(&out.lse.expect("lse"))));
+    }
+    assert!(
+        outputs[1] == outputs[0],
+        "blocks of 16 differ from the contiguous cache"
+    );
+    assert!(
+        outputs[2] == outputs[0],
+        "blocks of 7 differ from the contiguous cache"
+    );
+}
+
+/// A sequence generated token by token through a paged cache (each step appends one token's K
 /// and V and decodes its query) gives, step by step, the rows of one causal forward call over
 /// the whole sequence.
 #[test]
-fn generation_token_by_token_equals_one_causal_call() {
+fn generation_token_by_token_through_a_paged_cache_equals_one_causal_call() {
     use wflash::{AttentionOptions, Causal};
     let Some(engine) = engine(Path::F32) else {
         return;
@@ -505,6 +699,92 @@ fn bad_decode_input_is_a_typed_error() {
         ),
         Err(Error::InvalidScale { .. })
     ));
+    assert!(matches!(
+        cache.set_block_tables(&[vec![0], vec![1]]),
+        Err(Error::Unsupported { .. })
+    ));
+    let blocks = KvBlocks {
+        block_size: 4,
+        num_blocks: 3,
+    };
+    assert!(matches!(
+        engine.paged_kv_cache(
+            shape,
+            KvBlocks {
+                block_size: 0,
+                ..blocks
+            },
+            DType::F32
+        ),
+        Err(Error::ZeroDimension { dim: "block_size" })
+    ));
+    assert!(matches!(
+        engine.paged_kv_cache(
+            shape,
+            KvBlocks {
+                block_size: 257,
+                ..blocks
+            },
+            DType::F32
+        ),
+        Err(Error::TooLarge {
+            limit: "DECODE_MAX_BLOCK_SIZE",
+            ..
+        })
+    ));
+    let mut paged = engine
+        .paged_kv_cache(shape, blocks, DType::F32)
+        .expect("paged");
+    // No blocks yet: no room.
+    assert!(matches!(
+        engine.append_kv(&mut paged, Layout::Bhsd, &tokens(1), &tokens(1), 1),
+        Err(Error::CacheCapacity {
+            sequence: 0,
+            needed: 1,
+            capacity: 0
+        })
+    ));
+    assert!(matches!(
+        paged.set_block_tables(&[vec![0, 3], vec![1]]),
+        Err(Error::CacheCapacity {
+            sequence: 0,
+            needed: 4,
+            capacity: 3
+        })
+    ));
+    assert!(matches!(
+        paged.set_block_tables(&[vec![0, 1, 2], vec![1]]),
+        Err(Error::CacheCapacity { sequence: 0, .. })
+    ));
+    assert!(matches!(
+        paged.set_block_tables(&[vec![0]]),
+        Err(Error::LengthMismatch { .. })
+    ));
+    paged
+        .set_block_tables(&[vec![0, 1], vec![2]])
+        .expect("tables");
+    engine
+        .append_kv(&mut paged, Layout::Bhsd, &tokens(3), &tokens(3), 3)
+        .expect("append");
+    // Sequence 1 has one block of 4 tokens.
+    assert!(matches!(
+        engine.append_kv(&mut paged, Layout::Bhsd, &tokens(2), &tokens(2), 2),
+        Err(Error::CacheCapacity {
+            sequence: 1,
+            needed: 5,
+            capacity: 4
+        })
+    ));
+    // A table too short for what a sequence holds.
+    assert!(matches!(
+        paged.set_block_tables(&[vec![], vec![2]]),
+        Err(Error::CacheCapacity {
+            sequence: 0,
+            needed: 3,
+            ..
+        })
+    ));
+    assert_eq!(paged.paging().expect("paged").tables, [vec![0, 1], vec![2]]);
     let q16 = vec![half::f16::ONE; 2 * 4 * 4];
     assert!(matches!(
         engine.decode_attention_blocking(&cache, &DecodeOptions::new(4), Layout::Bhsd, &q16),

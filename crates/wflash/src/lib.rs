@@ -74,7 +74,8 @@ pub use ops::attention_backward::{
     BackwardParams, BackwardPlan, BiasGradPlan, GpuAttentionGrads, ReduceParams,
 };
 pub use ops::decode::{
-    DECODE_MAX_TOKENS, DecodeOptions, DecodeParams, DecodePlan, KvCache, KvCacheShape,
+    DECODE_MAX_BLOCK_SIZE, DECODE_MAX_TOKENS, DecodeOptions, DecodeParams, DecodePlan, KvBlocks,
+    KvCache, KvCacheShape, Paging,
 };
 pub use ops::linear::{
     ChunkPlan, GpuLinearAttention, GpuLinearGrads, GpuLinearState, LinearBackwardPlan,

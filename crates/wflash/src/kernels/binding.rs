@@ -92,6 +92,7 @@ bindings! {
     DECODE_PARTIAL_LSE = 6, "decode_partial_lse";
     DECODE_NEW = 7, "decode_new";
     DECODE_CACHE = 8, "decode_cache";
+    DECODE_BLOCKS = 9, "decode_blocks";
     /// The reduction pass (flash_bwd.wgsl's `reduce_sum`).
     REDUCE_IN = 1, "reduce_in";
     REDUCE_OUT = 2, "reduce_out";

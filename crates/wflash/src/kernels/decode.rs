@@ -19,16 +19,19 @@ pub struct DecodeKey {
     pub storage: Storage,
     pub head_dim: u32,
     pub value_dim: u32,
+    /// Reads and writes a paged cache through block tables.
+    pub paged: bool,
 }
 
 impl super::Kernel for DecodeKey {
     fn label(&self) -> String {
         format!(
-            "{} {} d{} dv{}",
+            "{} {} d{} dv{}{}",
             self.entry_point(),
             self.storage.name(),
             self.head_dim,
-            self.value_dim
+            self.value_dim,
+            if self.paged { " paged" } else { "" }
         )
     }
     /// The accessors for the storage type and the dims, then decode.wgsl.
@@ -43,8 +46,8 @@ impl super::Kernel for DecodeKey {
         load_accessor(&mut src, self.storage, binding::DECODE_NEW, "new");
         store_accessor(&mut src, self.storage, binding::DECODE_CACHE, "cache");
         src.push(&format!(
-            "const HEAD_DIM: u32 = {}u;\nconst VALUE_DIM: u32 = {}u;",
-            self.head_dim, self.value_dim
+            "const HEAD_DIM: u32 = {}u;\nconst VALUE_DIM: u32 = {}u;\nconst PAGED: bool = {};",
+            self.head_dim, self.value_dim, self.paged
         ));
         src.file("decode.wgsl");
         src.finish()
@@ -57,24 +60,29 @@ impl super::Kernel for DecodeKey {
     }
 }
 
-/// Every decode kernel at these (head dim, value dim) pairs: both passes in every storage type.
+/// Every decode kernel at these (head dim, value dim) pairs: both passes in every storage type,
+/// contiguous and paged.
 /// The append pass compiles once per storage (its dims are runtime data): keyed at (0, 0).
 pub(super) fn variants(dims: &[(u32, u32)]) -> Vec<DecodeKey> {
     let mut keys = Vec::new();
     for storage in Storage::ALL {
-        keys.push(DecodeKey {
-            pass: DecodePass::Append,
-            storage,
-            head_dim: 1,
-            value_dim: 1,
-        });
-        for &(head_dim, value_dim) in dims {
+        for paged in [false, true] {
             keys.push(DecodeKey {
-                pass: DecodePass::Split,
+                pass: DecodePass::Append,
                 storage,
-                head_dim,
-                value_dim,
+                head_dim: 1,
+                value_dim: 1,
+                paged,
             });
+            for &(head_dim, value_dim) in dims {
+                keys.push(DecodeKey {
+                    pass: DecodePass::Split,
+                    storage,
+                    head_dim,
+                    value_dim,
+                    paged,
+                });
+            }
         }
     }
     keys

@@ -8,16 +8,22 @@ use crate::ops::passes::{entry, record_pass};
 use crate::{DType, Engine, Error, GpuAttention, Result, Tensor};
 
 impl Engine {
-    /// The sequences' lengths as a storage buffer.
-    fn lengths_buffer(&self, device: &wgpu::Device, cache: &KvCache) -> wgpu::Buffer {
+    /// The sequences' lengths and (paged) block tables as storage buffers.
+    fn cache_buffers(&self, device: &wgpu::Device, cache: &KvCache) -> [wgpu::Buffer; 2] {
         let lengths: Vec<u32> = cache.lengths.iter().map(|&l| l as u32).collect();
-        buffer_with_contents(
-            device,
-            &self.inner.queue,
-            "decode lengths",
-            bytemuck::cast_slice(&lengths),
-            wgpu::BufferUsages::STORAGE,
-        )
+        let storage = |label, words: &[u32]| {
+            buffer_with_contents(
+                device,
+                &self.inner.queue,
+                label,
+                bytemuck::cast_slice(words),
+                wgpu::BufferUsages::STORAGE,
+            )
+        };
+        [
+            storage("decode lengths", &lengths),
+            storage("decode block tables", &cache.flat_tables()),
+        ]
     }
 
     /// A pass's uniform block.
@@ -48,7 +54,7 @@ impl Engine {
             let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
                 label: Some("kv cache append"),
             });
-            let lengths = self.lengths_buffer(device, cache);
+            let [lengths, blocks] = self.cache_buffers(device, cache);
             let sources = [(k, &cache.k), (v, &cache.v)];
             for (((_, params, grid), pipeline), (new, cached)) in
                 plan.passes.iter().zip(&pipelines).zip(sources)
@@ -57,6 +63,7 @@ impl Engine {
                 let entries = [
                     entry(binding::PARAMS, &uniform),
                     entry(binding::DECODE_LENGTHS, &lengths),
+                    entry(binding::DECODE_BLOCKS, &blocks),
                     entry(binding::DECODE_NEW, &new.buffer),
                     entry(binding::DECODE_CACHE, &cached.buffer),
                 ];
@@ -112,7 +119,7 @@ impl Engine {
                 merge.lse_bytes * parts,
                 usage,
             )?;
-            let lengths = self.lengths_buffer(device, cache);
+            let [lengths, blocks] = self.cache_buffers(device, cache);
             let uniform = self.params_buffer(device, params);
             let entries = [
                 entry(binding::PARAMS, &uniform),
@@ -120,6 +127,7 @@ impl Engine {
                 entry(binding::DECODE_K, &cache.k.buffer),
                 entry(binding::DECODE_V, &cache.v.buffer),
                 entry(binding::DECODE_LENGTHS, &lengths),
+                entry(binding::DECODE_BLOCKS, &blocks),
                 entry(binding::DECODE_PARTIAL_O, partial_o.buffer()),
                 entry(binding::DECODE_PARTIAL_LSE, partial_lse.buffer()),
             ];

@@ -16,7 +16,8 @@ use crate::{
 pub const DECODE_MAX_TOKENS: usize = 16;
 
 /// The sizes of a KV cache: K `[batch, kv_heads, capacity, head_dim]` and V `[batch, kv_heads,
-/// capacity, value_dim]`.
+/// capacity, value_dim]` when contiguous; a paged cache's `capacity` is the most tokens a
+/// sequence's block table may cover.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct KvCacheShape {
     pub batch: usize,
@@ -36,7 +37,29 @@ pub struct KvCache {
     pub(crate) k: Tensor,
     pub(crate) v: Tensor,
     pub(crate) lengths: Vec<usize>,
+    pub(crate) paging: Option<Paging>,
 }
+
+/// A paged cache's pool and block tables: K `[num_blocks, block_size, kv_heads, head_dim]` and
+/// V, token `j` of sequence `b` in block `tables[b][j / block_size]` at slot `j % block_size`
+/// (vLLM's and FlashAttention's paged KV cache).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Paging {
+    pub block_size: usize,
+    pub num_blocks: usize,
+    pub tables: Vec<Vec<u32>>,
+}
+
+/// The pool of a paged KV cache.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct KvBlocks {
+    /// Tokens per block, 1..=[`DECODE_MAX_BLOCK_SIZE`].
+    pub block_size: usize,
+    pub num_blocks: usize,
+}
+
+/// The largest block of a paged cache.
+pub const DECODE_MAX_BLOCK_SIZE: usize = 256;
 
 impl KvCache {
     pub fn shape(&self) -> &KvCacheShape {
@@ -48,6 +71,52 @@ impl KvCache {
     /// Valid tokens of each sequence.
     pub fn lengths(&self) -> &[usize] {
         &self.lengths
+    }
+    /// The paged cache's pool and block tables; `None` for a contiguous cache.
+    pub fn paging(&self) -> Option<&Paging> {
+        self.paging.as_ref()
+    }
+    /// The tokens sequence `b` can hold: the capacity, or what its block table covers.
+    pub fn capacity_of(&self, b: usize) -> usize {
+        match &self.paging {
+            None => self.shape.capacity,
+            Some(p) => p.tables[b].len() * p.block_size,
+        }
+    }
+    /// Gives each sequence of a paged cache its blocks, in token order (blocks may be shared
+    /// between sequences, e.g. a common prefix: an append into a shared block writes it for
+    /// all of them). Block ids past the pool, a table longer than the capacity, or a table too
+    /// short for the sequence's length are typed errors, and nothing changes.
+    pub fn set_block_tables(&mut self, tables: &[Vec<u32>]) -> Result<()> {
+        let Some(paging) = &self.paging else {
+            return Err(Error::Unsupported {
+                combination: "block tables for a contiguous KV cache",
+            });
+        };
+        crate::check_len("block tables", self.shape.batch, tables.len())?;
+        for (sequence, table) in tables.iter().enumerate() {
+            if let Some(&block) = table.iter().find(|&&b| b as usize >= paging.num_blocks) {
+                return Err(Error::CacheCapacity {
+                    sequence,
+                    needed: block as usize + 1,
+                    capacity: paging.num_blocks,
+                });
+            }
+            let covered = table.len() * paging.block_size;
+            if covered > self.shape.capacity.next_multiple_of(paging.block_size)
+                || covered < self.lengths[sequence]
+            {
+                return Err(Error::CacheCapacity {
+                    sequence,
+                    needed: self.lengths[sequence].max(covered),
+                    capacity: covered.min(self.shape.capacity),
+                });
+            }
+        }
+        if let Some(p) = &mut self.paging {
+            p.tables = tables.to_vec();
+        }
+        Ok(())
     }
     /// Sets how many tokens of each sequence are valid (to drop rejected draft tokens, or to
     /// start sequences of one batch at different lengths); tokens past a length are ignored
@@ -66,7 +135,7 @@ impl KvCache {
         self.lengths = lengths.to_vec();
         Ok(())
     }
-    /// The cache's K and V tensors (`[batch, kv_heads, capacity, dim]`).
+    /// The cache's K and V tensors (`[batch, kv_heads, capacity, dim]`, or the paged pool).
     pub fn tensors(&self) -> (&Tensor, &Tensor) {
         (&self.k, &self.v)
     }
@@ -109,6 +178,57 @@ impl Engine {
             v: self.output_tensor(dtype, slots * shape.value_dim)?,
             lengths: vec![0; shape.batch],
             shape,
+            paging: None,
+        })
+    }
+
+    /// A paged KV cache: a pool of `blocks.num_blocks` blocks of `blocks.block_size` tokens
+    /// (K `[num_blocks, block_size, kv_heads, head_dim]`, V likewise), every sequence empty
+    /// and without blocks until [`KvCache::set_block_tables`] gives it some. `shape.capacity`
+    /// bounds a sequence's table.
+    pub fn paged_kv_cache(
+        &self,
+        shape: KvCacheShape,
+        blocks: KvBlocks,
+        dtype: DType,
+    ) -> Result<KvCache> {
+        for (dim, value) in [
+            ("batch", shape.batch),
+            ("capacity", shape.capacity),
+            ("block_size", blocks.block_size),
+            ("num_blocks", blocks.num_blocks),
+        ] {
+            if value == 0 {
+                return Err(Error::ZeroDimension { dim });
+            }
+        }
+        if blocks.block_size > DECODE_MAX_BLOCK_SIZE {
+            return Err(Error::TooLarge {
+                limit: "DECODE_MAX_BLOCK_SIZE",
+                needed: blocks.block_size as u64,
+                max: DECODE_MAX_BLOCK_SIZE as u64,
+                hint: " tokens per block",
+            });
+        }
+        // The pool as a contiguous cache of one sequence per block checks its size.
+        let pool = KvCacheShape {
+            batch: blocks.num_blocks,
+            capacity: blocks.block_size,
+            ..shape
+        };
+        self.check_kv_cache_shape(&pool, dtype)?;
+        self.storage_for(dtype)?;
+        let slots = blocks.num_blocks * blocks.block_size * shape.kv_heads;
+        Ok(KvCache {
+            k: self.output_tensor(dtype, slots * shape.head_dim)?,
+            v: self.output_tensor(dtype, slots * shape.value_dim)?,
+            lengths: vec![0; shape.batch],
+            shape,
+            paging: Some(Paging {
+                block_size: blocks.block_size,
+                num_blocks: blocks.num_blocks,
+                tables: vec![Vec::new(); shape.batch],
+            }),
         })
     }
 

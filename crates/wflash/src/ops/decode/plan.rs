@@ -31,9 +31,10 @@ pub struct DecodeParams {
     pub dim: u32,
     pub elems: u32,
     pub groups_x: u32,
+    /// A paged cache's tokens per block and block-table width (entries per sequence).
+    pub block_size: u32,
+    pub table_width: u32,
     pub _pad0: u32,
-    pub _pad1: u32,
-    pub _pad2: u32,
 }
 
 /// One pass of decode.wgsl: its kernel, uniform block and grid (an append has one for K and
@@ -78,12 +79,12 @@ impl Engine {
         check_len("k", rows * shape.head_dim, k.len)?;
         check_len("v", rows * shape.value_dim, v.len)?;
         if let Some((sequence, &length)) = (cache.lengths.iter().enumerate())
-            .find(|&(_, &length)| length + tokens > shape.capacity)
+            .find(|&(b, &length)| length + tokens > cache.capacity_of(b))
         {
             return Err(Error::CacheCapacity {
                 sequence,
                 needed: length + tokens,
-                capacity: shape.capacity,
+                capacity: cache.capacity_of(sequence),
             });
         }
         let storage = self.storage_for(cache.dtype())?;
@@ -92,7 +93,9 @@ impl Engine {
             storage,
             head_dim: 1,
             value_dim: 1,
+            paged: cache.paging.is_some(),
         };
+        let (block_size, table_width) = cache.table_geometry();
         let max_groups = self.inner.info.limits.max_compute_workgroups_per_dimension;
         let passes = [shape.head_dim, shape.value_dim]
             .into_iter()
@@ -110,6 +113,8 @@ impl Engine {
                     dim: dim as u32,
                     elems: elems as u32,
                     groups_x: groups_x as u32,
+                    block_size,
+                    table_width,
                     ..Default::default()
                 };
                 let grid = [groups_x as u32, groups.div_ceil(groups_x) as u32, 1];
@@ -167,6 +172,7 @@ impl Engine {
             });
         }
         let scale = resolve_scale(opts.scale, &shape)?;
+        let (block_size, table_width) = cache.table_geometry();
         let storage = self.storage_for(cache.dtype())?;
         let longest = cache.lengths.iter().copied().max().unwrap_or(0).max(1);
         let splits = match opts.splits {
@@ -219,6 +225,8 @@ impl Engine {
             scale,
             part_elems: out.o_elems() as u32,
             part_rows: out.lse_elems() as u32,
+            block_size,
+            table_width,
             ..Default::default()
         };
         let key = DecodeKey {
@@ -226,6 +234,7 @@ impl Engine {
             storage,
             head_dim: c.head_dim as u32,
             value_dim: c.value_dim as u32,
+            paged: cache.paging.is_some(),
         };
         let grid = [
             splits as u32,
@@ -236,5 +245,38 @@ impl Engine {
             passes: vec![(key, params, grid)],
             merge: Some(merge),
         })
+    }
+}
+
+impl KvCache {
+    /// A paged cache's block size and table width (the longest table, at least 1); (1, 1) for
+    /// a contiguous cache, whose kernels ignore them.
+    fn table_geometry(&self) -> (u32, u32) {
+        match &self.paging {
+            None => (1, 1),
+            Some(p) => (
+                p.block_size as u32,
+                p.tables.iter().map(Vec::len).max().unwrap_or(0).max(1) as u32,
+            ),
+        }
+    }
+
+    /// The block tables as the kernels read them: `table_width` entries per sequence (unused
+    /// entries 0, never read: a sequence's tokens lie in its table).
+    pub(super) fn flat_tables(&self) -> Vec<u32> {
+        let (_, width) = self.table_geometry();
+        match &self.paging {
+            None => vec![0],
+            Some(p) => p
+                .tables
+                .iter()
+                .flat_map(|t| {
+                    t.iter()
+                        .copied()
+                        .chain(std::iter::repeat(0))
+                        .take(width as usize)
+                })
+                .collect(),
+        }
     }
 }
