@@ -46,9 +46,12 @@ pub struct DecodePlan {
     pub merge: Option<MergePlan>,
 }
 
-/// Keys per split the automatic split count aims at: enough work per workgroup to hide its
-/// start, few enough splits that a long cache fills the device.
-const KEYS_PER_SPLIT_TARGET: usize = 512;
+/// The fewest keys per split the automatic split count gives a workgroup.
+const MIN_KEYS_PER_SPLIT: usize = 256;
+/// Workgroups the automatic split count aims to have in flight: a GPU wants hundreds; a CPU
+/// adapter a few per core (on lavapipe more splits made the split pass slower: docs/PERF.md).
+const TARGET_WORKGROUPS_GPU: usize = 256;
+const TARGET_WORKGROUPS_CPU: usize = 8;
 /// The most splits a decode call takes.
 pub const DECODE_MAX_SPLITS: usize = 16;
 
@@ -175,18 +178,29 @@ impl Engine {
         let (block_size, table_width) = cache.table_geometry();
         let storage = self.storage_for(cache.dtype())?;
         let longest = cache.lengths.iter().copied().max().unwrap_or(0).max(1);
-        let splits = match opts.splits {
-            Some(0) => return Err(Error::ZeroDimension { dim: "splits" }),
-            Some(splits) => splits.min(longest),
-            None => longest.div_ceil(KEYS_PER_SPLIT_TARGET),
-        }
-        .clamp(1, DECODE_MAX_SPLITS);
-        let keys_per_split = longest.div_ceil(splits);
         let group = shape.q_heads / shape.kv_heads;
         let group_rows = group * opts.tokens;
         let rows = group_rows.min(64);
         let lanes = 64 / rows;
         let row_blocks = group_rows.div_ceil(rows);
+        // Splits: the caller's, else as many as it takes to have the adapter's target of
+        // workgroups, each with at least MIN_KEYS_PER_SPLIT keys.
+        let splits = match opts.splits {
+            Some(0) => return Err(Error::ZeroDimension { dim: "splits" }),
+            Some(splits) => splits.min(longest),
+            None => {
+                let target = match self.inner.info.device_type {
+                    wgpu::DeviceType::Cpu => TARGET_WORKGROUPS_CPU,
+                    _ => TARGET_WORKGROUPS_GPU,
+                };
+                let workgroups = c.batch * c.kv_heads * row_blocks;
+                target
+                    .div_ceil(workgroups)
+                    .min(longest.div_ceil(MIN_KEYS_PER_SPLIT))
+            }
+        }
+        .clamp(1, DECODE_MAX_SPLITS);
+        let keys_per_split = longest.div_ceil(splits);
         let parts = splits * lanes;
         let out = OutputShape {
             batch: c.batch,
