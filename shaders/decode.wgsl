@@ -16,7 +16,8 @@
 //                  lanes in workgroup memory: the merge does it, exactly.
 //
 // Masking: bottom-right causal (query t of n sees keys j <= length - n + t), which is what a
-// cache holding the new tokens needs; a partial that sees no key writes LSE −∞.
+// cache holding the new tokens needs, and an optional trailing window; scores optionally
+// soft-capped (Gemma 2). A partial that sees no key writes LSE −∞.
 //
 // Host prelude: HEAD_DIM, VALUE_DIM, PAGED; `load_q` (binding q), `load_k`, `load_v` (the cache),
 // `load_new` and `store_cache` (append) for the storage type.
@@ -51,7 +52,13 @@ struct DecodeParams {
     // A paged cache's tokens per block and block-table entries per sequence.
     block_size: u32,
     table_width: u32,
+    // A trailing window: keys at most `window` before a query's diagonal (0xffffffff: none).
+    window: u32,
+    // Soft-capping of the scores, cap · tanh(s / cap) (0: none).
+    softcap: f32,
     _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
 }
 
 @group(0) @binding({binding.params}) var<uniform> params: DecodeParams;
@@ -110,10 +117,16 @@ fn decode_split(
     let head = kv_head * params.group + row / params.tokens;
     let token = row % params.tokens;
     let length = lengths[batch];
-    // Keys this query sees: j < length - tokens + token + 1 (bottom-right causal).
-    let visible = max(i32(length) - i32(params.tokens) + i32(token) + 1, 0);
-    let start = split * params.keys_per_split;
-    let end = min(start + params.keys_per_split, u32(visible));
+    // Keys this query sees: j <= its diagonal length - tokens + token (bottom-right causal),
+    // and with a window j >= diagonal - window.
+    let diagonal = i32(length) - i32(params.tokens) + i32(token);
+    let visible = max(diagonal + 1, 0);
+    var first = 0;
+    if params.window != 0xffffffffu {
+        first = max(diagonal - i32(params.window), 0);
+    }
+    let start = max(split * params.keys_per_split, u32(first));
+    let end = min(split * params.keys_per_split + params.keys_per_split, u32(visible));
 
     var q: array<f32, HEAD_DIM>;
     let q_base = batch * params.q_stride.x + head * params.q_stride.y + token * params.q_stride.z;
@@ -129,6 +142,9 @@ fn decode_split(
         var s = 0.0;
         for (var d = 0u; d < HEAD_DIM; d++) {
             s += q[d] * load_k(k_base + d);
+        }
+        if params.softcap > 0.0 {
+            s = params.softcap * tanh(s / params.softcap);
         }
         let m_new = max(m, s);
         // exp(−∞) on llvmpipe is a clamped tiny number, not 0: the first key resets instead.

@@ -31,6 +31,9 @@ struct DecodeCase {
     /// A paged cache of blocks of this many tokens (each sequence's blocks drawn at random
     /// from a pool with spare blocks), instead of a contiguous one.
     block_size: Option<usize>,
+    /// A trailing window (keys before the diagonal) and a soft-cap.
+    window: Option<usize>,
+    softcap: Option<f32>,
     seed: u64,
 }
 
@@ -161,6 +164,8 @@ fn run_case<T: Element>(
     let opts = DecodeOptions {
         tokens: n,
         splits: case.splits,
+        window: case.window,
+        softcap: case.softcap,
         ..DecodeOptions::new(case.q_heads)
     };
     let out = engine
@@ -202,6 +207,11 @@ fn run_case<T: Element>(
             wflash_ref::Layout::Bhsd,
         );
         p.causal = Some(CausalAlign::BottomRight);
+        p.window = case.window.map(|left| wflash_ref::Window {
+            left: Some(left),
+            right: None,
+        });
+        p.modifiers.softcap = case.softcap.map(f64::from);
         p.scale = f64::from(1.0 / (case.head_dim as f32).sqrt());
         let truth = wflash_ref::forward(&p, &q_b, &k, &v);
         let narrow = |x: &[f64]| x.iter().map(|&a| a as f32).collect::<Vec<f32>>();
@@ -267,6 +277,8 @@ fn decode_grid() {
         tokens: 1,
         splits: None,
         block_size: None,
+        window: None,
+        softcap: None,
         seed: 0xdec_0000,
     };
     let cases = [
@@ -335,6 +347,40 @@ fn decode_grid() {
             seed: 0xdec_0007,
             ..base.clone()
         },
+        // Decode modifiers: a trailing window (Mistral, gpt-oss) with split boundaries inside
+        // it, a window wider than every sequence, soft-capping (Gemma 2), both.
+        DecodeCase {
+            window: Some(40),
+            tokens: 4,
+            splits: Some(5),
+            seed: 0xdec_0008,
+            ..base.clone()
+        },
+        DecodeCase {
+            window: Some(100_000),
+            layout: Layout::Bshd,
+            seed: 0xdec_0009,
+            ..base.clone()
+        },
+        DecodeCase {
+            path: Path::Bf16,
+            softcap: Some(5.0),
+            q_heads: 8,
+            kv_heads: 2,
+            tokens: 2,
+            seed: 0xdec_000a,
+            ..base.clone()
+        },
+        DecodeCase {
+            path: Path::F16Packed,
+            window: Some(7),
+            softcap: Some(30.0),
+            tokens: 16,
+            splits: Some(16),
+            block_size: Some(16),
+            seed: 0xdec_000b,
+            ..base.clone()
+        },
     ];
     for case in &cases {
         run(case);
@@ -358,6 +404,8 @@ fn paged_decode_grid() {
         tokens: 1,
         splits: None,
         block_size: Some(16),
+        window: None,
+        softcap: None,
         seed: 0xdec_1000,
     };
     let cases = [
@@ -455,6 +503,8 @@ fn paged_and_contiguous_caches_agree_bitwise() {
             tokens: 2,
             splits: Some(3),
             block_size,
+            window: None,
+            softcap: None,
             seed: 0,
         };
         let mut cache = make_cache(engine, &case, shape, DType::F32, &mut rng).expect("cache");
@@ -699,6 +749,21 @@ fn bad_decode_input_is_a_typed_error() {
         ),
         Err(Error::InvalidScale { .. })
     ));
+    for cap in [0.0, -1.0, f32::INFINITY, f32::NAN] {
+        assert!(matches!(
+            decode(
+                DecodeOptions {
+                    softcap: Some(cap),
+                    ..DecodeOptions::new(4)
+                },
+                &q
+            ),
+            Err(Error::InvalidModifier {
+                modifier: "softcap",
+                ..
+            })
+        ));
+    }
     assert!(matches!(
         cache.set_block_tables(&[vec![0], vec![1]]),
         Err(Error::Unsupported { .. })

@@ -153,6 +153,12 @@ pub struct DecodeOptions {
     pub scale: Option<f32>,
     /// Splits of the keys; `None`: the planner's choice from the longest sequence.
     pub splits: Option<usize>,
+    /// A trailing window (Mistral, gpt-oss): each query sees the `window` keys before its
+    /// diagonal and the diagonal itself, as [`crate::Window::trailing`]`(window + 1)` in a
+    /// forward call.
+    pub window: Option<usize>,
+    /// Soft-capping of the scores, `cap · tanh(s / cap)` (Gemma 2).
+    pub softcap: Option<f32>,
 }
 
 impl DecodeOptions {
@@ -163,6 +169,8 @@ impl DecodeOptions {
             tokens: 1,
             scale: None,
             splits: None,
+            window: None,
+            softcap: None,
         }
     }
 }

@@ -34,7 +34,13 @@ pub struct DecodeParams {
     /// A paged cache's tokens per block and block-table width (entries per sequence).
     pub block_size: u32,
     pub table_width: u32,
+    /// Keys before a query's diagonal it still sees (`u32::MAX`: no window).
+    pub window: u32,
+    /// `cap · tanh(s / cap)` on the scores (0: none).
+    pub softcap: f32,
     pub _pad0: u32,
+    pub _pad1: u32,
+    pub _pad2: u32,
 }
 
 /// One pass of decode.wgsl: its kernel, uniform block and grid (an append has one for K and
@@ -175,6 +181,14 @@ impl Engine {
             });
         }
         let scale = resolve_scale(opts.scale, &shape)?;
+        if let Some(cap) = opts.softcap
+            && !(cap.is_finite() && cap > 0.0)
+        {
+            return Err(Error::InvalidModifier {
+                modifier: "softcap",
+                reason: format!("the cap must be finite and positive, got {cap}"),
+            });
+        }
         let (block_size, table_width) = cache.table_geometry();
         let storage = self.storage_for(cache.dtype())?;
         let longest = cache.lengths.iter().copied().max().unwrap_or(0).max(1);
@@ -241,6 +255,10 @@ impl Engine {
             part_rows: out.lse_elems() as u32,
             block_size,
             table_width,
+            window: opts
+                .window
+                .map_or(u32::MAX, |w| w.min(i32::MAX as usize) as u32),
+            softcap: opts.softcap.unwrap_or(0.0),
             ..Default::default()
         };
         let key = DecodeKey {
