@@ -57,7 +57,7 @@ impl Shape {
 
     /// Checks everything that does not depend on the adapter.
     pub fn validate(&self) -> Result<()> {
-        for (dim, value) in [
+        check_nonzero(&[
             ("batch", self.batch),
             ("q_heads", self.q_heads),
             ("kv_heads", self.kv_heads),
@@ -65,26 +65,14 @@ impl Shape {
             ("kv_len", self.kv_len),
             ("head_dim", self.head_dim),
             ("value_dim", self.value_dim),
-        ] {
-            if value == 0 {
-                return Err(Error::ZeroDimension { dim });
-            }
-        }
+        ])?;
         if !self.q_heads.is_multiple_of(self.kv_heads) {
             return Err(Error::HeadsNotDivisible {
                 q_heads: self.q_heads,
                 kv_heads: self.kv_heads,
             });
         }
-        for (dim, got) in [("head_dim", self.head_dim), ("value_dim", self.value_dim)] {
-            if got > MAX_HEAD_DIM {
-                return Err(Error::HeadDimUnsupported {
-                    dim,
-                    got,
-                    max: MAX_HEAD_DIM,
-                });
-            }
-        }
+        check_head_dims(&[("head_dim", self.head_dim), ("value_dim", self.value_dim)])?;
         // Every element count (and the bias's q_len · kv_len) must be a usize: after this,
         // `q_elems()` and friends cannot overflow.
         let counts = [
@@ -162,23 +150,13 @@ impl OutputShape {
     /// Checks the sizes: none zero, the value dim at most [`MAX_HEAD_DIM`], the element count
     /// a `usize`.
     pub fn validate(&self) -> Result<()> {
-        for (dim, value) in [
+        check_nonzero(&[
             ("batch", self.batch),
             ("heads", self.heads),
             ("len", self.len),
             ("value_dim", self.value_dim),
-        ] {
-            if value == 0 {
-                return Err(Error::ZeroDimension { dim });
-            }
-        }
-        if self.value_dim > MAX_HEAD_DIM {
-            return Err(Error::HeadDimUnsupported {
-                dim: "value_dim",
-                got: self.value_dim,
-                max: MAX_HEAD_DIM,
-            });
-        }
+        ])?;
+        check_head_dims(&[("value_dim", self.value_dim)])?;
         [self.heads, self.len, self.value_dim]
             .iter()
             .try_fold(self.batch, |n, &d| n.checked_mul(d))
@@ -201,6 +179,26 @@ impl Shape {
             len: self.q_len,
             value_dim: self.value_dim,
         }
+    }
+}
+
+/// `Error::ZeroDimension` for the first of the named sizes that is zero.
+pub(crate) fn check_nonzero(dims: &[(&'static str, usize)]) -> Result<()> {
+    match dims.iter().find(|&&(_, value)| value == 0) {
+        Some(&(dim, _)) => Err(Error::ZeroDimension { dim }),
+        None => Ok(()),
+    }
+}
+
+/// `Error::HeadDimUnsupported` for the first of the named row lengths past [`MAX_HEAD_DIM`].
+pub(crate) fn check_head_dims(dims: &[(&'static str, usize)]) -> Result<()> {
+    match dims.iter().find(|&&(_, got)| got > MAX_HEAD_DIM) {
+        Some(&(dim, got)) => Err(Error::HeadDimUnsupported {
+            dim,
+            got,
+            max: MAX_HEAD_DIM,
+        }),
+        None => Ok(()),
     }
 }
 

@@ -8,9 +8,8 @@ mod plan;
 
 pub use plan::{DecodeParams, DecodePlan};
 
-use crate::{
-    Attention, DType, Element, Engine, Error, GpuAttention, Layout, MAX_HEAD_DIM, Result, Tensor,
-};
+use crate::api::shape::{check_head_dims, check_nonzero};
+use crate::{Attention, DType, Element, Engine, Error, GpuAttention, Layout, Result, Tensor};
 
 /// The most query tokens per sequence of one decode call (speculative decoding's drafts).
 pub const DECODE_MAX_TOKENS: usize = 16;
@@ -178,16 +177,7 @@ impl DecodeOptions {
 impl Engine {
     /// A KV cache of this shape and element type, every sequence empty.
     pub fn kv_cache(&self, shape: KvCacheShape, dtype: DType) -> Result<KvCache> {
-        self.check_kv_cache_shape(&shape, dtype)?;
-        self.storage_for(dtype)?;
-        let slots = shape.batch * shape.kv_heads * shape.capacity;
-        Ok(KvCache {
-            k: self.output_tensor(dtype, slots * shape.head_dim)?,
-            v: self.output_tensor(dtype, slots * shape.value_dim)?,
-            lengths: vec![0; shape.batch],
-            shape,
-            paging: None,
-        })
+        self.allocate_kv_cache(shape, shape, dtype, None)
     }
 
     /// A paged KV cache: a pool of `blocks.num_blocks` blocks of `blocks.block_size` tokens
@@ -200,16 +190,12 @@ impl Engine {
         blocks: KvBlocks,
         dtype: DType,
     ) -> Result<KvCache> {
-        for (dim, value) in [
+        check_nonzero(&[
             ("batch", shape.batch),
             ("capacity", shape.capacity),
             ("block_size", blocks.block_size),
             ("num_blocks", blocks.num_blocks),
-        ] {
-            if value == 0 {
-                return Err(Error::ZeroDimension { dim });
-            }
-        }
+        ])?;
         if blocks.block_size > DECODE_MAX_BLOCK_SIZE {
             return Err(Error::TooLarge {
                 limit: "DECODE_MAX_BLOCK_SIZE",
@@ -218,25 +204,38 @@ impl Engine {
                 hint: " tokens per block",
             });
         }
-        // The pool as a contiguous cache of one sequence per block checks its size.
+        // The pool holds as many elements as a contiguous cache of one sequence per block.
         let pool = KvCacheShape {
             batch: blocks.num_blocks,
             capacity: blocks.block_size,
             ..shape
         };
-        self.check_kv_cache_shape(&pool, dtype)?;
+        let paging = Paging {
+            block_size: blocks.block_size,
+            num_blocks: blocks.num_blocks,
+            tables: vec![Vec::new(); shape.batch],
+        };
+        self.allocate_kv_cache(shape, pool, dtype, Some(paging))
+    }
+
+    /// A cache of `shape` whose K and V tensors hold what a contiguous cache of `storage`
+    /// holds (the paged pool: one sequence per block), every sequence empty.
+    fn allocate_kv_cache(
+        &self,
+        shape: KvCacheShape,
+        storage: KvCacheShape,
+        dtype: DType,
+        paging: Option<Paging>,
+    ) -> Result<KvCache> {
+        self.check_kv_cache_shape(&storage, dtype)?;
         self.storage_for(dtype)?;
-        let slots = blocks.num_blocks * blocks.block_size * shape.kv_heads;
+        let slots = storage.batch * storage.kv_heads * storage.capacity;
         Ok(KvCache {
-            k: self.output_tensor(dtype, slots * shape.head_dim)?,
-            v: self.output_tensor(dtype, slots * shape.value_dim)?,
+            k: self.output_tensor(dtype, slots * storage.head_dim)?,
+            v: self.output_tensor(dtype, slots * storage.value_dim)?,
             lengths: vec![0; shape.batch],
             shape,
-            paging: Some(Paging {
-                block_size: blocks.block_size,
-                num_blocks: blocks.num_blocks,
-                tables: vec![Vec::new(); shape.batch],
-            }),
+            paging,
         })
     }
 
@@ -308,26 +307,14 @@ impl Engine {
     }
 
     fn check_kv_cache_shape(&self, shape: &KvCacheShape, dtype: DType) -> Result<()> {
-        for (dim, value) in [
+        check_nonzero(&[
             ("batch", shape.batch),
             ("kv_heads", shape.kv_heads),
             ("capacity", shape.capacity),
             ("head_dim", shape.head_dim),
             ("value_dim", shape.value_dim),
-        ] {
-            if value == 0 {
-                return Err(Error::ZeroDimension { dim });
-            }
-        }
-        for (dim, got) in [("head_dim", shape.head_dim), ("value_dim", shape.value_dim)] {
-            if got > MAX_HEAD_DIM {
-                return Err(Error::HeadDimUnsupported {
-                    dim,
-                    got,
-                    max: MAX_HEAD_DIM,
-                });
-            }
-        }
+        ])?;
+        check_head_dims(&[("head_dim", shape.head_dim), ("value_dim", shape.value_dim)])?;
         let limits = &self.inner.info.limits;
         let max = limits
             .max_storage_buffer_binding_size
