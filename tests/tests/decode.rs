@@ -258,13 +258,10 @@ fn run(case: &DecodeCase) {
     eprintln!("{case:?}: ratio {:.3}", verdict.ratio);
 }
 
-/// The decode grid: every axis (element type and storage path, layout, GQA ratio up to rows
-/// spread over two row blocks, query tokens 1..16, split count 1..16 and the planner's, head
-/// dims 1..256 and value dim apart, ragged lengths down to a sequence holding only its new
-/// tokens) in some case.
-#[test]
-fn decode_grid() {
-    let base = DecodeCase {
+/// What the grids' cases vary from: f32, BHSD, 4 query heads over 2 kv heads, D=64, three
+/// sequences of 300, 37 and 0 prefill tokens, one new token, a contiguous cache.
+fn base_case() -> DecodeCase {
+    DecodeCase {
         path: Path::F32,
         layout: Layout::Bhsd,
         q_heads: 4,
@@ -280,7 +277,16 @@ fn decode_grid() {
         window: None,
         softcap: None,
         seed: 0xdec_0000,
-    };
+    }
+}
+
+/// The decode grid: every axis (element type and storage path, layout, GQA ratio up to rows
+/// spread over two row blocks, query tokens 1..16, split count 1..16 and the planner's, head
+/// dims 1..256 and value dim apart, ragged lengths down to a sequence holding only its new
+/// tokens) in some case.
+#[test]
+fn decode_grid() {
+    let base = base_case();
     let cases = [
         DecodeCase { ..base.clone() },
         DecodeCase {
@@ -392,21 +398,9 @@ fn decode_grid() {
 #[test]
 fn paged_decode_grid() {
     let base = DecodeCase {
-        path: Path::F32,
-        layout: Layout::Bhsd,
-        q_heads: 4,
-        kv_heads: 2,
-        head_dim: 64,
-        value_dim: 64,
-        capacity: 400,
-        prefill: 300,
-        lengths: vec![300, 37, 0],
-        tokens: 1,
-        splits: None,
         block_size: Some(16),
-        window: None,
-        softcap: None,
         seed: 0xdec_1000,
+        ..base_case()
     };
     let cases = [
         DecodeCase { ..base.clone() },

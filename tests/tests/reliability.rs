@@ -626,16 +626,19 @@ fn out_of_memory_is_a_typed_error_and_the_engine_works_afterwards() {
     const BUDGET: u64 = 4 << 20;
     const FILLER: usize = 64 << 10; // f32 elements: 256 KiB a tensor
     const CALLS_UNDER_BUDGET: usize = 32;
-    let budgeted = custom_engine(
-        |_| {},
-        wflash::wgpu::Features::empty(),
-        EngineOptions {
-            memory_budget_bytes: Some(BUDGET),
-            poison_outputs: true,
-            tuning: TuningSource::Off,
-            ..Default::default()
-        },
-    );
+    let budgeted_engine = |budget| {
+        custom_engine(
+            |_| {},
+            wflash::wgpu::Features::empty(),
+            EngineOptions {
+                memory_budget_bytes: Some(budget),
+                poison_outputs: true,
+                tuning: TuningSource::Off,
+                ..Default::default()
+            },
+        )
+    };
+    let budgeted = budgeted_engine(BUDGET);
     let conforms = |seed| {
         let case = Case::softmax(Shape::mha(2, 4, 96, 64), Path::F32, seed);
         let outcome = run_case_on(&budgeted, &case).expect("the call conforms");
@@ -733,16 +736,7 @@ fn out_of_memory_is_a_typed_error_and_the_engine_works_afterwards() {
     // can pass 4 MiB (this test failed so, now and then): the threads share a budget of
     // THREADS × BUDGET.
     const SHARED_BUDGET: u64 = THREADS as u64 * BUDGET;
-    let budgeted = custom_engine(
-        |_| {},
-        wflash::wgpu::Features::empty(),
-        EngineOptions {
-            memory_budget_bytes: Some(SHARED_BUDGET),
-            poison_outputs: true,
-            tuning: TuningSource::Off,
-            ..Default::default()
-        },
-    );
+    let budgeted = budgeted_engine(SHARED_BUDGET);
     let (specs, alone) = specs_made_alone(shared);
     let (done, finished) = mpsc::channel();
     let callers: Vec<_> = (0..THREADS)
