@@ -1,6 +1,6 @@
 // Decoding against a KV cache (FlashDecoding): a few new query tokens per sequence attend to
 // the sequence's cached keys, split across workgroups so a long cache keeps the whole device
-// busy; each split writes a partial output and LSE that merge.wgsl combines.
+// busy; each split writes partial outputs and LSEs that merge.wgsl combines.
 //
 // The cache holds K `[batch, kv_heads, capacity, HEAD_DIM]` and V `[.., VALUE_DIM]` in the
 // element type, or (PAGED) a pool `[blocks, block_size, kv_heads, dim]` that block tables map
@@ -8,19 +8,30 @@
 //
 //   decode_append: writes `tokens` new tokens of K or V (in their layout) at each sequence's
 //                  length, one invocation per element.
-//   decode_split:  workgroup (split, kv_head · row_blocks, batch). GQA folding: the rows of a
-//                  workgroup are the query tokens of every query head that shares its kv head,
-//                  so each key of the split is read by one workgroup only. The 64 invocations
-//                  are rows × lanes: lane l takes the split's keys l, l + lanes, ..., and writes
-//                  a partial of its own (partial split · lanes + l), which saves combining
-//                  lanes in workgroup memory: the merge does it, exactly.
+//   decode_split:  workgroup (split, kv_head · row_blocks, batch) of LANES invocations. GQA
+//                  folding: the rows are the query tokens of every query head that shares the
+//                  kv head, and each invocation holds ROWS of them, so a key it reads serves
+//                  them all and each key of the split is read by one invocation only. Lane l
+//                  takes the split's keys l, l + LANES, ... and writes a partial of its own
+//                  (partial split · LANES + l): the merge combines the lanes, exactly.
 //
-// Masking: bottom-right causal (query t of n sees keys j <= length - n + t), which is what a
-// cache holding the new tokens needs, and an optional trailing window; scores optionally
-// soft-capped (Gemma 2). A partial that sees no key writes LSE −∞.
+// Written for what a CPU driver does well (docs/PERF.md): every loop over rows and dims is
+// written out by the host (`//#unroll`, as flash_fwd_unrolled.wgsl), so the private arrays are
+// constant-indexed and the only loop is the one over keys, and K and V are read 16 bytes at a
+// time (`k_unit`, `v_unit`: quads of elements). That also keeps a lane's loop iterations to its
+// keys: llvmpipe stops every loop of an invocation once they total 65535 iterations, which
+// the host's keys per lane stay far below (DECODE_MAX_KEYS_PER_LANE).
 //
-// Host prelude: HEAD_DIM, VALUE_DIM, PAGED; `load_q` (binding q), `load_k`, `load_v` (the cache),
-// `load_new` and `store_cache` (append) for the storage type.
+// Scores are base-2 logits (Q pre-scaled by scale · log2 e, so a weight is one exp2) through
+// the modifiers: a trailing window and bottom-right causal bound (query t of n sees keys
+// j <= length - n + t), soft-capping (Gemma 2). A partial that sees no key writes LSE −∞.
+//
+// Host prelude: HEAD_DIM, VALUE_DIM, ROWS, D4, DV4 (quads per K and V row), KU, VU (units per
+// K and V row) and KUQ, VUQ (quads per unit), PAGED, SIGMOID; `load_q` (binding q), `k_unit`
+// and `v_unit` (the cache), `load_new` and `store_cache`
+// (append) for the storage type.
+
+//#import common/scores.wgsl
 
 struct DecodeParams {
     // Q and O element strides (batch, head, token, 1) in the call's layout.
@@ -37,11 +48,10 @@ struct DecodeParams {
     capacity: u32,
     splits: u32,
     keys_per_split: u32,
-    // Rows of one workgroup (≤ 64), lanes per row (64 / rows), row blocks per kv head.
-    rows: u32,
-    lanes: u32,
+    // Row blocks (of ROWS rows) per kv head.
     row_blocks: u32,
-    scale: f32,
+    // What Q is multiplied by: scale · log2(e).
+    q_scale: f32,
     // Elements of one partial output, and rows (batch · q_heads · tokens) of one partial LSE.
     part_elems: u32,
     part_rows: u32,
@@ -54,11 +64,13 @@ struct DecodeParams {
     table_width: u32,
     // A trailing window: keys at most `window` before a query's diagonal (0xffffffff: none).
     window: u32,
-    // Soft-capping of the scores, cap · tanh(s / cap) (0: none).
+    // Soft-capping of the scores, cap · tanh(s / cap), in base-2 units (cap · log2 e; 0: none).
     softcap: f32,
     _pad0: u32,
     _pad1: u32,
     _pad2: u32,
+    _pad3: u32,
+    _pad4: u32,
 }
 
 @group(0) @binding({binding.params}) var<uniform> params: DecodeParams;
@@ -68,7 +80,7 @@ struct DecodeParams {
 @group(0) @binding({binding.decode_partial_o}) var<storage, read_write> partial_o: array<f32>;
 @group(0) @binding({binding.decode_partial_lse}) var<storage, read_write> partial_lse: array<f32>;
 
-const NEG_INF_BITS: u32 = 0xff800000u;
+const LANES: u32 = 8u;
 
 // The cache row (of HEAD_DIM or VALUE_DIM elements) of token `token` of kv head `kv_head` of
 // sequence `batch`: contiguous [batch, kv_heads, capacity], or paged [block, slot, kv_heads]
@@ -100,71 +112,144 @@ fn decode_append(
     store_cache(dst, load_new(src));
 }
 
-@compute @workgroup_size(64)
+@compute @workgroup_size(LANES)
 fn decode_split(
     @builtin(workgroup_id) wg: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
+    @builtin(local_invocation_index) lane: u32,
 ) {
     let split = wg.x;
     let kv_head = wg.y / params.row_blocks;
-    let block = wg.y % params.row_blocks;
+    let block_row0 = (wg.y % params.row_blocks) * ROWS;
     let batch = wg.z;
-    let lane = lid / params.rows;
-    let row = block * params.rows + lid % params.rows;
-    if lane >= params.lanes || row >= params.group * params.tokens {
-        return;
-    }
-    let head = kv_head * params.group + row / params.tokens;
-    let token = row % params.tokens;
-    let length = lengths[batch];
-    // Keys this query sees: j <= its diagonal length - tokens + token (bottom-right causal),
-    // and with a window j >= diagonal - window.
-    let diagonal = i32(length) - i32(params.tokens) + i32(token);
-    let visible = max(diagonal + 1, 0);
-    var first = 0;
-    if params.window != 0xffffffffu {
-        first = max(diagonal - i32(params.window), 0);
-    }
-    let start = max(split * params.keys_per_split, u32(first));
-    let end = min(split * params.keys_per_split + params.keys_per_split, u32(visible));
+    let length = i32(lengths[batch]);
+    let group_rows = params.group * params.tokens;
 
-    var q: array<f32, HEAD_DIM>;
-    let q_base = batch * params.q_stride.x + head * params.q_stride.y + token * params.q_stride.z;
-    for (var d = 0u; d < HEAD_DIM; d++) {
-        q[d] = load_q(q_base + d) * params.scale;
+    var q: array<vec4<f32>, ROWS * D4>;
+    var o: array<vec4<f32>, ROWS * DV4>;
+    var row_max: array<f32, ROWS>;
+    var row_sum: array<f32, ROWS>;
+    // Each row's visible keys are [row_keys.x, row_keys.y): up to its diagonal
+    // length - tokens + token (bottom-right causal), from `window` keys before it.
+    var row_keys: array<vec2<u32>, ROWS>;
+    // The keys any row of the block sees.
+    var begin = 0xffffffffu;
+    var end = 0u;
+//#unroll r ROWS
+    {
+        let row = block_row0 + {r};
+        let valid = row < group_rows;
+        let head = kv_head * params.group + min(row, group_rows - 1u) / params.tokens;
+        let token = row % params.tokens;
+        let base = batch * params.q_stride.x + head * params.q_stride.y + token * params.q_stride.z;
+//#unroll d D4
+        q[{r} * D4 + {d}] = load_q4(valid, base, {d} * 4u) * params.q_scale;
+//#end
+//#unroll e DV4
+        o[{r} * DV4 + {e}] = vec4<f32>(0.0);
+//#end
+        row_max[{r}] = NO_MAX;
+        row_sum[{r}] = 0.0;
+        let diagonal = length - i32(params.tokens) + i32(token);
+        var first = 0;
+        if params.window != 0xffffffffu {
+            first = max(diagonal - i32(params.window), 0);
+        }
+        let keys = select(vec2<u32>(0u), vec2<u32>(u32(first), u32(max(diagonal + 1, 0))), valid);
+        row_keys[{r}] = keys;
+        if keys.x < keys.y {
+            begin = min(begin, keys.x);
+            end = max(end, keys.y);
+        }
     }
-    var o: array<f32, VALUE_DIM>;
-    var m = bitcast<f32>(NEG_INF_BITS);
-    var l = 0.0;
-    for (var j = start + lane; j < end; j += params.lanes) {
+//#end
+
+    let split_begin = split * params.keys_per_split;
+    let lo = max(begin, split_begin);
+    let hi = min(end, split_begin + params.keys_per_split);
+    for (var j = lo + lane; j < hi; j += LANES) {
         let key_row = cache_row(batch, kv_head, j);
-        let k_base = key_row * HEAD_DIM;
-        var s = 0.0;
-        for (var d = 0u; d < HEAD_DIM; d++) {
-            s += q[d] * load_k(k_base + d);
+        // q·k for every row from one read of the key: four partial sums per row (one per
+        // vec4 lane), independent add chains.
+        var dot: array<vec4<f32>, ROWS>;
+//#unroll u KU
+        {
+            let ku = k_unit(key_row, {u});
+//#unroll c KUQ
+//#unroll r ROWS
+            dot[{r}] = fma(q[{r} * D4 + {u} * KUQ + {c}], ku[{c}], dot[{r}]);
+//#end
+//#end
         }
-        if params.softcap > 0.0 {
-            s = params.softcap * tanh(s / params.softcap);
+//#end
+        var p: array<f32, ROWS>;
+        var alpha: array<f32, ROWS>;
+//#unroll r ROWS
+        {
+            var x = (dot[{r}].x + dot[{r}].y) + (dot[{r}].z + dot[{r}].w);
+            if params.softcap > 0.0 {
+                x = params.softcap * tanh_f32(x / params.softcap);
+            }
+            let s = kept_score(x, j >= row_keys[{r}].x && j < row_keys[{r}].y);
+            let new_max = max(row_max[{r}], s);
+            alpha[{r}] = exp2(row_max[{r}] - new_max);
+            p[{r}] = kept_weight(s, new_max, 0.0);
+            row_sum[{r}] = row_sum[{r}] * alpha[{r}] + p[{r}];
+            row_max[{r}] = new_max;
         }
-        let m_new = max(m, s);
-        // exp(−∞) on llvmpipe is a clamped tiny number, not 0: the first key resets instead.
-        let correction = select(exp(m - m_new), 0.0, bitcast<u32>(m) == NEG_INF_BITS);
-        let p = exp(s - m_new);
-        l = l * correction + p;
-        let v_base = key_row * VALUE_DIM;
-        for (var d = 0u; d < VALUE_DIM; d++) {
-            o[d] = o[d] * correction + p * load_v(v_base + d);
+//#end
+//#unroll u VU
+        {
+            let vu = v_unit(key_row, {u});
+//#unroll c VUQ
+//#unroll r ROWS
+            o[{r} * DV4 + {u} * VUQ + {c}] = fma(vec4<f32>(p[{r}]), vu[{c}], o[{r} * DV4 + {u} * VUQ + {c}] * alpha[{r}]);
+//#end
+//#end
         }
-        m = m_new;
+//#end
     }
-    let part = split * params.lanes + lane;
-    let o_base = part * params.part_elems + batch * params.o_stride.x + head * params.o_stride.y
-        + token * params.o_stride.z;
-    let seen = l > 0.0;
-    let inv = select(0.0, 1.0 / l, seen);
-    for (var d = 0u; d < VALUE_DIM; d++) {
-        partial_o[o_base + d] = o[d] * inv;
+
+    let part = split * LANES + lane;
+//#unroll r ROWS
+    {
+        let row = block_row0 + {r};
+        if row < group_rows {
+            let head = kv_head * params.group + row / params.tokens;
+            let token = row % params.tokens;
+            let base = part * params.part_elems + batch * params.o_stride.x + head * params.o_stride.y
+                + token * params.o_stride.z;
+            let seen = seen_any(row_sum[{r}]);
+            let inv = select(0.0, 1.0 / row_sum[{r}], seen);
+//#unroll e DV4
+            store_partial4(base, {e} * 4u, o[{r} * DV4 + {e}] * inv);
+//#end
+            let lse_row = (batch * params.q_heads + head) * params.tokens + token;
+            partial_lse[part * params.part_rows + lse_row] =
+                select(bitcast<f32>(0xff800000u), (row_max[{r}] + log2(row_sum[{r}])) * LN_2, seen);
+        }
     }
-    let lse_row = (batch * params.q_heads + head) * params.tokens + token;
-    partial_lse[part * params.part_rows + lse_row] = select(bitcast<f32>(NEG_INF_BITS), m + log(l), seen);
+//#end
+}
+
+// Elements [start, start + 4) of the query row at `base`, zero past HEAD_DIM or when `valid`
+// is false.
+fn load_q4(valid: bool, base: u32, start: u32) -> vec4<f32> {
+    var x = vec4<f32>(0.0);
+    if valid {
+        for (var c = 0u; c < 4u; c++) {
+            if start + c < HEAD_DIM {
+                x[c] = load_q(base + start + c);
+            }
+        }
+    }
+    return x;
+}
+
+// Elements [start, start + 4) of a partial output row at `base`, those below VALUE_DIM.
+fn store_partial4(base: u32, start: u32, x: vec4<f32>) {
+    for (var c = 0u; c < 4u; c++) {
+        if start + c < VALUE_DIM {
+            partial_o[base + start + c] = x[c];
+        }
+    }
 }

@@ -8,6 +8,7 @@
 //! first, then the median and minimum of `--samples` runs. Inputs are seeded random normals.
 
 mod chart;
+mod decode;
 mod naive;
 mod timing;
 mod tune;
@@ -122,6 +123,14 @@ struct Record {
     wall_min_ms: Option<f64>,
     adapter: String,
     backend: String,
+    /// Decode cases: bytes of K and V read per second (10⁹), its percentage of the copy probe,
+    /// and the split count of the call (absent elsewhere and in older files).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    kv_gbps: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pct_of_copy: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    splits: Option<u32>,
 }
 
 /// What `--json` writes: the adapter, its probes, and the records.
@@ -144,6 +153,9 @@ struct DeviceReport {
     /// Copy bandwidth, counting the bytes read and the bytes written (`copy_buffer_to_buffer`).
     copy_gbps: Option<f64>,
     copy_bytes: Option<u64>,
+    /// The shader read probe (shaders/read_peak.wgsl): bytes a compute pass reads per second.
+    #[serde(default)]
+    read_gbps: Option<f64>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -851,6 +863,9 @@ impl Context<'_> {
             } else {
                 "cpu".into()
             },
+            kv_gbps: None,
+            pct_of_copy: None,
+            splits: None,
         }
     }
 }
@@ -1286,6 +1301,152 @@ fn peak_record(engine: &Engine, peak: &Peak) -> Record {
         wall_min_ms: Some(peak.timing.wall.min * 1e3),
         adapter: info.adapter_name.clone(),
         backend: format!("{:?}", info.backend),
+        kv_gbps: None,
+        pct_of_copy: None,
+        splits: None,
+    }
+}
+
+/// The record of a timed decode case.
+fn decode_record(
+    engine: &Engine,
+    prepared: &decode::PreparedDecode,
+    timing: Timing,
+    peak_gflops: Option<f64>,
+    copy_gbps: Option<f64>,
+) -> Record {
+    let info = engine.info();
+    let case = &prepared.case;
+    let stats = timing.stats;
+    let gflops = case.flops() / stats.median / 1e9;
+    let kv_gbps = case.kv_bytes() / stats.median / 1e9;
+    Record {
+        name: case.name(),
+        implementation: "fused".into(),
+        variant: "decode".into(),
+        dtype: case.dtype.name().into(),
+        layout: "bhsd".into(),
+        batch: case.batch,
+        q_heads: case.q_heads,
+        kv_heads: case.kv_heads,
+        q_len: 1,
+        kv_len: case.cache_len,
+        head_dim: case.head_dim,
+        value_dim: case.head_dim,
+        causal: true,
+        median_ms: stats.median * 1e3,
+        min_ms: stats.min * 1e3,
+        samples: stats.samples,
+        gflops,
+        pct_of_peak: peak_gflops.map(|peak| gflops / peak * 100.0),
+        peak_gflops,
+        timing: timing.source.name().into(),
+        wall_median_ms: Some(timing.wall.median * 1e3),
+        wall_min_ms: Some(timing.wall.min * 1e3),
+        adapter: info.adapter_name.clone(),
+        backend: format!("{:?}", info.backend),
+        kv_gbps: Some(kv_gbps),
+        pct_of_copy: copy_gbps.map(|copy| kv_gbps / copy * 100.0),
+        splits: Some(prepared.splits),
+    }
+}
+
+/// The decode records: GB/s of K/V read against the probes, and #16's stated figures.
+fn print_decode(records: &[Record], copy_gbps: Option<f64>, read_gbps: Option<f64>) {
+    let decode: Vec<&Record> = records.iter().filter(|r| r.variant == "decode").collect();
+    if decode.is_empty() {
+        return;
+    }
+    println!();
+    println!(
+        "decode (one query token per sequence; GB/s of K/V read; copy probe {}, read probe {}):",
+        copy_gbps.map_or("-".into(), |g| format!("{g:.2} GB/s")),
+        read_gbps.map_or("-".into(), |g| format!("{g:.2} GB/s")),
+    );
+    println!(
+        "  {:<44} {:>6} {:>10} {:>8} {:>9} {:>9}",
+        "case", "splits", "median ms", "GB/s", "% copy", "% read"
+    );
+    for r in &decode {
+        let gbps = r.kv_gbps.unwrap_or(0.0);
+        let pct =
+            |probe: Option<f64>| probe.map_or("-".into(), |p| format!("{:.1}", gbps / p * 100.0));
+        println!(
+            "  {:<44} {:>6} {:>10.2} {:>8.2} {:>9} {:>9}",
+            r.name,
+            r.splits.map_or("-".into(), |s| s.to_string()),
+            r.median_ms,
+            gbps,
+            pct(copy_gbps),
+            pct(read_gbps),
+        );
+    }
+    let find = |case: &decode::DecodeCase| decode.iter().find(|r| r.name == case.name());
+    let base = decode::DecodeCase {
+        dtype: DType::F16,
+        batch: 1,
+        q_heads: 32,
+        kv_heads: 8,
+        head_dim: 128,
+        cache_len: 32768,
+        block_size: None,
+        one_split: false,
+    };
+    println!("stated figures (#16, same run):");
+    if let Some(r) = find(&base) {
+        let pct = r.pct_of_copy.unwrap_or(0.0);
+        println!(
+            "  {:<58} {pct:>6.1}%  (needs >= 50%: {})",
+            "K/V read at B=1 Hq32 Hkv8 D128 32k f16 / copy probe",
+            if pct >= 50.0 { "met" } else { "NOT MET" }
+        );
+    }
+    let ratio = |what: &str, first: &decode::DecodeCase, second: &decode::DecodeCase, at_most| {
+        if let (Some(a), Some(b)) = (find(first), find(second)) {
+            let (median, min) = (a.median_ms / b.median_ms, a.min_ms / b.min_ms);
+            println!(
+                "  {what:<46} {median:>6.2}x median, {min:>6.2}x min  (needs <= {at_most}: {})",
+                if median <= at_most { "met" } else { "NOT MET" }
+            );
+        }
+    };
+    ratio(
+        "Hq32 / Hq8 (Hkv8, 32k f16)",
+        &base,
+        &decode::DecodeCase { q_heads: 8, ..base },
+        1.3,
+    );
+    ratio(
+        "paged (16) / contiguous (32k f16)",
+        &decode::DecodeCase {
+            block_size: Some(16),
+            ..base
+        },
+        &base,
+        1.1,
+    );
+    for r in &decode {
+        if let Some(case) = decode::cases(false)
+            .into_iter()
+            .chain(decode::cases(true))
+            .find(|c| c.name() == r.name && !c.one_split)
+        {
+            let one = decode::DecodeCase {
+                one_split: true,
+                ..case
+            };
+            if find(&one).is_some() {
+                ratio(
+                    &format!(
+                        "split-KV / one split ({})",
+                        r.name.trim_start_matches("decode_")
+                    ),
+                    &case,
+                    &one,
+                    1.05,
+                );
+            }
+        }
     }
 }
 
@@ -1398,7 +1559,15 @@ fn main() -> ExitCode {
             ..c
         })
         .collect();
-    if selected.is_empty() {
+    let decode_selected: Vec<decode::DecodeCase> = decode::cases(args.quick)
+        .into_iter()
+        .filter(|c| {
+            args.filter
+                .as_deref()
+                .is_none_or(|f| matches_filter(&c.name(), f))
+        })
+        .collect();
+    if selected.is_empty() && decode_selected.is_empty() {
         eprintln!("wflash-bench: no case matches the filter");
         return ExitCode::FAILURE;
     }
@@ -1444,6 +1613,23 @@ fn main() -> ExitCode {
         }
         Err(err) => {
             println!("copy bandwidth probe failed ({err})");
+            None
+        }
+    };
+    let read = match naive::read_bandwidth(&engine, timer, samples) {
+        Ok(read) => {
+            println!(
+                "shader read probe: {:.2} GB/s, bytes read (read_peak.wgsl over {} MiB, median \
+                 {:.3} ms, wall {:.3} ms)",
+                read.gbps,
+                read.bytes >> 20,
+                read.timing.stats.median * 1e3,
+                read.timing.wall.median * 1e3,
+            );
+            Some(read)
+        }
+        Err(err) => {
+            println!("shader read probe failed ({err})");
             None
         }
     };
@@ -1616,9 +1802,56 @@ fn main() -> ExitCode {
     }
     progress.finish_and_clear();
 
+    // Decode cases: every cache filled first, then their samples interleaved.
+    let mut prepared_decode = Vec::new();
+    for case in &decode_selected {
+        let start = Instant::now();
+        match decode::PreparedDecode::new(&engine, case) {
+            Ok(ready) => {
+                println!(
+                    "{}: cache of {:.0} MiB filled in {:.1} s, {} split(s)",
+                    case.name(),
+                    case.kv_bytes() / f64::from(1 << 20),
+                    start.elapsed().as_secs_f64(),
+                    ready.splits
+                );
+                prepared_decode.push(ready);
+            }
+            Err(
+                err @ wflash::Error::TooLarge {
+                    limit: "max_storage_buffer_binding_size",
+                    ..
+                },
+            ) => println!("{}: not run, beyond this adapter: {err}", case.name()),
+            Err(err) => {
+                println!("{}: fused FAILED: {err}", case.name());
+                fused_failures += 1;
+            }
+        }
+    }
+    let decode_timings =
+        decode::time_group(&engine, timer, &prepared_decode, counts.warmups, samples);
+    for (ready, timing) in prepared_decode.iter().zip(decode_timings) {
+        match timing {
+            Ok(timing) => records.push(decode_record(
+                &engine,
+                ready,
+                timing,
+                peak,
+                copy.map(|c| c.gbps),
+            )),
+            Err(err) => {
+                println!("{}: fused FAILED: {err}", ready.case.name());
+                fused_failures += 1;
+            }
+        }
+    }
+    drop(prepared_decode);
+
     print_table(&records);
     print_ratios(&records);
     print_comparisons(&records);
+    print_decode(&records, copy.map(|c| c.gbps), read.map(|r| r.gbps));
 
     let mut ok = true;
     let info = engine.info();
@@ -1638,6 +1871,7 @@ fn main() -> ExitCode {
             fma_peak_gflops: peak,
             copy_gbps: copy.map(|c| c.gbps),
             copy_bytes: copy.map(|c| c.bytes),
+            read_gbps: read.map(|r| r.gbps),
         },
         records,
     };

@@ -11,6 +11,7 @@ use crate::timing::{GpuTimer, Sample, Timing, time_submission};
 
 const NAIVE_WGSL: &str = include_str!("../../shaders/naive_attention.wgsl");
 const FMA_PEAK_WGSL: &str = include_str!("../../shaders/fma_peak.wgsl");
+const READ_PEAK_WGSL: &str = include_str!("../../shaders/read_peak.wgsl");
 
 /// Uniform block of `naive_attention.wgsl` (`struct Params`).
 #[repr(C)]
@@ -520,6 +521,109 @@ pub fn copy_bandwidth(
     let timing = Timing::of(&runs);
     Ok(CopyBandwidth {
         gbps: 2.0 * bytes as f64 / timing.stats.median / 1e9,
+        bytes,
+        timing,
+    })
+}
+
+/// The shader read-bandwidth probe (shaders/read_peak.wgsl): a storage buffer read once by a
+/// compute pass, in bytes read per second.
+#[derive(Clone, Copy, Debug)]
+pub struct ReadBandwidth {
+    /// Bytes read per second, in 10⁹.
+    pub gbps: f64,
+    pub bytes: u64,
+    pub timing: Timing,
+}
+
+/// Workgroups of the read probe: on lavapipe 1024 read 5.4-5.7 GB/s where 256 read 4.0-4.2
+/// (a throwaway probe of the same loop, 2026-12-02).
+const READ_PROBE_WORKGROUPS: u32 = 1024;
+
+pub fn read_bandwidth(
+    engine: &Engine,
+    timer: Option<&GpuTimer>,
+    samples: usize,
+) -> Result<ReadBandwidth, String> {
+    let (device, queue) = (engine.device(), engine.queue());
+    let limits = device.limits();
+    let bytes = COPY_PROBE_BYTES
+        .min(limits.max_buffer_size)
+        .min(limits.max_storage_buffer_binding_size)
+        / 128
+        * 128;
+    let (pipeline, bind_group) = scoped(device, || {
+        let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
+            label: Some("read_peak.wgsl"),
+            source: wgpu::ShaderSource::Wgsl(READ_PEAK_WGSL.into()),
+        });
+        let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+            label: Some("read_peak"),
+            layout: None,
+            module: &module,
+            entry_point: Some("read_peak"),
+            compilation_options: Default::default(),
+            cache: None,
+        });
+        let buffer = |label, size, usage| {
+            device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some(label),
+                size,
+                usage,
+                mapped_at_creation: false,
+            })
+        };
+        let source = buffer("read probe source", bytes, wgpu::BufferUsages::STORAGE);
+        let sink = buffer(
+            "read probe sink",
+            u64::from(READ_PROBE_WORKGROUPS) * 64 * 4,
+            wgpu::BufferUsages::STORAGE,
+        );
+        let bind_group = device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: Some("read_peak"),
+            layout: &pipeline.get_bind_group_layout(0),
+            entries: &[
+                wgpu::BindGroupEntry {
+                    binding: 0,
+                    resource: source.as_entire_binding(),
+                },
+                wgpu::BindGroupEntry {
+                    binding: 1,
+                    resource: sink.as_entire_binding(),
+                },
+            ],
+        });
+        (pipeline, bind_group)
+    })?;
+    let run = || -> Result<Sample, String> {
+        let (_, sample) = time_submission(engine, timer, || {
+            let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("read probe"),
+            });
+            {
+                let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                    label: Some("read probe"),
+                    timestamp_writes: None,
+                });
+                pass.set_pipeline(&pipeline);
+                pass.set_bind_group(0, &bind_group, &[]);
+                pass.dispatch_workgroups(READ_PROBE_WORKGROUPS, 1, 1);
+            }
+            queue.submit([encoder.finish()]);
+            Ok(())
+        })?;
+        Ok(sample)
+    };
+    // The first runs also pay for compiling and for the first touch of the buffer's pages.
+    for _ in 0..COPY_PROBE_WARMUPS {
+        run()?;
+    }
+    let runs: Vec<Sample> = (0..samples.max(3))
+        .map(|_| run())
+        .collect::<Result<_, _>>()?;
+    let timing = Timing::of(&runs);
+    Ok(ReadBandwidth {
+        gbps: bytes as f64 / timing.stats.median / 1e9,
         bytes,
         timing,
     })

@@ -97,6 +97,50 @@ fn convert_unit(i: u32) {
     {name}[i] = f32_to_bf16_bits(x[2u * i]) | (f32_to_bf16_bits(hi) << 16u);
 }
 
+// `fn {name}_unit(row: u32, u: u32) -> array<vec4<f32>, {unit_quads}>`: unit u of row `row` of
+// a tensor of `{dim}`-element rows (a KV cache, decode.wgsl), as quads of elements. A CPU
+// driver pays per load instruction, so units are as wide as a load goes: 16 bytes, one quad
+// of f32 or two of packed f16 / bf16 (whose bits are the same whether the tensor is bound as
+// `array<f16>` or as words). These need rows of whole units (`{dim}` a multiple of 4 for f32,
+// of 8 for the 16-bit types; the host checks); `elements` reads any `{dim}` a quad at a time
+// through `load_{name}`, zeros past it.
+//#section unit f32
+@group(0) @binding({binding}) var<storage, read> {name}_quads: array<vec4<f32>>;
+fn {name}_unit(row: u32, u: u32) -> array<vec4<f32>, 1> {
+    return array<vec4<f32>, 1>({name}_quads[row * {units}u + u]);
+}
+
+//#section unit f16
+@group(0) @binding({binding}) var<storage, read> {name}_words: array<vec4<u32>>;
+fn {name}_unit(row: u32, u: u32) -> array<vec4<f32>, 2> {
+    let w = {name}_words[row * {units}u + u];
+    return array<vec4<f32>, 2>(
+        vec4<f32>(unpack2x16float(w.x), unpack2x16float(w.y)),
+        vec4<f32>(unpack2x16float(w.z), unpack2x16float(w.w)),
+    );
+}
+
+//#section unit bf16
+@group(0) @binding({binding}) var<storage, read> {name}_words: array<vec4<u32>>;
+fn {name}_unit(row: u32, u: u32) -> array<vec4<f32>, 2> {
+    let w = {name}_words[row * {units}u + u];
+    return array<vec4<f32>, 2>(
+        bitcast<vec4<f32>>(vec4<u32>(w.x << 16u, w.x & 0xffff0000u, w.y << 16u, w.y & 0xffff0000u)),
+        bitcast<vec4<f32>>(vec4<u32>(w.z << 16u, w.z & 0xffff0000u, w.w << 16u, w.w & 0xffff0000u)),
+    );
+}
+
+//#section unit elements
+fn {name}_unit(row: u32, u: u32) -> array<vec4<f32>, 1> {
+    let i = row * {dim}u + 4u * u;
+    return array<vec4<f32>, 1>(vec4<f32>(
+        load_{name}(i),
+        select(0.0, load_{name}(i + 1u), 4u * u + 1u < {dim}u),
+        select(0.0, load_{name}(i + 2u), 4u * u + 2u < {dim}u),
+        select(0.0, load_{name}(i + 3u), 4u * u + 3u < {dim}u),
+    ));
+}
+
 // `fn {name}(row: u32, key0: u32) -> vec4<f32>`: keys key0..key0 + 4 (key0 a multiple of 4) of
 // packed row `row` of the texture `{prefix}_tex`, whose geometry is params.{prefix}_fold rows
 // per line of params.{prefix}_width4 texels (pack_rows.wgsl). Without the modifier the function

@@ -7,8 +7,8 @@
 
 use rand::SeedableRng;
 use wflash::{
-    DType, DecodeOptions, Element, Engine, Error, KvBlocks, KvCache, KvCacheShape, Layout, Shape,
-    Tensor,
+    DECODE_LANES, DECODE_MAX_KEYS_PER_LANE, DType, DecodeOptions, Element, Engine, Error, KvBlocks,
+    KvCache, KvCacheShape, Layout, Shape, Tensor,
 };
 use wflash_conformance::{Output, Path, engine, judge, random};
 use wflash_ref::{CausalAlign, Problem};
@@ -391,6 +391,58 @@ fn decode_grid() {
     for case in &cases {
         run(case);
     }
+}
+
+/// llvmpipe ends every loop of an invocation once they have run 65535 iterations in all
+/// (gallivm's loop limiter), silently: a decode kernel whose lanes walked more than that
+/// dropped the rest of their keys (a 32k-key cache in one split gave the mean of its first
+/// ~4k keys). A sequence longer than one split may take (DECODE_LANES ×
+/// DECODE_MAX_KEYS_PER_LANE keys) is read whole in the planner's splits and in two, against
+/// the f64 truth; asking for one split is a typed error before dispatch.
+#[test]
+fn a_cache_longer_than_one_split_takes_is_read_whole() {
+    let keys = DECODE_LANES * DECODE_MAX_KEYS_PER_LANE + 1000;
+    let long = DecodeCase {
+        q_heads: 2,
+        kv_heads: 1,
+        head_dim: 4,
+        value_dim: 4,
+        capacity: keys + 1,
+        prefill: keys,
+        lengths: vec![keys],
+        seed: 0xdec_2000,
+        ..base_case()
+    };
+    run(&long);
+    run(&DecodeCase {
+        splits: Some(2),
+        seed: 0xdec_2001,
+        ..long.clone()
+    });
+    let Some(engine) = engine(Path::F32) else {
+        return;
+    };
+    let shape = KvCacheShape {
+        batch: 1,
+        kv_heads: 1,
+        capacity: keys,
+        head_dim: 4,
+        value_dim: 4,
+    };
+    let mut cache = engine.kv_cache(shape, DType::F32).expect("cache");
+    cache.set_lengths(&[keys]).expect("lengths");
+    let q = upload(engine, &[0.5f32; 8]);
+    let one_split = DecodeOptions {
+        splits: Some(1),
+        ..DecodeOptions::new(2)
+    };
+    assert!(matches!(
+        engine.decode_attention_gpu(&cache, &one_split, Layout::Bhsd, &q),
+        Err(Error::TooLarge {
+            limit: "DECODE_MAX_KEYS_PER_LANE",
+            ..
+        })
+    ));
 }
 
 /// The decode grid's axes again through paged caches (block sizes 1 to 256, shuffled block

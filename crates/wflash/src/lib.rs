@@ -74,8 +74,9 @@ pub use ops::attention_backward::{
     BackwardParams, BackwardPlan, BiasGradPlan, GpuAttentionGrads, ReduceParams,
 };
 pub use ops::decode::{
-    DECODE_MAX_BLOCK_SIZE, DECODE_MAX_TOKENS, DecodeOptions, DecodeParams, DecodePlan, KvBlocks,
-    KvCache, KvCacheShape, Paging,
+    DECODE_LANES, DECODE_MAX_BLOCK_SIZE, DECODE_MAX_KEYS_PER_LANE, DECODE_MAX_SPLITS,
+    DECODE_MAX_TOKENS, DecodeOptions, DecodeParams, DecodePlan, KvBlocks, KvCache, KvCacheShape,
+    Paging,
 };
 pub use ops::linear::{
     ChunkPlan, GpuLinearAttention, GpuLinearGrads, GpuLinearState, LinearBackwardPlan,

@@ -350,6 +350,45 @@ fn host_structs_match_wgsl_layout() {
             _pad0,
         ]
     );
+    let decode = kernels::all_variants(&[(64, 64)])
+        .into_iter()
+        .find(|k| matches!(k, KernelId::Decode(_)))
+        .expect("a decode kernel")
+        .source();
+    assert_same_layout!(
+        &decode,
+        wflash::DecodeParams,
+        "DecodeParams",
+        [
+            q_stride,
+            o_stride,
+            new_stride,
+            batch,
+            q_heads,
+            kv_heads,
+            group,
+            tokens,
+            capacity,
+            splits,
+            keys_per_split,
+            row_blocks,
+            q_scale,
+            part_elems,
+            part_rows,
+            dim,
+            elems,
+            groups_x,
+            block_size,
+            table_width,
+            window,
+            softcap,
+            _pad0,
+            _pad1,
+            _pad2,
+            _pad3,
+            _pad4,
+        ]
+    );
     let reduce = KernelId::Reduce(kernels::ReduceKernel).source();
     assert_same_layout!(
         &reduce,

@@ -16,7 +16,7 @@ mod passes;
 mod wgsl;
 
 pub use backward::{BackwardKey, BackwardPass, ReduceKernel, backward_rows};
-pub use decode::{DecodeKey, DecodePass};
+pub use decode::{DecodeKey, DecodePass, max_decode_rows};
 pub use forward::{
     Family, KernelKey, PRIVATE_DIM_MAX, TILED_BLOCK_MS, TILED_BLOCK_NS, TileConfig, UNROLLED_KEYS,
     UNROLLED_LANES, VariantKind, dim_capacity, tiled_tiles, unrolled_tile, unrolled_tiles,

@@ -42,7 +42,7 @@ impl Storage {
 
 /// Every WGSL file the kernels are built from, by path under `shaders/` (embedded: the crate
 /// package carries `shaders/`, a link to the workspace's).
-const FILES: [(&str, &str); 12] = [
+const FILES: [(&str, &str); 13] = [
     (
         "flash_bwd.wgsl",
         include_str!("../../shaders/flash_bwd.wgsl"),
@@ -70,6 +70,10 @@ const FILES: [(&str, &str); 12] = [
     (
         "common/flash_common.wgsl",
         include_str!("../../shaders/common/flash_common.wgsl"),
+    ),
+    (
+        "common/scores.wgsl",
+        include_str!("../../shaders/common/scores.wgsl"),
     ),
     (
         "common/storage.wgsl",

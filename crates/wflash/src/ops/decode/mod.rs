@@ -6,7 +6,9 @@
 mod dispatch;
 mod plan;
 
-pub use plan::{DecodeParams, DecodePlan};
+pub use plan::{
+    DECODE_LANES, DECODE_MAX_KEYS_PER_LANE, DECODE_MAX_SPLITS, DecodeParams, DecodePlan,
+};
 
 use crate::api::shape::{check_head_dims, check_nonzero};
 use crate::{Attention, DType, Element, Engine, Error, GpuAttention, Layout, Result, Tensor};
@@ -150,7 +152,10 @@ pub struct DecodeOptions {
     pub tokens: usize,
     /// Multiplier of `q·k`; `None`: `1/sqrt(head_dim)`.
     pub scale: Option<f32>,
-    /// Splits of the keys; `None`: the planner's choice from the longest sequence.
+    /// Splits of the keys, 1..=[`DECODE_MAX_SPLITS`]; `None`: the planner's choice from the
+    /// longest sequence and the adapter. A split's keys are walked by
+    /// [`DECODE_LANES`] invocations of at most [`DECODE_MAX_KEYS_PER_LANE`] keys each, which
+    /// bounds the keys one split takes (a typed error past it).
     pub splits: Option<usize>,
     /// A trailing window (Mistral, gpt-oss): each query sees the `window` keys before its
     /// diagonal and the diagonal itself, as [`crate::Window::trailing`]`(window + 1)` in a

@@ -3,7 +3,7 @@
 
 use super::{DECODE_MAX_TOKENS, DecodeOptions, KvCache};
 use crate::api::options::resolve_scale;
-use crate::kernels::{DecodeKey, DecodePass, Storage};
+use crate::kernels::{DecodeKey, DecodePass, Storage, max_decode_rows};
 use crate::ops::merge::MergePlan;
 use crate::{Engine, Error, Layout, OutputShape, Result, Shape, Tensor, check_len};
 
@@ -22,10 +22,9 @@ pub struct DecodeParams {
     pub capacity: u32,
     pub splits: u32,
     pub keys_per_split: u32,
-    pub rows: u32,
-    pub lanes: u32,
     pub row_blocks: u32,
-    pub scale: f32,
+    /// What Q is multiplied by: scale · log2(e) (the kernel's logits are base 2).
+    pub q_scale: f32,
     pub part_elems: u32,
     pub part_rows: u32,
     pub dim: u32,
@@ -36,11 +35,13 @@ pub struct DecodeParams {
     pub table_width: u32,
     /// Keys before a query's diagonal it still sees (`u32::MAX`: no window).
     pub window: u32,
-    /// `cap · tanh(s / cap)` on the scores (0: none).
+    /// `cap · tanh(s / cap)` on the scores, in base-2 units (cap · log2 e; 0: none).
     pub softcap: f32,
     pub _pad0: u32,
     pub _pad1: u32,
     pub _pad2: u32,
+    pub _pad3: u32,
+    pub _pad4: u32,
 }
 
 /// One pass of decode.wgsl: its kernel, uniform block and grid (an append has one for K and
@@ -55,11 +56,18 @@ pub struct DecodePlan {
 /// The fewest keys per split the automatic split count gives a workgroup.
 const MIN_KEYS_PER_SPLIT: usize = 256;
 /// Workgroups the automatic split count aims to have in flight: a GPU wants hundreds; a CPU
-/// adapter a few per core (on lavapipe more splits made the split pass slower: docs/PERF.md).
+/// adapter a few per core.
 const TARGET_WORKGROUPS_GPU: usize = 256;
 const TARGET_WORKGROUPS_CPU: usize = 8;
 /// The most splits a decode call takes.
-pub const DECODE_MAX_SPLITS: usize = 16;
+pub const DECODE_MAX_SPLITS: usize = 64;
+/// Invocations of a split workgroup (decode.wgsl's LANES): each takes every LANES-th key.
+pub const DECODE_LANES: usize = 8;
+/// The most keys one invocation of the split pass walks. llvmpipe ends every loop of an
+/// invocation once they have run 65535 iterations in all (gallivm's loop limiter), silently:
+/// a longer split would drop keys. The key loop is the kernel's only loop, and this leaves
+/// half the limit spare.
+pub const DECODE_MAX_KEYS_PER_LANE: usize = 32768;
 
 impl Engine {
     /// Checks an append and plans its two passes.
@@ -103,6 +111,7 @@ impl Engine {
             head_dim: 1,
             value_dim: 1,
             paged: cache.paging.is_some(),
+            rows: 1,
         };
         let (block_size, table_width) = cache.table_geometry();
         let max_groups = self.inner.info.limits.max_compute_workgroups_per_dimension;
@@ -194,13 +203,23 @@ impl Engine {
         let longest = cache.lengths.iter().copied().max().unwrap_or(0).max(1);
         let group = shape.q_heads / shape.kv_heads;
         let group_rows = group * opts.tokens;
-        let rows = group_rows.min(64);
-        let lanes = 64 / rows;
-        let row_blocks = group_rows.div_ceil(rows);
-        // Splits: the caller's, else as many as it takes to have the adapter's target of
-        // workgroups, each with at least MIN_KEYS_PER_SPLIT keys.
+        let rows = (group_rows.next_power_of_two() as u32)
+            .min(max_decode_rows(c.head_dim as u32, c.value_dim as u32));
+        let row_blocks = group_rows.div_ceil(rows as usize);
+        // Splits: at least as many as keep every lane within DECODE_MAX_KEYS_PER_LANE keys;
+        // the caller's, else as many as it takes to have the adapter's target of workgroups,
+        // each with at least MIN_KEYS_PER_SPLIT keys.
+        let fewest = longest.div_ceil(DECODE_LANES * DECODE_MAX_KEYS_PER_LANE);
         let splits = match opts.splits {
             Some(0) => return Err(Error::ZeroDimension { dim: "splits" }),
+            Some(splits) if splits < fewest => {
+                return Err(Error::TooLarge {
+                    limit: "DECODE_MAX_KEYS_PER_LANE",
+                    needed: longest.div_ceil(splits).div_ceil(DECODE_LANES) as u64,
+                    max: DECODE_MAX_KEYS_PER_LANE as u64,
+                    hint: " keys per invocation of one split: ask for more splits, or none",
+                });
+            }
             Some(splits) => splits.min(longest),
             None => {
                 let target = match self.inner.info.device_type {
@@ -211,11 +230,19 @@ impl Engine {
                 target
                     .div_ceil(workgroups)
                     .min(longest.div_ceil(MIN_KEYS_PER_SPLIT))
+                    .max(fewest)
             }
+        };
+        if splits > DECODE_MAX_SPLITS {
+            return Err(Error::TooLarge {
+                limit: "DECODE_MAX_SPLITS",
+                needed: splits as u64,
+                max: DECODE_MAX_SPLITS as u64,
+                hint: " splits of one decode call",
+            });
         }
-        .clamp(1, DECODE_MAX_SPLITS);
         let keys_per_split = longest.div_ceil(splits);
-        let parts = splits * lanes;
+        let parts = splits * DECODE_LANES;
         let out = OutputShape {
             batch: c.batch,
             heads: opts.q_heads,
@@ -247,10 +274,8 @@ impl Engine {
             capacity: c.capacity as u32,
             splits: splits as u32,
             keys_per_split: keys_per_split as u32,
-            rows: rows as u32,
-            lanes: lanes as u32,
             row_blocks: row_blocks as u32,
-            scale,
+            q_scale: scale * std::f32::consts::LOG2_E,
             part_elems: out.o_elems() as u32,
             part_rows: out.lse_elems() as u32,
             block_size,
@@ -258,7 +283,7 @@ impl Engine {
             window: opts
                 .window
                 .map_or(u32::MAX, |w| w.min(i32::MAX as usize) as u32),
-            softcap: opts.softcap.unwrap_or(0.0),
+            softcap: opts.softcap.unwrap_or(0.0) * std::f32::consts::LOG2_E,
             ..Default::default()
         };
         let key = DecodeKey {
@@ -267,6 +292,7 @@ impl Engine {
             head_dim: c.head_dim as u32,
             value_dim: c.value_dim as u32,
             paged: cache.paging.is_some(),
+            rows,
         };
         let grid = [
             splits as u32,
