@@ -22,9 +22,13 @@
 // keys: llvmpipe stops every loop of an invocation once they total 65535 iterations, which
 // the host's keys per lane stay far below (DECODE_MAX_KEYS_PER_LANE).
 //
-// Scores are base-2 logits (Q pre-scaled by scale · log2 e, so a weight is one exp2) through
-// the modifiers: a trailing window and bottom-right causal bound (query t of n sees keys
-// j <= length - n + t), soft-capping (Gemma 2). A partial that sees no key writes LSE −∞.
+// Scores go through the forward's modifiers in its order: soft-capping (Gemma 2), ALiBi
+// (s -= slope · |j − diagonal|), a bottom-right causal bound (query t of n sees keys
+// j <= length - n + t, its diagonal) and a trailing window. Softmax takes base-2 logits (Q
+// pre-scaled by scale · log2 e, so a weight is one exp2) and starts the first lane of the first
+// split from the head's sink, a key of value 0 (gpt-oss), so the merged LSE counts it once; a
+// partial that sees nothing writes LSE −∞. Sigmoid (SIGMOID) weighs each visible key by
+// σ(s + b) with the sequence's bias and sums: its partials are sums the merge adds up.
 //
 // Host prelude: HEAD_DIM, VALUE_DIM, ROWS, D4, DV4 (quads per K and V row), KU, VU (units per
 // K and V row) and KUQ, VUQ (quads per unit), PAGED, SIGMOID; `load_q` (binding q), `k_unit`
@@ -64,10 +68,12 @@ struct DecodeParams {
     table_width: u32,
     // A trailing window: keys at most `window` before a query's diagonal (0xffffffff: none).
     window: u32,
-    // Soft-capping of the scores, cap · tanh(s / cap), in base-2 units (cap · log2 e; 0: none).
+    // Soft-capping of the scores, cap · tanh(s / cap), in the kernel's units (0: none).
     softcap: f32,
-    _pad0: u32,
-    _pad1: u32,
+    // 1 when the heads have sinks (row_data).
+    has_sinks: u32,
+    // log2(e) for softmax, 1 for sigmoid: converts natural-log ALiBi slopes and sinks.
+    score_unit: f32,
     _pad2: u32,
     _pad3: u32,
     _pad4: u32,
@@ -79,6 +85,9 @@ struct DecodeParams {
 @group(0) @binding({binding.decode_blocks}) var<storage, read> blocks: array<u32>;
 @group(0) @binding({binding.decode_partial_o}) var<storage, read_write> partial_o: array<f32>;
 @group(0) @binding({binding.decode_partial_lse}) var<storage, read_write> partial_lse: array<f32>;
+// Natural-log units: [sigmoid bias per sequence | ALiBi slope per q head (0: none) | sink per
+// q head].
+@group(0) @binding({binding.decode_row_data}) var<storage, read> row_data: array<f32>;
 
 const LANES: u32 = 8u;
 
@@ -128,6 +137,8 @@ fn decode_split(
     var o: array<vec4<f32>, ROWS * DV4>;
     var row_max: array<f32, ROWS>;
     var row_sum: array<f32, ROWS>;
+    var row_slope: array<f32, ROWS>;
+    var row_diag: array<i32, ROWS>;
     // Each row's visible keys are [row_keys.x, row_keys.y): up to its diagonal
     // length - tokens + token (bottom-right causal), from `window` keys before it.
     var row_keys: array<vec2<u32>, ROWS>;
@@ -147,9 +158,13 @@ fn decode_split(
 //#unroll e DV4
         o[{r} * DV4 + {e}] = vec4<f32>(0.0);
 //#end
-        row_max[{r}] = NO_MAX;
-        row_sum[{r}] = 0.0;
+        // The sink is one key of the whole row: the first lane of the first split holds it.
+        let sink = params.has_sinks != 0u && split == 0u && lane == 0u;
+        row_max[{r}] = select(NO_MAX, row_data[params.batch + params.q_heads + head] * params.score_unit, sink);
+        row_sum[{r}] = select(0.0, 1.0, sink);
+        row_slope[{r}] = row_data[params.batch + head] * params.score_unit;
         let diagonal = length - i32(params.tokens) + i32(token);
+        row_diag[{r}] = diagonal;
         var first = 0;
         if params.window != 0xffffffffu {
             first = max(diagonal - i32(params.window), 0);
@@ -163,6 +178,7 @@ fn decode_split(
     }
 //#end
 
+    let sigmoid_bias = row_data[batch];
     let split_begin = split * params.keys_per_split;
     let lo = max(begin, split_begin);
     let hi = min(end, split_begin + params.keys_per_split);
@@ -189,12 +205,18 @@ fn decode_split(
             if params.softcap > 0.0 {
                 x = params.softcap * tanh_f32(x / params.softcap);
             }
+            x -= row_slope[{r}] * f32(abs(i32(j) - row_diag[{r}]));
             let s = kept_score(x, j >= row_keys[{r}].x && j < row_keys[{r}].y);
-            let new_max = max(row_max[{r}], s);
-            alpha[{r}] = exp2(row_max[{r}] - new_max);
-            p[{r}] = kept_weight(s, new_max, 0.0);
-            row_sum[{r}] = row_sum[{r}] * alpha[{r}] + p[{r}];
-            row_max[{r}] = new_max;
+            if SIGMOID {
+                alpha[{r}] = 1.0;
+                p[{r}] = kept_weight(s, 0.0, sigmoid_bias);
+            } else {
+                let new_max = max(row_max[{r}], s);
+                alpha[{r}] = exp2(row_max[{r}] - new_max);
+                p[{r}] = kept_weight(s, new_max, 0.0);
+                row_sum[{r}] = row_sum[{r}] * alpha[{r}] + p[{r}];
+                row_max[{r}] = new_max;
+            }
         }
 //#end
 //#unroll u VU
@@ -219,7 +241,7 @@ fn decode_split(
             let base = part * params.part_elems + batch * params.o_stride.x + head * params.o_stride.y
                 + token * params.o_stride.z;
             let seen = seen_any(row_sum[{r}]);
-            let inv = select(0.0, 1.0 / row_sum[{r}], seen);
+            let inv = select(select(0.0, 1.0 / row_sum[{r}], seen), 1.0, SIGMOID);
 //#unroll e DV4
             store_partial4(base, {e} * 4u, o[{r} * DV4 + {e}] * inv);
 //#end

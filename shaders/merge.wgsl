@@ -9,8 +9,11 @@
 // clamps its argument). A row no part saw gets O = 0 and lse = −∞. A NaN or +∞ LSE makes the row
 // NaN.
 //
+// With SUM the parts are sums (sigmoid attention's split-KV partials, which no normaliser
+// weighs): O = Σ_s O_s, and the LSE written is −∞ (sigmoid has none).
+//
 // Host prelude: `load_parts` (binding merge_parts: the parts' outputs stacked, part s from
-// element s · part_stride) and `store_o` (binding merge_out) for the storage types.
+// element s · part_stride) and `store_o` (binding merge_out) for the storage types, SUM.
 //
 // Dispatch: (groups_x, ceil(rows · value_dim / 64 / groups_x), 1), one invocation per output
 // element; the invocation of column 0 also writes its row's LSE.
@@ -63,6 +66,17 @@ fn merge(
     let row = i / params.value_dim;
     let col = i % params.value_dim;
     let r = lse_index(row);
+    if SUM {
+        var total = 0.0;
+        for (var s = 0u; s < params.parts; s++) {
+            total += load_parts(s * params.part_stride + i);
+        }
+        store_o(i, total);
+        if col == 0u {
+            merged_lse[r] = bitcast<f32>(NEG_INF_BITS);
+        }
+        return;
+    }
     var m = bitcast<f32>(NEG_INF_BITS);
     var nan = false;
     for (var s = 0u; s < params.parts; s++) {

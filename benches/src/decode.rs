@@ -8,6 +8,7 @@ use wflash::{
     DType, DecodeOptions, Element, Engine, KvBlocks, KvCache, KvCacheShape, Layout, Tensor,
 };
 
+use crate::naive::ReadProbe;
 use crate::timing::{GpuTimer, Sample, Timing, time_submission};
 
 /// One decode measurement's problem.
@@ -56,7 +57,7 @@ impl DecodeCase {
         (4 * self.batch * self.q_heads * self.cache_len * self.head_dim) as f64
     }
 
-    pub fn options(&self) -> DecodeOptions {
+    pub fn options(&self) -> DecodeOptions<'static> {
         DecodeOptions {
             splits: self.one_split.then_some(1),
             ..DecodeOptions::new(self.q_heads)
@@ -66,7 +67,8 @@ impl DecodeCase {
 
 /// The decode cases: #16's (B = 1 and 8; Hq = 32, Hkv = 8, D = 128; 4k, 32k and 128k cached
 /// tokens; f16 and f32), and at B = 1, 32k, f16 one split, a paged cache and Hq = 8 beside
-/// them. Caches larger than the adapter binds are refused by the engine, and reported so.
+/// them, and one kv head with and without split-KV. Caches larger than the adapter binds are
+/// refused by the engine, and reported so.
 pub fn cases(quick: bool) -> Vec<DecodeCase> {
     let base = DecodeCase {
         dtype: DType::F16,
@@ -112,6 +114,17 @@ pub fn cases(quick: bool) -> Vec<DecodeCase> {
         }
     }
     cases.extend(variations(base));
+    // One kv head (MQA, 8 query heads): one workgroup without split-KV, so the planner splits.
+    let mqa = DecodeCase {
+        q_heads: 8,
+        kv_heads: 1,
+        ..base
+    };
+    cases.push(mqa);
+    cases.push(DecodeCase {
+        one_split: true,
+        ..mqa
+    });
     cases.push(DecodeCase {
         one_split: true,
         cache_len: 4096,
@@ -222,16 +235,25 @@ impl PreparedDecode {
     }
 }
 
+/// A run's samples, or why it failed.
+type Samples = Result<Vec<Sample>, String>;
+
 /// Times the prepared cases with their samples interleaved (a case's sample k runs beside the
-/// others' sample k), after `warmups` runs of each.
+/// others' sample k, and beside the read probe's), after `warmups` runs of each. Returns the
+/// cases' timings and the read probe's samples.
 pub fn time_group(
     engine: &Engine,
     timer: Option<&GpuTimer>,
     prepared: &[PreparedDecode],
+    read_probe: Option<&ReadProbe>,
     warmups: usize,
     samples: usize,
-) -> Vec<Result<Timing, String>> {
-    let mut runs: Vec<Result<Vec<Sample>, String>> = prepared.iter().map(|_| Ok(vec![])).collect();
+) -> (Vec<Result<Timing, String>>, Samples) {
+    let mut runs: Vec<Samples> = prepared.iter().map(|_| Ok(vec![])).collect();
+    let mut probe_runs: Samples = match read_probe {
+        Some(_) => Ok(Vec::new()),
+        None => Err("no read probe".into()),
+    };
     for round in 0..warmups + samples {
         for (p, run) in prepared.iter().zip(&mut runs) {
             if let Ok(list) = run {
@@ -242,8 +264,18 @@ pub fn time_group(
                 }
             }
         }
+        if let (Some(probe), Ok(list)) = (read_probe, &mut probe_runs)
+            && round >= warmups
+        {
+            match probe.sample(engine, timer) {
+                Ok(sample) => list.push(sample),
+                Err(err) => probe_runs = Err(err),
+            }
+        }
     }
-    runs.into_iter()
+    let timings = runs
+        .into_iter()
         .map(|run| run.map(|samples| Timing::of(&samples)))
-        .collect()
+        .collect();
+    (timings, probe_runs)
 }

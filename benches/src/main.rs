@@ -1359,7 +1359,8 @@ fn print_decode(records: &[Record], copy_gbps: Option<f64>, read_gbps: Option<f6
     }
     println!();
     println!(
-        "decode (one query token per sequence; GB/s of K/V read; copy probe {}, read probe {}):",
+        "decode (one query token per sequence; GB/s of K/V read; copy probe {}, read probe \
+         sampled alongside {}):",
         copy_gbps.map_or("-".into(), |g| format!("{g:.2} GB/s")),
         read_gbps.map_or("-".into(), |g| format!("{g:.2} GB/s")),
     );
@@ -1616,8 +1617,19 @@ fn main() -> ExitCode {
             None
         }
     };
-    let read = match naive::read_bandwidth(&engine, timer, samples) {
-        Ok(read) => {
+    let read_probe = match naive::ReadProbe::new(&engine, timer) {
+        Ok(probe) => Some(probe),
+        Err(err) => {
+            println!("shader read probe failed ({err})");
+            None
+        }
+    };
+    let read = match read_probe
+        .as_ref()
+        .map(|p| p.measure(&engine, timer, samples))
+    {
+        None => None,
+        Some(Ok(read)) => {
             println!(
                 "shader read probe: {:.2} GB/s, bytes read (read_peak.wgsl over {} MiB, median \
                  {:.3} ms, wall {:.3} ms)",
@@ -1628,7 +1640,7 @@ fn main() -> ExitCode {
             );
             Some(read)
         }
-        Err(err) => {
+        Some(Err(err)) => {
             println!("shader read probe failed ({err})");
             None
         }
@@ -1829,8 +1841,19 @@ fn main() -> ExitCode {
             }
         }
     }
-    let decode_timings =
-        decode::time_group(&engine, timer, &prepared_decode, counts.warmups, samples);
+    let (decode_timings, decode_read) = decode::time_group(
+        &engine,
+        timer,
+        &prepared_decode,
+        read_probe.as_ref().filter(|_| !prepared_decode.is_empty()),
+        counts.warmups,
+        samples,
+    );
+    // The decode table divides by the read probe taken alongside its samples.
+    let decode_read_gbps = match (&read_probe, decode_read) {
+        (Some(probe), Ok(runs)) if !runs.is_empty() => Some(probe.bandwidth(&runs).gbps),
+        _ => read.map(|r| r.gbps),
+    };
     for (ready, timing) in prepared_decode.iter().zip(decode_timings) {
         match timing {
             Ok(timing) => records.push(decode_record(
@@ -1851,7 +1874,7 @@ fn main() -> ExitCode {
     print_table(&records);
     print_ratios(&records);
     print_comparisons(&records);
-    print_decode(&records, copy.map(|c| c.gbps), read.map(|r| r.gbps));
+    print_decode(&records, copy.map(|c| c.gbps), decode_read_gbps);
 
     let mut ok = true;
     let info = engine.info();

@@ -536,66 +536,86 @@ pub struct ReadBandwidth {
     pub timing: Timing,
 }
 
-/// Workgroups of the read probe: on lavapipe 1024 read 5.4-5.7 GB/s where 256 read 4.0-4.2
-/// (a throwaway probe of the same loop, 2026-12-02).
-const READ_PROBE_WORKGROUPS: u32 = 1024;
+/// Workgroups of the read probe: more, shorter invocations read faster on lavapipe (one run:
+/// 2.8-4.1 GB/s at 256, 3.0-4.5 at 1024, 3.8-4.7 at 4096; the host's speed moves between
+/// minutes, so the bench also samples the probe beside the decode cases).
+const READ_PROBE_WORKGROUPS: u32 = 4096;
 
-pub fn read_bandwidth(
-    engine: &Engine,
-    timer: Option<&GpuTimer>,
-    samples: usize,
-) -> Result<ReadBandwidth, String> {
-    let (device, queue) = (engine.device(), engine.queue());
-    let limits = device.limits();
-    let bytes = COPY_PROBE_BYTES
-        .min(limits.max_buffer_size)
-        .min(limits.max_storage_buffer_binding_size)
-        / 128
-        * 128;
-    let (pipeline, bind_group) = scoped(device, || {
-        let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
-            label: Some("read_peak.wgsl"),
-            source: wgpu::ShaderSource::Wgsl(READ_PEAK_WGSL.into()),
-        });
-        let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-            label: Some("read_peak"),
-            layout: None,
-            module: &module,
-            entry_point: Some("read_peak"),
-            compilation_options: Default::default(),
-            cache: None,
-        });
-        let buffer = |label, size, usage| {
-            device.create_buffer(&wgpu::BufferDescriptor {
-                label: Some(label),
-                size,
-                usage,
-                mapped_at_creation: false,
-            })
+/// The read probe's pipeline and buffers, to sample alongside other measurements.
+pub struct ReadProbe {
+    pipeline: wgpu::ComputePipeline,
+    bind_group: wgpu::BindGroup,
+    bytes: u64,
+}
+
+impl ReadProbe {
+    /// Compiles the probe and fills its buffer, once.
+    pub fn new(engine: &Engine, timer: Option<&GpuTimer>) -> Result<ReadProbe, String> {
+        let device = engine.device();
+        let limits = device.limits();
+        let bytes = COPY_PROBE_BYTES
+            .min(limits.max_buffer_size)
+            .min(limits.max_storage_buffer_binding_size)
+            / 128
+            * 128;
+        let (pipeline, bind_group) = scoped(device, || {
+            let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
+                label: Some("read_peak.wgsl"),
+                source: wgpu::ShaderSource::Wgsl(READ_PEAK_WGSL.into()),
+            });
+            let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                label: Some("read_peak"),
+                layout: None,
+                module: &module,
+                entry_point: Some("read_peak"),
+                compilation_options: Default::default(),
+                cache: None,
+            });
+            let buffer = |label, size, usage| {
+                device.create_buffer(&wgpu::BufferDescriptor {
+                    label: Some(label),
+                    size,
+                    usage,
+                    mapped_at_creation: false,
+                })
+            };
+            let source = buffer("read probe source", bytes, wgpu::BufferUsages::STORAGE);
+            let sink = buffer(
+                "read probe sink",
+                u64::from(READ_PROBE_WORKGROUPS) * 64 * 4,
+                wgpu::BufferUsages::STORAGE,
+            );
+            let bind_group = device.create_bind_group(&wgpu::BindGroupDescriptor {
+                label: Some("read_peak"),
+                layout: &pipeline.get_bind_group_layout(0),
+                entries: &[
+                    wgpu::BindGroupEntry {
+                        binding: 0,
+                        resource: source.as_entire_binding(),
+                    },
+                    wgpu::BindGroupEntry {
+                        binding: 1,
+                        resource: sink.as_entire_binding(),
+                    },
+                ],
+            });
+            (pipeline, bind_group)
+        })?;
+        let probe = ReadProbe {
+            pipeline,
+            bind_group,
+            bytes,
         };
-        let source = buffer("read probe source", bytes, wgpu::BufferUsages::STORAGE);
-        let sink = buffer(
-            "read probe sink",
-            u64::from(READ_PROBE_WORKGROUPS) * 64 * 4,
-            wgpu::BufferUsages::STORAGE,
-        );
-        let bind_group = device.create_bind_group(&wgpu::BindGroupDescriptor {
-            label: Some("read_peak"),
-            layout: &pipeline.get_bind_group_layout(0),
-            entries: &[
-                wgpu::BindGroupEntry {
-                    binding: 0,
-                    resource: source.as_entire_binding(),
-                },
-                wgpu::BindGroupEntry {
-                    binding: 1,
-                    resource: sink.as_entire_binding(),
-                },
-            ],
-        });
-        (pipeline, bind_group)
-    })?;
-    let run = || -> Result<Sample, String> {
+        // The first runs also pay for compiling and for the first touch of the buffer's pages.
+        for _ in 0..COPY_PROBE_WARMUPS {
+            probe.sample(engine, timer)?;
+        }
+        Ok(probe)
+    }
+
+    /// One timed run.
+    pub fn sample(&self, engine: &Engine, timer: Option<&GpuTimer>) -> Result<Sample, String> {
+        let (device, queue) = (engine.device(), engine.queue());
         let (_, sample) = time_submission(engine, timer, || {
             let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
                 label: Some("read probe"),
@@ -605,26 +625,36 @@ pub fn read_bandwidth(
                     label: Some("read probe"),
                     timestamp_writes: None,
                 });
-                pass.set_pipeline(&pipeline);
-                pass.set_bind_group(0, &bind_group, &[]);
+                pass.set_pipeline(&self.pipeline);
+                pass.set_bind_group(0, &self.bind_group, &[]);
                 pass.dispatch_workgroups(READ_PROBE_WORKGROUPS, 1, 1);
             }
             queue.submit([encoder.finish()]);
             Ok(())
         })?;
         Ok(sample)
-    };
-    // The first runs also pay for compiling and for the first touch of the buffer's pages.
-    for _ in 0..COPY_PROBE_WARMUPS {
-        run()?;
     }
-    let runs: Vec<Sample> = (0..samples.max(3))
-        .map(|_| run())
-        .collect::<Result<_, _>>()?;
-    let timing = Timing::of(&runs);
-    Ok(ReadBandwidth {
-        gbps: bytes as f64 / timing.stats.median / 1e9,
-        bytes,
-        timing,
-    })
+
+    /// The bandwidth of some samples.
+    pub fn bandwidth(&self, samples: &[Sample]) -> ReadBandwidth {
+        let timing = Timing::of(samples);
+        ReadBandwidth {
+            gbps: self.bytes as f64 / timing.stats.median / 1e9,
+            bytes: self.bytes,
+            timing,
+        }
+    }
+
+    /// `samples` runs (at least 3), measured.
+    pub fn measure(
+        &self,
+        engine: &Engine,
+        timer: Option<&GpuTimer>,
+        samples: usize,
+    ) -> Result<ReadBandwidth, String> {
+        let runs: Vec<Sample> = (0..samples.max(3))
+            .map(|_| self.sample(engine, timer))
+            .collect::<Result<_, _>>()?;
+        Ok(self.bandwidth(&runs))
+    }
 }

@@ -450,8 +450,9 @@ fn nan_in_d_o_and_v_propagates_as_the_reference_says() {
 }
 
 /// On a CPU adapter, a backward whose key pass would loop past llvmpipe's 65535 iterations
-/// per invocation (4 query rows a step, over every head of a GQA group) is refused with
-/// `TooLarge` at plan time; the same rows with fewer heads per group plan.
+/// per invocation (4 query rows a step, over every head of a GQA group), or whose bias
+/// gradient's reduction would, is refused with `TooLarge` at plan time; the same rows with
+/// fewer heads per group plan.
 #[test]
 fn backward_past_the_cpu_loop_limit_is_too_large() {
     use wflash::{AttentionOptions, DType, Error, Layout, Shape};
@@ -480,6 +481,34 @@ fn backward_past_the_cpu_loop_limit_is_too_large() {
     assert!(
         engine
             .plan_backward(&shape(8), Layout::Bhsd, &opts, DType::F32)
+            .is_ok()
+    );
+    // The gradient of a bias broadcast over batch and heads sums batch × heads shares: 256 ×
+    // (256 + 1) iterations are past the limit (measured: the last batch element's share was
+    // lost), 256 × (200 + 1) are within it.
+    let values = [0.0f32; 64];
+    let bias = wflash::Bias {
+        values: wflash::BiasValues::F32(&values),
+        batch: 1,
+        heads: 1,
+    };
+    let broadcast = AttentionOptions::softmax().with_bias(bias).with_bias_grad();
+    let many = |heads| Shape {
+        batch: 256,
+        q_heads: heads,
+        kv_heads: heads,
+        q_len: 8,
+        kv_len: 8,
+        head_dim: 4,
+        value_dim: 4,
+    };
+    let err = engine
+        .plan_backward(&many(256), Layout::Bhsd, &broadcast, DType::F32)
+        .unwrap_err();
+    assert!(matches!(err, Error::TooLarge { .. }), "{err}");
+    assert!(
+        engine
+            .plan_backward(&many(200), Layout::Bhsd, &broadcast, DType::F32)
             .is_ok()
     );
 }

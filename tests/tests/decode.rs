@@ -8,7 +8,7 @@
 use rand::SeedableRng;
 use wflash::{
     DECODE_LANES, DECODE_MAX_KEYS_PER_LANE, DType, DecodeOptions, Element, Engine, Error, KvBlocks,
-    KvCache, KvCacheShape, Layout, Shape, Tensor,
+    KvCache, KvCacheShape, Layout, Shape, Tensor, Variant,
 };
 use wflash_conformance::{Output, Path, engine, judge, random};
 use wflash_ref::{CausalAlign, Problem};
@@ -34,7 +34,22 @@ struct DecodeCase {
     /// A trailing window (keys before the diagonal) and a soft-cap.
     window: Option<usize>,
     softcap: Option<f32>,
+    variant: Variant,
+    /// ALiBi's standard slopes; a sink logit per head (`sinks`).
+    alibi: bool,
+    sinks: bool,
     seed: u64,
+}
+
+impl DecodeCase {
+    fn alibi_slopes(&self) -> Option<Vec<f32>> {
+        self.alibi.then(|| wflash::alibi_slopes(self.q_heads))
+    }
+    /// Sinks from 1.5 down, so some heads' sinks outweigh their keys and some do not.
+    fn sinks(&self) -> Option<Vec<f32>> {
+        self.sinks
+            .then(|| (0..self.q_heads).map(|h| 1.5 - 0.7 * h as f32).collect())
+    }
 }
 
 /// A cache for `case`: contiguous, or paged with shuffled block tables.
@@ -161,17 +176,24 @@ fn run_case<T: Element>(
     }
     let q_dims = [batch, case.q_heads, n, case.head_dim];
     let (q, q32) = random::<T>(&mut rng, q_dims.iter().product(), 1.0);
+    let (slopes, sinks) = (case.alibi_slopes(), case.sinks());
     let opts = DecodeOptions {
         tokens: n,
         splits: case.splits,
         window: case.window,
         softcap: case.softcap,
+        variant: case.variant,
+        alibi_slopes: slopes.as_deref(),
+        sinks: sinks.as_deref(),
         ..DecodeOptions::new(case.q_heads)
     };
     let out = engine
         .decode_attention_blocking(&cache, &opts, case.layout, &q)
         .map_err(err)?;
-    let lse = out.lse.ok_or("decode returned no LSE")?;
+    let sigmoid = matches!(case.variant, Variant::Sigmoid { .. });
+    if out.lse.is_some() == sigmoid {
+        return Err(format!("{case:?}: an LSE exactly when softmax"));
+    }
 
     // The reference, sequence by sequence: its kept prefill keys, then the new ones.
     let o_dims = [batch, case.q_heads, n, case.value_dim];
@@ -212,6 +234,15 @@ fn run_case<T: Element>(
             right: None,
         });
         p.modifiers.softcap = case.softcap.map(f64::from);
+        let wide =
+            |x: &Option<Vec<f32>>| (x.as_ref()).map(|v| v.iter().map(|&a| f64::from(a)).collect());
+        p.modifiers.alibi_slopes = wide(&slopes);
+        p.modifiers.sinks = wide(&sinks);
+        if let Variant::Sigmoid { bias } = case.variant {
+            p.variant = wflash_ref::Variant::Sigmoid {
+                bias: bias.map(f64::from),
+            };
+        }
         p.scale = f64::from(1.0 / (case.head_dim as f32).sqrt());
         let truth = wflash_ref::forward(&p, &q_b, &k, &v);
         let narrow = |x: &[f64]| x.iter().map(|&a| a as f32).collect::<Vec<f32>>();
@@ -231,18 +262,18 @@ fn run_case<T: Element>(
         naive_lse.extend_from_slice(&naive.lse);
     }
     let wide = |x: &[f32]| x.iter().map(|&a| f64::from(a)).collect::<Vec<f64>>();
-    judge(
-        case,
-        vec![
-            Output::forward(
-                "O",
-                out.output.iter().map(|x| f64::from(x.to_f32())).collect(),
-                &truth_o,
-                &naive_o,
-            ),
-            Output::forward("LSE", wide(&lse), &truth_lse, &naive_lse).slack_scaled_to_truth(),
-        ],
-    )
+    let mut outputs = vec![Output::forward(
+        "O",
+        out.output.iter().map(|x| f64::from(x.to_f32())).collect(),
+        &truth_o,
+        &naive_o,
+    )];
+    if let Some(lse) = &out.lse {
+        outputs.push(
+            Output::forward("LSE", wide(lse), &truth_lse, &naive_lse).slack_scaled_to_truth(),
+        );
+    }
+    judge(case, outputs)
 }
 
 fn run(case: &DecodeCase) {
@@ -276,6 +307,9 @@ fn base_case() -> DecodeCase {
         block_size: None,
         window: None,
         softcap: None,
+        variant: Variant::Softmax,
+        alibi: false,
+        sinks: false,
         seed: 0xdec_0000,
     }
 }
@@ -385,6 +419,58 @@ fn decode_grid() {
             splits: Some(16),
             block_size: Some(16),
             seed: 0xdec_000b,
+            ..base.clone()
+        },
+        // ALiBi from each query's diagonal (BLOOM, MPT) over folded GQA rows; sinks (gpt-oss)
+        // with a sequence of only its new token and splits that see nothing; sigmoid with its
+        // default bias per sequence and a window; sigmoid with a bias, ALiBi and a soft-cap;
+        // everything at once.
+        DecodeCase {
+            alibi: true,
+            q_heads: 8,
+            kv_heads: 2,
+            tokens: 3,
+            splits: Some(4),
+            seed: 0xdec_000c,
+            ..base.clone()
+        },
+        DecodeCase {
+            sinks: true,
+            q_heads: 6,
+            kv_heads: 3,
+            splits: Some(5),
+            seed: 0xdec_000d,
+            ..base.clone()
+        },
+        DecodeCase {
+            path: Path::F16Packed,
+            variant: Variant::Sigmoid { bias: None },
+            window: Some(50),
+            tokens: 2,
+            seed: 0xdec_000e,
+            ..base.clone()
+        },
+        DecodeCase {
+            path: Path::Bf16,
+            variant: Variant::Sigmoid { bias: Some(-2.0) },
+            alibi: true,
+            softcap: Some(20.0),
+            layout: Layout::Bshd,
+            splits: Some(3),
+            seed: 0xdec_000f,
+            ..base.clone()
+        },
+        DecodeCase {
+            path: Path::F16Native,
+            alibi: true,
+            sinks: true,
+            window: Some(60),
+            softcap: Some(15.0),
+            q_heads: 8,
+            kv_heads: 1,
+            tokens: 4,
+            splits: Some(7),
+            seed: 0xdec_0010,
             ..base.clone()
         },
     ];
@@ -505,6 +591,26 @@ fn paged_decode_grid() {
             seed: 0xdec_1005,
             ..base.clone()
         },
+        DecodeCase {
+            block_size: Some(32),
+            alibi: true,
+            sinks: true,
+            tokens: 2,
+            splits: Some(6),
+            seed: 0xdec_1006,
+            ..base.clone()
+        },
+        DecodeCase {
+            path: Path::F16Packed,
+            block_size: Some(16),
+            variant: Variant::Sigmoid { bias: None },
+            q_heads: 8,
+            kv_heads: 2,
+            tokens: 16,
+            splits: Some(16),
+            seed: 0xdec_1007,
+            ..base.clone()
+        },
     ];
     for case in &cases {
         run(case);
@@ -551,6 +657,9 @@ fn paged_and_contiguous_caches_agree_bitwise() {
             block_size,
             window: None,
             softcap: None,
+            variant: Variant::Softmax,
+            alibi: false,
+            sinks: false,
             seed: 0,
         };
         let mut cache = make_cache(engine, &case, shape, DType::F32, &mut rng).expect("cache");
@@ -810,6 +919,58 @@ fn bad_decode_input_is_a_typed_error() {
             })
         ));
     }
+    // The forward's modifier rules: per-head values of the right length and finite, no sinks
+    // with sigmoid, a finite sigmoid bias.
+    let (three, four, nan) = ([0.5f32; 3], [0.5f32; 4], [0.5, f32::NAN, 0.5, 0.5]);
+    assert!(matches!(
+        decode(
+            DecodeOptions {
+                alibi_slopes: Some(&three),
+                ..DecodeOptions::new(4)
+            },
+            &q
+        ),
+        Err(Error::LengthMismatch {
+            tensor: "alibi_slopes",
+            ..
+        })
+    ));
+    assert!(matches!(
+        decode(
+            DecodeOptions {
+                sinks: Some(&nan),
+                ..DecodeOptions::new(4)
+            },
+            &q
+        ),
+        Err(Error::InvalidModifier {
+            modifier: "sinks",
+            ..
+        })
+    ));
+    assert!(matches!(
+        decode(
+            DecodeOptions {
+                sinks: Some(&four),
+                variant: Variant::Sigmoid { bias: None },
+                ..DecodeOptions::new(4)
+            },
+            &q
+        ),
+        Err(Error::Unsupported { .. })
+    ));
+    assert!(matches!(
+        decode(
+            DecodeOptions {
+                variant: Variant::Sigmoid {
+                    bias: Some(f32::INFINITY)
+                },
+                ..DecodeOptions::new(4)
+            },
+            &q
+        ),
+        Err(Error::InvalidBias { .. })
+    ));
     assert!(matches!(
         cache.set_block_tables(&[vec![0], vec![1]]),
         Err(Error::Unsupported { .. })

@@ -691,6 +691,36 @@ fn linear_calls_past_the_sequential_limit_are_refused() {
             "{opts:?}: {err:?}"
         );
     }
+    // The backward's dK/dV invocation walks group × (chunk + head_dim + 3) + 3 iterations
+    // (measured): 256 × (125 + 128 + 3) + 3 = 65539 is past the limit, 200 × 256 + 3 is not.
+    let gqa = |q_heads| Shape {
+        batch: 1,
+        q_heads,
+        kv_heads: 1,
+        q_len: 125,
+        kv_len: 125,
+        head_dim: 128,
+        value_dim: 4,
+    };
+    let opts = LinearOptions::causal().with_chunk_size(125);
+    let plan = |q_heads| {
+        engine.plan_linear_backward(
+            &gqa(q_heads),
+            Layout::Bhsd,
+            &opts,
+            wflash::DType::F32,
+            None,
+            None,
+        )
+    };
+    assert!(matches!(
+        plan(256),
+        Err(Error::TooLarge {
+            limit: "LINEAR_MAX_SEQUENTIAL_STEPS",
+            ..
+        })
+    ));
+    assert!(plan(200).is_ok());
 }
 
 /// Many chunks (65 at the default 64 tokens, and 316 at 13): the carried state crosses every

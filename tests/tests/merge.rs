@@ -289,6 +289,15 @@ fn bad_merge_input_is_a_typed_error() {
         merge(&shape, &[]),
         Err(Error::ZeroDimension { dim: "parts" })
     ));
+    // More parts than an invocation may walk within llvmpipe's loop limit.
+    let many = vec![(o.as_slice(), lse.as_slice()); wflash::MERGE_MAX_PARTS + 1];
+    assert!(matches!(
+        merge(&shape, &many),
+        Err(Error::TooLarge {
+            limit: "MERGE_MAX_PARTS",
+            ..
+        })
+    ));
     let zero = OutputShape { len: 0, ..shape };
     assert!(matches!(
         merge(&zero, &[(&o, &lse)]),

@@ -82,7 +82,7 @@ pub use ops::linear::{
     ChunkPlan, GpuLinearAttention, GpuLinearGrads, GpuLinearState, LinearBackwardPlan,
     LinearParams, LinearPlan,
 };
-pub use ops::merge::{MergeParams, MergePlan};
+pub use ops::merge::{MERGE_MAX_PARTS, MergeParams, MergePlan};
 pub use ops::passes::{PackParams, PackShape};
 
 pub use half;

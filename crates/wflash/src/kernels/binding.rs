@@ -93,6 +93,7 @@ bindings! {
     DECODE_NEW = 7, "decode_new";
     DECODE_CACHE = 8, "decode_cache";
     DECODE_BLOCKS = 9, "decode_blocks";
+    DECODE_ROW_DATA = 10, "decode_row_data";
     /// The reduction pass (flash_bwd.wgsl's `reduce_sum`).
     REDUCE_IN = 1, "reduce_in";
     REDUCE_OUT = 2, "reduce_out";

@@ -23,6 +23,8 @@ pub struct DecodeKey {
     pub paged: bool,
     /// Query rows each invocation of the split pass holds (1, 2, 4 or 8; 1 for the append).
     pub rows: u32,
+    /// Sigmoid attention (weights σ(s + b), summed) instead of softmax.
+    pub sigmoid: bool,
 }
 
 /// The most query rows one invocation of the split pass holds at these dims: its Q and O
@@ -39,13 +41,14 @@ pub fn max_decode_rows(head_dim: u32, value_dim: u32) -> u32 {
 impl super::Kernel for DecodeKey {
     fn label(&self) -> String {
         format!(
-            "{} {} d{} dv{} rows{}{}",
+            "{} {} d{} dv{} rows{}{}{}",
             self.entry_point(),
             self.storage.name(),
             self.head_dim,
             self.value_dim,
             self.rows,
-            if self.paged { " paged" } else { "" }
+            if self.paged { " paged" } else { "" },
+            if self.sigmoid { " sigmoid" } else { "" }
         )
     }
     /// The accessors for the storage type and the dims, then decode.wgsl with its loops over
@@ -85,8 +88,8 @@ impl super::Kernel for DecodeKey {
             src.push(&format!("const {name}: u32 = {value}u;"));
         }
         src.push(&format!(
-            "const HEAD_DIM: u32 = {}u;\nconst VALUE_DIM: u32 = {}u;\nconst PAGED: bool = {};\nconst SIGMOID: bool = false;",
-            self.head_dim, self.value_dim, self.paged
+            "const HEAD_DIM: u32 = {}u;\nconst VALUE_DIM: u32 = {}u;\nconst PAGED: bool = {};\nconst SIGMOID: bool = {};",
+            self.head_dim, self.value_dim, self.paged, self.sigmoid
         ));
         src.push(&expand_unrolls(file("decode.wgsl"), &counts));
         src.finish()
@@ -127,7 +130,7 @@ fn cache_units(src: &mut Wgsl, storage: Storage, binding: u32, name: &str, dim: 
 }
 
 /// Every decode kernel at these (head dim, value dim) pairs: both passes in every storage type,
-/// contiguous and paged, the split pass at every row count.
+/// contiguous and paged, the split pass at every row count, softmax and sigmoid.
 /// The append pass compiles once per storage (its dims are runtime data): keyed at (1, 1).
 pub(super) fn variants(dims: &[(u32, u32)]) -> Vec<DecodeKey> {
     let mut keys = Vec::new();
@@ -140,22 +143,22 @@ pub(super) fn variants(dims: &[(u32, u32)]) -> Vec<DecodeKey> {
                 value_dim: 1,
                 paged,
                 rows: 1,
+                sigmoid: false,
             });
             for &(head_dim, value_dim) in dims {
                 let max_rows = max_decode_rows(head_dim, value_dim);
-                keys.extend(
-                    (0..4)
-                        .map(|p| 1 << p)
-                        .filter(|&r| r <= max_rows)
-                        .map(|rows| DecodeKey {
-                            pass: DecodePass::Split,
-                            storage,
-                            head_dim,
-                            value_dim,
-                            paged,
-                            rows,
-                        }),
-                );
+                let rows = (0..4).map(|p| 1 << p).filter(|&r| r <= max_rows);
+                for (rows, sigmoid) in rows.flat_map(|r| [(r, false), (r, true)]) {
+                    keys.push(DecodeKey {
+                        pass: DecodePass::Split,
+                        storage,
+                        head_dim,
+                        value_dim,
+                        paged,
+                        rows,
+                        sigmoid,
+                    });
+                }
             }
         }
     }

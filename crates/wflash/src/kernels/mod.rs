@@ -120,10 +120,17 @@ pub fn all_variants(dims: &[(u32, u32)]) -> Vec<KernelId> {
         kernels.push(KernelId::Pack(PackKernel(storage)));
         kernels.push(KernelId::Convert(Conversion::ToF32(storage)));
         kernels.push(KernelId::Convert(Conversion::FromF32(storage)));
-        for parts in [storage, Storage::F32] {
+        // The public merge (parts in the output's type) and decode's (f32 partials, softmax
+        // or sigmoid's sums).
+        for (parts, sum) in [
+            (storage, false),
+            (Storage::F32, false),
+            (Storage::F32, true),
+        ] {
             kernels.push(KernelId::Merge(MergeKernel {
                 parts,
                 output: storage,
+                sum,
             }));
         }
     }

@@ -96,11 +96,18 @@ impl super::Kernel for PackKernel {
 pub struct MergeKernel {
     pub parts: Storage,
     pub output: Storage,
+    /// The parts are sums to add up (sigmoid's split-KV partials), not softmax results.
+    pub sum: bool,
 }
 
 impl super::Kernel for MergeKernel {
     fn label(&self) -> String {
-        format!("merge {} to {}", self.parts.name(), self.output.name())
+        format!(
+            "merge {} to {}{}",
+            self.parts.name(),
+            self.output.name(),
+            if self.sum { " (sum)" } else { "" }
+        )
     }
     /// `load_parts` and `store_o` for the storage types, then merge.wgsl.
     fn source(&self) -> String {
@@ -110,6 +117,7 @@ impl super::Kernel for MergeKernel {
         }
         load_accessor(&mut src, self.parts, binding::MERGE_PARTS, "parts");
         store_accessor(&mut src, self.output, binding::MERGE_OUT, "o");
+        src.push(&format!("const SUM: bool = {};", self.sum));
         src.file("merge.wgsl");
         src.finish()
     }

@@ -214,6 +214,28 @@ impl Engine {
                 }),
             }
         });
+        let sinks = opts.sinks.map(|_| {
+            let (heads, blocks) = (shape.q_heads, prep_blocks);
+            let axes = [shape.batch, heads * blocks, blocks, 1];
+            reduce_params(heads, 1, blocks, axes, max_groups)
+        });
+        // The reduction walks axis c inside axis a: count_a · (count_c + 1) loop iterations
+        // per invocation, within llvmpipe's limit too (a bias broadcast over batch and heads
+        // of 256 × 256 lost the last batch element's share past it).
+        if self.inner.info.device_type == wgpu::DeviceType::Cpu {
+            let reductions = bias_grad.iter().filter_map(|b| b.reduce.as_ref());
+            for p in reductions.chain(&sinks) {
+                let steps = p.count_a as usize * (p.count_c as usize + 1);
+                if steps > CPU_MAX_LOOP_STEPS {
+                    return Err(Error::TooLarge {
+                        limit: "CPU driver loop limit (65535 loop iterations per invocation)",
+                        needed: steps as u64,
+                        max: CPU_MAX_LOOP_STEPS as u64,
+                        hint: " steps of the bias or sinks gradient's reduction (batch × heads it sums over)",
+                    });
+                }
+            }
+        }
         let q_stride = forward.params.q_stride;
         Ok(BackwardPlan {
             prep: BackwardKey::prep(shape.value_dim as u32, variant),
@@ -251,11 +273,7 @@ impl Engine {
             grids,
             bias_grad,
             // Shares at (batch, head, block): head h sums over batch and blocks.
-            sinks: opts.sinks.map(|_| {
-                let (heads, blocks) = (shape.q_heads, prep_blocks);
-                let axes = [shape.batch, heads * blocks, blocks, 1];
-                reduce_params(heads, 1, blocks, axes, max_groups)
-            }),
+            sinks,
             forward,
         })
     }

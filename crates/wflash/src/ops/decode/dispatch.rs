@@ -121,6 +121,13 @@ impl Engine {
             )?;
             let [lengths, blocks] = self.cache_buffers(device, cache);
             let uniform = self.params_buffer(device, params);
+            let row_data = buffer_with_contents(
+                device,
+                queue,
+                "decode row data",
+                bytemuck::cast_slice(&plan.row_data),
+                wgpu::BufferUsages::STORAGE,
+            );
             let entries = [
                 entry(binding::PARAMS, &uniform),
                 entry(binding::Q, &q.buffer),
@@ -130,6 +137,7 @@ impl Engine {
                 entry(binding::DECODE_BLOCKS, &blocks),
                 entry(binding::DECODE_PARTIAL_O, partial_o.buffer()),
                 entry(binding::DECODE_PARTIAL_LSE, partial_lse.buffer()),
+                entry(binding::DECODE_ROW_DATA, &row_data),
             ];
             record_pass(
                 device,
@@ -156,9 +164,10 @@ impl Engine {
             drop((partial_o, partial_lse));
             Ok(())
         })??;
+        // Sigmoid has no LSE (its merge writes −∞ rows into the scratch it drops).
         Ok(GpuAttention {
             output,
-            lse: Some(lse),
+            lse: (!key.sigmoid).then_some(lse),
         })
     }
 }

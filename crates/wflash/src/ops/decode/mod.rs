@@ -11,7 +11,10 @@ pub use plan::{
 };
 
 use crate::api::shape::{check_head_dims, check_nonzero};
-use crate::{Attention, DType, Element, Engine, Error, GpuAttention, Layout, Result, Tensor};
+use crate::{
+    Attention, AttentionOptions, Causal, DType, Element, Engine, Error, GpuAttention, Layout,
+    Result, Tensor, Variant,
+};
 
 /// The most query tokens per sequence of one decode call (speculative decoding's drafts).
 pub const DECODE_MAX_TOKENS: usize = 16;
@@ -142,9 +145,11 @@ impl KvCache {
     }
 }
 
-/// How a decode call runs: the query side and, optionally, the scale and the split count.
+/// How a decode call runs: the query side, the split count, and the forward's options that
+/// decoding serves (each as in [`AttentionOptions`], over the sequence's cached keys with a
+/// bottom-right causal mask).
 #[derive(Clone, Copy, Debug, PartialEq)]
-pub struct DecodeOptions {
+pub struct DecodeOptions<'a> {
     /// Query heads, a multiple of the cache's kv heads (GQA when larger).
     pub q_heads: usize,
     /// New query tokens per sequence, 1..=[`DECODE_MAX_TOKENS`]: the last `tokens` of each
@@ -163,11 +168,19 @@ pub struct DecodeOptions {
     pub window: Option<usize>,
     /// Soft-capping of the scores, `cap · tanh(s / cap)` (Gemma 2).
     pub softcap: Option<f32>,
+    /// Softmax, or sigmoid attention (FlashSigmoid; a default bias of `-ln` of each sequence's
+    /// length, as the forward's). Sigmoid returns no LSE.
+    pub variant: Variant,
+    /// ALiBi slope per query head, from each query's diagonal: see
+    /// [`AttentionOptions::alibi_slopes`].
+    pub alibi_slopes: Option<&'a [f32]>,
+    /// Softmax only: a sink logit per query head (gpt-oss): see [`AttentionOptions::sinks`].
+    pub sinks: Option<&'a [f32]>,
 }
 
-impl DecodeOptions {
-    /// One new token per sequence for `q_heads` query heads.
-    pub fn new(q_heads: usize) -> DecodeOptions {
+impl<'a> DecodeOptions<'a> {
+    /// One new softmax token per sequence for `q_heads` query heads.
+    pub fn new(q_heads: usize) -> DecodeOptions<'a> {
         DecodeOptions {
             q_heads,
             tokens: 1,
@@ -175,6 +188,23 @@ impl DecodeOptions {
             splits: None,
             window: None,
             softcap: None,
+            variant: Variant::Softmax,
+            alibi_slopes: None,
+            sinks: None,
+        }
+    }
+
+    /// The forward call's options this decode call computes (the window aside, which the
+    /// forward counts with the diagonal): what validates the modifiers, one set of rules.
+    pub fn attention_options(&self) -> AttentionOptions<'a> {
+        AttentionOptions {
+            variant: self.variant,
+            scale: self.scale,
+            causal: Some(Causal::BottomRight),
+            softcap: self.softcap,
+            alibi_slopes: self.alibi_slopes,
+            sinks: self.sinks,
+            ..AttentionOptions::default()
         }
     }
 }
@@ -272,7 +302,7 @@ impl Engine {
     pub fn decode_attention_gpu(
         &self,
         cache: &KvCache,
-        opts: &DecodeOptions,
+        opts: &DecodeOptions<'_>,
         layout: Layout,
         q: &Tensor,
     ) -> Result<GpuAttention> {
@@ -284,7 +314,7 @@ impl Engine {
     pub async fn decode_attention<T: Element>(
         &self,
         cache: &KvCache,
-        opts: &DecodeOptions,
+        opts: &DecodeOptions<'_>,
         layout: Layout,
         q: &[T],
     ) -> Result<Attention<T>> {
@@ -304,7 +334,7 @@ impl Engine {
     pub fn decode_attention_blocking<T: Element>(
         &self,
         cache: &KvCache,
-        opts: &DecodeOptions,
+        opts: &DecodeOptions<'_>,
         layout: Layout,
         q: &[T],
     ) -> Result<Attention<T>> {

@@ -5,7 +5,7 @@ use super::{DECODE_MAX_TOKENS, DecodeOptions, KvCache};
 use crate::api::options::resolve_scale;
 use crate::kernels::{DecodeKey, DecodePass, Storage, max_decode_rows};
 use crate::ops::merge::MergePlan;
-use crate::{Engine, Error, Layout, OutputShape, Result, Shape, Tensor, check_len};
+use crate::{Engine, Error, Layout, OutputShape, Result, Shape, Tensor, Variant, check_len};
 
 /// The uniform block of decode.wgsl (`struct DecodeParams`).
 #[repr(C)]
@@ -35,10 +35,12 @@ pub struct DecodeParams {
     pub table_width: u32,
     /// Keys before a query's diagonal it still sees (`u32::MAX`: no window).
     pub window: u32,
-    /// `cap · tanh(s / cap)` on the scores, in base-2 units (cap · log2 e; 0: none).
+    /// `cap · tanh(s / cap)` on the scores, in the kernel's units (cap · score_unit; 0: none).
     pub softcap: f32,
-    pub _pad0: u32,
-    pub _pad1: u32,
+    /// 1 when the heads have sinks.
+    pub has_sinks: u32,
+    /// log2(e) for softmax (base-2 logits), 1 for sigmoid.
+    pub score_unit: f32,
     pub _pad2: u32,
     pub _pad3: u32,
     pub _pad4: u32,
@@ -51,6 +53,10 @@ pub struct DecodePlan {
     pub passes: Vec<(DecodeKey, DecodeParams, [u32; 3])>,
     /// Split-KV's merge: `None` for an append.
     pub merge: Option<MergePlan>,
+    /// The split pass's per-sequence and per-head data, natural-log units: [sigmoid bias per
+    /// sequence | ALiBi slope per query head (0 without ALiBi) | sink per query head (0
+    /// without)]. Empty for an append.
+    pub row_data: Vec<f32>,
 }
 
 /// The fewest keys per split the automatic split count gives a workgroup.
@@ -112,6 +118,7 @@ impl Engine {
             value_dim: 1,
             paged: cache.paging.is_some(),
             rows: 1,
+            sigmoid: false,
         };
         let (block_size, table_width) = cache.table_geometry();
         let max_groups = self.inner.info.limits.max_compute_workgroups_per_dimension;
@@ -142,6 +149,7 @@ impl Engine {
         Ok(DecodePlan {
             passes,
             merge: None,
+            row_data: Vec::new(),
         })
     }
 
@@ -149,7 +157,7 @@ impl Engine {
     pub fn plan_decode(
         &self,
         cache: &KvCache,
-        opts: &DecodeOptions,
+        opts: &DecodeOptions<'_>,
         layout: Layout,
         q: &Tensor,
     ) -> Result<DecodePlan> {
@@ -190,14 +198,24 @@ impl Engine {
             });
         }
         let scale = resolve_scale(opts.scale, &shape)?;
-        if let Some(cap) = opts.softcap
-            && !(cap.is_finite() && cap > 0.0)
-        {
-            return Err(Error::InvalidModifier {
-                modifier: "softcap",
-                reason: format!("the cap must be finite and positive, got {cap}"),
-            });
+        let attention = opts.attention_options();
+        attention.validate_modifiers(&shape)?;
+        let sigmoid = matches!(opts.variant, Variant::Sigmoid { .. });
+        // Each sequence's sigmoid bias: the forward's over its cached keys.
+        let mut row_data = (cache.lengths.iter())
+            .map(|&length| attention.resolved_sigmoid_bias(length))
+            .collect::<Result<Vec<f32>>>()?;
+        for values in [opts.alibi_slopes, opts.sinks] {
+            match values {
+                Some(values) => row_data.extend_from_slice(values),
+                None => row_data.extend(std::iter::repeat_n(0.0, opts.q_heads)),
+            }
         }
+        let score_unit = if sigmoid {
+            1.0
+        } else {
+            std::f32::consts::LOG2_E
+        };
         let (block_size, table_width) = cache.table_geometry();
         let storage = self.storage_for(cache.dtype())?;
         let longest = cache.lengths.iter().copied().max().unwrap_or(0).max(1);
@@ -249,7 +267,7 @@ impl Engine {
             len: opts.tokens,
             value_dim: c.value_dim,
         };
-        let merge = self.plan_merge(&out, layout, parts, Storage::F32, storage)?;
+        let merge = self.plan_merge(&out, layout, parts, Storage::F32, storage, sigmoid)?;
         let max_groups = self.inner.info.limits.max_compute_workgroups_per_dimension as usize;
         if c.kv_heads * row_blocks > max_groups || c.batch > max_groups {
             return Err(Error::TooLarge {
@@ -275,7 +293,7 @@ impl Engine {
             splits: splits as u32,
             keys_per_split: keys_per_split as u32,
             row_blocks: row_blocks as u32,
-            q_scale: scale * std::f32::consts::LOG2_E,
+            q_scale: scale * score_unit,
             part_elems: out.o_elems() as u32,
             part_rows: out.lse_elems() as u32,
             block_size,
@@ -283,7 +301,9 @@ impl Engine {
             window: opts
                 .window
                 .map_or(u32::MAX, |w| w.min(i32::MAX as usize) as u32),
-            softcap: opts.softcap.unwrap_or(0.0) * std::f32::consts::LOG2_E,
+            softcap: opts.softcap.unwrap_or(0.0) * score_unit,
+            has_sinks: u32::from(opts.sinks.is_some()),
+            score_unit,
             ..Default::default()
         };
         let key = DecodeKey {
@@ -293,6 +313,7 @@ impl Engine {
             value_dim: c.value_dim as u32,
             paged: cache.paging.is_some(),
             rows,
+            sigmoid,
         };
         let grid = [
             splits as u32,
@@ -302,6 +323,7 @@ impl Engine {
         Ok(DecodePlan {
             passes: vec![(key, params, grid)],
             merge: Some(merge),
+            row_data,
         })
     }
 }

@@ -94,9 +94,10 @@ impl Engine {
             ));
         }
         // A dK/dV invocation walks its chunk's queries and the state rows once per query head
-        // of its kv head: llvmpipe ends loops after 65,535 iterations in all.
+        // of its kv head: llvmpipe ends loops after 65,535 iterations in all. Each loop costs
+        // one more iteration than it runs (its exit), measured: group · (chunk + D + 3) + 3.
         let group = shape.q_heads / shape.kv_heads;
-        let steps = group * (c.chunk as usize + shape.head_dim);
+        let steps = group * (c.chunk as usize + shape.head_dim + 3) + 3;
         if steps > LINEAR_MAX_SEQUENTIAL_STEPS {
             return Err(too_large(
                 "LINEAR_MAX_SEQUENTIAL_STEPS",

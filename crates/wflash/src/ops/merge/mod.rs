@@ -7,7 +7,7 @@
 mod dispatch;
 mod plan;
 
-pub use plan::{MergeParams, MergePlan};
+pub use plan::{MERGE_MAX_PARTS, MergeParams, MergePlan};
 
 use crate::{
     Attention, DType, Element, Engine, Error, GpuAttention, Layout, OutputShape, Result, Tensor,
@@ -84,7 +84,7 @@ impl Engine {
             check_len("merge part lse", shape.lse_elems(), lse.len)?;
         }
         let storage = self.storage_for(dtype)?;
-        let plan = self.plan_merge(shape, layout, parts.len(), storage, storage)?;
+        let plan = self.plan_merge(shape, layout, parts.len(), storage, storage, false)?;
         self.run_merge(&plan, parts)
     }
 }

@@ -32,9 +32,15 @@ pub struct MergePlan {
     pub grid: [u32; 3],
 }
 
+/// The most parts one merge takes. An invocation walks the parts three times, and llvmpipe
+/// ends every loop of an invocation once they have run 65535 iterations in all, silently (a
+/// merge of 30000 parts returned 0.18 where every part said 1: docs/PERF.md).
+pub const MERGE_MAX_PARTS: usize = 16384;
+
 impl Engine {
     /// Checks a merge of `parts` parts stored as `parts_storage` into an output stored as
-    /// `output`, and decides how it runs.
+    /// `output`, and decides how it runs. `sum`: the parts are sums to add up (sigmoid
+    /// attention's split-KV partials), not softmax results to weigh by their LSEs.
     pub fn plan_merge(
         &self,
         shape: &OutputShape,
@@ -42,10 +48,19 @@ impl Engine {
         parts: usize,
         parts_storage: Storage,
         output: Storage,
+        sum: bool,
     ) -> Result<MergePlan> {
         shape.validate()?;
         if parts == 0 {
             return Err(Error::ZeroDimension { dim: "parts" });
+        }
+        if parts > MERGE_MAX_PARTS {
+            return Err(Error::TooLarge {
+                limit: "MERGE_MAX_PARTS",
+                needed: parts as u64,
+                max: MERGE_MAX_PARTS as u64,
+                hint: " parts of one merge (merge them in rounds)",
+            });
         }
         let limits = &self.inner.info.limits;
         let dtype = parts_storage.dtype();
@@ -90,6 +105,7 @@ impl Engine {
             kernel: MergeKernel {
                 parts: parts_storage,
                 output,
+                sum,
             },
             part_bytes,
             lse_bytes,
