@@ -19,6 +19,7 @@
 // element; the invocation of column 0 also writes its row's LSE.
 
 struct MergeParams {
+    // The part count, for the record: the kernel reads it from the LSE binding's length.
     parts: u32,
     // Elements from one part's output to the next in the stacked buffer.
     part_stride: u32,
@@ -66,9 +67,14 @@ fn merge(
     let row = i / params.value_dim;
     let col = i % params.value_dim;
     let r = lse_index(row);
+    // The part count comes from the LSE binding's length (the host binds exactly the parts'),
+    // not the uniform block: lavapipe inlines a uniform that bounds a loop and recompiles the
+    // kernel at every dispatch for as long as that unrolls the loop (docs/PERF.md), which
+    // cost 4-90 ms per merge where the merge itself takes 0.3.
+    let parts = arrayLength(&part_lse) / params.rows;
     if SUM {
         var total = 0.0;
-        for (var s = 0u; s < params.parts; s++) {
+        for (var s = 0u; s < parts; s++) {
             total += load_parts(s * params.part_stride + i);
         }
         store_o(i, total);
@@ -79,7 +85,7 @@ fn merge(
     }
     var m = bitcast<f32>(NEG_INF_BITS);
     var nan = false;
-    for (var s = 0u; s < params.parts; s++) {
+    for (var s = 0u; s < parts; s++) {
         let l = part_lse[s * params.rows + r];
         nan = nan || is_nan(l);
         m = max(m, l);
@@ -92,14 +98,14 @@ fn merge(
         o = lse;
     } else if bitcast<u32>(m) != NEG_INF_BITS {
         var sum = 0.0;
-        for (var s = 0u; s < params.parts; s++) {
+        for (var s = 0u; s < parts; s++) {
             let l = part_lse[s * params.rows + r];
             if bitcast<u32>(l) != NEG_INF_BITS {
                 sum += exp(l - m);
             }
         }
         lse = m + log(sum);
-        for (var s = 0u; s < params.parts; s++) {
+        for (var s = 0u; s < parts; s++) {
             let l = part_lse[s * params.rows + r];
             if bitcast<u32>(l) != NEG_INF_BITS {
                 o += exp(l - lse) * load_parts(s * params.part_stride + i);

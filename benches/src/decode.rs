@@ -65,12 +65,10 @@ impl DecodeCase {
     }
 }
 
-/// The decode cases: #16's (B = 1 and 8; Hq = 32, Hkv = 8, D = 128; 4k, 32k and 128k cached
-/// tokens; f16 and f32), and at B = 1, 32k, f16 one split, a paged cache and Hq = 8 beside
-/// them, and one kv head with and without split-KV. Caches larger than the adapter binds are
-/// refused by the engine, and reported so.
-pub fn cases(quick: bool) -> Vec<DecodeCase> {
-    let base = DecodeCase {
+/// #16's reference case: B = 1, Hq = 32, Hkv = 8, D = 128, 32k cached tokens, f16, a
+/// contiguous cache, the planner's splits.
+pub fn base_case() -> DecodeCase {
+    DecodeCase {
         dtype: DType::F16,
         batch: 1,
         q_heads: 32,
@@ -79,7 +77,15 @@ pub fn cases(quick: bool) -> Vec<DecodeCase> {
         cache_len: 32768,
         block_size: None,
         one_split: false,
-    };
+    }
+}
+
+/// The decode cases: #16's (B = 1 and 8; Hq = 32, Hkv = 8, D = 128; 4k, 32k and 128k cached
+/// tokens; f16 and f32), and at B = 1, 32k, f16 one split, a paged cache and Hq = 8 beside
+/// them, and one kv head with and without split-KV. Caches larger than the adapter binds are
+/// refused by the engine, and reported so.
+pub fn cases(quick: bool) -> Vec<DecodeCase> {
+    let base = base_case();
     let variations = |base: DecodeCase| {
         [
             DecodeCase {

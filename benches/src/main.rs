@@ -1383,16 +1383,7 @@ fn print_decode(records: &[Record], copy_gbps: Option<f64>, read_gbps: Option<f6
         );
     }
     let find = |case: &decode::DecodeCase| decode.iter().find(|r| r.name == case.name());
-    let base = decode::DecodeCase {
-        dtype: DType::F16,
-        batch: 1,
-        q_heads: 32,
-        kv_heads: 8,
-        head_dim: 128,
-        cache_len: 32768,
-        block_size: None,
-        one_split: false,
-    };
+    let base = decode::base_case();
     println!("stated figures (#16, same run):");
     if let Some(r) = find(&base) {
         let pct = r.pct_of_copy.unwrap_or(0.0);

@@ -80,10 +80,19 @@ impl Engine {
             bytemuck::bytes_of(&plan.params),
             wgpu::BufferUsages::UNIFORM,
         );
+        // Exactly the parts' LSEs: the kernel counts the parts by this binding's length.
+        let lse_binding = wgpu::BindGroupEntry {
+            binding: binding::MERGE_LSE,
+            resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                buffer: lses,
+                offset: 0,
+                size: std::num::NonZeroU64::new(plan.lse_bytes * u64::from(plan.params.parts)),
+            }),
+        };
         let entries = [
             entry(binding::PARAMS, &uniform),
             entry(binding::MERGE_PARTS, parts),
-            entry(binding::MERGE_LSE, lses),
+            lse_binding,
             entry(binding::MERGE_OUT, output),
             entry(binding::MERGE_LSE_OUT, lse),
         ];
