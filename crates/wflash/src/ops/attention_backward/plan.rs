@@ -129,17 +129,10 @@ impl Engine {
         let rows = backward_rows(shape.head_dim as u32, shape.value_dim as u32);
         let block = crate::kernels::UNROLLED_LANES as usize * rows as usize;
         let group = shape.q_heads / shape.kv_heads;
-        if self.inner.info.device_type == wgpu::DeviceType::Cpu {
-            let steps = group * shape.q_len.div_ceil(QUERY_STEP);
-            if steps > CPU_MAX_LOOP_STEPS {
-                return Err(Error::TooLarge {
-                    limit: "CPU driver loop limit (65535 loop iterations per invocation)",
-                    needed: steps as u64,
-                    max: CPU_MAX_LOOP_STEPS as u64,
-                    hint: " steps of 4 query rows per key over a GQA group in the backward",
-                });
-            }
-        }
+        self.within_cpu_loop_limit(
+            group * shape.q_len.div_ceil(QUERY_STEP),
+            " steps of 4 query rows per key over a GQA group in the backward",
+        )?;
         let sequences = forward.sequences.len();
         let longest = |len: fn(&crate::SequenceInfo) -> u32| {
             forward.sequences.iter().map(len).max().unwrap_or(0) as usize
@@ -222,19 +215,12 @@ impl Engine {
         // The reduction walks axis c inside axis a: count_a · (count_c + 1) loop iterations
         // per invocation, within llvmpipe's limit too (a bias broadcast over batch and heads
         // of 256 × 256 lost the last batch element's share past it).
-        if self.inner.info.device_type == wgpu::DeviceType::Cpu {
-            let reductions = bias_grad.iter().filter_map(|b| b.reduce.as_ref());
-            for p in reductions.chain(&sinks) {
-                let steps = p.count_a as usize * (p.count_c as usize + 1);
-                if steps > CPU_MAX_LOOP_STEPS {
-                    return Err(Error::TooLarge {
-                        limit: "CPU driver loop limit (65535 loop iterations per invocation)",
-                        needed: steps as u64,
-                        max: CPU_MAX_LOOP_STEPS as u64,
-                        hint: " steps of the bias or sinks gradient's reduction (batch × heads it sums over)",
-                    });
-                }
-            }
+        let reductions = bias_grad.iter().filter_map(|b| b.reduce.as_ref());
+        for p in reductions.chain(&sinks) {
+            self.within_cpu_loop_limit(
+                p.count_a as usize * (p.count_c as usize + 1),
+                " steps of the bias or sinks gradient's reduction (batch × heads it sums over)",
+            )?;
         }
         let q_stride = forward.params.q_stride;
         Ok(BackwardPlan {
@@ -276,6 +262,22 @@ impl Engine {
             sinks,
             forward,
         })
+    }
+}
+
+impl Engine {
+    /// On a CPU adapter, `TooLarge` when an invocation would loop `steps` times, past what
+    /// llvmpipe runs before it silently ends every loop (CPU_MAX_LOOP_STEPS).
+    fn within_cpu_loop_limit(&self, steps: usize, hint: &'static str) -> Result<()> {
+        if self.inner.info.device_type == wgpu::DeviceType::Cpu && steps > CPU_MAX_LOOP_STEPS {
+            return Err(Error::TooLarge {
+                limit: "CPU driver loop limit (65535 loop iterations per invocation)",
+                needed: steps as u64,
+                max: CPU_MAX_LOOP_STEPS as u64,
+                hint,
+            });
+        }
+        Ok(())
     }
 }
 
