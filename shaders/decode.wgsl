@@ -133,15 +133,15 @@ fn decode_split(
     let length = i32(lengths[batch]);
     let group_rows = params.group * params.tokens;
 
-    var q: array<vec4<f32>, ROWS * D4>;
-    var o: array<vec4<f32>, ROWS * DV4>;
-    var row_max: array<f32, ROWS>;
-    var row_sum: array<f32, ROWS>;
-    var row_slope: array<f32, ROWS>;
-    var row_diag: array<i32, ROWS>;
+    var q = array<vec4<f32>, ROWS * D4>();
+    var o = array<vec4<f32>, ROWS * DV4>();
+    var row_max = array<f32, ROWS>();
+    var row_sum = array<f32, ROWS>();
+    var row_slope = array<f32, ROWS>();
+    var row_diag = array<i32, ROWS>();
     // Each row's visible keys are [row_keys.x, row_keys.y): up to its diagonal
     // length - tokens + token (bottom-right causal), from `window` keys before it.
-    var row_keys: array<vec2<u32>, ROWS>;
+    var row_keys = array<vec2<u32>, ROWS>();
     // The keys any row of the block sees.
     var begin = 0xffffffffu;
     var end = 0u;
@@ -186,7 +186,7 @@ fn decode_split(
         let key_row = cache_row(batch, kv_head, j);
         // q·k for every row from one read of the key: four partial sums per row (one per
         // vec4 lane), independent add chains.
-        var dot: array<vec4<f32>, ROWS>;
+        var dot = array<vec4<f32>, ROWS>();
 //#unroll u KU
         {
             let ku = k_unit(key_row, {u});
@@ -197,8 +197,8 @@ fn decode_split(
 //#end
         }
 //#end
-        var p: array<f32, ROWS>;
-        var alpha: array<f32, ROWS>;
+        var p = array<f32, ROWS>();
+        var alpha = array<f32, ROWS>();
 //#unroll r ROWS
         {
             var x = (dot[{r}].x + dot[{r}].y) + (dot[{r}].z + dot[{r}].w);
@@ -247,7 +247,7 @@ fn decode_split(
 //#end
             let lse_row = (batch * params.q_heads + head) * params.tokens + token;
             partial_lse[part * params.part_rows + lse_row] =
-                select(bitcast<f32>(0xff800000u), (row_max[{r}] + log2(row_sum[{r}])) * LN_2, seen);
+                select(neg_inf(), (row_max[{r}] + log2(row_sum[{r}])) * LN_2, seen);
         }
     }
 //#end

@@ -223,10 +223,10 @@ fn flash_bwd_dkdv(
     let k_base = batch * params.k_stride.x + kv_head * params.k_stride.y + seq.kv_offset * params.k_stride.z;
     let v_base = batch * params.v_stride.x + kv_head * params.v_stride.y + seq.kv_offset * params.v_stride.z;
 
-    var k: array<vec4<f32>, ROWS * D4>;
-    var v: array<vec4<f32>, ROWS * DV4>;
-    var dk: array<vec4<f32>, ROWS * D4>;
-    var dv: array<vec4<f32>, ROWS * DV4>;
+    var k = array<vec4<f32>, ROWS * D4>();
+    var v = array<vec4<f32>, ROWS * DV4>();
+    var dk = array<vec4<f32>, ROWS * D4>();
+    var dv = array<vec4<f32>, ROWS * DV4>();
 //#unroll r ROWS
     {
         let key = key0 + {r} * LANES + lane;
@@ -269,10 +269,10 @@ fn flash_bwd_dkdv(
                 let bias_row = batch * params.bias_batch_rows + head * params.bias_head_rows + row;
                 // The row's Q and dO texels, fetched once and used by every key of the lane
                 // twice (scores, then dK / dV).
-                var qt: array<vec4<f32>, D4>;
-                var gt: array<vec4<f32>, DV4>;
-                var dot_qk: array<vec4<f32>, ROWS>;
-                var dot_dv: array<vec4<f32>, ROWS>;
+                var qt = array<vec4<f32>, D4>();
+                var gt = array<vec4<f32>, DV4>();
+                var dot_qk = array<vec4<f32>, ROWS>();
+                var dot_dv = array<vec4<f32>, ROWS>();
 //#unroll d D4
                 qt[{d}] = textureLoad(q_packed, q_at + vec2<u32>({d}, 0u));
 //#unroll r ROWS
@@ -285,8 +285,8 @@ fn flash_bwd_dkdv(
                 dot_dv[{r}] = fma(gt[{e}], v[{r} * DV4 + {e}], dot_dv[{r}]);
 //#end
 //#end
-                var p: array<f32, ROWS>;
-                var dx: array<f32, ROWS>;
+                var p = array<f32, ROWS>();
+                var dx = array<f32, ROWS>();
 //#unroll r ROWS
                 {
                     let key = key0 + {r} * LANES + lane;
@@ -387,16 +387,16 @@ fn flash_bwd_dq(
     let kv_row0 = batch * params.tex_rows_per_batch + kv_head * params.tex_rows_per_head + seq.kv_offset;
     let slope = alibi_slope(head);
 
-    var q: array<vec4<f32>, ROWS * D4>;
-    var g_o: array<vec4<f32>, ROWS * DV4>;
-    var dq: array<vec4<f32>, ROWS * D4>;
-    var stats: array<vec4<f32>, ROWS>;
-    var row_keys: array<vec2<u32>, ROWS>;
-    var row_diag: array<i32, ROWS>;
-    var bias_row: array<u32, ROWS>;
-    var d_t: array<f32, ROWS>;
-    var d_t_b: array<f32, ROWS>;
-    var d_exact: array<f32, ROWS>;
+    var q = array<vec4<f32>, ROWS * D4>();
+    var g_o = array<vec4<f32>, ROWS * DV4>();
+    var dq = array<vec4<f32>, ROWS * D4>();
+    var stats = array<vec4<f32>, ROWS>();
+    var row_keys = array<vec2<u32>, ROWS>();
+    var row_diag = array<i32, ROWS>();
+    var bias_row = array<u32, ROWS>();
+    var d_t = array<f32, ROWS>();
+    var d_t_b = array<f32, ROWS>();
+    var d_exact = array<f32, ROWS>();
 //#unroll r ROWS
     {
         let row = block_row0 + {r} * LANES + lane;
@@ -428,16 +428,16 @@ fn flash_bwd_dq(
     let kv_end = select(0u, visible_keys(seq, last_row).y, has_rows);
     let score_unit = params.score_unit;
 
-    var kt: array<vec4<f32>, KEYS * D4>;
-    var x: array<f32, ROWS * KEYS>;
-    var dp: array<f32, ROWS * KEYS>;
+    var kt = array<vec4<f32>, KEYS * D4>();
+    var x = array<f32, ROWS * KEYS>();
+    var dp = array<f32, ROWS * KEYS>();
     var k_at = row_texel(kv_row0 + kv_begin, params.tex_fold, D4);
     var v_at = row_texel(kv_row0 + kv_begin, params.tex_fold, DV4);
     for (var key0 = kv_begin; key0 < kv_end; key0 += KEYS) {
 //#unroll j KEYS
         {
             let at = k_at;
-            var dot_qk: array<vec4<f32>, ROWS>;
+            var dot_qk = array<vec4<f32>, ROWS>();
 //#unroll d D4
             {
                 let kd = textureLoad(k_packed, at + vec2<u32>({d}, 0u));
@@ -447,7 +447,7 @@ fn flash_bwd_dq(
 //#end
             }
 //#end
-            var dot_dv: array<vec4<f32>, ROWS>;
+            var dot_dv = array<vec4<f32>, ROWS>();
 //#unroll e DV4
             {
                 let vd = textureLoad(v_packed, v_at + vec2<u32>({e}, 0u));

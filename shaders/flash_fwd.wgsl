@@ -94,11 +94,11 @@ fn flash_fwd(
     let bias_row = batch * params.bias_batch_rows + head * params.bias_head_rows + row;
 
     // When the whole query row fits in one chunk it is loaded once, else chunk by chunk per tile.
-    var q: array<vec4<f32>, CHUNK_VEC4>;
+    var q = array<vec4<f32>, CHUNK_VEC4>();
     if HEAD_VEC4 <= CHUNK_VEC4 {
         q = load_q_chunk(row_valid, q_base, 0u, q_scale);
     }
-    var acc: array<vec4<f32>, CHUNK_VEC4>;
+    var acc = array<vec4<f32>, CHUNK_VEC4>();
     let start = softmax_start(head);
     var row_max = start.x;
     var row_sum = start.y;
@@ -116,7 +116,7 @@ fn flash_fwd(
     // This row's own visible keys, for the per-element mask.
     let row_keys = select(vec2<u32>(0u), visible_keys(seq, row), row_valid);
 
-    var s: array<f32, BLOCK_N>;
+    var s = array<f32, BLOCK_N>();
     for (var key0 = kv_begin; key0 < kv_end; key0 += BLOCK_N) {
         // Stage the K tile and this slice of the V tile; elements past kv_len or past the row
         // length are zero so every lane does the same work.
@@ -197,7 +197,7 @@ fn flash_fwd(
             }
         }
         if v0 == 0u && !SIGMOID {
-            lse_buf[row_index(seq, batch, head, row)] = select(bitcast<f32>(0xff800000u), (row_max + log2(row_sum)) * LN_2, seen);
+            lse_buf[row_index(seq, batch, head, row)] = select(neg_inf(), (row_max + log2(row_sum)) * LN_2, seen);
         }
     }
 }
@@ -218,7 +218,7 @@ fn load_row4(valid: bool, base: u32, start: u32, len: u32, tensor: u32) -> vec4<
 
 // CHUNK_VEC4 vec4 steps of this invocation's query row from element `start`, times `scale`.
 fn load_q_chunk(valid: bool, base: u32, start: u32, scale: f32) -> array<vec4<f32>, CHUNK_VEC4> {
-    var q: array<vec4<f32>, CHUNK_VEC4>;
+    var q = array<vec4<f32>, CHUNK_VEC4>();
     if valid {
         for (var c = 0u; c < CHUNK_VEC4; c++) {
             for (var k = 0u; k < 4u; k++) {

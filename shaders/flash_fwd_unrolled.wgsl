@@ -52,15 +52,15 @@ fn flash_fwd(
     let slope = alibi_slope(head);
     let start = softmax_start(head);
 
-    var q: array<vec4<f32>, ROWS * D4>;
-    var o: array<vec4<f32>, ROWS * DV4>;
-    var row_max: array<f32, ROWS>;
-    var row_sum: array<f32, ROWS>;
+    var q = array<vec4<f32>, ROWS * D4>();
+    var o = array<vec4<f32>, ROWS * DV4>();
+    var row_max = array<f32, ROWS>();
+    var row_sum = array<f32, ROWS>();
     // Each row's visible keys are [row_keys.x, row_keys.y); its diagonal key is row_diag.
-    var row_keys: array<vec2<u32>, ROWS>;
-    var row_diag: array<i32, ROWS>;
+    var row_keys = array<vec2<u32>, ROWS>();
+    var row_diag = array<i32, ROWS>();
     // Each row's first texel row in the bias texture.
-    var bias_row: array<u32, ROWS>;
+    var bias_row = array<u32, ROWS>();
 
 //#unroll r ROWS
     {
@@ -92,9 +92,9 @@ fn flash_fwd(
     let kv_begin = visible_keys(seq, block_row0).x / KEYS * KEYS;
     let kv_end = select(0u, visible_keys(seq, last_row).y, has_rows);
 
-    var v: array<vec4<f32>, KEYS * DV4>;
-    var s: array<f32, ROWS * KEYS>;
-    var alpha: array<f32, ROWS>;
+    var v = array<vec4<f32>, KEYS * DV4>();
+    var s = array<f32, ROWS * KEYS>();
+    var alpha = array<f32, ROWS>();
     for (var key0 = kv_begin; key0 < kv_end; key0 += KEYS) {
         // Logits, one key at a time: the key's texels are fetched, then used by every row
         // (8 independent sums), so only one key of K is live. Rows past kv_len are zero in
@@ -104,7 +104,7 @@ fn flash_fwd(
             let at = packed_texel(kv_row0 + key0 + {j}, D4);
             // Four partial sums per row (one per vec4 lane): independent add chains, which a
             // CPU needs to overlap the adds' latency (one chain per row ran latency-bound).
-            var dot: array<vec4<f32>, ROWS>;
+            var dot = array<vec4<f32>, ROWS>();
 //#unroll d D4
             {
                 let kd = textureLoad(k_tex, at + vec2<u32>({d}, 0u));
@@ -189,7 +189,7 @@ fn flash_fwd(
             store_o4(base, {e} * 4u, o[{r} * DV4 + {e}] * inv_sum);
 //#end
             if !SIGMOID {
-                lse_buf[row_index(seq, batch, head, row)] = select(bitcast<f32>(0xff800000u), (row_max[{r}] + log2(row_sum[{r}])) * LN_2, seen);
+                lse_buf[row_index(seq, batch, head, row)] = select(neg_inf(), (row_max[{r}] + log2(row_sum[{r}])) * LN_2, seen);
             }
         }
     }

@@ -180,7 +180,7 @@ fn linear_chunk_state(
     let k_width4 = (KEY_DIM + 3u) / 4u;
     let v_width4 = (VALUE_DIM + 3u) / 4u;
     // Row d of this invocation's 4 columns is s[d].
-    var s: array<vec4<f32>, D4 * 4u>;
+    var s = array<vec4<f32>, D4 * 4u>();
 //#unroll d D4
 //#unroll x 4
     s[{d} * 4u + {x}] = vec4<f32>(0.0);
@@ -289,10 +289,10 @@ fn output_rows(batch: u32, head: u32, i0: u32) -> OutputRows {
     let t = i0 / params.chunk;
     let start = t * params.chunk;
     // Row r is token i0 + r; rows past the end compute on the last token and are not stored.
-    var q: array<vec4<f32>, ROWS * D4>;
-    var o: array<vec4<f32>, ROWS * DV4>;
-    var den: array<f32, ROWS>;
-    var carried: array<f32, ROWS>;
+    var q = array<vec4<f32>, ROWS * D4>();
+    var o = array<vec4<f32>, ROWS * DV4>();
+    var den = array<f32, ROWS>();
+    var carried = array<f32, ROWS>();
 //#unroll r ROWS
     {
         let i = min(i0 + {r}, params.len - 1u);
@@ -314,11 +314,11 @@ fn output_rows(batch: u32, head: u32, i0: u32) -> OutputRows {
         let last = min(i0 + ROWS, params.len);
         for (var j = start; j < last; j++) {
             let row = kv_row(batch, head / params.group, j);
-            var k: array<vec4<f32>, D4>;
+            var k = array<vec4<f32>, D4>();
 //#unroll d D4
             k[{d}] = phi_at(packed_k(row, k_width4, {d}), {d});
 //#end
-            var score: array<f32, ROWS>;
+            var score = array<f32, ROWS>();
 //#unroll r ROWS
             {
                 var qk = 0.0;
@@ -346,7 +346,7 @@ fn output_rows(batch: u32, head: u32, i0: u32) -> OutputRows {
     let z4 = VALUE_DIM / 4u;
     let zx = VALUE_DIM % 4u;
     for (var d = 0u; d < KEY_DIM; d++) {
-        var qd: array<f32, ROWS>;
+        var qd = array<f32, ROWS>();
 //#unroll r ROWS
         qd[{r}] = q[{r} * D4 + d / 4u][d % 4u] * carried[{r}];
 //#end
@@ -410,8 +410,8 @@ fn linear_recurrent(
     let bh = batch * params.q_heads + head;
     let kv_head = head / params.group;
     let lambda = decay_pow(head, 1u);
-    var s: array<vec4<f32>, D4>;
-    var z: array<vec4<f32>, D4>;
+    var s = array<vec4<f32>, D4>();
+    var z = array<vec4<f32>, D4>();
 //#unroll d D4
     s[{d}] = vec4<f32>(initial(bh, {d} * 4u, c), initial(bh, {d} * 4u + 1u, c), initial(bh, {d} * 4u + 2u, c), initial(bh, {d} * 4u + 3u, c));
     z[{d}] = vec4<f32>(0.0);

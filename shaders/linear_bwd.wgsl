@@ -50,7 +50,7 @@ fn packed_grad(row: u32, c4: u32) -> vec4<f32> {
 
 // v̂_j = [v_j, 1] as C4 texels: the value row, and 1 in the normaliser's column.
 fn v_hat(row: u32) -> array<vec4<f32>, C4> {
-    var x: array<vec4<f32>, C4>;
+    var x = array<vec4<f32>, C4>();
 //#unroll c C4
     if {c} < DV4 {
         x[{c}] = packed_v(row, DV4, {c});
@@ -87,7 +87,7 @@ fn linear_bwd_readout(
     }
     let head = wg.y + params.head_base;
     let batch = wg.z;
-    var rows: OutputRows;
+    var rows = OutputRows();
     if NORMALIZE {
         rows = output_rows(batch, head, i0);
     }
@@ -96,7 +96,7 @@ fn linear_bwd_readout(
         let i = i0 + {r};
         let do_base = batch * params.o_stride.x + head * params.o_stride.y + i * params.o_stride.z;
         let den = rows.den[{r}] + params.eps;
-        var grad: array<vec4<f32>, C4>;
+        var grad = array<vec4<f32>, C4>();
         var d_den = 0.0;
 //#unroll e DV4
         {
@@ -137,7 +137,7 @@ fn linear_bwd_chunk_dstate(
     let batch = wg.z;
     let start = t * params.chunk;
     let end = min(start + params.chunk, params.len);
-    var s: array<vec4<f32>, D4 * 4u>;
+    var s = array<vec4<f32>, D4 * 4u>();
 //#unroll d D4
 //#unroll x 4
     s[{d} * 4u + {x}] = vec4<f32>(0.0);
@@ -228,9 +228,9 @@ fn linear_bwd_dq(
     let t = i0 / params.chunk;
     let start = t * params.chunk;
     // Row r is token i0 + r; rows past the end compute on the last token and are not stored.
-    var grad: array<vec4<f32>, ROWS * C4>;
-    var acc: array<vec4<f32>, ROWS * D4>;
-    var carried: array<f32, ROWS>;
+    var grad = array<vec4<f32>, ROWS * C4>();
+    var acc = array<vec4<f32>, ROWS * D4>();
+    var carried = array<f32, ROWS>();
 //#unroll r ROWS
     {
         let i = min(i0 + {r}, params.len - 1u);
@@ -251,7 +251,7 @@ fn linear_bwd_dq(
         for (var j = start; j < last; j++) {
             let row = kv_row(batch, head / params.group, j);
             let v = v_hat(row);
-            var weight: array<f32, ROWS>;
+            var weight = array<f32, ROWS>();
 //#unroll r ROWS
             {
                 var gv = 0.0;
@@ -275,9 +275,9 @@ fn linear_bwd_dq(
     // The carried state: S_before ĝ_i, one state row d at a time (a dynamic loop, as the
     // forward's output pass), into an array of its own: a private array indexed dynamically
     // anywhere stays out of registers, and `acc` is updated for every key above.
-    var from_state: array<vec4<f32>, ROWS * D4>;
+    var from_state = array<vec4<f32>, ROWS * D4>();
     for (var d = 0u; d < KEY_DIM; d++) {
-        var sg: array<f32, ROWS>;
+        var sg = array<f32, ROWS>();
 //#unroll c C4
         {
             let s = state_texel(batch, head, slot, d, {c});
@@ -319,15 +319,15 @@ fn linear_bwd_dkdv(
     let start = t * params.chunk;
     let end = min(start + params.chunk, params.len);
     // Row r is token j0 + r; rows past the end compute on the last token and are not stored.
-    var k: array<vec4<f32>, ROWS * D4>;
-    var v: array<vec4<f32>, ROWS * C4>;
-    var dk: array<vec4<f32>, ROWS * D4>;
-    var dv: array<vec4<f32>, ROWS * DV4>;
+    var k = array<vec4<f32>, ROWS * D4>();
+    var v = array<vec4<f32>, ROWS * C4>();
+    var dk = array<vec4<f32>, ROWS * D4>();
+    var dv = array<vec4<f32>, ROWS * DV4>();
     // The state term's share of dK and a copy of φ(k) for it, apart from `dk` and `k`: the
     // state loop indexes them dynamically, and a private array indexed dynamically anywhere
     // stays out of registers (`dk` and `k` serve every (query, key) pair of the chunk).
-    var dk_state: array<vec4<f32>, ROWS * D4>;
-    var k_state: array<vec4<f32>, ROWS * D4>;
+    var dk_state = array<vec4<f32>, ROWS * D4>();
+    var k_state = array<vec4<f32>, ROWS * D4>();
     // The rows' own k and v̂ come from storage (read once; the texture budget of a kernel,
     // 4 as WebGPU's default, goes to Q, ĝ and the state gradients).
 //#unroll r ROWS
@@ -359,11 +359,11 @@ fn linear_bwd_dkdv(
             // The queries of this chunk from the first row on; each row masks those before it.
             for (var i = j0; i < end; i++) {
                 let row = q_row(batch, head, i);
-                var q: array<vec4<f32>, D4>;
+                var q = array<vec4<f32>, D4>();
 //#unroll d D4
                 q[{d}] = phi_at(packed_q(row, {d}), {d});
 //#end
-                var g: array<vec4<f32>, C4>;
+                var g = array<vec4<f32>, C4>();
 //#unroll c C4
                 g[{c}] = packed_grad(row, {c});
 //#end
@@ -393,15 +393,15 @@ fn linear_bwd_dkdv(
         }
         // The state term: A[t] (the total D when non-causal; scale is in it), weighted
         // λ^(end − 1 − j).
-        var carried: array<f32, ROWS>;
+        var carried = array<f32, ROWS>();
 //#unroll r ROWS
         carried[{r}] = select(1.0, decay_pow(head, end - 1u - min(j0 + {r}, end - 1u)), causal);
 //#end
         for (var d = 0u; d < KEY_DIM; d++) {
             // One dynamic read of φ(k)[d] and one dynamic write of dK[d] per row and state
             // row; the sums over the state's columns stay in registers.
-            var kd: array<f32, ROWS>;
-            var dkd: array<f32, ROWS>;
+            var kd = array<f32, ROWS>();
+            var dkd = array<f32, ROWS>();
 //#unroll r ROWS
             kd[{r}] = carried[{r}] * k_state[{r} * D4 + d / 4u][d % 4u];
 //#end

@@ -38,7 +38,11 @@ struct MergeParams {
 @group(0) @binding({binding.merge_lse}) var<storage, read> part_lse: array<f32>;
 @group(0) @binding({binding.merge_lse_out}) var<storage, read_write> merged_lse: array<f32>;
 
-const NEG_INF_BITS: u32 = 0xff800000u;
+// −∞ and NaN, read at run time: WGSL makes an infinite or NaN constant expression a
+// shader-creation error (Chrome's Tint rejects them; naga lets them through), and the load of a
+// private variable is not a constant expression.
+var<private> NEG_INF_BITS: u32 = 0xff800000u;
+var<private> NAN_BITS: u32 = 0x7fc00000u;
 
 fn is_nan(x: f32) -> bool {
     return (bitcast<u32>(x) & 0x7fffffffu) > 0x7f800000u;
@@ -94,7 +98,7 @@ fn merge(
     var o = 0.0;
     // A +∞ LSE is no weight either (∞ − ∞): NaN, as in the reference.
     if nan || bitcast<u32>(m) == 0x7f800000u {
-        lse = bitcast<f32>(0x7fc00000u);
+        lse = bitcast<f32>(NAN_BITS);
         o = lse;
     } else if bitcast<u32>(m) != NEG_INF_BITS {
         var sum = 0.0;

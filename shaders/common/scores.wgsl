@@ -8,6 +8,15 @@
 const NO_MAX: f32 = -3.0e38;
 const LN_2: f32 = 0.6931471805599453;
 
+// The bits of −∞, read at run time: WGSL makes an infinite constant expression a shader-creation
+// error (Chrome's Tint rejects `bitcast<f32>(0xff800000u)`; naga lets it through), and the load
+// of a private variable is not a constant expression.
+var<private> NEG_INF_BITS: u32 = 0xff800000u;
+
+fn neg_inf() -> f32 {
+    return bitcast<f32>(NEG_INF_BITS);
+}
+
 // What the online softmax keeps of score `x` of a key: x when the key is visible, NO_MAX when
 // it is hidden. A score of -inf (from infinite inputs) counts as hidden, as in the reference: a
 // row of nothing else gets O = 0 and LSE = -inf. NaN stays NaN and reaches its row.

@@ -11,15 +11,21 @@ use wflash::{Element, Engine, Variant};
 use crate::{Case, DType, Output, Verdict, judge, random, record_output_hash};
 
 /// Runs a case's forward and backward on `engine` and judges every gradient.
+#[cfg(not(target_arch = "wasm32"))]
 pub fn run_backward_case(engine: &Engine, case: &Case) -> Result<Verdict, String> {
+    pollster::block_on(run_backward_case_async(engine, case))
+}
+
+/// [`run_backward_case`], awaited (a browser cannot block).
+pub async fn run_backward_case_async(engine: &Engine, case: &Case) -> Result<Verdict, String> {
     match case.path.dtype() {
-        DType::F32 => judge_backward::<f32>(engine, case),
-        DType::F16 => judge_backward::<half::f16>(engine, case),
-        DType::Bf16 => judge_backward::<half::bf16>(engine, case),
+        DType::F32 => judge_backward::<f32>(engine, case).await,
+        DType::F16 => judge_backward::<half::f16>(engine, case).await,
+        DType::Bf16 => judge_backward::<half::bf16>(engine, case).await,
     }
 }
 
-fn judge_backward<T: Element>(engine: &Engine, case: &Case) -> Result<Verdict, String> {
+async fn judge_backward<T: Element>(engine: &Engine, case: &Case) -> Result<Verdict, String> {
     let data = case.data();
     let mut opts = case.options(&data);
     opts.bias_grad = opts.bias.is_some();
@@ -31,10 +37,11 @@ fn judge_backward<T: Element>(engine: &Engine, case: &Case) -> Result<Verdict, S
     let (d_o, do32) = random::<T>(&mut rng, p.o_elems(), 1.0);
     let (shape, layout) = (&case.shape, case.layout);
     let fwd = engine
-        .attention_blocking(shape, layout, &opts, &q, &k, &v)
+        .attention(shape, layout, &opts, &q, &k, &v)
+        .await
         .map_err(|e| format!("{case:?}: forward: engine error {e}"))?;
     let grads = engine
-        .attention_backward_blocking(
+        .attention_backward(
             shape,
             layout,
             &opts,
@@ -45,6 +52,7 @@ fn judge_backward<T: Element>(engine: &Engine, case: &Case) -> Result<Verdict, S
             fwd.lse.as_deref(),
             &d_o,
         )
+        .await
         .map_err(|e| format!("{case:?}: backward: engine error {e}"))?;
     let narrow = |x: &[T]| x.iter().map(|a| a.to_f32()).collect::<Vec<f32>>();
     let (dq, dk, dv) = (narrow(&grads.dq), narrow(&grads.dk), narrow(&grads.dv));
@@ -65,14 +73,13 @@ fn judge_backward<T: Element>(engine: &Engine, case: &Case) -> Result<Verdict, S
     );
 
     let wide = |x: &[f32]| x.iter().map(|&a| f64::from(a)).collect::<Vec<f64>>();
-    let (truth, naive) = std::thread::scope(|scope| {
-        let truth = scope.spawn(|| {
-            wflash_ref::backward(&p, &wide(&q32), &wide(&k32), &wide(&v32), &wide(&do32))
-        });
-        let store = |x: f32| T::from_f32(x).to_f32();
-        let naive = wflash_ref::naive::backward_f32(&p, &q32, &k32, &v32, &do32, store);
-        (truth.join().expect("reference thread"), naive)
-    });
+    let (truth, naive) = crate::side_by_side(
+        || wflash_ref::backward(&p, &wide(&q32), &wide(&k32), &wide(&v32), &wide(&do32)),
+        || {
+            let store = |x: f32| T::from_f32(x).to_f32();
+            wflash_ref::naive::backward_f32(&p, &q32, &k32, &v32, &do32, store)
+        },
+    );
 
     let mut outputs = vec![
         Output::backward("dQ", wide(&dq), &truth.dq, &naive.dq),

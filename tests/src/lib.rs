@@ -5,6 +5,7 @@
 //! Every case draws fresh random inputs from its own seed (printed on failure), and the engine
 //! poisons output buffers with NaN so an element the kernel forgets to write fails the case.
 
+#[cfg(not(target_arch = "wasm32"))]
 use std::sync::OnceLock;
 
 use rand::{Rng, SeedableRng};
@@ -16,9 +17,11 @@ use wflash::{
 use wflash_ref::{CausalAlign, Problem};
 
 pub mod backward;
+pub mod decode;
 pub mod grid;
 pub mod judge;
 pub mod linear;
+#[cfg(not(target_arch = "wasm32"))]
 pub mod soak;
 
 pub use judge::{Output, Tolerance, Verdict, judge, max_abs_err};
@@ -45,10 +48,29 @@ impl Path {
     }
 }
 
+#[cfg(not(target_arch = "wasm32"))]
 fn allow_no_gpu() -> bool {
     std::env::var("WFLASH_ALLOW_NO_GPU").is_ok_and(|v| v == "1")
 }
 
+/// The options of the harness's engines for `path` and kernel `family` (`None`: the
+/// adapter's default): outputs poisoned, no tuning file.
+pub fn harness_options(path: Path, family: Option<Family>) -> EngineOptions {
+    EngineOptions {
+        f16_path: match path {
+            Path::F16Packed => F16Path::Packed,
+            _ => F16Path::Auto,
+        },
+        family,
+        poison_outputs: true,
+        // The grid's shapes are chosen around the default tiles; tuned tiles have their own
+        // test (api.rs).
+        tuning: wflash::TuningSource::Off,
+        ..Default::default()
+    }
+}
+
+#[cfg(not(target_arch = "wasm32"))]
 /// The shared engine for `path`, running the kernel family the adapter gets by default.
 /// Output poisoning is on. No adapter is a failure unless a person has set
 /// `WFLASH_ALLOW_NO_GPU=1`, in which case this returns `None` and says so.
@@ -56,29 +78,19 @@ pub fn engine(path: Path) -> Option<&'static Engine> {
     engine_with(path, None)
 }
 
+#[cfg(not(target_arch = "wasm32"))]
 /// The shared engine for `path` running kernel `family` (`None`: the adapter's default).
 pub fn engine_with(path: Path, family: Option<Family>) -> Option<&'static Engine> {
     // [default, tiled, unrolled] × [auto f16, packed f16]
     static ENGINES: [OnceLock<Option<Engine>>; 6] = [const { OnceLock::new() }; 6];
-    let (packed, f16_path) = match path {
-        Path::F16Packed => (1, F16Path::Packed),
-        _ => (0, F16Path::Auto),
-    };
+    let packed = usize::from(path == Path::F16Packed);
     let slot = match family {
         None => 0,
         Some(Family::Tiled) => 2,
         Some(Family::Unrolled) => 4,
     } + packed;
     let engine = ENGINES[slot].get_or_init(|| {
-        let options = EngineOptions {
-            f16_path,
-            family,
-            poison_outputs: true,
-            // The grid's shapes are chosen around the default tiles; tuned tiles have their own
-            // test (api.rs).
-            tuning: wflash::TuningSource::Off,
-            ..Default::default()
-        };
+        let options = harness_options(path, family);
         match Engine::new_blocking(options) {
             Ok(engine) => {
                 eprintln!("wflash conformance adapter: {}", engine.info());
@@ -101,6 +113,7 @@ pub fn engine_with(path: Path, family: Option<Family>) -> Option<&'static Engine
     Some(engine)
 }
 
+#[cfg(not(target_arch = "wasm32"))]
 /// On an adapter without `SHADER_F16` (GL, SwiftShader) the native f16 path does not exist:
 /// its grids have nothing to run, and what a caller who requires it gets is a typed refusal.
 /// Checks that refusal (once) and says so; the f16 grids run on the packed path.
@@ -139,6 +152,7 @@ fn native_f16_is_refused(engine: &Engine) {
     });
 }
 
+#[cfg(not(target_arch = "wasm32"))]
 /// An engine on a fresh device with limits and features chosen by a test (e.g. lowered limits
 /// that force splitting), wrapped with `Engine::from_device`.
 pub fn custom_engine(
@@ -149,6 +163,7 @@ pub fn custom_engine(
     custom_device_engine(limits, features, options).0
 }
 
+#[cfg(not(target_arch = "wasm32"))]
 /// [`custom_engine`], also returning the device (to destroy it in fault tests).
 pub fn custom_device_engine(
     limits: impl FnOnce(&mut wflash::wgpu::Limits),
@@ -160,6 +175,7 @@ pub fn custom_device_engine(
     (engine, device)
 }
 
+#[cfg(not(target_arch = "wasm32"))]
 /// A fresh device and queue on the default adapter with limits and features chosen by a test.
 pub fn custom_device(
     limits: impl FnOnce(&mut wflash::wgpu::Limits),
@@ -522,6 +538,24 @@ pub fn reference_problem(shape: &Shape, layout: Layout, opts: &AttentionOptions)
     }
 }
 
+/// `a()` and `b()`, side by side on two threads where there are threads (the f64 truth and
+/// the naive baseline are the slow part of a case on a 2-core CI machine); one after the
+/// other in a browser.
+pub fn side_by_side<A: Send, B>(a: impl FnOnce() -> A + Send, b: impl FnOnce() -> B) -> (A, B) {
+    #[cfg(not(target_arch = "wasm32"))]
+    {
+        std::thread::scope(|scope| {
+            let a = scope.spawn(a);
+            let b = b();
+            (a.join().expect("reference thread"), b)
+        })
+    }
+    #[cfg(target_arch = "wasm32")]
+    {
+        (a(), b())
+    }
+}
+
 /// Random normals of the element type, and the exact values they hold as f32.
 pub fn random<T: Element>(rng: &mut impl Rng, n: usize, std: f32) -> (Vec<T>, Vec<f32>) {
     let values: Vec<T> = (0..n)
@@ -531,11 +565,13 @@ pub fn random<T: Element>(rng: &mut impl Rng, n: usize, std: f32) -> (Vec<T>, Ve
     (values, exact)
 }
 
+#[cfg(not(target_arch = "wasm32"))]
 /// Runs a case on the GPU and judges it. `Ok(None)` when no GPU is allowed and none exists.
 pub fn run_case(case: &Case) -> Result<Option<Verdict>, String> {
     run_case_with(case, None)
 }
 
+#[cfg(not(target_arch = "wasm32"))]
 /// [`run_case`] on the shared engine running kernel `family`.
 pub fn run_case_with(case: &Case, family: Option<Family>) -> Result<Option<Verdict>, String> {
     let Some(engine) = engine_with(case.path, family) else {
@@ -545,15 +581,21 @@ pub fn run_case_with(case: &Case, family: Option<Family>) -> Result<Option<Verdi
 }
 
 /// Runs a case on a given engine (e.g. one with lowered limits) and judges it.
+#[cfg(not(target_arch = "wasm32"))]
 pub fn run_case_on(engine: &Engine, case: &Case) -> Result<Verdict, String> {
+    pollster::block_on(run_case_on_async(engine, case))
+}
+
+/// [`run_case_on`], awaited (a browser cannot block).
+pub async fn run_case_on_async(engine: &Engine, case: &Case) -> Result<Verdict, String> {
     match case.path.dtype() {
-        DType::F32 => judge_case::<f32>(engine, case),
-        DType::F16 => judge_case::<half::f16>(engine, case),
-        DType::Bf16 => judge_case::<half::bf16>(engine, case),
+        DType::F32 => judge_case::<f32>(engine, case).await,
+        DType::F16 => judge_case::<half::f16>(engine, case).await,
+        DType::Bf16 => judge_case::<half::bf16>(engine, case).await,
     }
 }
 
-fn judge_case<T: Element>(engine: &Engine, case: &Case) -> Result<Verdict, String> {
+async fn judge_case<T: Element>(engine: &Engine, case: &Case) -> Result<Verdict, String> {
     let data = case.data();
     let opts = case.options(&data);
     let p = reference_problem(&case.shape, case.layout, &opts);
@@ -562,7 +604,8 @@ fn judge_case<T: Element>(engine: &Engine, case: &Case) -> Result<Verdict, Strin
     let (k, k32) = random::<T>(&mut rng, p.k_elems(), case.input_std);
     let (v, v32) = random::<T>(&mut rng, p.v_elems(), 1.0);
     let gpu = engine
-        .attention_blocking(&case.shape, case.layout, &opts, &q, &k, &v)
+        .attention(&case.shape, case.layout, &opts, &q, &k, &v)
+        .await
         .map_err(|e| format!("{case:?}: engine error {e}"))?;
     record_output_hash(
         &format!("{} {}", engine.family().name(), case.key()),
@@ -575,17 +618,16 @@ fn judge_case<T: Element>(engine: &Engine, case: &Case) -> Result<Verdict, Strin
         ],
     );
 
-    // The f64 truth and the same-precision naive baseline are the slow part of a case on a
-    // 2-core CI machine: compute them side by side.
-    let (truth, naive) = std::thread::scope(|scope| {
-        let truth = scope.spawn(|| {
+    let (truth, naive) = side_by_side(
+        || {
             let wide = |x: &[f32]| x.iter().map(|&a| f64::from(a)).collect::<Vec<f64>>();
             wflash_ref::forward(&p, &wide(&q32), &wide(&k32), &wide(&v32))
-        });
-        let store = |x: f32| T::from_f32(x).to_f32();
-        let naive = wflash_ref::naive::forward_f32(&p, &q32, &k32, &v32, store);
-        (truth.join().expect("reference thread"), naive)
-    });
+        },
+        || {
+            let store = |x: f32| T::from_f32(x).to_f32();
+            wflash_ref::naive::forward_f32(&p, &q32, &k32, &v32, store)
+        },
+    );
 
     let gpu_lse = match (case.variant, gpu.lse) {
         (Variant::Softmax, Some(lse)) => lse,

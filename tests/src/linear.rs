@@ -12,6 +12,7 @@ use wflash::{
 };
 use wflash_ref::linear::{self as reference, LinearProblem, LinearState};
 
+use crate::grid::covering_rows;
 use crate::{Output, Path, Verdict, judge, random};
 
 /// How a case hands its sequence to the engine.
@@ -200,11 +201,17 @@ pub fn put_tokens<T: Copy>(
 }
 
 /// Runs a case on `engine` and judges its output and final state.
+#[cfg(not(target_arch = "wasm32"))]
 pub fn run_linear_case(engine: &Engine, case: &LinearCase) -> Result<Verdict, String> {
+    pollster::block_on(run_linear_case_async(engine, case))
+}
+
+/// [`run_linear_case`], awaited (a browser cannot block).
+pub async fn run_linear_case_async(engine: &Engine, case: &LinearCase) -> Result<Verdict, String> {
     match case.path.dtype() {
-        wflash::DType::F32 => judge_case::<f32>(engine, case),
-        wflash::DType::F16 => judge_case::<half::f16>(engine, case),
-        wflash::DType::Bf16 => judge_case::<half::bf16>(engine, case),
+        wflash::DType::F32 => judge_case::<f32>(engine, case).await,
+        wflash::DType::F16 => judge_case::<half::f16>(engine, case).await,
+        wflash::DType::Bf16 => judge_case::<half::bf16>(engine, case).await,
     }
 }
 
@@ -266,7 +273,7 @@ fn reference_state(s: &wflash::LinearState) -> LinearState {
     }
 }
 
-fn judge_case<T: Element>(engine: &Engine, case: &LinearCase) -> Result<Verdict, String> {
+async fn judge_case<T: Element>(engine: &Engine, case: &LinearCase) -> Result<Verdict, String> {
     let decay = case.decays();
     let p = case.problem(decay.as_deref());
     let mut rng = rand::rngs::StdRng::seed_from_u64(case.seed);
@@ -321,14 +328,14 @@ fn judge_case<T: Element>(engine: &Engine, case: &LinearCase) -> Result<Verdict,
                 state.as_ref(),
             )
             .map_err(err)?;
-        let piece: Vec<T> = engine.read_blocking(&out.output).map_err(err)?;
+        let piece: Vec<T> = engine.read(&out.output).await.map_err(err)?;
         put_tokens(&mut output, &piece, case.layout, o_dims, range);
         state = Some(out.state);
     }
     let state = state.expect("at least one piece");
-    let kv: Vec<f32> = engine.read_blocking(&state.kv).map_err(err)?;
+    let kv: Vec<f32> = engine.read(&state.kv).await.map_err(err)?;
     let z: Vec<f32> = match &state.z {
-        Some(z) => engine.read_blocking(z).map_err(err)?,
+        Some(z) => engine.read(z).await.map_err(err)?,
         None => Vec::new(),
     };
     if case.normalize == z.is_empty() {
@@ -343,8 +350,8 @@ fn judge_case<T: Element>(engine: &Engine, case: &LinearCase) -> Result<Verdict,
         ],
     );
 
-    let (truth, naive) = std::thread::scope(|scope| {
-        let truth = scope.spawn(|| {
+    let (truth, naive) = crate::side_by_side(
+        || {
             reference::linear_forward(
                 &p,
                 &wide(&q32),
@@ -352,11 +359,12 @@ fn judge_case<T: Element>(engine: &Engine, case: &LinearCase) -> Result<Verdict,
                 &wide(&v32),
                 ref_initial.as_ref(),
             )
-        });
-        let store = |x: f32| T::from_f32(x).to_f32();
-        let naive = reference::naive_linear_f32(&p, &q32, &k32, &v32, ref_initial.as_ref(), &store);
-        (truth.join().expect("reference thread"), naive)
-    });
+        },
+        || {
+            let store = |x: f32| T::from_f32(x).to_f32();
+            reference::naive_linear_f32(&p, &q32, &k32, &v32, ref_initial.as_ref(), &store)
+        },
+    );
 
     // The state is f32 on every path; its naive baseline accumulates it directly in f32.
     let mut got_state = kv.clone();
@@ -386,15 +394,27 @@ fn judge_case<T: Element>(engine: &Engine, case: &LinearCase) -> Result<Verdict,
 /// pieces: the forward runs piece by piece for each piece's initial state, then the backward
 /// runs from the last piece to the first, each piece's initial-state gradient the `d_final` of
 /// the piece before it; the gradients are judged against the one-call truth.
+#[cfg(not(target_arch = "wasm32"))]
 pub fn run_linear_backward_case(engine: &Engine, case: &LinearCase) -> Result<Verdict, String> {
+    pollster::block_on(run_linear_backward_case_async(engine, case))
+}
+
+/// [`run_linear_backward_case`], awaited (a browser cannot block).
+pub async fn run_linear_backward_case_async(
+    engine: &Engine,
+    case: &LinearCase,
+) -> Result<Verdict, String> {
     match case.path.dtype() {
-        wflash::DType::F32 => judge_backward_case::<f32>(engine, case),
-        wflash::DType::F16 => judge_backward_case::<half::f16>(engine, case),
-        wflash::DType::Bf16 => judge_backward_case::<half::bf16>(engine, case),
+        wflash::DType::F32 => judge_backward_case::<f32>(engine, case).await,
+        wflash::DType::F16 => judge_backward_case::<half::f16>(engine, case).await,
+        wflash::DType::Bf16 => judge_backward_case::<half::bf16>(engine, case).await,
     }
 }
 
-fn judge_backward_case<T: Element>(engine: &Engine, case: &LinearCase) -> Result<Verdict, String> {
+async fn judge_backward_case<T: Element>(
+    engine: &Engine,
+    case: &LinearCase,
+) -> Result<Verdict, String> {
     let decay = case.decays();
     let p = case.problem(decay.as_deref());
     let mut rng = rand::rngs::StdRng::seed_from_u64(case.seed);
@@ -483,16 +503,16 @@ fn judge_backward_case<T: Element>(engine: &Engine, case: &LinearCase) -> Result
             (&mut dk, k_dims, &grads.dk),
             (&mut dv, v_dims, &grads.dv),
         ] {
-            let piece: Vec<T> = engine.read_blocking(piece).map_err(err)?;
+            let piece: Vec<T> = engine.read(piece).await.map_err(err)?;
             put_tokens(all, &piece, case.layout, dims, range.clone());
         }
         carried = grads.d_initial;
     }
     let d_initial = match (&initial, &carried) {
         (Some(_), Some(s)) => {
-            let kv: Vec<f32> = engine.read_blocking(&s.kv).map_err(err)?;
+            let kv: Vec<f32> = engine.read(&s.kv).await.map_err(err)?;
             let z: Vec<f32> = match &s.z {
-                Some(z) => engine.read_blocking(z).map_err(err)?,
+                Some(z) => engine.read(z).await.map_err(err)?,
                 None => Vec::new(),
             };
             if case.normalize == z.is_empty() {
@@ -521,8 +541,8 @@ fn judge_backward_case<T: Element>(engine: &Engine, case: &LinearCase) -> Result
 
     let ref_initial = initial.as_ref().map(reference_state);
     let ref_d_final = d_final.as_ref().map(reference_state);
-    let (truth, naive) = std::thread::scope(|scope| {
-        let truth = scope.spawn(|| {
+    let (truth, naive) = crate::side_by_side(
+        || {
             reference::linear_backward(
                 &p,
                 &wide(&q32),
@@ -532,20 +552,21 @@ fn judge_backward_case<T: Element>(engine: &Engine, case: &LinearCase) -> Result
                 &wide(&do32),
                 ref_d_final.as_ref(),
             )
-        });
-        let store = |x: f32| T::from_f32(x).to_f32();
-        let naive = reference::naive_linear_backward_f32(
-            &p,
-            &q32,
-            &k32,
-            &v32,
-            ref_initial.as_ref(),
-            &do32,
-            ref_d_final.as_ref(),
-            &store,
-        );
-        (truth.join().expect("reference thread"), naive)
-    });
+        },
+        || {
+            let store = |x: f32| T::from_f32(x).to_f32();
+            reference::naive_linear_backward_f32(
+                &p,
+                &q32,
+                &k32,
+                &v32,
+                ref_initial.as_ref(),
+                &do32,
+                ref_d_final.as_ref(),
+                &store,
+            )
+        },
+    );
     let flat = |s: &Option<LinearState>| s.as_ref().map(|s| [s.kv.clone(), s.z.clone()].concat());
     let (truth_initial, naive_initial) = (flat(&truth.d_initial), flat(&naive.d_initial));
     let mut outputs = vec![
@@ -557,4 +578,107 @@ fn judge_backward_case<T: Element>(engine: &Engine, case: &LinearCase) -> Result
         outputs.push(Output::backward("d_initial", wide(got), truth, naive));
     }
     judge(case, outputs)
+}
+
+// The grid.
+
+const LAYOUTS: [Layout; 2] = [Layout::Bhsd, Layout::Bshd];
+const HEADS: [(usize, usize); 3] = [(2, 2), (4, 2), (3, 1)];
+const BATCHES: [usize; 2] = [1, 2];
+/// Lengths around the chunk sizes below (16, 13, the default 64) and a single token.
+const LENS: [usize; 5] = [1, 5, 64, 100, 257];
+/// (key_dim, value_dim): equal, unequal both ways, odd, the largest.
+const DIMS: [(usize, usize); 5] = [(64, 64), (32, 59), (59, 32), (128, 128), (8, 8)];
+const CAUSAL: [bool; 2] = [true, false];
+const FEATURE_MAPS: [FeatureMap; 3] = FeatureMap::ALL;
+const FLAGS: [bool; 2] = [false, true];
+const KERNELS: [(LinearKernel, Option<usize>); 5] = [
+    (LinearKernel::Auto, None),
+    (LinearKernel::Chunked, None),
+    (LinearKernel::Chunked, Some(16)),
+    (LinearKernel::Chunked, Some(13)),
+    (LinearKernel::Recurrent, None),
+];
+const FEEDS: [Feed; 3] = [Feed::OneCall, Feed::Pieces(3), Feed::TokenByToken];
+
+/// Axis order of a grid row.
+pub const AXES: [usize; 13] = [
+    Path::ALL.len(),
+    LAYOUTS.len(),
+    HEADS.len(),
+    BATCHES.len(),
+    LENS.len(),
+    DIMS.len(),
+    CAUSAL.len(),
+    FEATURE_MAPS.len(),
+    FLAGS.len(), // decay
+    FLAGS.len(), // normalize
+    KERNELS.len(),
+    FLAGS.len(), // initial state
+    FEEDS.len(),
+];
+const CAUSAL_AXIS: usize = 6;
+const FEATURE_AXIS: usize = 7;
+const DECAY_AXIS: usize = 8;
+const NORMALIZE_AXIS: usize = 9;
+const KERNEL_AXIS: usize = 10;
+const INITIAL_AXIS: usize = 11;
+const FEED_AXIS: usize = 12;
+
+/// Pairs no case may hold: non-causal attention has no decay, no initial state, no
+/// recurrent kernel and no pieces (every query sees every key); the normaliser is judged
+/// only with positive feature maps (with the identity its denominator crosses zero).
+pub fn allowed(a: usize, va: usize, b: usize, vb: usize) -> bool {
+    let value = |axis: usize| {
+        if a == axis {
+            Some(va)
+        } else if b == axis {
+            Some(vb)
+        } else {
+            None
+        }
+    };
+    if value(CAUSAL_AXIS) == Some(1) {
+        let causal_only = value(DECAY_AXIS) == Some(1)
+            || value(INITIAL_AXIS) == Some(1)
+            || value(KERNEL_AXIS) == Some(4)
+            || value(FEED_AXIS).is_some_and(|f| f != 0);
+        if causal_only {
+            return false;
+        }
+    }
+    !(value(NORMALIZE_AXIS) == Some(1) && value(FEATURE_AXIS) == Some(0))
+}
+
+/// The linear conformance grid: a pairwise covering sample of every axis above (the native
+/// suite runs it whole; the browser a slice of it).
+pub fn grid() -> Vec<LinearCase> {
+    covering_rows(AXES, 0x11ea7, allowed)
+        .into_iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let (q_heads, kv_heads) = HEADS[r[2]];
+            let (key_dim, value_dim) = DIMS[r[5]];
+            let (kernel, chunk_size) = KERNELS[r[KERNEL_AXIS]];
+            LinearCase {
+                path: Path::ALL[r[0]],
+                layout: LAYOUTS[r[1]],
+                batch: BATCHES[r[3]],
+                q_heads,
+                kv_heads,
+                len: LENS[r[4]],
+                key_dim,
+                value_dim,
+                causal: CAUSAL[r[CAUSAL_AXIS]],
+                feature_map: FEATURE_MAPS[r[FEATURE_AXIS]],
+                decay: FLAGS[r[DECAY_AXIS]],
+                normalize: FLAGS[r[NORMALIZE_AXIS]],
+                kernel,
+                chunk_size,
+                initial: FLAGS[r[INITIAL_AXIS]],
+                feed: FEEDS[r[FEED_AXIS]],
+                seed: 0x11_0000 + i as u64,
+            }
+        })
+        .collect()
 }

@@ -1,4 +1,5 @@
-//! `cargo xtask test | bench | soak | shaders | ci`: the project's entry points (see README.md).
+//! `cargo xtask test | bench | soak | shaders | web | web-test | ci`: the project's entry points
+//! (see README.md).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -30,9 +31,21 @@ enum Task {
     },
     /// Parse, validate and translate every shader variant with naga (no GPU needed).
     Shaders,
+    /// Build the browser demo (wasm32 + WebGPU) and serve it on localhost.
+    Web {
+        #[arg(long, default_value_t = 8000)]
+        port: u16,
+    },
+    /// Run the conformance slice and the demo page in headless Chromium on WebGPU (installs
+    /// Chromium, the wasm target and a pinned wasm-bindgen-cli when missing).
+    WebTest {
+        /// Only the slice's cases A-B (1-based, inclusive), to chase a failure.
+        #[arg(long)]
+        cases: Option<String>,
+    },
     /// What CI runs (`.ci/run` calls it): fmt check, clippy -D warnings, rustdoc -D warnings,
     /// `cargo package` of the published crates (built from the packaged files alone), the
-    /// tests, the quick bench.
+    /// tests, the quick bench, the browser tests.
     Ci,
 }
 
@@ -274,7 +287,20 @@ fn adapter_reachable(env: &Env) -> bool {
 /// Installs `mesa-vulkan-drivers` with apt-get as root (directly, or through password-less
 /// sudo); otherwise fails with the command to run.
 fn install_lavapipe() -> Result<(), Failure> {
-    const MANUAL: &str = "sudo apt-get update && sudo apt-get install -y mesa-vulkan-drivers";
+    apt_install(
+        &["mesa-vulkan-drivers"],
+        "no Vulkan adapter",
+        " (or run on GL with WGPU_BACKEND=gl)",
+    )
+}
+
+/// Installs Debian `packages` with apt-get as root (directly, or through password-less sudo),
+/// saying `why`; otherwise fails with the command to run (and `otherwise`, another way out).
+fn apt_install(packages: &[&str], why: &str, otherwise: &str) -> Result<(), Failure> {
+    let manual = format!(
+        "sudo apt-get update && sudo apt-get install -y {}",
+        packages.join(" ")
+    );
     let succeeds = |program: &str, args: &[&str]| {
         Command::new(program)
             .args(args)
@@ -283,9 +309,10 @@ fn install_lavapipe() -> Result<(), Failure> {
     };
     if !succeeds("apt-get", &["--version"]) {
         return Err((
-            "no Vulkan adapter and no apt-get: install Mesa's Vulkan drivers (lavapipe) with \
-             your package manager, or run on GL with WGPU_BACKEND=gl"
-                .into(),
+            format!(
+                "{why} and no apt-get: install {} with your package manager{otherwise}",
+                packages.join(" ")
+            ),
             1,
         ));
     }
@@ -299,26 +326,22 @@ fn install_lavapipe() -> Result<(), Failure> {
         &["sudo", "-n"]
     } else {
         return Err((
-            format!(
-                "no Vulkan adapter: install lavapipe (Mesa's software Vulkan) with `{MANUAL}`, \
-                 then run this again (or run on GL with WGPU_BACKEND=gl)"
-            ),
+            format!("{why}: install with `{manual}`, then run this again{otherwise}"),
             1,
         ));
     };
-    for args in [
-        &["apt-get", "update", "-qq"][..],
-        &["apt-get", "install", "-y", "-qq", "mesa-vulkan-drivers"][..],
-    ] {
+    let mut install = vec!["apt-get", "install", "-y", "-qq"];
+    install.extend_from_slice(packages);
+    for args in [&["apt-get", "update", "-qq"][..], &install[..]] {
         let mut command: Vec<&str> = prefix.to_vec();
         command.extend_from_slice(args);
-        eprintln!("xtask: no Vulkan adapter: $ {}", command.join(" "));
+        eprintln!("xtask: {why}: $ {}", command.join(" "));
         let status = Command::new(command[0])
             .args(&command[1..])
             .env("DEBIAN_FRONTEND", "noninteractive")
             .status();
         if !status.is_ok_and(|s| s.success()) {
-            return Err((format!("`{}` failed; try `{MANUAL}`", command.join(" ")), 1));
+            return Err((format!("`{}` failed; try `{manual}`", command.join(" ")), 1));
         }
     }
     Ok(())
@@ -346,6 +369,146 @@ fn print_conformance_summaries() {
             }
         }
     }
+}
+
+/// Where the browser build's tools (a pinned wasm-bindgen-cli) and output live.
+fn web_dir() -> PathBuf {
+    workspace_root().join("target").join("web")
+}
+
+/// The wasm-bindgen version the lock file holds: the CLI must be exactly it.
+fn wasm_bindgen_version() -> Result<String, Failure> {
+    let lock = std::fs::read_to_string(workspace_root().join("Cargo.lock"))
+        .map_err(|e| (format!("reading Cargo.lock: {e}"), 1))?;
+    let mut lines = lock.lines();
+    while let Some(line) = lines.next() {
+        if line == "name = \"wasm-bindgen\""
+            && let Some(version) = lines.next().and_then(|l| l.strip_prefix("version = "))
+        {
+            return Ok(version.trim_matches('"').to_string());
+        }
+    }
+    Err(("Cargo.lock has no wasm-bindgen".into(), 1))
+}
+
+/// Builds the browser module: the wasm target and wasm-bindgen-cli (pinned to the lock file's
+/// wasm-bindgen, under target/web/tools) when missing, `wflash-web` for wasm32 (release), its
+/// JavaScript bindings into target/web/pkg. Returns that directory.
+fn build_web() -> Result<PathBuf, Failure> {
+    const TARGET: &str = "wasm32-unknown-unknown";
+    let installed = Command::new("rustup")
+        .args(["target", "list", "--installed"])
+        .output()
+        .map(|out| {
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .any(|l| l == TARGET)
+        });
+    if !installed.unwrap_or(false) {
+        eprintln!("xtask: $ rustup target add {TARGET}");
+        let added = Command::new("rustup")
+            .args(["target", "add", TARGET])
+            .status()
+            .is_ok_and(|s| s.success());
+        if !added {
+            return Err((format!("`rustup target add {TARGET}` failed"), 1));
+        }
+    }
+    let version = wasm_bindgen_version()?;
+    let tools = web_dir().join("tools");
+    let bindgen = tools.join("bin").join("wasm-bindgen");
+    let current = Command::new(&bindgen)
+        .arg("--version")
+        .output()
+        .map(|out| String::from_utf8_lossy(&out.stdout).trim().to_string());
+    if current.as_deref().ok() != Some(&format!("wasm-bindgen {version}")) {
+        // Not --locked: the CLI's own lock file pins versions this registry may lack.
+        let root = tools.display().to_string();
+        run_cargo(&[
+            "install",
+            "wasm-bindgen-cli",
+            "--version",
+            &version,
+            "--root",
+            &root,
+        ])?;
+    }
+    run_cargo(&[
+        "build",
+        "-p",
+        "wflash-web",
+        "--lib",
+        "--target",
+        TARGET,
+        "--release",
+    ])?;
+    let wasm = workspace_root().join(format!("target/{TARGET}/release/wflash_web.wasm"));
+    let pkg = web_dir().join("pkg");
+    eprintln!("xtask: $ wasm-bindgen --target web {}", wasm.display());
+    let status = Command::new(&bindgen)
+        .args(["--target", "web", "--no-typescript", "--out-dir"])
+        .arg(&pkg)
+        .arg(&wasm)
+        .status()
+        .is_ok_and(|s| s.success());
+    if !status {
+        return Err(("wasm-bindgen failed".into(), 1));
+    }
+    Ok(pkg)
+}
+
+/// `cargo xtask web`: builds the demo and serves it until interrupted.
+fn web(port: u16) -> Result<(), Failure> {
+    let pkg = build_web()?.display().to_string();
+    let port = port.to_string();
+    run_web_bin(&["serve", "--pkg", &pkg, "--port", &port])
+}
+
+/// `cargo run` of the browser crate's native binary (its server and Chromium driver).
+fn run_web_bin(args: &[&str]) -> Result<(), Failure> {
+    let mut cargo_args = vec![
+        "run",
+        "--quiet",
+        "-p",
+        "wflash-web",
+        "--bin",
+        "wflash-web",
+        "--",
+    ];
+    cargo_args.extend_from_slice(args);
+    run_cargo(&cargo_args)
+}
+
+/// `cargo xtask web-test`: Chromium and ChromeDriver from Debian when missing, the browser
+/// build, then the conformance slice and the demo in headless Chromium on WebGPU (screenshot
+/// and log in target/web-test).
+fn web_test(cases: Option<&str>) -> Result<(), Failure> {
+    let (chromium, driver) = ("/usr/bin/chromium", "/usr/bin/chromedriver");
+    if !Path::new(chromium).exists() || !Path::new(driver).exists() {
+        apt_install(
+            &["chromium", "chromium-driver"],
+            "no Chromium for the browser tests",
+            "",
+        )?;
+    }
+    let pkg = build_web()?.display().to_string();
+    let out = workspace_root().join("target").join("web-test");
+    let out = out.display().to_string();
+    let mut args = vec![
+        "test",
+        "--pkg",
+        &pkg,
+        "--out",
+        &out,
+        "--chromium",
+        chromium,
+        "--chromedriver",
+        driver,
+    ];
+    if let Some(cases) = cases {
+        args.extend(["--cases", cases]);
+    }
+    run_web_bin(&args)
 }
 
 fn bench(args: &[String]) -> Result<(), Failure> {
@@ -388,6 +551,22 @@ fn ci() -> Result<(), Failure> {
     gl_part()?;
     let quick = ["--quick", "--json", "target/bench-quick.json"].map(String::from);
     run_bin("wflash-bench", &quick, &env)?;
+    web_test(None)?;
+    // The browser build's own lints (the wasm32-only code is invisible to the native clippy).
+    run_cargo(&[
+        "clippy",
+        "-p",
+        "wflash-web",
+        "-p",
+        "wflash",
+        "-p",
+        "wflash-conformance",
+        "--target",
+        "wasm32-unknown-unknown",
+        "--",
+        "-D",
+        "warnings",
+    ])?;
     eprintln!("xtask: ci passed in {:.1} s", start.elapsed().as_secs_f64());
     Ok(())
 }
@@ -417,6 +596,8 @@ fn main() -> ExitCode {
         Task::Bench { args } => bench(&args),
         Task::Soak { args } => adapter_env().and_then(|env| run_bin("wflash-soak", &args, &env)),
         Task::Shaders => run_cargo(&["test", "-p", "wflash", "--test", "shader_validation"]),
+        Task::Web { port } => web(port),
+        Task::WebTest { cases } => web_test(cases.as_deref()),
         Task::Ci => ci(),
     };
     match result {

@@ -97,6 +97,7 @@ impl Engine {
         Ok(out.pop().unwrap_or_default())
     }
 
+    #[cfg(not(target_arch = "wasm32"))]
     /// Blocking twin of [`Engine::read`].
     pub fn read_blocking<T: Element>(&self, tensor: &Tensor) -> Result<Vec<T>> {
         pollster::block_on(self.read(tensor))
@@ -169,6 +170,10 @@ impl Engine {
             },
         )
         .await?;
+        if let Some(err) = self.inner.scopes.first_deferred().await {
+            self.check_alive()?;
+            return Err(Error::from_wgpu(err));
+        }
         let _held = gate.hold();
         let mut out = Vec::with_capacity(tensors.len());
         for ((tensor, buffer), status) in tensors.iter().zip(staging.iter()).zip(&statuses) {
@@ -200,8 +205,8 @@ impl Engine {
         let oom = device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
         let validation = device.push_error_scope(wgpu::ErrorFilter::Validation);
         let value = f(device);
-        let validation = pollster::block_on(validation.pop());
-        let oom = pollster::block_on(oom.pop());
+        let validation = self.inner.scopes.take(validation);
+        let oom = self.inner.scopes.take(oom);
         if let Some(err) = oom.or(validation) {
             // A lost device shows first as validation errors on everything; a poll lets its
             // lost callback run, so the error says what really happened.

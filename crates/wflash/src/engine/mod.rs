@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use crate::gpu::gate::DeviceGate;
 use crate::gpu::memory::{Charge, Ledger};
+use crate::gpu::scopes::ScopeAnswers;
 use crate::kernels::{
     Family, KernelId, STORAGE_BUFFERS_PER_KERNEL, Storage, TEXTURES_PER_KERNEL, TileConfig,
 };
@@ -53,8 +54,9 @@ pub struct EngineOptions {
     /// backend runs each submission to completion inside the submit, so there a readback has
     /// nothing left to wait for and this never fires.)
     pub readback_timeout: Duration,
-    /// Which forward kernel to run; `None` picks by adapter: [`Family::Unrolled`] on CPU
-    /// adapters (llvmpipe, SwiftShader), [`Family::Tiled`] on GPUs. Tests set it to cover both.
+    /// Which forward kernel to run; `None` picks by adapter: [`Family::Unrolled`] on native CPU
+    /// drivers (llvmpipe, lavapipe), [`Family::Tiled`] on GPUs and in browsers (SwiftShader
+    /// included: see [`Engine::family`]). Tests set it to cover both.
     pub family: Option<Family>,
     /// The most bytes of scratch textures and buffers the engine keeps between calls for reuse
     /// (packed K/V, linear attention's chunk states); least recently used first out. 0 keeps
@@ -175,6 +177,8 @@ pub(crate) struct Inner {
     pub(crate) ledger: Arc<Ledger>,
     /// Serialises device work where the backend needs it (GL; see `gpu/gate.rs`).
     pub(crate) gate: DeviceGate,
+    /// Error-scope answers not yet read (a browser's; see `gpu/scopes.rs`).
+    pub(crate) scopes: ScopeAnswers,
 }
 
 impl Engine {
@@ -227,6 +231,7 @@ impl Engine {
         Self::from_device(device, queue, options)
     }
 
+    #[cfg(not(target_arch = "wasm32"))]
     /// Blocking twin of [`Engine::new`].
     pub fn new_blocking(options: EngineOptions) -> Result<Engine> {
         pollster::block_on(Self::new(options))
@@ -292,6 +297,7 @@ impl Engine {
                 tuned: RwLock::new(HashMap::new()),
                 lost,
                 info,
+                scopes: ScopeAnswers::default(),
             }),
         };
         // Entries this adapter cannot run (a file from another version or hand-edited) are
@@ -383,15 +389,26 @@ impl Engine {
         Ok(())
     }
 
-    /// The forward kernel family this engine runs: the option, else by adapter type.
+    /// Whether the adapter is a browser's software one (Chromium's SwiftShader under WebGPU),
+    /// whose shader compiler takes some kernels shaped for native CPU drivers down with it.
+    pub(crate) fn browser_cpu_adapter(&self) -> bool {
+        self.inner.info.device_type == wgpu::DeviceType::Cpu
+            && self.inner.info.backend == wgpu::Backend::BrowserWebGpu
+    }
+
+    /// The forward kernel family this engine runs: the option, else by adapter: unrolled on a
+    /// native CPU driver (llvmpipe, lavapipe), tiled elsewhere. A browser's software adapter
+    /// (Chromium's SwiftShader) gets the tiled family too: compiling an unrolled kernel there
+    /// took two minutes and then crashed the browser's GPU process, while the tiled kernels
+    /// build in about a second.
     pub fn family(&self) -> Family {
-        self.inner.options.family.unwrap_or(
-            if self.inner.info.device_type == wgpu::DeviceType::Cpu {
-                Family::Unrolled
-            } else {
-                Family::Tiled
-            },
-        )
+        let native_cpu =
+            self.inner.info.device_type == wgpu::DeviceType::Cpu && !self.browser_cpu_adapter();
+        (self.inner.options.family).unwrap_or(if native_cpu {
+            Family::Unrolled
+        } else {
+            Family::Tiled
+        })
     }
 }
 

@@ -65,7 +65,7 @@ impl Engine {
         // build holds the context for seconds, and other threads must wait here, not in wgpu.
         let _held = self.inner.gate.hold();
         let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
-        let t0 = std::time::Instant::now();
+        let t0 = web_time::Instant::now();
         let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
             label: Some(&label),
             source: wgpu::ShaderSource::Wgsl(source.into()),
@@ -82,7 +82,7 @@ impl Engine {
             },
             cache: None,
         });
-        if let Some(err) = pollster::block_on(scope.pop()) {
+        if let Some(err) = self.inner.scopes.take(scope) {
             return Err(Error::Internal(format!("building `{label}`: {err}")));
         }
         if std::env::var_os("WFLASH_LOG_COMPILE").is_some() {

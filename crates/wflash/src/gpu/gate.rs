@@ -58,6 +58,7 @@ impl DeviceGate {
     }
 
     /// Whether this gate serialises (the device's backend is GL).
+    #[cfg(not(target_arch = "wasm32"))]
     pub(crate) fn is_closed(&self) -> bool {
         self.0.is_some()
     }

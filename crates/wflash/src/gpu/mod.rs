@@ -5,4 +5,5 @@ pub(crate) mod gate;
 pub(crate) mod memory;
 pub(crate) mod pool;
 pub(crate) mod readback;
+pub(crate) mod scopes;
 pub(crate) mod tensor;

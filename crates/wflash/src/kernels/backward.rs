@@ -47,15 +47,21 @@ impl BackwardPass {
 /// The dK/dV and dQ passes keep 2·ROWS·(D4 + DV4) (dkdv) or ROWS·(2·D4 + DV4) (dq) vec4s per
 /// invocation; this bounds ROWS × the widest row, as the forward's unrolled kernel does.
 const BACKWARD_ROW_VEC4S: u32 = 64;
-const BACKWARD_MAX_ROWS: u32 = 8;
+/// The most rows per invocation: the cap [`backward_rows`] takes on every adapter but a
+/// browser's software one.
+pub const BACKWARD_MAX_ROWS: u32 = 8;
+/// The cap in a browser on a software adapter (Chromium's SwiftShader): built with 4 or 8 rows
+/// (head dims up to 64), the dK/dV and dQ pipelines crashed Chromium's GPU process after
+/// 100-120 s of compiling; with 2 they build (47 s at head dim 128) and pass.
+pub const BACKWARD_MAX_ROWS_BROWSER_CPU: u32 = 2;
 /// Keys per step of the dQ pass's loop.
 const BACKWARD_KEYS: u32 = 4;
 
 /// Rows (keys or queries) per invocation of the dK/dV and dQ passes at these dims: a power of
-/// two from 1 to 8.
-pub fn backward_rows(head_dim: u32, value_dim: u32) -> u32 {
+/// two from 1 to `max_rows` (a power of two).
+pub fn backward_rows(head_dim: u32, value_dim: u32, max_rows: u32) -> u32 {
     let widest = head_dim.max(value_dim).div_ceil(4).max(1);
-    let rows = (BACKWARD_ROW_VEC4S / widest).clamp(1, BACKWARD_MAX_ROWS);
+    let rows = (BACKWARD_ROW_VEC4S / widest).clamp(1, max_rows);
     1 << rows.ilog2()
 }
 
@@ -206,7 +212,7 @@ pub(super) fn variants(dims: &[(u32, u32)]) -> Vec<super::KernelId> {
                                 pass,
                                 head_dim,
                                 value_dim,
-                                rows: backward_rows(head_dim, value_dim),
+                                rows: backward_rows(head_dim, value_dim, BACKWARD_MAX_ROWS),
                                 causal,
                                 variant,
                                 mods,

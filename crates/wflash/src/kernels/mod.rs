@@ -15,7 +15,10 @@ mod linear;
 mod passes;
 mod wgsl;
 
-pub use backward::{BackwardKey, BackwardPass, ReduceKernel, backward_rows};
+pub use backward::{
+    BACKWARD_MAX_ROWS, BACKWARD_MAX_ROWS_BROWSER_CPU, BackwardKey, BackwardPass, ReduceKernel,
+    backward_rows,
+};
 pub use decode::{DecodeKey, DecodePass, max_decode_rows};
 pub use forward::{
     Family, KernelKey, PRIVATE_DIM_MAX, TILED_BLOCK_MS, TILED_BLOCK_NS, TileConfig, UNROLLED_KEYS,

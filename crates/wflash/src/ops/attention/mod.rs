@@ -55,6 +55,7 @@ impl Engine {
         })
     }
 
+    #[cfg(not(target_arch = "wasm32"))]
     /// Blocking twin of [`Engine::attention`].
     pub fn attention_blocking<T: Element>(
         &self,

@@ -77,6 +77,7 @@ impl Engine {
         clippy::too_many_arguments,
         reason = "the forward call's arguments, its results and dO"
     )]
+    #[cfg(not(target_arch = "wasm32"))]
     pub fn attention_backward_blocking<T: Element>(
         &self,
         shape: &Shape,

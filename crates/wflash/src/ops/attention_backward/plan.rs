@@ -2,7 +2,10 @@
 //! packed K/V, bias and key mask, as the unrolled family packs them), plus the backward's own
 //! textures, kernels, grids and reductions, all decided before anything touches the GPU.
 
-use crate::kernels::{BackwardKey, BackwardPass, Family, VariantKind, backward_rows};
+use crate::kernels::{
+    BACKWARD_MAX_ROWS, BACKWARD_MAX_ROWS_BROWSER_CPU, BackwardKey, BackwardPass, Family,
+    VariantKind, backward_rows,
+};
 use crate::ops::attention::Plan;
 use crate::ops::passes::PackShape;
 use crate::{AttentionOptions, DType, Engine, Error, Layout, ModifierSet, Result, Shape};
@@ -126,7 +129,12 @@ impl Engine {
         let do_width4 = shape.value_dim.div_ceil(4) + 1;
         let do_fold = fold(do_width4, " texels or lines for packed dO")?;
 
-        let rows = backward_rows(shape.head_dim as u32, shape.value_dim as u32);
+        let max_rows = if self.browser_cpu_adapter() {
+            BACKWARD_MAX_ROWS_BROWSER_CPU
+        } else {
+            BACKWARD_MAX_ROWS
+        };
+        let rows = backward_rows(shape.head_dim as u32, shape.value_dim as u32, max_rows);
         let block = crate::kernels::UNROLLED_LANES as usize * rows as usize;
         let group = shape.q_heads / shape.kv_heads;
         self.within_cpu_loop_limit(

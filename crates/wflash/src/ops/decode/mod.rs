@@ -330,6 +330,7 @@ impl Engine {
         self.read_attention(&out).await
     }
 
+    #[cfg(not(target_arch = "wasm32"))]
     /// Blocking twin of [`Engine::decode_attention`].
     pub fn decode_attention_blocking<T: Element>(
         &self,

@@ -195,6 +195,7 @@ impl Engine {
         clippy::too_many_arguments,
         reason = "the forward call's arguments and both output gradients"
     )]
+    #[cfg(not(target_arch = "wasm32"))]
     pub fn linear_attention_backward_blocking<T: Element>(
         &self,
         shape: &Shape,

@@ -79,6 +79,7 @@ impl Engine {
         clippy::too_many_arguments,
         reason = "the attention call's arguments plus the state"
     )]
+    #[cfg(not(target_arch = "wasm32"))]
     pub fn linear_attention_blocking<T: Element>(
         &self,
         shape: &Shape,

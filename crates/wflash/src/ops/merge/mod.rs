@@ -44,6 +44,7 @@ impl Engine {
         self.read_attention(&merged).await
     }
 
+    #[cfg(not(target_arch = "wasm32"))]
     /// Blocking twin of [`Engine::merge_attention`].
     pub fn merge_attention_blocking<T: Element>(
         &self,
