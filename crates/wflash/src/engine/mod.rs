@@ -194,16 +194,33 @@ impl Engine {
             None => vec![wgpu::Backends::PRIMARY, wgpu::Backends::SECONDARY],
         };
         let mut adapter = Err(Error::NoAdapter("no backends".into()));
+        let mut storage_textures_read = true;
         for backends in tiers {
             let mut desc = wgpu::InstanceDescriptor::new_without_display_handle_from_env();
             desc.backends = backends;
             let instance = wgpu::Instance::new(desc);
             adapter = select_adapter(&instance, backends, &options).await;
             if adapter.is_ok() {
+                storage_textures_read = instance
+                    .wgsl_language_features()
+                    .contains(wgpu::WgslLanguageFeatures::ReadOnlyAndReadWriteStorageTextures);
                 break;
             }
         }
         let adapter = adapter?;
+        // A browser's WGSL may lack read-only storage textures, through which the kernels read
+        // packed K/V, bias and masks (natively naga always has them).
+        let info = adapter.get_info();
+        if info.backend == wgpu::Backend::BrowserWebGpu && !storage_textures_read {
+            return Err(Error::BackendUnsupported {
+                backend: info.backend,
+                adapter: info.name,
+                reason: "its WGSL lacks read-only storage textures \
+                         (readonly_and_readwrite_storage_textures), which the kernels read \
+                         packed K/V, bias and masks through"
+                    .into(),
+            });
+        }
 
         let adapter_features = adapter.features();
         let mut features = wgpu::Features::empty();
