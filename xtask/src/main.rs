@@ -538,6 +538,9 @@ fn ci() -> Result<(), Failure> {
     doc()?;
     // Builds each crate from its packaged files alone: what crates.io and docs.rs would get.
     // --allow-dirty: the check is of the package's contents, whatever the checkout's state.
+    // The packaged crates build outside this workspace's profiles, so nothing of that build is
+    // reused later: it gets its own target folder, removed afterwards to spare CI's disk.
+    let verify_dir = workspace_root().join("target").join("package-verify");
     run_cargo(&[
         "package",
         "-p",
@@ -545,7 +548,11 @@ fn ci() -> Result<(), Failure> {
         "-p",
         "wflash",
         "--allow-dirty",
+        "--target-dir",
+        &verify_dir.display().to_string(),
     ])?;
+    std::fs::remove_dir_all(&verify_dir)
+        .map_err(|e| (format!("removing {}: {e}", verify_dir.display()), 1))?;
     let env = adapter_env()?;
     test_in(&env, &["--workspace"])?;
     gl_part()?;
