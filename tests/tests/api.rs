@@ -385,6 +385,143 @@ fn gpu_resident_calls_chain_and_match_the_host_path() {
     assert_eq!(Some(lse), host1.lse);
 }
 
+/// One application buffer holding `parts` at aligned offsets, NaN between them (so a kernel
+/// that read past a view's bytes, or from its buffer's start, would show it); the views.
+fn views_in_one_buffer(engine: &Engine, parts: &[&[f32]]) -> (wgpu::Buffer, Vec<wflash::Tensor>) {
+    let align = u64::from(engine.info().limits.min_storage_buffer_offset_alignment) as usize;
+    let mut words: Vec<f32> = Vec::new();
+    let mut offsets = Vec::new();
+    for part in parts {
+        // One aligned gap of NaN before each part, so no view starts at byte 0.
+        words.resize(
+            (words.len() * 4).next_multiple_of(align) / 4 + align / 4,
+            f32::NAN,
+        );
+        offsets.push(words.len() * 4);
+        words.extend_from_slice(part);
+    }
+    words.resize(words.len() + align / 4, f32::NAN);
+    let buffer = engine.device().create_buffer(&wgpu::BufferDescriptor {
+        label: Some("application buffer"),
+        size: (words.len() * 4) as u64,
+        usage: wgpu::BufferUsages::STORAGE
+            | wgpu::BufferUsages::COPY_SRC
+            | wgpu::BufferUsages::COPY_DST,
+        mapped_at_creation: false,
+    });
+    let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
+    engine.queue().write_buffer(&buffer, 0, &bytes);
+    let views = parts
+        .iter()
+        .zip(&offsets)
+        .map(|(part, &offset)| {
+            engine
+                .tensor_view(&buffer, offset as u64, wflash::DType::F32, part.len())
+                .unwrap()
+        })
+        .collect();
+    (buffer, views)
+}
+
+#[test]
+fn views_of_an_application_buffer_bind_in_place_and_match_owned_tensors() {
+    let Some(engine) = engine(Path::F32) else {
+        return;
+    };
+    let s = shape();
+    let (q, k, v) = inputs(&s);
+    let d_o: Vec<f32> = (0..s.o_elems())
+        .map(|i| ((i % 23) as f32 - 11.0) / 11.0)
+        .collect();
+    let opts = AttentionOptions::softmax().with_causal(Causal::BottomRight);
+    let owned = [&q, &k, &v].map(|x| engine.upload(x).unwrap());
+    let (_buffer, views) = views_in_one_buffer(engine, &[&q, &k, &v, &d_o]);
+    assert_eq!(engine.read_blocking::<f32>(&views[1]).unwrap(), k);
+
+    let fwd = |t: &[wflash::Tensor]| {
+        engine
+            .attention_gpu(&s, Layout::Bhsd, &opts, &t[0], &t[1], &t[2])
+            .unwrap()
+    };
+    let (by_view, by_owned) = (fwd(&views), fwd(&owned));
+    let read = |t: &wflash::Tensor| engine.read_blocking::<f32>(t).unwrap();
+    assert_eq!(read(&by_view.output), read(&by_owned.output));
+    assert!(read(&by_view.output).iter().all(|x| x.is_finite()));
+
+    // The backward reads Q, K, V and dO through views, O and the LSE from the forward.
+    let d_o_owned = engine.upload(&d_o).unwrap();
+    let bwd = |t: &[wflash::Tensor], d_o: &wflash::Tensor, f: &wflash::GpuAttention| {
+        engine
+            .attention_backward_gpu(
+                &s,
+                Layout::Bhsd,
+                &opts,
+                &t[0],
+                &t[1],
+                &t[2],
+                &f.output,
+                f.lse.as_ref(),
+                d_o,
+            )
+            .unwrap()
+    };
+    let (gv, go) = (
+        bwd(&views, &views[3], &by_view),
+        bwd(&owned, &d_o_owned, &by_owned),
+    );
+    for (a, b) in [(&gv.dq, &go.dq), (&gv.dk, &go.dk), (&gv.dv, &go.dv)] {
+        assert_eq!(read(a), read(b));
+    }
+
+    // The merge copies its parts: a view's bytes, not its buffer's start.
+    let out_shape = wflash::OutputShape {
+        batch: s.batch,
+        heads: s.q_heads,
+        len: s.q_len,
+        value_dim: s.value_dim,
+    };
+    let lse: Vec<f32> = read(by_owned.lse.as_ref().unwrap());
+    let o: Vec<f32> = read(&by_owned.output);
+    let (_parts_buffer, parts) = views_in_one_buffer(engine, &[&o, &lse]);
+    let merged = engine
+        .merge_attention_gpu(&out_shape, Layout::Bhsd, &[(&parts[0], &parts[1])])
+        .unwrap();
+    assert_eq!(read(&merged.output), o);
+}
+
+#[test]
+fn views_that_cannot_bind_are_typed_errors() {
+    let Some(engine) = engine(Path::F32) else {
+        return;
+    };
+    let align = u64::from(engine.info().limits.min_storage_buffer_offset_alignment);
+    let buffer = |usage| {
+        engine.device().create_buffer(&wgpu::BufferDescriptor {
+            label: None,
+            size: 4 * align,
+            usage,
+            mapped_at_creation: false,
+        })
+    };
+    let storage = buffer(wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC);
+    let f32 = wflash::DType::F32;
+    let view = |b: &wgpu::Buffer, offset, len| engine.tensor_view(b, offset, f32, len);
+    assert!(view(&storage, align, (align / 4) as usize).is_ok());
+    for err in [
+        view(&storage, 4, 1).unwrap_err(),
+        view(&storage, 3 * align, (align / 4) as usize + 1).unwrap_err(),
+        view(&storage, u64::MAX - u64::MAX % align, 1).unwrap_err(),
+        view(
+            &buffer(wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST),
+            0,
+            1,
+        )
+        .unwrap_err(),
+    ] {
+        assert!(matches!(err, Error::InvalidView { .. }), "{err:?}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn async_calls_from_tasks_match_blocking_calls() {
     let Some(engine) = engine(Path::F32) else {

@@ -113,6 +113,11 @@ pub enum Error {
         capacity: usize,
     },
 
+    /// A view of an application's buffer ([`crate::Engine::tensor_view`]) that the kernels
+    /// cannot bind: misaligned, past the buffer's end, or without storage or copy usage.
+    #[error("tensor view: {reason}")]
+    InvalidView { reason: String },
+
     /// The device was lost (driver reset, `destroy`, or unplugged).
     #[error("the GPU device was lost: {0}")]
     DeviceLost(String),

@@ -38,8 +38,70 @@ impl Engine {
         Ok(Tensor {
             _backing: Backing::new(&buffer, charge, &self.inner.gate),
             buffer,
+            offset: 0,
+            size: None,
             dtype: T::DTYPE,
             len: data.len(),
+        })
+    }
+
+    /// A tensor over `len` elements of `dtype` at byte `offset` of `buffer`, an application's
+    /// buffer on this engine's device (a framework's sub-allocated tensor, say): the kernels
+    /// bind those bytes in place, with no copy. The offset must be a multiple of the device's
+    /// `min_storage_buffer_offset_alignment`, the buffer must have `STORAGE` and `COPY_SRC`
+    /// usage, and the tensor's bytes (padded to 4) must lie inside it.
+    ///
+    /// The view keeps a handle to the buffer but not the application's allocation inside it:
+    /// the application keeps those bytes alive, and unchanged while wflash work that reads
+    /// them is queued (work submitted later on the same queue runs later).
+    pub fn tensor_view(
+        &self,
+        buffer: &wgpu::Buffer,
+        offset: u64,
+        dtype: DType,
+        len: usize,
+    ) -> Result<Tensor> {
+        self.check_alive()?;
+        let invalid = |reason: String| Err(Error::InvalidView { reason });
+        let needed = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC;
+        if !buffer.usage().contains(needed) {
+            return invalid(format!(
+                "the buffer's usage {:?} lacks STORAGE or COPY_SRC",
+                buffer.usage()
+            ));
+        }
+        let limits = &self.inner.info.limits;
+        let align = u64::from(limits.min_storage_buffer_offset_alignment);
+        if !offset.is_multiple_of(align) {
+            return invalid(format!(
+                "offset {offset} is not a multiple of the device's storage offset alignment {align}"
+            ));
+        }
+        let bytes = buffer_bytes(dtype, len).max(4);
+        if offset
+            .checked_add(bytes)
+            .is_none_or(|end| end > buffer.size())
+        {
+            return invalid(format!(
+                "{bytes} bytes at offset {offset} pass the buffer's end ({} bytes)",
+                buffer.size()
+            ));
+        }
+        if bytes > limits.max_storage_buffer_binding_size {
+            return Err(Error::TooLarge {
+                limit: "max_storage_buffer_binding_size",
+                needed: bytes,
+                max: limits.max_storage_buffer_binding_size,
+                hint: "",
+            });
+        }
+        Ok(Tensor {
+            _backing: Backing::new(buffer, self.charge(0)?, &self.inner.gate),
+            buffer: buffer.clone(),
+            offset,
+            size: std::num::NonZeroU64::new(bytes),
+            dtype,
+            len,
         })
     }
 
@@ -72,6 +134,8 @@ impl Engine {
         Ok(Tensor {
             _backing: Backing::new(&buffer, charge, &self.inner.gate),
             buffer,
+            offset: 0,
+            size: None,
             dtype,
             len,
         })
@@ -115,7 +179,7 @@ impl Engine {
                 });
             }
         }
-        let staging_bytes = tensors.iter().map(|t| t.buffer.size()).sum();
+        let staging_bytes = tensors.iter().map(|t| t.byte_size()).sum();
         let _staging_charge = self.charge(staging_bytes)?;
         let (staging, submission) = self.guarded(|device| {
             let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
@@ -124,14 +188,14 @@ impl Engine {
             let staging: Vec<wgpu::Buffer> = tensors
                 .iter()
                 .map(|t| {
-                    let size = t.buffer.size();
+                    let size = t.byte_size();
                     let buffer = device.create_buffer(&wgpu::BufferDescriptor {
                         label: Some("wflash staging"),
                         size,
                         usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
                         mapped_at_creation: false,
                     });
-                    encoder.copy_buffer_to_buffer(&t.buffer, 0, &buffer, 0, size);
+                    encoder.copy_buffer_to_buffer(&t.buffer, t.offset, &buffer, 0, size);
                     buffer
                 })
                 .collect();

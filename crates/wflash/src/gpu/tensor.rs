@@ -1,5 +1,6 @@
 //! Tensors that live on the GPU, so a model can chain calls without host round trips.
 
+use std::num::NonZeroU64;
 use std::sync::Arc;
 
 use crate::DType;
@@ -13,6 +14,11 @@ use crate::gpu::memory::Charge;
 #[derive(Clone, Debug)]
 pub struct Tensor {
     pub(crate) buffer: wgpu::Buffer,
+    /// Where the tensor starts in `buffer`, in bytes: 0 for wflash's own tensors, any
+    /// aligned offset for a view of an application's buffer ([`crate::Engine::tensor_view`]).
+    pub(crate) offset: u64,
+    /// The bytes bound: `None` (the whole buffer) for wflash's own tensors.
+    pub(crate) size: Option<NonZeroU64>,
     pub(crate) dtype: DType,
     pub(crate) len: usize,
     /// Shared by clones of this handle. Declared after `buffer`, so this handle's clone of the
@@ -34,6 +40,70 @@ impl Tensor {
     }
     pub fn is_empty(&self) -> bool {
         self.len == 0
+    }
+    /// Where the tensor starts in [`Tensor::buffer`], in bytes (0 unless it is a view).
+    pub fn offset(&self) -> u64 {
+        self.offset
+    }
+
+    /// A bind-group entry for this tensor's bytes at `binding`.
+    pub(crate) fn entry(&self, binding: u32) -> wgpu::BindGroupEntry<'_> {
+        wgpu::BindGroupEntry {
+            binding,
+            resource: wgpu::BindingResource::Buffer(self.binding()),
+        }
+    }
+
+    pub(crate) fn binding(&self) -> wgpu::BufferBinding<'_> {
+        wgpu::BufferBinding {
+            buffer: &self.buffer,
+            offset: self.offset,
+            size: self.size,
+        }
+    }
+
+    /// The bytes a copy of this tensor takes: the whole buffer for wflash's own tensors.
+    pub(crate) fn byte_size(&self) -> u64 {
+        self.size.map_or(self.buffer.size(), NonZeroU64::get)
+    }
+
+    /// An owned handle to the bytes this tensor binds, for code that binds tensors and
+    /// scratch buffers alike.
+    pub(crate) fn region(&self) -> Region {
+        Region {
+            buffer: self.buffer.clone(),
+            offset: self.offset,
+            size: self.size,
+        }
+    }
+}
+
+/// Bytes of a buffer to bind: a tensor's ([`Tensor::region`]) or a whole scratch buffer.
+#[derive(Clone, Debug)]
+pub(crate) struct Region {
+    buffer: wgpu::Buffer,
+    offset: u64,
+    size: Option<NonZeroU64>,
+}
+
+impl Region {
+    pub(crate) fn whole(buffer: wgpu::Buffer) -> Region {
+        Region {
+            buffer,
+            offset: 0,
+            size: None,
+        }
+    }
+
+    pub(crate) fn entry(&self, binding: u32) -> wgpu::BindGroupEntry<'_> {
+        wgpu::BindGroupEntry {
+            binding,
+            resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                buffer: &self.buffer,
+                offset: self.offset,
+                size: self.size,
+            }),
+        }
     }
 }
 

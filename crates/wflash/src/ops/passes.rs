@@ -123,7 +123,7 @@ pub(crate) fn pack_into(
     );
     let entries = [
         entry(binding::PARAMS, &uniform),
-        entry(binding::PACK_SOURCE, &tensor.buffer),
+        tensor.entry(binding::PACK_SOURCE),
         texture_entry(binding::PACK_TEXTURE, view),
     ];
     let grid = [groups_x, groups.div_ceil(groups_x), 1];
@@ -174,8 +174,8 @@ pub(crate) fn convert_pass(
     );
     let entries = [
         entry(binding::PARAMS, &uniform),
-        entry(binding::CONVERT_FROM, &src.buffer),
-        entry(binding::CONVERT_TO, &dst.buffer),
+        src.entry(binding::CONVERT_FROM),
+        dst.entry(binding::CONVERT_TO),
     ];
     let grid = [groups_x, groups.div_ceil(groups_x), 1];
     record_pass(

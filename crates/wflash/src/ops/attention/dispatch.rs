@@ -127,9 +127,9 @@ impl Engine {
                 storage_init("flash_fwd sequences", bytemuck::cast_slice(sequences));
             let mut entries = vec![
                 entry(binding::PARAMS, &uniform),
-                entry(binding::Q, &q_f32.as_ref().unwrap_or(q).buffer),
+                q_f32.as_ref().unwrap_or(q).entry(binding::Q),
                 entry(binding::O, &o_f32.as_ref().unwrap_or(&output).buffer),
-                entry(binding::LSE, &lse.buffer),
+                lse.entry(binding::LSE),
                 entry(binding::ROW_DATA, &row_data),
                 entry(binding::SEQUENCES, &sequences_buffer),
             ];
@@ -146,8 +146,8 @@ impl Engine {
                     entries.push(texture(binding::V));
                 }
                 Family::Tiled => {
-                    entries.push(entry(binding::K, &k.buffer));
-                    entries.push(entry(binding::V, &v.buffer));
+                    entries.push(k.entry(binding::K));
+                    entries.push(v.entry(binding::V));
                 }
             }
             if plan.key.mods.contains(Modifier::Bias) {

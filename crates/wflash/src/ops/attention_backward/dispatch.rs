@@ -232,11 +232,11 @@ impl Engine {
             let entries = [
                 entry(binding::PARAMS, &params),
                 entry(binding::BWD, &bwd),
-                entry(binding::BWD_O, &o_in.buffer),
-                entry(binding::BWD_DO, &do_in.buffer),
-                entry(binding::LSE, &lse.buffer),
+                o_in.entry(binding::BWD_O),
+                do_in.entry(binding::BWD_DO),
+                lse.entry(binding::LSE),
                 entry(binding::ROW_DATA, &row_data),
-                entry(binding::BWD_STATS, &stats.buffer),
+                stats.entry(binding::BWD_STATS),
                 texture_entry(binding::BWD_DO_TEX, &do_view),
             ];
             record_pass(
@@ -257,10 +257,10 @@ impl Engine {
                 entry(binding::SEQUENCES, &sequences),
                 texture_entry(binding::BWD_Q_TEX, &q_view),
                 texture_entry(binding::BWD_DO_TEX, &do_view),
-                entry(binding::BWD_K, &k_in.buffer),
-                entry(binding::BWD_V, &v_in.buffer),
-                entry(binding::BWD_DK, &dk_out.buffer),
-                entry(binding::BWD_DV, &dv_out.buffer),
+                k_in.entry(binding::BWD_K),
+                v_in.entry(binding::BWD_V),
+                dk_out.entry(binding::BWD_DK),
+                dv_out.entry(binding::BWD_DV),
             ];
             entries.extend(modifier_textures.iter().cloned());
             let grid = plan.grids[1];
@@ -280,14 +280,14 @@ impl Engine {
                 entry(binding::SEQUENCES, &sequences),
                 texture_entry(binding::BWD_K_TEX, k_view),
                 texture_entry(binding::BWD_V_TEX, v_view),
-                entry(binding::BWD_Q, &q_in.buffer),
-                entry(binding::BWD_DO, &do_in.buffer),
-                entry(binding::BWD_STATS, &stats.buffer),
-                entry(binding::BWD_DQ, &dq_out.buffer),
-                entry(binding::BWD_D_TEMPERATURE, &d_temperature_binding.buffer),
+                q_in.entry(binding::BWD_Q),
+                do_in.entry(binding::BWD_DO),
+                stats.entry(binding::BWD_STATS),
+                dq_out.entry(binding::BWD_DQ),
+                d_temperature_binding.entry(binding::BWD_D_TEMPERATURE),
             ];
             entries.push(entry(binding::BWD, &bwd));
-            entries.push(entry(binding::BWD_D_BIAS, &d_bias_binding.buffer));
+            entries.push(d_bias_binding.entry(binding::BWD_D_BIAS));
             entries.extend(modifier_textures.iter().cloned());
             record_pass(
                 device,
@@ -304,8 +304,8 @@ impl Engine {
                     entry(binding::PARAMS, &params),
                     entry(binding::BWD, &bwd),
                     entry(binding::ROW_DATA, &row_data),
-                    entry(binding::BWD_STATS, &stats.buffer),
-                    entry(binding::BWD_SINK_PARTIALS, &sink_partials.buffer),
+                    stats.entry(binding::BWD_STATS),
+                    sink_partials.entry(binding::BWD_SINK_PARTIALS),
                 ];
                 let grid = plan.grids[0];
                 record_pass(
@@ -322,8 +322,8 @@ impl Engine {
                 let uniform = uniform("reduce_sum params", bytemuck::bytes_of(params));
                 let entries = [
                     entry(binding::PARAMS, &uniform),
-                    entry(binding::REDUCE_IN, &from.buffer),
-                    entry(binding::REDUCE_OUT, &to.buffer),
+                    from.entry(binding::REDUCE_IN),
+                    to.entry(binding::REDUCE_OUT),
                 ];
                 let groups = params.outputs.div_ceil(64).max(1);
                 let grid = [params.groups_x, groups.div_ceil(params.groups_x), 1];

@@ -64,8 +64,8 @@ impl Engine {
                     entry(binding::PARAMS, &uniform),
                     entry(binding::DECODE_LENGTHS, &lengths),
                     entry(binding::DECODE_BLOCKS, &blocks),
-                    entry(binding::DECODE_NEW, &new.buffer),
-                    entry(binding::DECODE_CACHE, &cached.buffer),
+                    new.entry(binding::DECODE_NEW),
+                    cached.entry(binding::DECODE_CACHE),
                 ];
                 record_pass(
                     device,
@@ -130,9 +130,9 @@ impl Engine {
             );
             let entries = [
                 entry(binding::PARAMS, &uniform),
-                entry(binding::Q, &q.buffer),
-                entry(binding::DECODE_K, &cache.k.buffer),
-                entry(binding::DECODE_V, &cache.v.buffer),
+                q.entry(binding::Q),
+                cache.k.entry(binding::DECODE_K),
+                cache.v.entry(binding::DECODE_V),
                 entry(binding::DECODE_LENGTHS, &lengths),
                 entry(binding::DECODE_BLOCKS, &blocks),
                 entry(binding::DECODE_PARTIAL_O, partial_o.buffer()),

@@ -7,7 +7,7 @@
 
 use super::dispatch::{Bound, copy_chunk_states};
 use super::{GpuLinearState, LinearParams, LinearPlan};
-use crate::gpu::tensor::buffer_with_contents;
+use crate::gpu::tensor::{Region, buffer_with_contents};
 use crate::kernels::{KernelId, LinearKey, LinearPass, PackKernel, binding, linear_rows};
 use crate::linear::{LINEAR_MAX_SEQUENTIAL_STEPS, LinearKernel};
 use crate::ops::passes::{
@@ -319,16 +319,15 @@ impl Engine {
             };
             let decay = storage("linear decay", bytemuck::cast_slice(&fwd.decay));
             // Absent states bind a word each (the kernels read them only with has_initial).
-            let dummy = || storage("linear absent state", &[0u8; 4]);
-            let kv_or_dummy =
-                |s: Option<&GpuLinearState>| s.map_or_else(dummy, |s| s.kv.buffer.clone());
+            let dummy = || Region::whole(storage("linear absent state", &[0u8; 4]));
+            let kv_or_dummy = |s: Option<&GpuLinearState>| s.map_or_else(dummy, |s| s.kv.region());
             let z_or_dummy = |s: Option<&GpuLinearState>| {
                 s.and_then(|s| s.z.as_ref())
-                    .map_or_else(dummy, |z| z.buffer.clone())
+                    .map_or_else(dummy, Tensor::region)
             };
             let (kv_in, z_in) = (kv_or_dummy(initial), z_or_dummy(initial));
             let (d_kv_in, d_z_in) = (kv_or_dummy(d_final), z_or_dummy(d_final));
-            let d_z_out = d_z.as_ref().map_or_else(dummy, |z| z.buffer.clone());
+            let d_z_out = d_z.as_ref().map_or_else(dummy, Tensor::region);
             let bound = Bound {
                 uniform: &uniform,
                 decay: &decay,
@@ -336,10 +335,10 @@ impl Engine {
                 k,
                 v,
                 states: [
-                    entry(binding::KV_IN, &kv_in),
-                    entry(binding::Z_IN, &z_in),
-                    entry(binding::KV_OUT, &d_kv.buffer),
-                    entry(binding::Z_OUT, &d_z_out),
+                    kv_in.entry(binding::KV_IN),
+                    z_in.entry(binding::Z_IN),
+                    d_kv.entry(binding::KV_OUT),
+                    d_z_out.entry(binding::Z_OUT),
                 ],
             };
             let res = self.chunk_resources(device, fwd, &pack)?;
@@ -404,12 +403,12 @@ impl Engine {
                 );
                 let entries = [
                     entry(binding::PARAMS, &group.uniform),
-                    entry(binding::Q, &q.buffer),
+                    q.entry(binding::Q),
                     texture_entry(binding::K, &res.k_view),
                     texture_entry(binding::V, &res.v_view),
                     entry(binding::DECAY_POWERS, &decay),
                     texture_entry(binding::STATE_TEXTURE, &res.state_view),
-                    entry(binding::LINEAR_D_O, &d_o.buffer),
+                    d_o.entry(binding::LINEAR_D_O),
                     texture_entry(binding::LINEAR_GRAD_OUT, &grad_view),
                 ];
                 let grid = row_grid(h);
@@ -441,10 +440,10 @@ impl Engine {
                     entry(binding::PARAMS, &scan.uniform),
                     entry(binding::DECAY_POWERS, &decay),
                     entry(binding::CHUNK_STATES, &res.chunk_states),
-                    entry(binding::KV_IN, &d_kv_in),
-                    entry(binding::Z_IN, &d_z_in),
-                    entry(binding::KV_OUT, &d_kv.buffer),
-                    entry(binding::Z_OUT, &d_z_out),
+                    d_kv_in.entry(binding::KV_IN),
+                    d_z_in.entry(binding::Z_IN),
+                    d_kv.entry(binding::KV_OUT),
+                    d_z_out.entry(binding::Z_OUT),
                 ];
                 let grid = [(c4 * shape.head_dim as u32).div_ceil(64), h, b];
                 record_pass(
@@ -458,26 +457,26 @@ impl Engine {
                 copy_chunk_states(&mut encoder, &c, &res.chunk_states, &d_texture);
                 let entries = [
                     entry(binding::PARAMS, &group.uniform),
-                    entry(binding::Q, &q.buffer),
+                    q.entry(binding::Q),
                     texture_entry(binding::K, &res.k_view),
                     texture_entry(binding::V, &res.v_view),
                     texture_entry(binding::LINEAR_GRAD_TEX, &grad_view),
                     texture_entry(binding::STATE_TEXTURE, &res.state_view),
                     entry(binding::DECAY_POWERS, &decay),
-                    entry(binding::LINEAR_DQ, &dq.buffer),
+                    dq.entry(binding::LINEAR_DQ),
                 ];
                 let grid = row_grid(h);
                 record_pass(device, &mut encoder, d_q, &entries, grid, "linear bwd dq");
                 let entries = [
                     entry(binding::PARAMS, &group.uniform),
-                    entry(binding::LINEAR_K, &k.buffer),
-                    entry(binding::LINEAR_V, &v.buffer),
+                    k.entry(binding::LINEAR_K),
+                    v.entry(binding::LINEAR_V),
                     texture_entry(binding::LINEAR_Q_TEX, &q_view),
                     texture_entry(binding::LINEAR_GRAD_TEX, &grad_view),
                     texture_entry(binding::STATE_TEXTURE, &d_view),
                     entry(binding::DECAY_POWERS, &decay),
-                    entry(binding::LINEAR_DK, &dk.buffer),
-                    entry(binding::LINEAR_DV, &dv.buffer),
+                    dk.entry(binding::LINEAR_DK),
+                    dv.entry(binding::LINEAR_DV),
                 ];
                 let grid = row_grid(group.kv_heads);
                 record_pass(

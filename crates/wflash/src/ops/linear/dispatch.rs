@@ -3,7 +3,7 @@
 use super::plan::{ChunkPlan, LinearParams, LinearPlan};
 use super::{GpuLinearAttention, GpuLinearState};
 use crate::gpu::pool::Scratch;
-use crate::gpu::tensor::buffer_with_contents;
+use crate::gpu::tensor::{Region, buffer_with_contents};
 use crate::kernels::{KernelId, PackKernel, binding};
 use crate::ops::passes::{PackShape, entry, pack_into, packed_texture, record_pass, texture_entry};
 use crate::{DType, Engine, LinearOptions, Result, Shape, Tensor};
@@ -66,12 +66,12 @@ impl Engine {
             };
             let decay = storage("linear decay", bytemuck::cast_slice(&plan.decay));
             // Absent states bind a word each (the kernel reads them only with has_initial).
-            let dummy = || storage("linear absent state", &[0u8; 4]);
-            let kv_in = initial.map_or_else(dummy, |s| s.kv.buffer.clone());
+            let dummy = || Region::whole(storage("linear absent state", &[0u8; 4]));
+            let kv_in = initial.map_or_else(dummy, |s| s.kv.region());
             let z_in = initial
                 .and_then(|s| s.z.as_ref())
-                .map_or_else(dummy, |z| z.buffer.clone());
-            let z_out_buffer = z_out.as_ref().map_or_else(dummy, |z| z.buffer.clone());
+                .map_or_else(dummy, Tensor::region);
+            let z_out_region = z_out.as_ref().map_or_else(dummy, Tensor::region);
             let bound = Bound {
                 uniform: &uniform,
                 decay: &decay,
@@ -79,10 +79,10 @@ impl Engine {
                 k,
                 v,
                 states: [
-                    entry(binding::KV_IN, &kv_in),
-                    entry(binding::Z_IN, &z_in),
-                    entry(binding::KV_OUT, &kv_out.buffer),
-                    entry(binding::Z_OUT, &z_out_buffer),
+                    kv_in.entry(binding::KV_IN),
+                    z_in.entry(binding::Z_IN),
+                    kv_out.entry(binding::KV_OUT),
+                    z_out_region.entry(binding::Z_OUT),
                 ],
             };
             // Loans from the scratch pool go back when this closure ends, after the submit.
@@ -127,11 +127,11 @@ impl Engine {
         let shape = &plan.shape;
         let mut entries = vec![
             entry(binding::PARAMS, bound.uniform),
-            entry(binding::Q, &bound.q.buffer),
-            entry(binding::O, &output.buffer),
+            bound.q.entry(binding::Q),
+            output.entry(binding::O),
             entry(binding::DECAY_POWERS, bound.decay),
-            entry(binding::LINEAR_K, &bound.k.buffer),
-            entry(binding::LINEAR_V, &bound.v.buffer),
+            bound.k.entry(binding::LINEAR_K),
+            bound.v.entry(binding::LINEAR_V),
         ];
         entries.extend(bound.states.iter().cloned());
         let grid = [
@@ -173,10 +173,10 @@ impl Engine {
             self.record_group_states(device, encoder, plan, bound, &group, &res, pipelines);
             let entries = [
                 entry(binding::PARAMS, &group.uniform),
-                entry(binding::Q, &bound.q.buffer),
+                bound.q.entry(binding::Q),
                 texture_entry(binding::K, &res.k_view),
                 texture_entry(binding::V, &res.v_view),
-                entry(binding::O, &output.buffer),
+                output.entry(binding::O),
                 entry(binding::DECAY_POWERS, bound.decay),
                 texture_entry(binding::STATE_TEXTURE, &res.state_view),
             ];

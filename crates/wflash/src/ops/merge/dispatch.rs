@@ -31,10 +31,16 @@ impl Engine {
                 pool.buffer(device, "merge part lses", plan.lse_bytes * count, usage)?;
             for (s, &(o, l)) in (0u64..).zip(parts) {
                 let (part, lse_part) = (plan.part_bytes, plan.lse_bytes);
-                encoder.copy_buffer_to_buffer(&o.buffer, 0, stacked.buffer(), s * part, part);
+                encoder.copy_buffer_to_buffer(
+                    &o.buffer,
+                    o.offset,
+                    stacked.buffer(),
+                    s * part,
+                    part,
+                );
                 encoder.copy_buffer_to_buffer(
                     &l.buffer,
-                    0,
+                    l.offset,
                     stacked_lse.buffer(),
                     s * lse_part,
                     lse_part,
