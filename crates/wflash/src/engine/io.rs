@@ -105,6 +105,29 @@ impl Engine {
         })
     }
 
+    /// Copies `src` into `dst` on the device (a result into an application's buffer through a
+    /// [`Engine::tensor_view`], say); submitted before this returns, ordered after the work
+    /// submitted before it. Both hold the same element type and count.
+    pub fn copy_into(&self, src: &Tensor, dst: &Tensor) -> Result<()> {
+        self.check_alive()?;
+        if src.dtype != dst.dtype {
+            return Err(Error::DTypeMismatch {
+                tensor: "copy destination",
+                expected: src.dtype,
+                got: dst.dtype,
+            });
+        }
+        crate::check_len("copy destination", src.len, dst.len)?;
+        let bytes = buffer_bytes(src.dtype, src.len);
+        self.guarded(|device| {
+            let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("wflash copy"),
+            });
+            encoder.copy_buffer_to_buffer(&src.buffer, src.offset, &dst.buffer, dst.offset, bytes);
+            self.inner.queue.submit([encoder.finish()]);
+        })
+    }
+
     /// A new tensor for a kernel to write; NaN-filled when the engine poisons outputs.
     pub(crate) fn output_tensor(&self, dtype: DType, len: usize) -> Result<Tensor> {
         let size = buffer_bytes(dtype, len).max(4);

@@ -1,0 +1,78 @@
+//! wflash's attention kernels inside burn's wgpu backend: the forward through wflash's
+//! forward, and under `Autodiff` the backward through wflash's backward, on burn's own device
+//! and buffers.
+//!
+//! ```no_run
+//! use burn::tensor::{Distribution, Tensor};
+//! use wflash_burn::{AttentionOptions, Causal, EngineOptions};
+//! # fn main() -> Result<(), wflash_burn::Error> {
+//! // Once: burn's wgpu device, with a wflash engine on the same wgpu device and queue.
+//! let device = wflash_burn::init(EngineOptions::default())?.autodiff();
+//! let [b, h, n, d] = [2, 8, 1024, 64];
+//! let q = Tensor::<4>::random([b, h, n, d], Distribution::Normal(0.0, 1.0), &device).require_grad();
+//! let k = Tensor::<4>::random([b, h, n, d], Distribution::Normal(0.0, 1.0), &device);
+//! let v = Tensor::<4>::random([b, h, n, d], Distribution::Normal(0.0, 1.0), &device);
+//! let opts = AttentionOptions::softmax().with_causal(Causal::BottomRight);
+//! // Where burn has `attention(q, k, v, None, None, options)`:
+//! let o = wflash_burn::attention(q.clone(), k, v, &opts)?;
+//! let grads = o.sum().backward();
+//! let dq = q.grad(&grads);
+//! # Ok(()) }
+//! ```
+//!
+//! Tensors are `[batch, heads, seq, dim]` (burn's attention layout) in f32, f16 or bf16; a
+//! tensor that is a `swap_dims(1, 2)` of a contiguous `[batch, seq, heads, dim]` one is read in
+//! place (wflash's `Bshd` layout), any other layout is made contiguous first. GQA follows from
+//! the shapes (`q_heads` a multiple of `kv_heads`). Every option of wflash's
+//! [`AttentionOptions`] is accepted; its host-slice options (ALiBi slopes, sinks, bias, key
+//! mask, temperature, varlen) are constants of the call, with no gradient in burn.
+//!
+//! What wflash refuses (an option combination, a head dim, a device that cannot run the
+//! kernels) is an [`Error`] before anything is dispatched, never a silent fallback to burn's
+//! own attention.
+
+mod attention;
+mod bridge;
+mod engines;
+
+pub use attention::attention;
+pub use engines::{engine, init, register};
+pub use wflash::{
+    AttentionOptions, Bias, BiasValues, Causal, Engine, EngineOptions, Variant, Window,
+};
+
+/// What can go wrong between burn and wflash.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// wflash refused the call (its typed error says why).
+    #[error(transparent)]
+    Wflash(#[from] wflash::Error),
+    /// No wflash engine is registered for the tensors' device.
+    #[error(
+        "no wflash engine for {device}: make the device with wflash_burn::init, or register \
+         an engine on its wgpu device and queue with wflash_burn::register"
+    )]
+    NoEngine { device: String },
+    /// A tensor is not a float tensor of burn's wgpu backend (without fusion).
+    #[error("tensor `{tensor}` is not on burn's wgpu backend: {reason}")]
+    NotWgpu {
+        tensor: &'static str,
+        reason: String,
+    },
+    /// Tensors whose shapes do not make one attention call.
+    #[error("tensor `{tensor}` has shape {got:?}; {reason}")]
+    Shape {
+        tensor: &'static str,
+        got: Vec<usize>,
+        reason: String,
+    },
+    /// burn could not create or register its wgpu device.
+    #[error("burn's wgpu device: {0}")]
+    Device(String),
+    /// burn's runtime failed while flushing its work or handing over a buffer.
+    #[error("burn's runtime: {0}")]
+    Runtime(String),
+}
+
+/// `Result` with this crate's [`Error`].
+pub type Result<T> = std::result::Result<T, Error>;
