@@ -7,12 +7,12 @@ use std::sync::OnceLock;
 
 use burn::tensor::module::attention_fallback;
 use burn::tensor::ops::AttentionModuleOptions;
-use burn::tensor::{DType, Device, Tensor, TensorData};
+use burn::tensor::{Bool, DType, Device, Tensor, TensorData, activation};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rand_distr::StandardNormal;
 use wflash::{Layout, Shape};
-use wflash_burn::{AttentionOptions, Causal, EngineOptions, Error};
+use wflash_burn::{AttentionOptions, Causal, EngineOptions, Error, Window};
 use wflash_conformance::judge::{Output, judge};
 use wflash_conformance::reference_problem;
 
@@ -39,6 +39,12 @@ struct Case {
     causal: bool,
     scale: Option<f32>,
     softcap: Option<f32>,
+    /// Sigmoid attention (with its default bias) instead of softmax.
+    sigmoid: bool,
+    /// A sliding window of this many keys ending at the diagonal.
+    window: Option<usize>,
+    /// A sink logit per query head (gpt-oss), drawn with the inputs.
+    sinks: bool,
     seed: u64,
 }
 
@@ -93,14 +99,73 @@ fn burn_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, c: &Case) -> Tensor<
     attention_fallback(q, repeat(k), repeat(v), None, None, opts)
 }
 
-fn wflash_options(c: &Case) -> AttentionOptions<'static> {
-    let mut o = AttentionOptions::softmax();
+fn wflash_options<'a>(c: &Case, sinks: &'a [f32]) -> AttentionOptions<'a> {
+    let mut o = if c.sigmoid {
+        AttentionOptions::sigmoid()
+    } else {
+        AttentionOptions::softmax()
+    };
     if c.causal {
         o = o.with_causal(Causal::BottomRight);
+    }
+    if let Some(size) = c.window {
+        o = o.with_window(Window::trailing(size));
+    }
+    if c.sinks {
+        o = o.with_sinks(sinks);
     }
     o.scale = c.scale;
     o.softcap = c.softcap;
     o
+}
+
+/// The same attention materialised in burn tensor ops (what burn's `attention_fallback` does,
+/// plus what it lacks: windows, sinks, sigmoid), masks from the reference's definition.
+fn burn_ops_attention(
+    q: Tensor<4>,
+    k: Tensor<4>,
+    v: Tensor<4>,
+    c: &Case,
+    sinks: &[f32],
+) -> Tensor<4> {
+    let s = c.shape;
+    let device = q.device();
+    let problem = reference_problem(&s, Layout::Bhsd, &wflash_options(c, sinks));
+    let group = s.q_heads / s.kv_heads;
+    let repeat = |t: Tensor<4>| {
+        let [b, h, n, d] = t.dims();
+        t.reshape([b, h, 1, n * d])
+            .repeat_dim(2, group)
+            .reshape([b, h * group, n, d])
+    };
+    let mut scores = q.matmul(repeat(k).swap_dims(2, 3)) * problem.scale;
+    if let Some(cap) = c.softcap {
+        scores = (scores / cap).tanh() * cap;
+    }
+    let hidden: Vec<bool> = (0..s.q_len)
+        .flat_map(|i| (0..s.kv_len).map(move |j| (i, j)))
+        .map(|(i, j)| !problem.is_visible(i, j))
+        .collect();
+    let hidden =
+        Tensor::<4, Bool>::from_data(TensorData::new(hidden, [1, 1, s.q_len, s.kv_len]), &device)
+            .repeat_dim(0, s.batch)
+            .repeat_dim(1, s.q_heads);
+    let probabilities = if let Some(bias) = problem.sigmoid_bias() {
+        activation::sigmoid(scores + bias).mask_fill(hidden, 0.0)
+    } else if c.sinks {
+        let sink = Tensor::<4>::from_data(
+            TensorData::new(sinks.to_vec(), [1, s.q_heads, 1, 1]),
+            &device,
+        )
+        .cast(c.dtype)
+        .repeat_dim(0, s.batch)
+        .repeat_dim(2, s.q_len);
+        let with_sink = Tensor::cat(vec![scores.mask_fill(hidden, f32::NEG_INFINITY), sink], 3);
+        activation::softmax(with_sink, 3).narrow(3, 0, s.kv_len)
+    } else {
+        activation::softmax(scores.mask_fill(hidden, f32::NEG_INFINITY), 3)
+    };
+    probabilities.matmul(repeat(v))
 }
 
 fn cases() -> Vec<Case> {
@@ -119,6 +184,9 @@ fn cases() -> Vec<Case> {
         causal: true,
         scale: None,
         softcap: None,
+        sigmoid: false,
+        window: None,
+        sinks: false,
         seed: 1,
     };
     vec![
@@ -141,6 +209,33 @@ fn cases() -> Vec<Case> {
             seed: 4,
             ..base
         },
+        Case {
+            shape: shape(1, 8, 2, 45, 45, 32, 32),
+            sigmoid: true,
+            seed: 5,
+            ..base
+        },
+        Case {
+            window: Some(9),
+            seed: 6,
+            ..base
+        },
+        Case {
+            shape: shape(1, 4, 2, 40, 64, 32, 32),
+            sinks: true,
+            dtype: DType::F16,
+            seed: 7,
+            ..base
+        },
+        Case {
+            shape: shape(2, 2, 2, 37, 37, 16, 16),
+            sigmoid: true,
+            causal: false,
+            softcap: Some(4.0),
+            window: Some(12),
+            seed: 8,
+            ..base
+        },
     ]
 }
 
@@ -159,14 +254,18 @@ fn forward_and_gradients_match_burns_materialised_attention() {
         let k = normals(&mut rng, s.k_elems(), c.dtype);
         let v = normals(&mut rng, s.v_elems(), c.dtype);
         let d_o = normals(&mut rng, s.o_elems(), c.dtype);
+        let sinks = normals(&mut rng, s.q_heads, c.dtype);
 
         // Both paths: o, and the gradients of sum(o · dO), so dO reaches the backward.
         let run = |wflash: bool| {
             let leaf = |x: &[f32], dims| tensor(x, dims, c.dtype, &device).require_grad();
             let (qt, kt, vt) = (leaf(&q, q_dims), leaf(&k, k_dims), leaf(&v, v_dims));
             let o = if wflash {
-                wflash_burn::attention(qt.clone(), kt.clone(), vt.clone(), &wflash_options(&c))
+                let opts = wflash_options(&c, &sinks);
+                wflash_burn::attention(qt.clone(), kt.clone(), vt.clone(), &opts)
                     .unwrap_or_else(|e| panic!("{c:?}: {e}"))
+            } else if c.sigmoid || c.window.is_some() || c.sinks {
+                burn_ops_attention(qt.clone(), kt.clone(), vt.clone(), &c, &sinks)
             } else {
                 burn_attention(qt.clone(), kt.clone(), vt.clone(), &c)
             };
@@ -178,7 +277,7 @@ fn forward_and_gradients_match_burns_materialised_attention() {
         let (o, dq, dk, dv) = run(true);
         let (naive_o, naive_dq, naive_dk, naive_dv) = run(false);
 
-        let problem = reference_problem(&s, Layout::Bhsd, &wflash_options(&c));
+        let problem = reference_problem(&s, Layout::Bhsd, &wflash_options(&c, &sinks));
         let wide = |x: &[f32]| x.iter().map(|&a| f64::from(a)).collect::<Vec<f64>>();
         let (q64, k64, v64, d_o64) = (wide(&q), wide(&k), wide(&v), wide(&d_o));
         let truth = wflash_ref::forward(&problem, &q64, &k64, &v64);
