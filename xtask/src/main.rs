@@ -555,6 +555,12 @@ fn ci() -> Result<(), Failure> {
         .map_err(|e| (format!("removing {}: {e}", verify_dir.display()), 1))?;
     let env = adapter_env()?;
     test_in(&env, &["--workspace"])?;
+    // The burn example trains to its loss threshold with burn's attention and with wflash's
+    // (it fails otherwise), on the test build's dependencies.
+    run_cargo_env(
+        &["run", "-p", "wflash-burn", "--example", "copy_task"],
+        &env,
+    )?;
     gl_part()?;
     let quick = ["--quick", "--json", "target/bench-quick.json"].map(String::from);
     run_bin("wflash-bench", &quick, &env)?;
