@@ -29,19 +29,9 @@ pub fn attention(
     v: Tensor<4>,
     opts: &AttentionOptions<'_>,
 ) -> Result<Tensor<4>> {
+    let (engine, shape) = checks(&q, &k, &v)?;
     let device = q.device();
-    for (name, t) in [("k", &k), ("v", &v)] {
-        if t.device() != device {
-            return Err(Error::Shape {
-                tensor: name,
-                got: t.dims().to_vec(),
-                reason: format!("it is on {:?}, q on {device:?}", t.device()),
-            });
-        }
-    }
-    let engine = engine(&device)?;
     let opts = OwnedOptions::new(opts)?;
-    let shape = wflash_shape(&q.dims(), &k.dims(), &v.dims())?;
     if device.is_autodiff() {
         let balanced = Some(burn::backend::GradientCheckpointingStrategy::Balanced);
         if device.gradient_checkpointing_strategy() == balanced {
@@ -54,6 +44,27 @@ pub fn attention(
         let out = forward(&engine, &shape, &opts, [&q, &k, &v])?;
         Ok(Tensor::from_primitive::<Cube>(out.output))
     }
+}
+
+/// The engine of the tensors' device and the wflash shape of the call, or why they do not
+/// make one.
+pub(crate) fn checks(
+    q: &Tensor<4>,
+    k: &Tensor<4>,
+    v: &Tensor<4>,
+) -> Result<(wflash::Engine, wflash::Shape)> {
+    let device = q.device();
+    for (name, t) in [("k", k), ("v", v)] {
+        if t.device() != device {
+            return Err(Error::Shape {
+                tensor: name,
+                got: t.dims().to_vec(),
+                reason: format!("it is on {:?}, q on {device:?}", t.device()),
+            });
+        }
+    }
+    let shape = wflash_shape(&q.dims(), &k.dims(), &v.dims())?;
+    Ok((engine(&device)?, shape))
 }
 
 /// The wflash shape of one call, or why the tensors do not make one.
@@ -89,7 +100,7 @@ fn wflash_shape(q: &[usize; 4], k: &[usize; 4], v: &[usize; 4]) -> Result<wflash
     Ok(shape)
 }
 
-fn primitives<B>(tensors: [Tensor<4>; 3]) -> Result<[B::FloatTensorPrimitive; 3]>
+pub(crate) fn primitives<B>(tensors: [Tensor<4>; 3]) -> Result<[B::FloatTensorPrimitive; 3]>
 where
     B: burn::backend::Backend,
     DispatchTensor: DispatchKindConversion<B>,

@@ -34,11 +34,14 @@
 mod attention;
 mod bridge;
 mod engines;
+mod linear;
 
 pub use attention::attention;
 pub use engines::{engine, init, register};
+pub use linear::{LinearState, linear_attention, linear_attention_with_state};
 pub use wflash::{
-    AttentionOptions, Bias, BiasValues, Causal, Engine, EngineOptions, Variant, Window,
+    AttentionOptions, Bias, BiasValues, Causal, Engine, EngineOptions, FeatureMap, LinearKernel,
+    LinearOptions, Variant, Window, lightning_decay,
 };
 
 /// What can go wrong between burn and wflash.

@@ -12,7 +12,9 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rand_distr::StandardNormal;
 use wflash::{Layout, Shape};
-use wflash_burn::{AttentionOptions, Causal, EngineOptions, Error, Window};
+use wflash_burn::{
+    AttentionOptions, Causal, EngineOptions, Error, FeatureMap, LinearOptions, Window,
+};
 use wflash_conformance::judge::{Output, judge};
 use wflash_conformance::reference_problem;
 
@@ -360,6 +362,268 @@ fn what_wflash_refuses_is_a_typed_error() {
         &AttentionOptions::softmax().with_key_mask(&mask),
     )
     .unwrap_err();
+    assert!(
+        matches!(err, Error::Wflash(wflash::Error::Unsupported { .. })),
+        "{err:?}"
+    );
+}
+
+#[derive(Clone, Copy, Debug)]
+struct LinearCase {
+    batch: usize,
+    q_heads: usize,
+    kv_heads: usize,
+    len: usize,
+    key_dim: usize,
+    value_dim: usize,
+    dtype: DType,
+    relu: bool,
+    decay: bool,
+    normalize: bool,
+    seed: u64,
+}
+
+impl LinearCase {
+    fn shape(&self) -> Shape {
+        Shape {
+            batch: self.batch,
+            q_heads: self.q_heads,
+            kv_heads: self.kv_heads,
+            q_len: self.len,
+            kv_len: self.len,
+            head_dim: self.key_dim,
+            value_dim: self.value_dim,
+        }
+    }
+    fn decays(&self) -> Option<Vec<f32>> {
+        self.decay
+            .then(|| wflash_burn::lightning_decay(self.q_heads))
+    }
+    fn options<'a>(&self, decay: Option<&'a [f32]>) -> LinearOptions<'a> {
+        LinearOptions {
+            feature_map: if self.relu {
+                FeatureMap::Relu
+            } else {
+                FeatureMap::Identity
+            },
+            decay,
+            normalize: self.normalize,
+            ..LinearOptions::causal()
+        }
+    }
+    fn problem(&self, decay: Option<&[f32]>) -> wflash_ref::linear::LinearProblem {
+        wflash_ref::linear::LinearProblem {
+            feature_map: if self.relu {
+                wflash_ref::linear::FeatureMap::Relu
+            } else {
+                wflash_ref::linear::FeatureMap::Identity
+            },
+            decay: decay.map(|d| d.iter().map(|&x| f64::from(x)).collect()),
+            normalize: self.normalize,
+            ..wflash_ref::linear::LinearProblem::new(
+                self.batch,
+                self.q_heads,
+                self.kv_heads,
+                self.len,
+                self.key_dim,
+                self.value_dim,
+                wflash_ref::Layout::Bhsd,
+            )
+        }
+    }
+}
+
+/// Causal linear attention materialised in burn ops: `(scale · φ(q)φ(k)ᵀ ∘ W) v`, with
+/// `W_ij = λ^{i−j}` for `j ≤ i` (0 above the diagonal), divided by its row sums plus eps when
+/// it normalises.
+fn burn_ops_linear(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, c: &LinearCase) -> Tensor<4> {
+    let device = q.device();
+    let problem = c.problem(c.decays().as_deref());
+    let group = c.q_heads / c.kv_heads;
+    let repeat = |t: Tensor<4>| {
+        let [b, h, n, d] = t.dims();
+        t.reshape([b, h, 1, n * d])
+            .repeat_dim(2, group)
+            .reshape([b, h * group, n, d])
+    };
+    let phi = |t: Tensor<4>| if c.relu { activation::relu(t) } else { t };
+    let n = c.len;
+    let weights: Vec<f32> = (0..c.q_heads)
+        .flat_map(|h| (0..n).flat_map(move |i| (0..n).map(move |j| (h, i, j))))
+        .map(|(h, i, j)| {
+            let decay = problem.decay.as_ref().map_or(1.0, |d| d[h]);
+            if j <= i {
+                decay.powi((i - j) as i32) as f32
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    let weights = Tensor::<4>::from_data(TensorData::new(weights, [1, c.q_heads, n, n]), &device)
+        .cast(c.dtype)
+        .repeat_dim(0, c.batch);
+    let scores = phi(q).matmul(repeat(phi(k)).swap_dims(2, 3)) * problem.scale * weights;
+    let numerator = scores.clone().matmul(repeat(v));
+    if c.normalize {
+        numerator / (scores.sum_dim(3) + problem.eps)
+    } else {
+        numerator
+    }
+}
+
+#[test]
+fn linear_attention_and_its_gradients_match_burn_ops_materialised() {
+    let Some(device) = device() else { return };
+    let device = device.autodiff();
+    let base = LinearCase {
+        batch: 2,
+        q_heads: 4,
+        kv_heads: 2,
+        len: 70,
+        key_dim: 16,
+        value_dim: 32,
+        dtype: DType::F32,
+        relu: false,
+        decay: true,
+        normalize: false,
+        seed: 11,
+    };
+    let cases = [
+        base,
+        LinearCase {
+            relu: true,
+            decay: false,
+            normalize: true,
+            kv_heads: 4,
+            seed: 12,
+            ..base
+        },
+        LinearCase {
+            dtype: DType::F16,
+            len: 45,
+            seed: 13,
+            ..base
+        },
+    ];
+    for c in cases {
+        let s = c.shape();
+        let mut rng = StdRng::seed_from_u64(c.seed);
+        let dims = |heads, dim| [c.batch, heads, c.len, dim];
+        let q = normals(&mut rng, s.q_elems(), c.dtype);
+        let k = normals(&mut rng, s.k_elems(), c.dtype);
+        let v = normals(&mut rng, s.v_elems(), c.dtype);
+        let d_o = normals(&mut rng, s.o_elems(), c.dtype);
+        let decays = c.decays();
+        let run = |wflash: bool| {
+            let leaf = |x: &[f32], dims| tensor(x, dims, c.dtype, &device).require_grad();
+            let qt = leaf(&q, dims(c.q_heads, c.key_dim));
+            let kt = leaf(&k, dims(c.kv_heads, c.key_dim));
+            let vt = leaf(&v, dims(c.kv_heads, c.value_dim));
+            let o = if wflash {
+                let opts = c.options(decays.as_deref());
+                wflash_burn::linear_attention(qt.clone(), kt.clone(), vt.clone(), &opts)
+                    .unwrap_or_else(|e| panic!("{c:?}: {e}"))
+            } else {
+                burn_ops_linear(qt.clone(), kt.clone(), vt.clone(), &c)
+            };
+            let weights = tensor(&d_o, dims(c.q_heads, c.value_dim), c.dtype, &device);
+            let grads = (o.clone() * weights).sum().backward();
+            let grad = |t: &Tensor<4>| host(t.grad(&grads).expect("a gradient"));
+            (host(o), grad(&qt), grad(&kt), grad(&vt))
+        };
+        let (o, dq, dk, dv) = run(true);
+        let (naive_o, naive_dq, naive_dk, naive_dv) = run(false);
+
+        let problem = c.problem(decays.as_deref());
+        let wide = |x: &[f32]| x.iter().map(|&a| f64::from(a)).collect::<Vec<f64>>();
+        let (q64, k64, v64, d_o64) = (wide(&q), wide(&k), wide(&v), wide(&d_o));
+        let truth = wflash_ref::linear::linear_forward(&problem, &q64, &k64, &v64, None);
+        let grads = wflash_ref::linear::backward::linear_backward(
+            &problem, &q64, &k64, &v64, None, &d_o64, None,
+        );
+        let verdict = judge(
+            &c,
+            vec![
+                Output::forward("O", o, &truth.output, &naive_o),
+                Output::backward("dQ", dq, &grads.dq, &naive_dq),
+                Output::backward("dK", dk, &grads.dk, &naive_dk),
+                Output::backward("dV", dv, &grads.dv, &naive_dv),
+            ],
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        eprintln!("{c:?}: ratio {:.3}", verdict.ratio);
+    }
+}
+
+#[test]
+fn linear_state_carries_a_sequence_across_calls() {
+    let Some(device) = device() else { return };
+    let c = LinearCase {
+        batch: 1,
+        q_heads: 2,
+        kv_heads: 2,
+        len: 48,
+        key_dim: 16,
+        value_dim: 16,
+        dtype: DType::F32,
+        relu: true,
+        decay: true,
+        normalize: true,
+        seed: 21,
+    };
+    let s = c.shape();
+    let mut rng = StdRng::seed_from_u64(c.seed);
+    let (q, k, v) = (
+        normals(&mut rng, s.q_elems(), c.dtype),
+        normals(&mut rng, s.k_elems(), c.dtype),
+        normals(&mut rng, s.v_elems(), c.dtype),
+    );
+    let decays = c.decays();
+    let opts = c.options(decays.as_deref());
+    let whole = |x: &[f32]| tensor(x, [1, 2, c.len, 16], DType::F32, &device);
+    // Two calls of 30 and 18 tokens, the state carried from the first to the second.
+    let half = |t: Tensor<4>, range: std::ops::Range<usize>| t.narrow(2, range.start, range.len());
+    let (first, state) = wflash_burn::linear_attention_with_state(
+        half(whole(&q), 0..30),
+        half(whole(&k), 0..30),
+        half(whole(&v), 0..30),
+        &opts,
+        None,
+    )
+    .unwrap();
+    let (second, last) = wflash_burn::linear_attention_with_state(
+        half(whole(&q), 30..48),
+        half(whole(&k), 30..48),
+        half(whole(&v), 30..48),
+        &opts,
+        Some(&state),
+    )
+    .unwrap();
+    let got = host(Tensor::cat(vec![first, second], 2));
+    let wide = |x: &[f32]| x.iter().map(|&a| f64::from(a)).collect::<Vec<f64>>();
+    let truth = wflash_ref::linear::linear_forward(
+        &c.problem(decays.as_deref()),
+        &wide(&q),
+        &wide(&k),
+        &wide(&v),
+        None,
+    );
+    for (g, t) in got.iter().zip(&truth.output) {
+        assert!((g - t).abs() < 1e-4 * t.abs().max(1.0), "got {g}, want {t}");
+    }
+    let kv = host(last.kv);
+    for (g, t) in kv.iter().zip(&truth.state.kv) {
+        assert!(
+            (g - t).abs() < 1e-4 * t.abs().max(1.0),
+            "state: got {g}, want {t}"
+        );
+    }
+    assert!(last.z.is_some());
+
+    let autodiff = device.autodiff();
+    let t = Tensor::<4>::zeros([1, 2, 8, 16], &autodiff);
+    let err =
+        wflash_burn::linear_attention_with_state(t.clone(), t.clone(), t, &opts, None).unwrap_err();
     assert!(
         matches!(err, Error::Wflash(wflash::Error::Unsupported { .. })),
         "{err:?}"
