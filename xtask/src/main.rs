@@ -556,9 +556,18 @@ fn ci() -> Result<(), Failure> {
     let env = adapter_env()?;
     test_in(&env, &["--workspace"])?;
     // The burn example trains to its loss threshold with burn's attention and with wflash's
-    // (it fails otherwise), on the test build's dependencies.
+    // (it fails otherwise). The test profile reuses the test build's dependencies: the dev
+    // profile would build burn a second time (10 minutes on a 2-core CI machine).
     run_cargo_env(
-        &["run", "-p", "wflash-burn", "--example", "copy_task"],
+        &[
+            "run",
+            "--profile",
+            "test",
+            "-p",
+            "wflash-burn",
+            "--example",
+            "copy_task",
+        ],
         &env,
     )?;
     gl_part()?;

@@ -5,9 +5,9 @@
 //! per step, and fails if wflash's run does not reach the loss threshold.
 //!
 //! ```text
-//! cargo run --release -p wflash-burn --example copy_task                         # train, both
-//! cargo run --release -p wflash-burn --example copy_task -- --copy-len 511 --steps 6 --batch 2
-//!                                                            # time per step at length 1024
+//! cargo run --profile test -p wflash-burn --example copy_task       # train with both
+//! cargo run --profile test -p wflash-burn --example copy_task -- \
+//!     --copy-len 511 --steps 8 --batch 4 --threshold 100             # a step at length 1024
 //! ```
 
 use std::time::{Duration, Instant};
