@@ -567,6 +567,9 @@ fn ci() -> Result<(), Failure> {
             "wflash-burn",
             "--example",
             "copy_task",
+            "--",
+            "--steps",
+            "150",
         ],
         &env,
     )?;
