@@ -492,6 +492,9 @@ pub fn reference_problem(shape: &Shape, layout: Layout, opts: &AttentionOptions)
             values: match b.values {
                 BiasValues::F32(v) => wide(v),
                 BiasValues::F16(v) => v.iter().map(|x| f64::from(x.to_f32())).collect(),
+                BiasValues::Resident(_) => {
+                    panic!("the reference reads a bias from the host: describe it with its values")
+                }
             },
             batch: b.batch,
             heads: b.heads,

@@ -3,8 +3,8 @@
 
 use wflash::tuning::{TunedTile, TuningFile};
 use wflash::{
-    AttentionOptions, Causal, Engine, EngineOptions, Error, F16Path, Family, Layout, Shape,
-    TileConfig, TuningSource, wgpu,
+    AttentionOptions, Bias, Causal, DType, Engine, EngineOptions, Error, F16Path, Family, GpuBias,
+    Layout, Shape, TileConfig, TuningSource, wgpu,
 };
 use wflash_conformance::{Case, Path, custom_engine, engine, run_case};
 
@@ -202,12 +202,7 @@ fn too_large_problems_split_over_batch_or_fail_with_the_limit_named() {
         ..shape()
     };
     let plan = small
-        .plan(
-            &s,
-            Layout::Bhsd,
-            &AttentionOptions::softmax(),
-            wflash::DType::F32,
-        )
+        .plan(&s, Layout::Bhsd, &AttentionOptions::softmax(), DType::F32)
         .unwrap();
     assert!(
         plan.batch_per_dispatch < s.batch && plan.batch_per_dispatch > 0,
@@ -237,7 +232,7 @@ fn too_large_problems_split_over_batch_or_fail_with_the_limit_named() {
             &huge,
             Layout::Bhsd,
             &AttentionOptions::softmax(),
-            wflash::DType::F32,
+            DType::F32,
         )
         .unwrap_err();
     assert!(
@@ -284,14 +279,14 @@ fn f16_without_shader_f16_uses_the_packed_path_or_fails_when_native_is_required(
             &shape(),
             Layout::Bhsd,
             &AttentionOptions::softmax(),
-            wflash::DType::F16,
+            DType::F16,
         )
         .unwrap_err();
     assert!(
         matches!(
             err,
             Error::DTypeUnsupported {
-                dtype: wflash::DType::F16,
+                dtype: DType::F16,
                 ..
             }
         ),
@@ -416,7 +411,7 @@ fn views_in_one_buffer(engine: &Engine, parts: &[&[f32]]) -> (wgpu::Buffer, Vec<
         .zip(&offsets)
         .map(|(part, &offset)| {
             engine
-                .tensor_view(&buffer, offset as u64, wflash::DType::F32, part.len())
+                .tensor_view(&buffer, offset as u64, DType::F32, part.len())
                 .unwrap()
         })
         .collect();
@@ -504,7 +499,7 @@ fn views_that_cannot_bind_are_typed_errors() {
         })
     };
     let storage = buffer(wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC);
-    let f32 = wflash::DType::F32;
+    let f32 = DType::F32;
     let view = |b: &wgpu::Buffer, offset, len| engine.tensor_view(b, offset, f32, len);
     assert!(view(&storage, align, (align / 4) as usize).is_ok());
     for err in [
@@ -609,9 +604,7 @@ fn texture_limits_split_the_unrolled_kernel_over_batch_or_fail_with_the_limit_na
     let opts = AttentionOptions::softmax();
     // 32-texel lines hold 5 rows; 32 lines hold 160 rows: one batch element per dispatch.
     let split = with_texture_limit(32);
-    let plan = split
-        .plan(&s, Layout::Bhsd, &opts, wflash::DType::F32)
-        .unwrap();
+    let plan = split.plan(&s, Layout::Bhsd, &opts, DType::F32).unwrap();
     assert_eq!(plan.batch_per_dispatch, 1, "{plan:?}");
     let case = Case {
         causal: Some(Causal::TopLeft),
@@ -620,7 +613,7 @@ fn texture_limits_split_the_unrolled_kernel_over_batch_or_fail_with_the_limit_na
     let outcome = wflash_conformance::run_case_on(&split, &case).expect("split call conforms");
     assert!(outcome.ratio <= 1.0);
     // 16-texel lines hold 2 rows; 16 lines hold 32 rows: not even one batch element fits.
-    let err = with_texture_limit(16).plan(&s, Layout::Bhsd, &opts, wflash::DType::F32);
+    let err = with_texture_limit(16).plan(&s, Layout::Bhsd, &opts, DType::F32);
     assert!(
         matches!(
             err,
@@ -795,7 +788,7 @@ fn bad_modifiers_and_unfusable_combinations_are_typed_errors() {
         (
             "bias of 3 batches",
             s,
-            softmax().with_bias(wflash::Bias::f32(&bias, 3, 1)),
+            softmax().with_bias(Bias::f32(&bias, 3, 1)),
             |e| {
                 matches!(
                     e,
@@ -809,7 +802,7 @@ fn bad_modifiers_and_unfusable_combinations_are_typed_errors() {
         (
             "bias length",
             s,
-            softmax().with_bias(wflash::Bias::f32(&bias[1..], 1, 1)),
+            softmax().with_bias(Bias::f32(&bias[1..], 1, 1)),
             |e| matches!(e, Error::LengthMismatch { tensor: "bias", .. }),
         ),
         (
@@ -823,7 +816,7 @@ fn bad_modifiers_and_unfusable_combinations_are_typed_errors() {
             packed,
             softmax()
                 .with_varlen(varlen)
-                .with_bias(wflash::Bias::f32(&bias, 1, 1)),
+                .with_bias(Bias::f32(&bias, 1, 1)),
             |e| matches!(e, Error::Unsupported { .. }),
         ),
         (
@@ -888,7 +881,7 @@ fn bad_modifiers_and_unfusable_combinations_are_typed_errors() {
         assert!(expected(&err), "{what}: {err}");
         assert!(
             engine
-                .plan(&shape, Layout::Bhsd, &opts, wflash::DType::F32)
+                .plan(&shape, Layout::Bhsd, &opts, DType::F32)
                 .is_err(),
             "{what}: planned"
         );
@@ -911,7 +904,7 @@ fn rows_hidden_by_bias_or_key_mask_are_zero() {
     let sinks = vec![0.25f32; s.q_heads];
     for sinks in [None, Some(&sinks[..])] {
         let opts = AttentionOptions {
-            bias: Some(wflash::Bias::f32(&bias, 1, 1)),
+            bias: Some(Bias::f32(&bias, 1, 1)),
             key_mask: Some(&mask),
             sinks,
             ..AttentionOptions::softmax()
@@ -1091,7 +1084,7 @@ fn element_counts_past_u32_split_over_batch_or_are_refused() {
             total as u64 > u64::from(u32::MAX),
             "{shape:?} does not overflow u32"
         );
-        for dtype in [wflash::DType::F32, wflash::DType::F16] {
+        for dtype in [DType::F32, DType::F16] {
             match engine.plan(&shape, Layout::Bhsd, &AttentionOptions::softmax(), dtype) {
                 Ok(plan) => {
                     let per_batch = [
@@ -1121,4 +1114,152 @@ fn element_counts_past_u32_split_over_batch_or_are_refused() {
         split >= 4,
         "only {split} of the overflowing shapes were split"
     );
+}
+
+#[test]
+fn a_gpu_bias_gives_the_host_bias_results_bitwise_and_bad_ones_are_typed_errors() {
+    let Some(engine) = engine(Path::F32) else {
+        return;
+    };
+    let s = shape();
+    let (q, k, v) = inputs(&s);
+    let d_o: Vec<f32> = (0..s.o_elems())
+        .map(|i| ((i % 29) as f32 - 14.0) / 14.0)
+        .collect();
+    // Shared by the batch, one matrix per head; every 5th score hidden, never key 0.
+    let matrix = s.q_len * s.kv_len;
+    let bias: Vec<f32> = (0..s.q_heads * matrix)
+        .map(|i| match i % 5 {
+            0 if i % s.kv_len != 0 => f32::NEG_INFINITY,
+            _ => ((i % 31) as f32 - 15.0) / 10.0,
+        })
+        .collect();
+    let opts = AttentionOptions::softmax()
+        .with_causal(Causal::TopLeft)
+        .with_bias_grad();
+    let host_opts = opts.with_bias(Bias::f32(&bias, 1, s.q_heads));
+    let host = engine
+        .attention_blocking(&s, Layout::Bhsd, &host_opts, &q, &k, &v)
+        .unwrap();
+    let host_grads = engine
+        .attention_backward_blocking(
+            &s,
+            Layout::Bhsd,
+            &host_opts,
+            &q,
+            &k,
+            &v,
+            &host.output,
+            host.lse.as_deref(),
+            &d_o,
+        )
+        .unwrap();
+
+    let [qt, kt, vt, d_ot, bias_t] = [&q, &k, &v, &d_o, &bias].map(|x| engine.upload(x).unwrap());
+    let gpu_bias = GpuBias {
+        values: &bias_t,
+        batch: 1,
+        heads: s.q_heads,
+    };
+    let read = |t: &wflash::Tensor| engine.read_blocking::<f32>(t).unwrap();
+    let gpu = engine
+        .attention_gpu_with_bias(&s, Layout::Bhsd, &opts, &gpu_bias, &qt, &kt, &vt)
+        .unwrap();
+    assert_eq!(read(&gpu.output), host.output);
+    let grads = engine
+        .attention_backward_gpu_with_bias(
+            &s,
+            Layout::Bhsd,
+            &opts,
+            &gpu_bias,
+            &qt,
+            &kt,
+            &vt,
+            &gpu.output,
+            gpu.lse.as_ref(),
+            &d_ot,
+        )
+        .unwrap();
+    assert_eq!(read(&grads.dq), host_grads.dq);
+    assert_eq!(read(&grads.dk), host_grads.dk);
+    assert_eq!(read(&grads.dv), host_grads.dv);
+    let d_bias = read(grads.d_bias.as_ref().expect("dBias"));
+    assert_eq!(Some(d_bias), host_grads.d_bias);
+
+    // A resident bias without its tensor, a tensor of the wrong size or type, two biases.
+    let resident = opts.with_bias(Bias::resident(DType::F32, 1, s.q_heads));
+    let err = engine
+        .attention_blocking(&s, Layout::Bhsd, &resident, &q, &k, &v)
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::InvalidModifier {
+                modifier: "bias",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    let err = engine
+        .attention_gpu(&s, Layout::Bhsd, &resident, &qt, &kt, &vt)
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::InvalidModifier {
+                modifier: "bias",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    let short = GpuBias {
+        values: &kt,
+        ..gpu_bias
+    };
+    let err = engine
+        .attention_gpu_with_bias(&s, Layout::Bhsd, &opts, &short, &qt, &kt, &vt)
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::LengthMismatch { tensor: "bias", .. }),
+        "{err:?}"
+    );
+    let err = engine
+        .attention_gpu_with_bias(&s, Layout::Bhsd, &host_opts, &gpu_bias, &qt, &kt, &vt)
+        .unwrap_err();
+    assert!(matches!(err, Error::Unsupported { .. }), "{err:?}");
+    let three_heads = GpuBias {
+        heads: 3,
+        ..gpu_bias
+    };
+    let err = engine
+        .attention_gpu_with_bias(&s, Layout::Bhsd, &opts, &three_heads, &qt, &kt, &vt)
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::InvalidModifier {
+                modifier: "bias",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    let bf16 = engine.upload(&vec![half::bf16::ZERO; bias.len()]).unwrap();
+    let err = engine
+        .attention_gpu_with_bias(
+            &s,
+            Layout::Bhsd,
+            &opts,
+            &GpuBias {
+                values: &bf16,
+                ..gpu_bias
+            },
+            &qt,
+            &kt,
+            &vt,
+        )
+        .unwrap_err();
+    assert!(matches!(err, Error::DTypeUnsupported { .. }), "{err:?}");
 }

@@ -8,9 +8,9 @@ use burn::backend::autodiff::checkpoint::strategy::{
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::{Cube, DispatchKindConversion, DispatchTensor};
-use burn::tensor::{Shape, Tensor};
+use burn::tensor::{Bool, DType, Shape, Tensor};
 use burn_cubecl::tensor::CubeTensor;
-use wflash::{AttentionOptions, Causal, Layout, Variant, Window};
+use wflash::{AttentionOptions, Causal, GpuBias, Layout, Variant, Window};
 
 use crate::bridge::{Pins, contiguous, flush, to_burn, view};
 use crate::{Error, Result, engine};
@@ -29,23 +29,112 @@ pub fn attention(
     v: Tensor<4>,
     opts: &AttentionOptions<'_>,
 ) -> Result<Tensor<4>> {
+    attention_with(q, k, v, None, None, opts)
+}
+
+/// [`attention`] with burn's `mask` and `attn_bias` arguments (`burn::tensor::module::attention`):
+/// `mask` `[batch | 1, q_heads | 1, q_len, kv_len]` is `true` where a key is hidden from a
+/// query, `bias` of the same shape is added to the scores (relative positions, a padding or
+/// document mask in additive form); a size of 1 broadcasts. Both become one additive bias on
+/// the device (`-inf` where masked) that wflash's kernels read tile by tile; under autodiff
+/// `bias` gets its gradient (summed over the axes it broadcasts over) through wflash's
+/// backward. A row whose keys are all hidden gives 0 (wflash's rule), where burn's own
+/// attention gives NaN.
+pub fn attention_with(
+    q: Tensor<4>,
+    k: Tensor<4>,
+    v: Tensor<4>,
+    mask: Option<Tensor<4, Bool>>,
+    bias: Option<Tensor<4>>,
+    opts: &AttentionOptions<'_>,
+) -> Result<Tensor<4>> {
     let (engine, shape) = checks(&q, &k, &v)?;
     let device = q.device();
     let opts = OwnedOptions::new(opts)?;
+    let bias = additive_bias(&shape, &q, mask, bias)?;
     if device.is_autodiff() {
         let balanced = Some(burn::backend::GradientCheckpointingStrategy::Balanced);
-        if device.gradient_checkpointing_strategy() == balanced {
-            tracked::<BalancedCheckpointing>(&engine, shape, opts, [q, k, v])
-        } else {
-            tracked::<NoCheckpointing>(&engine, shape, opts, [q, k, v])
+        let balanced = device.gradient_checkpointing_strategy() == balanced;
+        match (bias, balanced) {
+            (None, false) => tracked::<NoCheckpointing, 3>(&engine, shape, opts, [q, k, v]),
+            (None, true) => tracked::<BalancedCheckpointing, 3>(&engine, shape, opts, [q, k, v]),
+            (Some(b), false) => tracked::<NoCheckpointing, 4>(&engine, shape, opts, [q, k, v, b]),
+            (Some(b), true) => {
+                tracked::<BalancedCheckpointing, 4>(&engine, shape, opts, [q, k, v, b])
+            }
         }
     } else {
-        let [q, k, v] = primitives::<Cube>([q, k, v])?;
-        let out = forward(&engine, &shape, &opts, [&q, &k, &v])?;
+        let [q, k, v] = primitives::<Cube, 3>([q, k, v])?;
+        let bias = bias
+            .map(|b| primitives::<Cube, 1>([b]).map(|[b]| contiguous(b)))
+            .transpose()?;
+        let out = forward(&engine, &shape, &opts, [&q, &k, &v], bias.as_ref())?;
         Ok(Tensor::from_primitive::<Cube>(out.output))
     }
 }
 
+/// The mask and the bias as one additive bias in f32 or f16 (`-inf` where masked), broadcast
+/// to the larger of their batch and head counts; `None` without either.
+fn additive_bias(
+    shape: &wflash::Shape,
+    q: &Tensor<4>,
+    mask: Option<Tensor<4, Bool>>,
+    bias: Option<Tensor<4>>,
+) -> Result<Option<Tensor<4>>> {
+    let expected = |tensor, dims: [usize; 4], device: &burn::tensor::Device| {
+        let [b, h, rows, cols] = dims;
+        let fits = (b == 1 || b == shape.batch)
+            && (h == 1 || h == shape.q_heads)
+            && rows == shape.q_len
+            && cols == shape.kv_len;
+        if device != &q.device() {
+            return Err(Error::Shape {
+                tensor,
+                got: dims.to_vec(),
+                reason: format!("it is on {device:?}, q on {:?}", q.device()),
+            });
+        }
+        if !fits {
+            return Err(Error::Shape {
+                tensor,
+                got: dims.to_vec(),
+                reason: format!(
+                    "it must be [{} or 1, {} or 1, {}, {}] (batch, q_heads, q_len, kv_len)",
+                    shape.batch, shape.q_heads, shape.q_len, shape.kv_len
+                ),
+            });
+        }
+        Ok(dims)
+    };
+    let mask_dims = mask
+        .as_ref()
+        .map(|m| expected("mask", m.dims(), &m.device()))
+        .transpose()?;
+    let bias_dims = bias
+        .as_ref()
+        .map(|b| expected("bias", b.dims(), &b.device()))
+        .transpose()?;
+    // wflash reads a bias in f32 or f16.
+    let dtype = match bias.as_ref().map_or(q.dtype(), Tensor::dtype) {
+        DType::F16 => DType::F16,
+        _ => DType::F32,
+    };
+    let bias = bias.map(|b| if b.dtype() == dtype { b } else { b.cast(dtype) });
+    Ok(match (mask, bias) {
+        (None, bias) => bias,
+        (Some(mask), bias) => {
+            let [mb, mh, rows, cols] = mask_dims.unwrap_or_default();
+            let [bb, bh, ..] = bias_dims.unwrap_or([1, 1, rows, cols]);
+            let dims = [mb.max(bb), mh.max(bh), rows, cols];
+            let bias = bias
+                .unwrap_or_else(|| Tensor::<4>::zeros([1, 1, rows, cols], &q.device()).cast(dtype));
+            Some(
+                bias.expand(dims)
+                    .mask_fill(mask.expand(dims), f32::NEG_INFINITY),
+            )
+        }
+    })
+}
 /// The engine of the tensors' device and the wflash shape of the call, or why they do not
 /// make one.
 pub(crate) fn checks(
@@ -100,19 +189,26 @@ fn wflash_shape(q: &[usize; 4], k: &[usize; 4], v: &[usize; 4]) -> Result<wflash
     Ok(shape)
 }
 
-pub(crate) fn primitives<B>(tensors: [Tensor<4>; 3]) -> Result<[B::FloatTensorPrimitive; 3]>
+/// burn's primitives of `tensors`, named (for errors) q, k, v, bias in that order.
+pub(crate) fn primitives<B, const N: usize>(
+    tensors: [Tensor<4>; N],
+) -> Result<[B::FloatTensorPrimitive; N]>
 where
     B: burn::backend::Backend,
     DispatchTensor: DispatchKindConversion<B>,
 {
-    let [q, k, v] = tensors;
-    let one = |name, t: Tensor<4>| {
-        t.try_into_primitive::<B>().map_err(|e| Error::NotWgpu {
-            tensor: name,
+    const NAMES: [&str; 4] = ["q", "k", "v", "bias"];
+    let mut out = Vec::with_capacity(N);
+    for (i, t) in tensors.into_iter().enumerate() {
+        let primitive = t.try_into_primitive::<B>().map_err(|e| Error::NotWgpu {
+            tensor: NAMES.get(i).copied().unwrap_or("tensor"),
             reason: format!("{e:?}"),
-        })
-    };
-    Ok([one("q", q)?, one("k", k)?, one("v", v)?])
+        })?;
+        out.push(primitive);
+    }
+    Ok(out
+        .try_into()
+        .unwrap_or_else(|_| unreachable!("N tensors in, N primitives out")))
 }
 
 /// The options of a call, owned, so the backward (run later, from burn's graph) has them.
@@ -142,11 +238,17 @@ impl OwnedOptions {
         if let Some((name, _)) = refused.iter().find(|(_, set)| *set) {
             return Err(Error::Wflash(wflash::Error::Unsupported {
                 combination: match *name {
-                    "bias" => "bias in wflash-burn (not yet a burn tensor input)",
-                    "key_mask" => "key_mask in wflash-burn (not yet a burn tensor input)",
+                    "bias" => {
+                        "a host-slice bias in wflash-burn (pass it as a burn tensor to attention_with)"
+                    }
+                    "key_mask" => {
+                        "a host-slice key_mask in wflash-burn (pass a mask tensor to attention_with)"
+                    }
                     "temperature" => "temperature in wflash-burn (not yet a burn tensor input)",
                     "varlen" => "varlen in wflash-burn (burn tensors are padded batches)",
-                    _ => "bias_grad in wflash-burn (no bias input yet)",
+                    _ => {
+                        "bias_grad in wflash-burn (a bias tensor passed to attention_with gets its gradient through autodiff)"
+                    }
                 },
             }));
         }
@@ -185,15 +287,24 @@ struct Forward {
     lse: Option<wflash::Tensor>,
 }
 
+/// The wflash description of a contiguous `[batch | 1, heads | 1, q_len, kv_len]` bias.
+fn gpu_bias<'t>(bias: &CubeTensor, values: &'t wflash::Tensor) -> GpuBias<'t> {
+    let dims = bias.meta.shape();
+    GpuBias {
+        values,
+        batch: dims[0],
+        heads: dims[1],
+    }
+}
+
 fn forward(
     engine: &wflash::Engine,
     shape: &wflash::Shape,
     opts: &OwnedOptions,
     [q, k, v]: [&CubeTensor; 3],
+    bias: Option<&CubeTensor>,
 ) -> Result<Forward> {
     let opts = opts.get();
-    let dtype = crate::bridge::wflash_dtype("q", q.dtype)?;
-    engine.plan(shape, Layout::Bhsd, &opts, dtype)?;
     let (q, k, v) = (
         contiguous(q.clone()),
         contiguous(k.clone()),
@@ -205,8 +316,22 @@ fn forward(
         view(engine, &mut pins, "k", &k)?,
         view(engine, &mut pins, "v", &v)?,
     ];
+    let bias_view = bias
+        .map(|b| view(engine, &mut pins, "bias", b))
+        .transpose()?;
     flush(&q)?;
-    let out = engine.attention_gpu(shape, Layout::Bhsd, &opts, &views[0], &views[1], &views[2])?;
+    let out = match (bias, &bias_view) {
+        (Some(bias), Some(values)) => engine.attention_gpu_with_bias(
+            shape,
+            Layout::Bhsd,
+            &opts,
+            &gpu_bias(bias, values),
+            &views[0],
+            &views[1],
+            &views[2],
+        )?,
+        _ => engine.attention_gpu(shape, Layout::Bhsd, &opts, &views[0], &views[1], &views[2])?,
+    };
     let dims = [shape.batch, shape.q_heads, shape.q_len, shape.value_dim];
     let output = to_burn(engine, &q, Shape::from(dims), &out.output)?;
     Ok(Forward {
@@ -225,34 +350,39 @@ struct Saved {
     q: CubeTensor,
     k: CubeTensor,
     v: CubeTensor,
+    bias: Option<CubeTensor>,
     output: wflash::Tensor,
     lse: Option<wflash::Tensor>,
 }
 
+/// The autodiff step of a call: `N` = 3 parents (q, k, v), or 4 with a bias.
 #[derive(Debug)]
-struct AttentionBackward;
+struct AttentionBackward<const N: usize>;
 
-impl Backward<Cube, 3> for AttentionBackward {
+impl<const N: usize> Backward<Cube, N> for AttentionBackward<N> {
     type State = Saved;
 
-    fn backward(self, ops: Ops<Saved, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let [node_q, node_k, node_v] = ops.parents;
+    fn backward(self, ops: Ops<Saved, N>, grads: &mut Gradients, _: &mut Checkpointer) {
         let d_o = grads.consume::<Cube>(&ops.node);
+        // The bias's gradient only where burn's graph wants it.
+        let bias_grad = ops.parents.get(3).is_some_and(Option::is_some);
         // The plan was checked in the forward; what is left to fail is the device itself,
         // which burn's own backward steps treat the same way.
-        let [dq, dk, dv] = backward(&ops.state, d_o)
+        let computed = backward(&ops.state, d_o, bias_grad)
             .unwrap_or_else(|e| panic!("wflash attention backward failed: {e}"));
-        for (node, grad) in [(node_q, dq), (node_k, dk), (node_v, dv)] {
-            if let Some(node) = node {
+        for (node, grad) in ops.parents.into_iter().zip(computed) {
+            if let (Some(node), Some(grad)) = (node, grad) {
                 grads.register::<Cube>(node.id, grad);
             }
         }
     }
 }
 
-fn backward(s: &Saved, d_o: CubeTensor) -> Result<[CubeTensor; 3]> {
+/// dQ, dK, dV and (with `bias_grad`) the bias's gradient, as burn tensors.
+fn backward(s: &Saved, d_o: CubeTensor, bias_grad: bool) -> Result<[Option<CubeTensor>; 4]> {
     let engine = &s.engine;
-    let opts = s.opts.get();
+    let mut opts = s.opts.get();
+    opts.bias_grad = bias_grad;
     let d_o = contiguous(d_o);
     let mut pins = Pins::default();
     let views = [
@@ -261,85 +391,118 @@ fn backward(s: &Saved, d_o: CubeTensor) -> Result<[CubeTensor; 3]> {
         view(engine, &mut pins, "v", &s.v)?,
         view(engine, &mut pins, "d_o", &d_o)?,
     ];
+    let bias_view = (s.bias.as_ref())
+        .map(|b| view(engine, &mut pins, "bias", b))
+        .transpose()?;
     flush(&d_o)?;
-    let g = engine.attention_backward_gpu(
-        &s.shape,
-        Layout::Bhsd,
-        &opts,
-        &views[0],
-        &views[1],
-        &views[2],
-        &s.output,
-        s.lse.as_ref(),
-        &views[3],
-    )?;
+    let [q, k, v, d_o] = &views;
+    let g = match (&s.bias, &bias_view) {
+        (Some(bias), Some(values)) => engine.attention_backward_gpu_with_bias(
+            &s.shape,
+            Layout::Bhsd,
+            &opts,
+            &gpu_bias(bias, values),
+            q,
+            k,
+            v,
+            &s.output,
+            s.lse.as_ref(),
+            d_o,
+        )?,
+        _ => engine.attention_backward_gpu(
+            &s.shape,
+            Layout::Bhsd,
+            &opts,
+            q,
+            k,
+            v,
+            &s.output,
+            s.lse.as_ref(),
+            d_o,
+        )?,
+    };
     let sh = &s.shape;
+    let d_bias = match (&s.bias, &g.d_bias) {
+        // wflash's bias gradient is f32, of the bias's shape.
+        (Some(bias), Some(d_bias)) => {
+            let like = CubeTensor {
+                dtype: DType::F32,
+                ..bias.clone()
+            };
+            let d_bias = to_burn(engine, &like, bias.meta.shape().clone(), d_bias)?;
+            Some(burn_cubecl::kernel::cast(d_bias, bias.dtype))
+        }
+        _ => None,
+    };
     Ok([
-        to_burn(
+        Some(to_burn(
             engine,
             &s.q,
             Shape::from([sh.batch, sh.q_heads, sh.q_len, sh.head_dim]),
             &g.dq,
-        )?,
-        to_burn(
+        )?),
+        Some(to_burn(
             engine,
             &s.k,
             Shape::from([sh.batch, sh.kv_heads, sh.kv_len, sh.head_dim]),
             &g.dk,
-        )?,
-        to_burn(
+        )?),
+        Some(to_burn(
             engine,
             &s.v,
             Shape::from([sh.batch, sh.kv_heads, sh.kv_len, sh.value_dim]),
             &g.dv,
-        )?,
+        )?),
+        d_bias,
     ])
 }
 
-fn tracked<C: CheckpointStrategy>(
+/// A call on an autodiff device: `tensors` are q, k, v and, when `N` is 4, the bias.
+fn tracked<C: CheckpointStrategy, const N: usize>(
     engine: &wflash::Engine,
     shape: wflash::Shape,
     opts: OwnedOptions,
-    tensors: [Tensor<4>; 3],
+    tensors: [Tensor<4>; N],
 ) -> Result<Tensor<4>>
 where
     DispatchTensor: DispatchKindConversion<Autodiff<Cube, C>>,
 {
-    let [q, k, v] = primitives::<Autodiff<Cube, C>>(tensors)?;
-    let prep = AttentionBackward
-        .prepare::<C>([q.node(), k.node(), v.node()])
+    let inputs = primitives::<Autodiff<Cube, C>, N>(tensors)?;
+    let prep = AttentionBackward::<N>
+        .prepare::<C>(inputs.each_ref().map(|t| t.node()))
         .compute_bound()
         .stateful();
+    let [q, k, v] = [0, 1, 2].map(|i| contiguous(inputs[i].primitive().clone()));
+    let bias = inputs.get(3).map(|b| contiguous(b.primitive().clone()));
     let out = match prep {
         OpsKind::Tracked(prep) => {
-            let dtype = crate::bridge::wflash_dtype("q", q.primitive().dtype)?;
-            // Refuse now what the backward would refuse later, inside burn's graph.
-            engine.plan_backward(&shape, Layout::Bhsd, &opts.get(), dtype)?;
-            let (qp, kp, vp) = (
-                contiguous(q.primitive().clone()),
-                contiguous(k.primitive().clone()),
-                contiguous(v.primitive().clone()),
-            );
-            let fwd = forward(engine, &shape, &opts, [&qp, &kp, &vp])?;
+            let dtype = crate::bridge::wflash_dtype("q", q.dtype)?;
+            // Refuse now what the backward would refuse later, inside burn's graph: with the
+            // bias's gradient, the larger of the two backward plans.
+            let mut planned = opts.get();
+            if let Some(bias) = &bias {
+                let dims = bias.meta.shape();
+                let dtype = crate::bridge::wflash_dtype("bias", bias.dtype)?;
+                planned.bias = Some(wflash::Bias::resident(dtype, dims[0], dims[1]));
+                planned.bias_grad = true;
+            }
+            engine.plan_backward(&shape, Layout::Bhsd, &planned, dtype)?;
+            let fwd = forward(engine, &shape, &opts, [&q, &k, &v], bias.as_ref())?;
             let saved = Saved {
                 engine: engine.clone(),
                 shape,
                 opts,
-                q: qp,
-                k: kp,
-                v: vp,
+                q,
+                k,
+                v,
+                bias,
                 output: fwd.wflash_output,
                 lse: fwd.lse,
             };
             prep.finish(saved, fwd.output)
         }
         OpsKind::UnTracked(prep) => {
-            let fwd = forward(
-                engine,
-                &shape,
-                &opts,
-                [q.primitive(), k.primitive(), v.primitive()],
-            )?;
+            let fwd = forward(engine, &shape, &opts, [&q, &k, &v], bias.as_ref())?;
             prep.finish(fwd.output)
         }
     };

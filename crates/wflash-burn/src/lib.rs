@@ -21,11 +21,12 @@
 //! ```
 //!
 //! Tensors are `[batch, heads, seq, dim]` (burn's attention layout) in f32, f16 or bf16; a
-//! tensor that is a `swap_dims(1, 2)` of a contiguous `[batch, seq, heads, dim]` one is read in
-//! place (wflash's `Bshd` layout), any other layout is made contiguous first. GQA follows from
-//! the shapes (`q_heads` a multiple of `kv_heads`). Every option of wflash's
-//! [`AttentionOptions`] is accepted; its host-slice options (ALiBi slopes, sinks, bias, key
-//! mask, temperature, varlen) are constants of the call, with no gradient in burn.
+//! non-contiguous tensor (a `swap_dims` of a `[batch, seq, heads, dim]` one, say) is made
+//! contiguous first, by burn's `into_contiguous`. GQA follows from the shapes (`q_heads` a
+//! multiple of `kv_heads`). burn's `mask` and additive `attn_bias` are burn tensors given to
+//! [`attention_with`] (a learnable bias gets its gradient); of wflash's [`AttentionOptions`],
+//! the host-slice ALiBi slopes and sinks are constants of the call, and a host-slice bias, key
+//! mask, temperature or varlen is refused (pass masks and biases as tensors).
 //!
 //! What wflash refuses (an option combination, a head dim, a device that cannot run the
 //! kernels) is an [`Error`] before anything is dispatched, never a silent fallback to burn's
@@ -36,7 +37,7 @@ mod bridge;
 mod engines;
 mod linear;
 
-pub use attention::attention;
+pub use attention::{attention, attention_with};
 pub use engines::{engine, init, register};
 pub use linear::{LinearState, linear_attention, linear_attention_with_state};
 pub use wflash::{

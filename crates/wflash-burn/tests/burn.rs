@@ -366,6 +366,285 @@ fn what_wflash_refuses_is_a_typed_error() {
         matches!(err, Error::Wflash(wflash::Error::Unsupported { .. })),
         "{err:?}"
     );
+    // A bias or mask whose shape is not [batch | 1, heads | 1, q_len, kv_len].
+    let err = wflash_burn::attention_with(
+        t([2, 2, 8, 16]),
+        t([2, 2, 8, 16]),
+        t([2, 2, 8, 16]),
+        None,
+        Some(t([2, 2, 8, 9])),
+        &opts,
+    )
+    .unwrap_err();
+    assert!(
+        matches!(err, Error::Shape { tensor: "bias", .. }),
+        "{err:?}"
+    );
+    let mask = Tensor::<4, Bool>::empty([3, 1, 8, 8], &device);
+    let err = wflash_burn::attention_with(
+        t([2, 2, 8, 16]),
+        t([2, 2, 8, 16]),
+        t([2, 2, 8, 16]),
+        Some(mask),
+        None,
+        &opts,
+    )
+    .unwrap_err();
+    assert!(
+        matches!(err, Error::Shape { tensor: "mask", .. }),
+        "{err:?}"
+    );
+}
+
+/// A call with burn's `mask` and `attn_bias`: their shapes (`[batch | 1, heads | 1]`; `None`
+/// for none), whether the bias is learnable.
+#[derive(Clone, Copy, Debug)]
+struct MaskedCase {
+    shape: Shape,
+    dtype: DType,
+    causal: bool,
+    mask: Option<[usize; 2]>,
+    bias: Option<[usize; 2]>,
+    learnable_bias: bool,
+    seed: u64,
+}
+
+#[test]
+fn mask_and_bias_tensors_match_burns_attention_with_the_bias_gradient() {
+    let Some(device) = device() else { return };
+    let plain = device.clone();
+    let device = device.autodiff();
+    let cases = [
+        MaskedCase {
+            shape: Shape {
+                batch: 2,
+                q_heads: 4,
+                kv_heads: 4,
+                q_len: 40,
+                kv_len: 52,
+                head_dim: 32,
+                value_dim: 32,
+            },
+            dtype: DType::F32,
+            causal: false,
+            mask: Some([2, 1]),
+            bias: Some([2, 4]),
+            learnable_bias: true,
+            seed: 11,
+        },
+        MaskedCase {
+            shape: Shape {
+                batch: 2,
+                q_heads: 4,
+                kv_heads: 2,
+                q_len: 33,
+                kv_len: 33,
+                head_dim: 16,
+                value_dim: 24,
+            },
+            dtype: DType::F32,
+            causal: true,
+            mask: None,
+            bias: Some([1, 4]),
+            learnable_bias: true,
+            seed: 12,
+        },
+        MaskedCase {
+            shape: Shape {
+                batch: 1,
+                q_heads: 2,
+                kv_heads: 2,
+                q_len: 48,
+                kv_len: 48,
+                head_dim: 32,
+                value_dim: 32,
+            },
+            dtype: DType::F16,
+            causal: true,
+            mask: Some([1, 1]),
+            bias: None,
+            learnable_bias: false,
+            seed: 13,
+        },
+        MaskedCase {
+            shape: Shape {
+                batch: 2,
+                q_heads: 2,
+                kv_heads: 2,
+                q_len: 30,
+                kv_len: 30,
+                head_dim: 16,
+                value_dim: 16,
+            },
+            dtype: DType::F32,
+            causal: false,
+            mask: Some([2, 2]),
+            bias: Some([2, 2]),
+            learnable_bias: false,
+            seed: 14,
+        },
+    ];
+    for c in cases {
+        let s = c.shape;
+        let mut rng = StdRng::seed_from_u64(c.seed);
+        let q_dims = [s.batch, s.q_heads, s.q_len, s.head_dim];
+        let k_dims = [s.batch, s.kv_heads, s.kv_len, s.head_dim];
+        let v_dims = [s.batch, s.kv_heads, s.kv_len, s.value_dim];
+        let o_dims = [s.batch, s.q_heads, s.q_len, s.value_dim];
+        let q = normals(&mut rng, s.q_elems(), c.dtype);
+        let k = normals(&mut rng, s.k_elems(), c.dtype);
+        let v = normals(&mut rng, s.v_elems(), c.dtype);
+        let d_o = normals(&mut rng, s.o_elems(), c.dtype);
+        let matrix = s.q_len * s.kv_len;
+        let dims = |[b, h]: [usize; 2]| [b, h, s.q_len, s.kv_len];
+        let bias = c
+            .bias
+            .map(|[b, h]| normals(&mut rng, b * h * matrix, DType::F32));
+        // About a quarter of the keys hidden; key 0 never, so no row is empty.
+        let mask = c.mask.map(|[b, h]| {
+            (0..b * h * matrix)
+                .map(|i| i % s.kv_len != 0 && rng.random_bool(0.25))
+                .collect::<Vec<bool>>()
+        });
+
+        let causal = AttentionModuleOptions {
+            scale: None,
+            softcap: None,
+            is_causal: c.causal,
+        };
+        let opts = if c.causal {
+            AttentionOptions::softmax().with_causal(Causal::TopLeft)
+        } else {
+            AttentionOptions::softmax()
+        };
+        let run = |wflash: bool, device: &Device| {
+            let learnable = |t: Tensor<4>, learns: bool| {
+                if learns && device.is_autodiff() {
+                    t.require_grad()
+                } else {
+                    t
+                }
+            };
+            let leaf = |x: &[f32], dims| learnable(tensor(x, dims, c.dtype, device), true);
+            let (qt, kt, vt) = (leaf(&q, q_dims), leaf(&k, k_dims), leaf(&v, v_dims));
+            let bt = (bias.as_ref()).map(|b| {
+                let t = tensor(b, dims(c.bias.unwrap_or_default()), DType::F32, device);
+                learnable(t, c.learnable_bias)
+            });
+            let mt = (mask.as_ref()).map(|m| {
+                Tensor::<4, Bool>::from_data(
+                    TensorData::new(m.clone(), dims(c.mask.unwrap_or_default())),
+                    device,
+                )
+            });
+            let o = if wflash {
+                wflash_burn::attention_with(
+                    qt.clone(),
+                    kt.clone(),
+                    vt.clone(),
+                    mt,
+                    bt.clone(),
+                    &opts,
+                )
+                .unwrap_or_else(|e| panic!("{c:?}: {e}"))
+            } else {
+                let group = s.q_heads / s.kv_heads;
+                let repeat = |t: Tensor<4>| {
+                    let [b, h, n, d] = t.dims();
+                    t.reshape([b, h, 1, n * d])
+                        .repeat_dim(2, group)
+                        .reshape([b, h * group, n, d])
+                };
+                let full = |t: Tensor<4>| {
+                    let [b, h, ..] = t.dims();
+                    t.repeat_dim(0, s.batch / b).repeat_dim(1, s.q_heads / h)
+                };
+                let mt = mt.map(|m| {
+                    let [b, h, ..] = m.dims();
+                    m.repeat_dim(0, s.batch / b).repeat_dim(1, s.q_heads / h)
+                });
+                let bt = bt.clone().map(|b| full(b.cast(c.dtype)));
+                attention_fallback(
+                    qt.clone(),
+                    repeat(kt.clone()),
+                    repeat(vt.clone()),
+                    mt,
+                    bt,
+                    causal,
+                )
+            };
+            let out = host(o.clone());
+            if !device.is_autodiff() {
+                return (out, None);
+            }
+            let weights = tensor(&d_o, o_dims, c.dtype, device);
+            let grads = (o * weights).sum().backward();
+            let grad = |t: &Tensor<4>| host(t.grad(&grads).expect("a gradient"));
+            let d_bias = bt.filter(|_| c.learnable_bias).map(|b| grad(&b));
+            (out, Some((grad(&qt), grad(&kt), grad(&vt), d_bias)))
+        };
+        let (o, grads) = run(true, &device);
+        let (dq, dk, dv, d_bias) = grads.expect("autodiff gradients");
+        let (naive_o, naive_grads) = run(false, &device);
+        let (naive_dq, naive_dk, naive_dv, naive_d_bias) = naive_grads.expect("autodiff gradients");
+        // The plain device runs the same forward: bitwise the same output.
+        let (plain_o, _) = run(true, &plain);
+        assert!(
+            plain_o
+                .iter()
+                .zip(&o)
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
+            "{c:?}: the plain device's output differs from the autodiff device's"
+        );
+
+        // The truth: one additive bias of the combined shape, -inf where masked.
+        let [bb, bh] = [0, 1].map(|axis| {
+            c.mask
+                .map_or(1, |m| m[axis])
+                .max(c.bias.map_or(1, |b| b[axis]))
+        });
+        let additive: Vec<f32> = (0..bb * bh * matrix)
+            .map(|i| {
+                let (batch, head, cell) = (i / (bh * matrix), i / matrix % bh, i % matrix);
+                let at = |[b, h]: [usize; 2]| (batch % b * h + head % h) * matrix + cell;
+                let hidden = c
+                    .mask
+                    .is_some_and(|m| mask.as_ref().is_some_and(|v| v[at(m)]));
+                let value = c
+                    .bias
+                    .map_or(0.0, |b| bias.as_ref().map_or(0.0, |v| v[at(b)]));
+                if hidden { f32::NEG_INFINITY } else { value }
+            })
+            .collect();
+        let truth_opts = opts.with_bias(wflash::Bias::f32(&additive, bb, bh));
+        let problem = reference_problem(&s, Layout::Bhsd, &truth_opts);
+        let wide = |x: &[f32]| x.iter().map(|&a| f64::from(a)).collect::<Vec<f64>>();
+        let (q64, k64, v64, d_o64) = (wide(&q), wide(&k), wide(&v), wide(&d_o));
+        let truth = wflash_ref::forward(&problem, &q64, &k64, &v64);
+        let truth_grads = wflash_ref::backward::backward(&problem, &q64, &k64, &v64, &d_o64);
+        let mut outputs = vec![
+            Output::forward("O", o, &truth.output, &naive_o),
+            Output::backward("dQ", dq, &truth_grads.dq, &naive_dq),
+            Output::backward("dK", dk, &truth_grads.dk, &naive_dk),
+            Output::backward("dV", dv, &truth_grads.dv, &naive_dv),
+        ];
+        if c.learnable_bias {
+            let truth_d_bias = truth_grads
+                .d_bias
+                .as_deref()
+                .expect("the reference's dBias");
+            outputs.push(Output::backward(
+                "dBias",
+                d_bias.expect("wflash's dBias"),
+                truth_d_bias,
+                naive_d_bias.as_deref().expect("burn's dBias"),
+            ));
+        } else {
+            assert!(d_bias.is_none());
+        }
+        let verdict = judge(&c, outputs).unwrap_or_else(|e| panic!("{e}"));
+        eprintln!("{c:?}: ratio {:.3}", verdict.ratio);
+    }
 }
 
 #[derive(Clone, Copy, Debug)]

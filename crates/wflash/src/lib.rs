@@ -69,7 +69,9 @@ pub use engine::{Engine, EngineInfo, EngineOptions, F16Path, TuningSource};
 pub use gpu::pool::PoolStats;
 pub use gpu::tensor::Tensor;
 pub use kernels::{Family, TileConfig};
-pub use ops::attention::{FlashParams, GpuAttention, PackPlan, Packed, Plan, SequenceInfo};
+pub use ops::attention::{
+    FlashParams, GpuAttention, GpuBias, PackPlan, Packed, Plan, SequenceInfo,
+};
 pub use ops::attention_backward::{
     BackwardParams, BackwardPlan, BiasGradPlan, GpuAttentionGrads, ReduceParams,
 };

@@ -59,27 +59,32 @@ pub struct Bias<'a> {
     pub heads: usize,
 }
 
-/// The element type of a [`Bias`].
+/// Where a [`Bias`]'s values are, and their element type.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum BiasValues<'a> {
     F32(&'a [f32]),
     F16(&'a [half::f16]),
+    /// In a GPU tensor of this element type (f32 or f16): the one
+    /// `Engine::attention_gpu_with_bias` (or its backward) is given, which describes it so.
+    /// Other calls refuse it.
+    Resident(DType),
 }
 
 impl BiasValues<'_> {
-    pub fn len(&self) -> usize {
+    /// How many values a host bias holds; `None` for a resident one (its tensor is checked
+    /// where it is given).
+    pub fn host_len(&self) -> Option<usize> {
         match self {
-            BiasValues::F32(v) => v.len(),
-            BiasValues::F16(v) => v.len(),
+            BiasValues::F32(v) => Some(v.len()),
+            BiasValues::F16(v) => Some(v.len()),
+            BiasValues::Resident(_) => None,
         }
-    }
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
     pub fn dtype(&self) -> DType {
         match self {
             BiasValues::F32(_) => DType::F32,
             BiasValues::F16(_) => DType::F16,
+            BiasValues::Resident(dtype) => *dtype,
         }
     }
 }
@@ -97,6 +102,15 @@ impl<'a> Bias<'a> {
     pub fn f16(values: &'a [half::f16], batch: usize, heads: usize) -> Self {
         Bias {
             values: BiasValues::F16(values),
+            batch,
+            heads,
+        }
+    }
+    /// A bias of shape `[batch, heads, q_len, kv_len]` whose `dtype` values are in a GPU tensor
+    /// ([`BiasValues::Resident`]): what a GPU call given that tensor plans with.
+    pub fn resident(dtype: DType, batch: usize, heads: usize) -> Self {
+        Bias {
+            values: BiasValues::Resident(dtype),
             batch,
             heads,
         }
@@ -344,8 +358,16 @@ impl<'a> AttentionOptions<'a> {
                     format!("heads {} must be 1 or {}", bias.heads, shape.q_heads),
                 );
             }
-            let len = bias.batch * bias.heads * shape.q_len * shape.kv_len;
-            check_len("bias", len, bias.values.len())?;
+            if let Some(got) = bias.values.host_len() {
+                let len = bias.batch * bias.heads * shape.q_len * shape.kv_len;
+                check_len("bias", len, got)?;
+            }
+            if !matches!(bias.values.dtype(), DType::F32 | DType::F16) {
+                return Err(Error::DTypeUnsupported {
+                    dtype: bias.values.dtype(),
+                    reason: "a bias holds f32 or f16 values",
+                });
+            }
         }
         if self.prefix_len.is_some() && self.causal.is_none() {
             return Err(Error::Unsupported {

@@ -13,7 +13,7 @@ use crate::{AttentionOptions, BiasValues, DType, Engine, Modifier, Result, Tenso
 impl Engine {
     /// Records and submits the dispatch of batch elements `batch0..batch0 + batch` of the
     /// planned call (`q`, `k`, `v` hold just those); the modifiers' per-batch data is sliced
-    /// from there.
+    /// from there. `bias` is the tensor of a resident bias (checked against `opts`).
     #[expect(
         clippy::too_many_arguments,
         reason = "the plan, its data and one dispatch's tensors; private"
@@ -22,6 +22,7 @@ impl Engine {
         &self,
         plan: &Plan,
         opts: &AttentionOptions<'_>,
+        bias: Option<&Tensor>,
         batch0: usize,
         batch: usize,
         q: &Tensor,
@@ -54,7 +55,7 @@ impl Engine {
         let packs = (plan.packs.iter())
             .map(|pack| {
                 let (shape, tensor, label) =
-                    self.pack_input(plan, pack, opts, batch0, batch, k, v)?;
+                    self.pack_input(plan, pack, opts, bias, batch0, batch, k, v)?;
                 Ok((
                     shape,
                     tensor,
@@ -183,7 +184,7 @@ impl Engine {
 
 impl Engine {
     /// The tensor a planned pack pass reads for batch elements `batch0..batch0 + batch`, with
-    /// its shape for them.
+    /// its shape for them. `bias`: a resident bias's tensor.
     #[expect(
         clippy::too_many_arguments,
         reason = "the plan, one pack, the options and one dispatch's range and K/V; private"
@@ -193,6 +194,7 @@ impl Engine {
         plan: &Plan,
         pack: &PackPlan,
         opts: &AttentionOptions<'_>,
+        bias: Option<&Tensor>,
         batch0: usize,
         batch: usize,
         k: &Tensor,
@@ -207,6 +209,7 @@ impl Engine {
             Packed::K => (k.clone(), "packed K"),
             Packed::V => (v.clone(), "packed V"),
             Packed::Bias => {
+                let tensor = bias;
                 let bias = opts.bias.ok_or_else(|| planned_without("a bias"))?;
                 // A bias shared by the batch is packed once, whole.
                 let (first, count) = if bias.batch == 1 {
@@ -220,6 +223,10 @@ impl Engine {
                 let tensor = match bias.values {
                     BiasValues::F32(values) => self.upload(&values[range])?,
                     BiasValues::F16(values) => self.upload(&values[range])?,
+                    // GPU calls dispatch every batch element at once: the whole tensor.
+                    BiasValues::Resident(_) => tensor
+                        .ok_or_else(|| planned_without("a resident bias's tensor"))?
+                        .clone(),
                 };
                 (tensor, "packed bias")
             }

@@ -8,8 +8,8 @@ pub use plan::{FlashParams, PackPlan, Packed, Plan, SequenceInfo};
 
 use crate::ops::passes::check_qkv;
 use crate::{
-    Attention, AttentionOptions, Element, Engine, Error, Layout, Result, Shape, Tensor, Variant,
-    check_len,
+    Attention, AttentionOptions, Bias, BiasValues, Element, Engine, Error, Layout, Result, Shape,
+    Tensor, Variant, check_len,
 };
 
 impl Engine {
@@ -30,6 +30,7 @@ impl Engine {
         // The plan validates the shape first: its element counts are only defined (no
         // overflow) once it is valid.
         let plan = self.plan(shape, layout, opts, T::DTYPE)?;
+        check_resident_bias(shape, opts, None)?;
         check_len("q", shape.q_elems(), q.len())?;
         check_len("k", shape.k_elems(), k.len())?;
         check_len("v", shape.v_elems(), v.len())?;
@@ -42,7 +43,7 @@ impl Engine {
             let q_t = self.upload(&q[range(shape.q_elems() / shape.batch)])?;
             let k_t = self.upload(&k[range(shape.k_elems() / shape.batch)])?;
             let v_t = self.upload(&v[range(shape.v_elems() / shape.batch)])?;
-            let out = self.run(&plan, opts, start, count, &q_t, &k_t, &v_t)?;
+            let out = self.run(&plan, opts, None, start, count, &q_t, &k_t, &v_t)?;
             output.extend(self.read::<T>(&out.output).await?);
             if let Some(l) = &out.lse {
                 lse.extend(self.read::<f32>(l).await?);
@@ -80,7 +81,46 @@ impl Engine {
         k: &Tensor,
         v: &Tensor,
     ) -> Result<GpuAttention> {
+        self.attention_gpu_resident(shape, layout, opts, None, q, k, v)
+    }
+
+    /// [`Engine::attention_gpu`] with an additive bias that is a GPU tensor too (a mask made on
+    /// the device, a learnable bias in training): `opts` holds no bias of its own.
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "attention_gpu's arguments and the bias"
+    )]
+    pub fn attention_gpu_with_bias(
+        &self,
+        shape: &Shape,
+        layout: Layout,
+        opts: &AttentionOptions<'_>,
+        bias: &GpuBias<'_>,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+    ) -> Result<GpuAttention> {
+        let opts = bias.options(opts)?;
+        self.attention_gpu_resident(shape, layout, &opts, Some(bias.values), q, k, v)
+    }
+
+    /// A GPU call whose resident bias, if `opts` has one, is `bias`.
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "attention_gpu's arguments and the bias; private"
+    )]
+    fn attention_gpu_resident(
+        &self,
+        shape: &Shape,
+        layout: Layout,
+        opts: &AttentionOptions<'_>,
+        bias: Option<&Tensor>,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+    ) -> Result<GpuAttention> {
         let plan = self.plan(shape, layout, opts, q.dtype)?;
+        check_resident_bias(shape, opts, bias)?;
         check_qkv(shape, q, k, v)?;
         if plan.batch_per_dispatch < shape.batch {
             return Err(Error::TooLarge {
@@ -90,8 +130,59 @@ impl Engine {
                 hint: " batch elements per GPU tensor (host-slice calls split over batch; split GPU tensors yourself)",
             });
         }
-        self.run(&plan, opts, 0, shape.batch, q, k, v)
+        self.run(&plan, opts, bias, 0, shape.batch, q, k, v)
     }
+}
+
+/// An additive bias on the GPU: [`Bias`]'s layout and meaning (`[batch, heads, q_len,
+/// kv_len]`, `batch` 1 or the call's, `heads` 1 or its `q_heads`), f32 or f16 values.
+#[derive(Clone, Copy, Debug)]
+pub struct GpuBias<'a> {
+    pub values: &'a Tensor,
+    pub batch: usize,
+    pub heads: usize,
+}
+
+impl GpuBias<'_> {
+    /// `opts` with this bias described in it ([`Bias::resident`]): what a call with it plans
+    /// with ([`Engine::plan`], [`Engine::plan_backward`]). `opts` must hold no bias of its own.
+    pub fn options<'o>(&self, opts: &AttentionOptions<'o>) -> Result<AttentionOptions<'o>> {
+        if opts.bias.is_some() {
+            return Err(Error::Unsupported {
+                combination: "a bias in the options and a GPU bias in one call",
+            });
+        }
+        let bias = Bias::resident(self.values.dtype, self.batch, self.heads);
+        Ok(AttentionOptions {
+            bias: Some(bias),
+            ..*opts
+        })
+    }
+}
+
+/// A resident bias in `opts` comes with its tensor (`bias`), of the size its shape says; a call
+/// given no tensor refuses one. Run after planning, which validated the shape and the bias's.
+pub(crate) fn check_resident_bias(
+    shape: &Shape,
+    opts: &AttentionOptions<'_>,
+    bias: Option<&Tensor>,
+) -> Result<()> {
+    let Some(described) = opts
+        .bias
+        .filter(|b| matches!(b.values, BiasValues::Resident(_)))
+    else {
+        return Ok(());
+    };
+    let Some(tensor) = bias else {
+        return Err(Error::InvalidModifier {
+            modifier: "bias",
+            reason: "BiasValues::Resident is for a GPU tensor given to \
+                     Engine::attention_gpu_with_bias or its backward; this call has none"
+                .into(),
+        });
+    };
+    let len = described.batch * described.heads * shape.q_len * shape.kv_len;
+    check_len("bias", len, tensor.len)
 }
 
 /// Results of [`Engine::attention_gpu`], still on the GPU.

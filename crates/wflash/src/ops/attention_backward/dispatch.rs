@@ -21,6 +21,8 @@ pub(super) struct BackwardInputs<'a> {
     /// The forward's LSE (softmax); `None` for sigmoid.
     pub lse: Option<&'a Tensor>,
     pub d_o: &'a Tensor,
+    /// A resident bias's tensor.
+    pub bias: Option<&'a Tensor>,
 }
 
 impl Engine {
@@ -52,8 +54,16 @@ impl Engine {
         let pack_q = self.pipeline(KernelId::Pack(PackKernel(io)))?;
         let packs = (forward.packs.iter())
             .map(|pack| {
-                let (pack_shape, tensor, label) =
-                    self.pack_input(forward, pack, opts, 0, shape.batch, inputs.k, inputs.v)?;
+                let (pack_shape, tensor, label) = self.pack_input(
+                    forward,
+                    pack,
+                    opts,
+                    inputs.bias,
+                    0,
+                    shape.batch,
+                    inputs.k,
+                    inputs.v,
+                )?;
                 let pipeline = self.pipeline(KernelId::Pack(pack.kernel))?;
                 Ok((pack_shape, tensor, label, pipeline))
             })
