@@ -1187,33 +1187,24 @@ fn a_gpu_bias_gives_the_host_bias_results_bitwise_and_bad_ones_are_typed_errors(
     assert_eq!(Some(d_bias), host_grads.d_bias);
 
     // A resident bias without its tensor, a tensor of the wrong size or type, two biases.
+    let bias_error = |e: &Error| {
+        matches!(
+            e,
+            Error::InvalidModifier {
+                modifier: "bias",
+                ..
+            }
+        )
+    };
     let resident = opts.with_bias(Bias::resident(DType::F32, 1, s.q_heads));
     let err = engine
         .attention_blocking(&s, Layout::Bhsd, &resident, &q, &k, &v)
         .unwrap_err();
-    assert!(
-        matches!(
-            err,
-            Error::InvalidModifier {
-                modifier: "bias",
-                ..
-            }
-        ),
-        "{err:?}"
-    );
+    assert!(bias_error(&err), "{err:?}");
     let err = engine
         .attention_gpu(&s, Layout::Bhsd, &resident, &qt, &kt, &vt)
         .unwrap_err();
-    assert!(
-        matches!(
-            err,
-            Error::InvalidModifier {
-                modifier: "bias",
-                ..
-            }
-        ),
-        "{err:?}"
-    );
+    assert!(bias_error(&err), "{err:?}");
     let short = GpuBias {
         values: &kt,
         ..gpu_bias
@@ -1236,16 +1227,7 @@ fn a_gpu_bias_gives_the_host_bias_results_bitwise_and_bad_ones_are_typed_errors(
     let err = engine
         .attention_gpu_with_bias(&s, Layout::Bhsd, &opts, &three_heads, &qt, &kt, &vt)
         .unwrap_err();
-    assert!(
-        matches!(
-            err,
-            Error::InvalidModifier {
-                modifier: "bias",
-                ..
-            }
-        ),
-        "{err:?}"
-    );
+    assert!(bias_error(&err), "{err:?}");
     let bf16 = engine.upload(&vec![half::bf16::ZERO; bias.len()]).unwrap();
     let err = engine
         .attention_gpu_with_bias(

@@ -82,6 +82,38 @@ fn host(t: Tensor<4>) -> Vec<f64> {
         .collect()
 }
 
+/// One call's random inputs (exactly representable in its dtype) and dO, with their dims.
+struct Inputs {
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    d_o: Vec<f32>,
+    /// Q, K, V and O (= dO) dims, `[batch, heads, len, dim]`.
+    dims: [[usize; 4]; 4],
+}
+
+impl Inputs {
+    fn draw(rng: &mut StdRng, s: &Shape, dtype: DType) -> Inputs {
+        Inputs {
+            q: normals(rng, s.q_elems(), dtype),
+            k: normals(rng, s.k_elems(), dtype),
+            v: normals(rng, s.v_elems(), dtype),
+            d_o: normals(rng, s.o_elems(), dtype),
+            dims: [
+                [s.batch, s.q_heads, s.q_len, s.head_dim],
+                [s.batch, s.kv_heads, s.kv_len, s.head_dim],
+                [s.batch, s.kv_heads, s.kv_len, s.value_dim],
+                [s.batch, s.q_heads, s.q_len, s.value_dim],
+            ],
+        }
+    }
+
+    /// The inputs in f64, for the reference: Q, K, V, dO.
+    fn wide(&self) -> [Vec<f64>; 4] {
+        [&self.q, &self.k, &self.v, &self.d_o].map(|x| x.iter().map(|&a| f64::from(a)).collect())
+    }
+}
+
 /// burn's materialised attention; K and V repeated over the query heads they serve (GQA),
 /// through ops autodiff follows, so their gradients sum over the group.
 fn burn_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, c: &Case) -> Tensor<4> {
@@ -248,14 +280,9 @@ fn forward_and_gradients_match_burns_materialised_attention() {
     for c in cases() {
         let s = c.shape;
         let mut rng = StdRng::seed_from_u64(c.seed);
-        let q_dims = [s.batch, s.q_heads, s.q_len, s.head_dim];
-        let k_dims = [s.batch, s.kv_heads, s.kv_len, s.head_dim];
-        let v_dims = [s.batch, s.kv_heads, s.kv_len, s.value_dim];
-        let o_dims = [s.batch, s.q_heads, s.q_len, s.value_dim];
-        let q = normals(&mut rng, s.q_elems(), c.dtype);
-        let k = normals(&mut rng, s.k_elems(), c.dtype);
-        let v = normals(&mut rng, s.v_elems(), c.dtype);
-        let d_o = normals(&mut rng, s.o_elems(), c.dtype);
+        let inputs = Inputs::draw(&mut rng, &s, c.dtype);
+        let Inputs { q, k, v, d_o, .. } = &inputs;
+        let [q_dims, k_dims, v_dims, o_dims] = inputs.dims;
         let sinks = normals(&mut rng, s.q_heads, c.dtype);
 
         // Both paths: o, and the gradients of sum(o · dO), so dO reaches the backward.
@@ -280,8 +307,7 @@ fn forward_and_gradients_match_burns_materialised_attention() {
         let (naive_o, naive_dq, naive_dk, naive_dv) = run(false);
 
         let problem = reference_problem(&s, Layout::Bhsd, &wflash_options(&c, &sinks));
-        let wide = |x: &[f32]| x.iter().map(|&a| f64::from(a)).collect::<Vec<f64>>();
-        let (q64, k64, v64, d_o64) = (wide(&q), wide(&k), wide(&v), wide(&d_o));
+        let [q64, k64, v64, d_o64] = inputs.wide();
         let truth = wflash_ref::forward(&problem, &q64, &k64, &v64);
         let grads = wflash_ref::backward::backward(&problem, &q64, &k64, &v64, &d_o64);
         let verdict = judge(
@@ -487,14 +513,9 @@ fn mask_and_bias_tensors_match_burns_attention_with_the_bias_gradient() {
     for c in cases {
         let s = c.shape;
         let mut rng = StdRng::seed_from_u64(c.seed);
-        let q_dims = [s.batch, s.q_heads, s.q_len, s.head_dim];
-        let k_dims = [s.batch, s.kv_heads, s.kv_len, s.head_dim];
-        let v_dims = [s.batch, s.kv_heads, s.kv_len, s.value_dim];
-        let o_dims = [s.batch, s.q_heads, s.q_len, s.value_dim];
-        let q = normals(&mut rng, s.q_elems(), c.dtype);
-        let k = normals(&mut rng, s.k_elems(), c.dtype);
-        let v = normals(&mut rng, s.v_elems(), c.dtype);
-        let d_o = normals(&mut rng, s.o_elems(), c.dtype);
+        let inputs = Inputs::draw(&mut rng, &s, c.dtype);
+        let Inputs { q, k, v, d_o, .. } = &inputs;
+        let [q_dims, k_dims, v_dims, o_dims] = inputs.dims;
         let matrix = s.q_len * s.kv_len;
         let dims = |[b, h]: [usize; 2]| [b, h, s.q_len, s.kv_len];
         let bias = c
@@ -618,8 +639,7 @@ fn mask_and_bias_tensors_match_burns_attention_with_the_bias_gradient() {
             .collect();
         let truth_opts = opts.with_bias(wflash::Bias::f32(&additive, bb, bh));
         let problem = reference_problem(&s, Layout::Bhsd, &truth_opts);
-        let wide = |x: &[f32]| x.iter().map(|&a| f64::from(a)).collect::<Vec<f64>>();
-        let (q64, k64, v64, d_o64) = (wide(&q), wide(&k), wide(&v), wide(&d_o));
+        let [q64, k64, v64, d_o64] = inputs.wide();
         let truth = wflash_ref::forward(&problem, &q64, &k64, &v64);
         let truth_grads = wflash_ref::backward::backward(&problem, &q64, &k64, &v64, &d_o64);
         let mut outputs = vec![
