@@ -202,8 +202,18 @@ fn burn_ops_attention(
     probabilities.matmul(repeat(v))
 }
 
-fn cases() -> Vec<Case> {
-    let shape = |batch, q_heads, kv_heads, q_len, kv_len, head_dim, value_dim| Shape {
+/// `Shape` from its fields in order: batch, q_heads, kv_heads, q_len, kv_len, head_dim,
+/// value_dim.
+fn shape(
+    batch: usize,
+    q_heads: usize,
+    kv_heads: usize,
+    q_len: usize,
+    kv_len: usize,
+    head_dim: usize,
+    value_dim: usize,
+) -> Shape {
+    Shape {
         batch,
         q_heads,
         kv_heads,
@@ -211,7 +221,10 @@ fn cases() -> Vec<Case> {
         kv_len,
         head_dim,
         value_dim,
-    };
+    }
+}
+
+fn cases() -> Vec<Case> {
     let base = Case {
         shape: shape(2, 4, 4, 70, 70, 32, 32),
         dtype: DType::F32,
@@ -288,7 +301,7 @@ fn forward_and_gradients_match_burns_materialised_attention() {
         // Both paths: o, and the gradients of sum(o · dO), so dO reaches the backward.
         let run = |wflash: bool| {
             let leaf = |x: &[f32], dims| tensor(x, dims, c.dtype, &device).require_grad();
-            let (qt, kt, vt) = (leaf(&q, q_dims), leaf(&k, k_dims), leaf(&v, v_dims));
+            let (qt, kt, vt) = (leaf(q, q_dims), leaf(k, k_dims), leaf(v, v_dims));
             let o = if wflash {
                 let opts = wflash_options(&c, &sinks);
                 wflash_burn::attention(qt.clone(), kt.clone(), vt.clone(), &opts)
@@ -298,7 +311,7 @@ fn forward_and_gradients_match_burns_materialised_attention() {
             } else {
                 burn_attention(qt.clone(), kt.clone(), vt.clone(), &c)
             };
-            let weights = tensor(&d_o, o_dims, c.dtype, &device);
+            let weights = tensor(d_o, o_dims, c.dtype, &device);
             let grads = (o.clone() * weights).sum().backward();
             let grad = |t: &Tensor<4>| host(t.grad(&grads).expect("a gradient"));
             (host(o), grad(&qt), grad(&kt), grad(&vt))
@@ -442,15 +455,7 @@ fn mask_and_bias_tensors_match_burns_attention_with_the_bias_gradient() {
     let device = device.autodiff();
     let cases = [
         MaskedCase {
-            shape: Shape {
-                batch: 2,
-                q_heads: 4,
-                kv_heads: 4,
-                q_len: 40,
-                kv_len: 52,
-                head_dim: 32,
-                value_dim: 32,
-            },
+            shape: shape(2, 4, 4, 40, 52, 32, 32),
             dtype: DType::F32,
             causal: false,
             mask: Some([2, 1]),
@@ -459,15 +464,7 @@ fn mask_and_bias_tensors_match_burns_attention_with_the_bias_gradient() {
             seed: 11,
         },
         MaskedCase {
-            shape: Shape {
-                batch: 2,
-                q_heads: 4,
-                kv_heads: 2,
-                q_len: 33,
-                kv_len: 33,
-                head_dim: 16,
-                value_dim: 24,
-            },
+            shape: shape(2, 4, 2, 33, 33, 16, 24),
             dtype: DType::F32,
             causal: true,
             mask: None,
@@ -476,15 +473,7 @@ fn mask_and_bias_tensors_match_burns_attention_with_the_bias_gradient() {
             seed: 12,
         },
         MaskedCase {
-            shape: Shape {
-                batch: 1,
-                q_heads: 2,
-                kv_heads: 2,
-                q_len: 48,
-                kv_len: 48,
-                head_dim: 32,
-                value_dim: 32,
-            },
+            shape: shape(1, 2, 2, 48, 48, 32, 32),
             dtype: DType::F16,
             causal: true,
             mask: Some([1, 1]),
@@ -493,15 +482,7 @@ fn mask_and_bias_tensors_match_burns_attention_with_the_bias_gradient() {
             seed: 13,
         },
         MaskedCase {
-            shape: Shape {
-                batch: 2,
-                q_heads: 2,
-                kv_heads: 2,
-                q_len: 30,
-                kv_len: 30,
-                head_dim: 16,
-                value_dim: 16,
-            },
+            shape: shape(2, 2, 2, 30, 30, 16, 16),
             dtype: DType::F32,
             causal: false,
             mask: Some([2, 2]),
@@ -547,7 +528,7 @@ fn mask_and_bias_tensors_match_burns_attention_with_the_bias_gradient() {
                 }
             };
             let leaf = |x: &[f32], dims| learnable(tensor(x, dims, c.dtype, device), true);
-            let (qt, kt, vt) = (leaf(&q, q_dims), leaf(&k, k_dims), leaf(&v, v_dims));
+            let (qt, kt, vt) = (leaf(q, q_dims), leaf(k, k_dims), leaf(v, v_dims));
             let bt = (bias.as_ref()).map(|b| {
                 let t = tensor(b, dims(c.bias.unwrap_or_default()), DType::F32, device);
                 learnable(t, c.learnable_bias)
@@ -598,7 +579,7 @@ fn mask_and_bias_tensors_match_burns_attention_with_the_bias_gradient() {
             if !device.is_autodiff() {
                 return (out, None);
             }
-            let weights = tensor(&d_o, o_dims, c.dtype, device);
+            let weights = tensor(d_o, o_dims, c.dtype, device);
             let grads = (o * weights).sum().backward();
             let grad = |t: &Tensor<4>| host(t.grad(&grads).expect("a gradient"));
             let d_bias = bt.filter(|_| c.learnable_bias).map(|b| grad(&b));
