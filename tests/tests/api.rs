@@ -4,7 +4,7 @@
 use wflash::tuning::{TunedTile, TuningFile};
 use wflash::{
     AttentionOptions, Bias, Causal, DType, Engine, EngineOptions, Error, F16Path, Family, GpuBias,
-    Layout, Shape, TileConfig, TuningSource, wgpu,
+    GpuModifiers, Layout, Shape, TileConfig, TuningSource, wgpu,
 };
 use wflash_conformance::{Case, Path, custom_engine, engine, run_case};
 
@@ -1117,7 +1117,7 @@ fn element_counts_past_u32_split_over_batch_or_are_refused() {
 }
 
 #[test]
-fn a_gpu_bias_gives_the_host_bias_results_bitwise_and_bad_ones_are_typed_errors() {
+fn gpu_modifiers_give_the_host_results_bitwise_and_bad_ones_are_typed_errors() {
     let Some(engine) = engine(Path::F32) else {
         return;
     };
@@ -1134,10 +1134,13 @@ fn a_gpu_bias_gives_the_host_bias_results_bitwise_and_bad_ones_are_typed_errors(
             _ => ((i % 31) as f32 - 15.0) / 10.0,
         })
         .collect();
+    let sinks: Vec<f32> = (0..s.q_heads).map(|h| h as f32 * 0.7 - 1.0).collect();
     let opts = AttentionOptions::softmax()
         .with_causal(Causal::TopLeft)
         .with_bias_grad();
-    let host_opts = opts.with_bias(Bias::f32(&bias, 1, s.q_heads));
+    let host_opts = opts
+        .with_bias(Bias::f32(&bias, 1, s.q_heads))
+        .with_sinks(&sinks);
     let host = engine
         .attention_blocking(&s, Layout::Bhsd, &host_opts, &q, &k, &v)
         .unwrap();
@@ -1155,23 +1158,29 @@ fn a_gpu_bias_gives_the_host_bias_results_bitwise_and_bad_ones_are_typed_errors(
         )
         .unwrap();
 
-    let [qt, kt, vt, d_ot, bias_t] = [&q, &k, &v, &d_o, &bias].map(|x| engine.upload(x).unwrap());
+    let [qt, kt, vt, d_ot, bias_t, sinks_t] =
+        [&q, &k, &v, &d_o, &bias, &sinks].map(|x| engine.upload(x).unwrap());
     let gpu_bias = GpuBias {
         values: &bias_t,
         batch: 1,
         heads: s.q_heads,
     };
+    let modifiers = GpuModifiers {
+        bias: Some(gpu_bias),
+        sinks: Some(&sinks_t),
+    };
     let read = |t: &wflash::Tensor| engine.read_blocking::<f32>(t).unwrap();
     let gpu = engine
-        .attention_gpu_with_bias(&s, Layout::Bhsd, &opts, &gpu_bias, &qt, &kt, &vt)
+        .attention_gpu_with(&s, Layout::Bhsd, &opts, &modifiers, &qt, &kt, &vt)
         .unwrap();
     assert_eq!(read(&gpu.output), host.output);
+    assert_eq!(Some(read(gpu.lse.as_ref().unwrap())), host.lse);
     let grads = engine
-        .attention_backward_gpu_with_bias(
+        .attention_backward_gpu_with(
             &s,
             Layout::Bhsd,
             &opts,
-            &gpu_bias,
+            &modifiers,
             &qt,
             &kt,
             &vt,
@@ -1183,10 +1192,12 @@ fn a_gpu_bias_gives_the_host_bias_results_bitwise_and_bad_ones_are_typed_errors(
     assert_eq!(read(&grads.dq), host_grads.dq);
     assert_eq!(read(&grads.dk), host_grads.dk);
     assert_eq!(read(&grads.dv), host_grads.dv);
-    let d_bias = read(grads.d_bias.as_ref().expect("dBias"));
-    assert_eq!(Some(d_bias), host_grads.d_bias);
+    assert_eq!(grads.d_bias.as_ref().map(read), host_grads.d_bias);
+    assert_eq!(grads.d_sinks.as_ref().map(read), host_grads.d_sinks);
+    assert!(host_grads.d_bias.is_some() && host_grads.d_sinks.is_some());
 
-    // A resident bias without its tensor, a tensor of the wrong size or type, two biases.
+    // A resident bias without its tensor, tensors of the wrong size or type, values given
+    // twice, sinks with sigmoid.
     let bias_error = |e: &Error| {
         matches!(
             e,
@@ -1205,43 +1216,75 @@ fn a_gpu_bias_gives_the_host_bias_results_bitwise_and_bad_ones_are_typed_errors(
         .attention_gpu(&s, Layout::Bhsd, &resident, &qt, &kt, &vt)
         .unwrap_err();
     assert!(bias_error(&err), "{err:?}");
-    let short = GpuBias {
+    let gpu_call = |opts: &AttentionOptions, modifiers: &GpuModifiers| {
+        engine
+            .attention_gpu_with(&s, Layout::Bhsd, opts, modifiers, &qt, &kt, &vt)
+            .unwrap_err()
+    };
+    let with_bias = |bias: GpuBias<'_>| {
+        gpu_call(
+            &opts,
+            &GpuModifiers {
+                bias: Some(bias),
+                sinks: None,
+            },
+        )
+    };
+    let err = with_bias(GpuBias {
         values: &kt,
         ..gpu_bias
-    };
-    let err = engine
-        .attention_gpu_with_bias(&s, Layout::Bhsd, &opts, &short, &qt, &kt, &vt)
-        .unwrap_err();
+    });
     assert!(
         matches!(err, Error::LengthMismatch { tensor: "bias", .. }),
         "{err:?}"
     );
-    let err = engine
-        .attention_gpu_with_bias(&s, Layout::Bhsd, &host_opts, &gpu_bias, &qt, &kt, &vt)
-        .unwrap_err();
-    assert!(matches!(err, Error::Unsupported { .. }), "{err:?}");
-    let three_heads = GpuBias {
+    let err = with_bias(GpuBias {
         heads: 3,
         ..gpu_bias
-    };
-    let err = engine
-        .attention_gpu_with_bias(&s, Layout::Bhsd, &opts, &three_heads, &qt, &kt, &vt)
-        .unwrap_err();
+    });
     assert!(bias_error(&err), "{err:?}");
     let bf16 = engine.upload(&vec![half::bf16::ZERO; bias.len()]).unwrap();
-    let err = engine
-        .attention_gpu_with_bias(
-            &s,
-            Layout::Bhsd,
-            &opts,
-            &GpuBias {
-                values: &bf16,
-                ..gpu_bias
-            },
-            &qt,
-            &kt,
-            &vt,
-        )
-        .unwrap_err();
+    let err = with_bias(GpuBias {
+        values: &bf16,
+        ..gpu_bias
+    });
     assert!(matches!(err, Error::DTypeUnsupported { .. }), "{err:?}");
+    let err = gpu_call(&host_opts, &modifiers);
+    assert!(matches!(err, Error::Unsupported { .. }), "{err:?}");
+    let with_sinks = |opts: &AttentionOptions, sinks: &wflash::Tensor| {
+        gpu_call(
+            opts,
+            &GpuModifiers {
+                bias: None,
+                sinks: Some(sinks),
+            },
+        )
+    };
+    let err = with_sinks(&opts, &qt);
+    assert!(
+        matches!(
+            err,
+            Error::LengthMismatch {
+                tensor: "sinks",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    let f16_sinks = engine.upload(&vec![half::f16::ZERO; s.q_heads]).unwrap();
+    let err = with_sinks(&opts, &f16_sinks);
+    assert!(
+        matches!(
+            err,
+            Error::DTypeMismatch {
+                tensor: "sinks",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    let err = with_sinks(&opts.with_sinks(&sinks), &sinks_t);
+    assert!(matches!(err, Error::Unsupported { .. }), "{err:?}");
+    let err = with_sinks(&AttentionOptions::sigmoid(), &sinks_t);
+    assert!(matches!(err, Error::Unsupported { .. }), "{err:?}");
 }

@@ -10,7 +10,7 @@ use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::{Cube, DispatchKindConversion, DispatchTensor};
 use burn::tensor::{Bool, DType, Shape, Tensor};
 use burn_cubecl::tensor::CubeTensor;
-use wflash::{AttentionOptions, Causal, GpuBias, Layout, Variant, Window};
+use wflash::{AttentionOptions, Causal, GpuBias, GpuModifiers, Layout, Variant, Window};
 
 use crate::bridge::{Pins, contiguous, flush, to_burn, view};
 use crate::{Error, Result, engine};
@@ -29,48 +29,152 @@ pub fn attention(
     v: Tensor<4>,
     opts: &AttentionOptions<'_>,
 ) -> Result<Tensor<4>> {
-    attention_with(q, k, v, None, None, opts)
+    attention_with(q, k, v, Modifiers::default(), opts)
 }
 
-/// [`attention`] with burn's `mask` and `attn_bias` arguments (`burn::tensor::module::attention`):
-/// `mask` `[batch | 1, q_heads | 1, q_len, kv_len]` is `true` where a key is hidden from a
-/// query, `bias` of the same shape is added to the scores (relative positions, a padding or
-/// document mask in additive form); a size of 1 broadcasts. Both become one additive bias on
-/// the device (`-inf` where masked) that wflash's kernels read tile by tile; under autodiff
-/// `bias` gets its gradient (summed over the axes it broadcasts over) through wflash's
-/// backward. A row whose keys are all hidden gives 0 (wflash's rule), where burn's own
-/// attention gives NaN.
+/// Modifier values that are burn tensors, for [`attention_with`]: burn's `mask` and `attn_bias`
+/// (`burn::tensor::module::attention`), and learnable attention sinks.
+#[derive(Clone, Debug, Default)]
+pub struct Modifiers {
+    /// `[batch | 1, q_heads | 1, q_len, kv_len]`, `true` where a key is hidden from a query
+    /// (burn's convention); a size of 1 broadcasts.
+    pub mask: Option<Tensor<4, Bool>>,
+    /// The same shape, added to the scores (relative positions, a padding or document mask in
+    /// additive form). Differentiable.
+    pub bias: Option<Tensor<4>>,
+    /// `[q_heads]`: a sink logit per query head (gpt-oss), softmax only, in f32 on the device.
+    /// Differentiable.
+    pub sinks: Option<Tensor<1>>,
+}
+
+/// [`attention`] with modifier values that are burn tensors ([`Modifiers`]). The mask and the
+/// bias become one additive bias on the device (`-inf` where masked) that wflash's kernels read
+/// tile by tile; under autodiff the bias and the sinks get their gradients through wflash's
+/// backward (the bias's summed over the axes it broadcasts over). A row whose keys are all
+/// hidden gives 0 (wflash's rule), where burn's own attention gives NaN.
 pub fn attention_with(
     q: Tensor<4>,
     k: Tensor<4>,
     v: Tensor<4>,
-    mask: Option<Tensor<4, Bool>>,
-    bias: Option<Tensor<4>>,
+    modifiers: Modifiers,
     opts: &AttentionOptions<'_>,
 ) -> Result<Tensor<4>> {
     let (engine, shape) = checks(&q, &k, &v)?;
     let device = q.device();
     let opts = OwnedOptions::new(opts)?;
+    let Modifiers { mask, bias, sinks } = modifiers;
     let bias = additive_bias(&shape, &q, mask, bias)?;
+    let sinks = sinks.map(|s| sink_tensor(&shape, &q, s)).transpose()?;
+    let has = Extras {
+        bias: bias.is_some(),
+        sinks: sinks.is_some(),
+    };
+    // q, k, v, then the bias and the sinks where present: the autodiff step's parents.
+    let mut tensors = vec![("q", q), ("k", k), ("v", v)];
+    tensors.extend(bias.map(|b| ("bias", b)));
+    tensors.extend(sinks.map(|s| ("sinks", s)));
     if device.is_autodiff() {
         let balanced = Some(burn::backend::GradientCheckpointingStrategy::Balanced);
-        let balanced = device.gradient_checkpointing_strategy() == balanced;
-        match (bias, balanced) {
-            (None, false) => tracked::<NoCheckpointing, 3>(&engine, shape, opts, [q, k, v]),
-            (None, true) => tracked::<BalancedCheckpointing, 3>(&engine, shape, opts, [q, k, v]),
-            (Some(b), false) => tracked::<NoCheckpointing, 4>(&engine, shape, opts, [q, k, v, b]),
-            (Some(b), true) => {
-                tracked::<BalancedCheckpointing, 4>(&engine, shape, opts, [q, k, v, b])
-            }
+        if device.gradient_checkpointing_strategy() == balanced {
+            tracked_any::<BalancedCheckpointing>(&engine, shape, opts, has, tensors)
+        } else {
+            tracked_any::<NoCheckpointing>(&engine, shape, opts, has, tensors)
         }
     } else {
-        let [q, k, v] = primitives::<Cube, 3>([q, k, v])?;
-        let bias = bias
-            .map(|b| primitives::<Cube, 1>([b]).map(|[b]| contiguous(b)))
-            .transpose()?;
-        let out = forward(&engine, &shape, &opts, [&q, &k, &v], bias.as_ref())?;
+        let inputs = tensors
+            .into_iter()
+            .map(|(name, t)| primitives::<Cube, 1>([name], [t]).map(|[t]| contiguous(t)))
+            .collect::<Result<Vec<_>>>()?;
+        let out = forward(&engine, &shape, &opts, &Resident::new(has, &inputs))?;
         Ok(Tensor::from_primitive::<Cube>(out.output))
     }
+}
+
+/// Which modifier tensors a call has, after q, k and v.
+#[derive(Clone, Copy, Debug)]
+struct Extras {
+    bias: bool,
+    sinks: bool,
+}
+
+/// A call's tensors as burn primitives: q, k, v and its modifier tensors.
+struct Resident<'a> {
+    q: &'a CubeTensor,
+    k: &'a CubeTensor,
+    v: &'a CubeTensor,
+    bias: Option<&'a CubeTensor>,
+    sinks: Option<&'a CubeTensor>,
+}
+
+impl<'a> Resident<'a> {
+    /// `inputs` in the order [`attention_with`] puts them: q, k, v, then the extras present.
+    fn new(has: Extras, inputs: &'a [CubeTensor]) -> Resident<'a> {
+        let mut extras = inputs[3..].iter();
+        let bias = if has.bias { extras.next() } else { None };
+        let sinks = if has.sinks { extras.next() } else { None };
+        Resident {
+            q: &inputs[0],
+            k: &inputs[1],
+            v: &inputs[2],
+            bias,
+            sinks,
+        }
+    }
+
+    /// Views of the modifier tensors (pinned in `pins`).
+    fn views(&self, engine: &wflash::Engine, pins: &mut Pins) -> Result<ResidentViews> {
+        let bias = match self.bias {
+            Some(b) => Some((b.meta.shape().clone(), view(engine, pins, "bias", b)?)),
+            None => None,
+        };
+        let sinks = match self.sinks {
+            Some(s) => Some(view(engine, pins, "sinks", s)?),
+            None => None,
+        };
+        Ok(ResidentViews { bias, sinks })
+    }
+}
+
+/// wflash views of a call's modifier tensors; the bias with its burn shape.
+struct ResidentViews {
+    bias: Option<(Shape, wflash::Tensor)>,
+    sinks: Option<wflash::Tensor>,
+}
+
+impl ResidentViews {
+    fn modifiers(&self) -> GpuModifiers<'_> {
+        GpuModifiers {
+            bias: self.bias.as_ref().map(|(dims, values)| GpuBias {
+                values,
+                batch: dims[0],
+                heads: dims[1],
+            }),
+            sinks: self.sinks.as_ref(),
+        }
+    }
+}
+
+/// The sinks `[q_heads]` as wflash reads them: f32, as a `[1, 1, 1, q_heads]` tensor (the
+/// rank the autodiff step's parents share; a reshape, so burn routes its gradient back).
+fn sink_tensor(shape: &wflash::Shape, q: &Tensor<4>, sinks: Tensor<1>) -> Result<Tensor<4>> {
+    let [heads] = sinks.dims();
+    if heads != shape.q_heads || sinks.device() != q.device() {
+        return Err(Error::Shape {
+            tensor: "sinks",
+            got: vec![heads],
+            reason: format!(
+                "it must be [{}] (one per query head), on q's device {:?}",
+                shape.q_heads,
+                q.device()
+            ),
+        });
+    }
+    let sinks = if sinks.dtype() == DType::F32 {
+        sinks
+    } else {
+        sinks.cast(DType::F32)
+    };
+    Ok(sinks.reshape([1, 1, 1, heads]))
 }
 
 /// The mask and the bias as one additive bias in f32 or f16 (`-inf` where masked), broadcast
@@ -189,26 +293,31 @@ fn wflash_shape(q: &[usize; 4], k: &[usize; 4], v: &[usize; 4]) -> Result<wflash
     Ok(shape)
 }
 
-/// burn's primitives of `tensors`, named (for errors) q, k, v, bias in that order.
+/// burn's primitives of `tensors` (`names` for errors).
 pub(crate) fn primitives<B, const N: usize>(
+    names: [&'static str; N],
     tensors: [Tensor<4>; N],
 ) -> Result<[B::FloatTensorPrimitive; N]>
 where
     B: burn::backend::Backend,
     DispatchTensor: DispatchKindConversion<B>,
 {
-    const NAMES: [&str; 4] = ["q", "k", "v", "bias"];
     let mut out = Vec::with_capacity(N);
-    for (i, t) in tensors.into_iter().enumerate() {
+    for (tensor, t) in names.into_iter().zip(tensors) {
         let primitive = t.try_into_primitive::<B>().map_err(|e| Error::NotWgpu {
-            tensor: NAMES.get(i).copied().unwrap_or("tensor"),
+            tensor,
             reason: format!("{e:?}"),
         })?;
         out.push(primitive);
     }
-    Ok(out
+    Ok(exactly(out))
+}
+
+/// `items` as an array: its length is `N` (the caller knows).
+pub(crate) fn exactly<T, const N: usize>(items: Vec<T>) -> [T; N] {
+    items
         .try_into()
-        .unwrap_or_else(|_| unreachable!("N tensors in, N primitives out")))
+        .unwrap_or_else(|_| unreachable!("as many items as the array holds"))
 }
 
 /// The options of a call, owned, so the backward (run later, from burn's graph) has them.
@@ -287,53 +396,30 @@ struct Forward {
     lse: Option<wflash::Tensor>,
 }
 
-/// The wflash description of a contiguous `[batch | 1, heads | 1, q_len, kv_len]` bias.
-fn gpu_bias<'t>(bias: &CubeTensor, values: &'t wflash::Tensor) -> GpuBias<'t> {
-    let dims = bias.meta.shape();
-    GpuBias {
-        values,
-        batch: dims[0],
-        heads: dims[1],
-    }
-}
-
+/// The forward on contiguous tensors.
 fn forward(
     engine: &wflash::Engine,
     shape: &wflash::Shape,
     opts: &OwnedOptions,
-    [q, k, v]: [&CubeTensor; 3],
-    bias: Option<&CubeTensor>,
+    t: &Resident<'_>,
 ) -> Result<Forward> {
     let opts = opts.get();
-    let (q, k, v) = (
-        contiguous(q.clone()),
-        contiguous(k.clone()),
-        contiguous(v.clone()),
-    );
     let mut pins = Pins::default();
-    let views = [
-        view(engine, &mut pins, "q", &q)?,
-        view(engine, &mut pins, "k", &k)?,
-        view(engine, &mut pins, "v", &v)?,
-    ];
-    let bias_view = bias
-        .map(|b| view(engine, &mut pins, "bias", b))
-        .transpose()?;
-    flush(&q)?;
-    let out = match (bias, &bias_view) {
-        (Some(bias), Some(values)) => engine.attention_gpu_with_bias(
-            shape,
-            Layout::Bhsd,
-            &opts,
-            &gpu_bias(bias, values),
-            &views[0],
-            &views[1],
-            &views[2],
-        )?,
-        _ => engine.attention_gpu(shape, Layout::Bhsd, &opts, &views[0], &views[1], &views[2])?,
-    };
+    let [q, k, v] =
+        [("q", t.q), ("k", t.k), ("v", t.v)].map(|(name, x)| view(engine, &mut pins, name, x));
+    let resident = t.views(engine, &mut pins)?;
+    flush(t.q)?;
+    let out = engine.attention_gpu_with(
+        shape,
+        Layout::Bhsd,
+        &opts,
+        &resident.modifiers(),
+        &q?,
+        &k?,
+        &v?,
+    )?;
     let dims = [shape.batch, shape.q_heads, shape.q_len, shape.value_dim];
-    let output = to_burn(engine, &q, Shape::from(dims), &out.output)?;
+    let output = to_burn(engine, t.q, Shape::from(dims), &out.output)?;
     Ok(Forward {
         output,
         wflash_output: out.output,
@@ -341,21 +427,20 @@ fn forward(
     })
 }
 
-/// What the backward step keeps from the forward.
+/// What the backward step keeps from the forward: its contiguous inputs (q, k, v and the
+/// extras present, in [`attention_with`]'s order), options, output and LSE.
 #[derive(Clone, Debug)]
 struct Saved {
     engine: wflash::Engine,
     shape: wflash::Shape,
     opts: OwnedOptions,
-    q: CubeTensor,
-    k: CubeTensor,
-    v: CubeTensor,
-    bias: Option<CubeTensor>,
+    has: Extras,
+    inputs: Vec<CubeTensor>,
     output: wflash::Tensor,
     lse: Option<wflash::Tensor>,
 }
 
-/// The autodiff step of a call: `N` = 3 parents (q, k, v), or 4 with a bias.
+/// The autodiff step of a call: `N` parents, q, k, v and the extras present.
 #[derive(Debug)]
 struct AttentionBackward<const N: usize>;
 
@@ -364,8 +449,8 @@ impl<const N: usize> Backward<Cube, N> for AttentionBackward<N> {
 
     fn backward(self, ops: Ops<Saved, N>, grads: &mut Gradients, _: &mut Checkpointer) {
         let d_o = grads.consume::<Cube>(&ops.node);
-        // The bias's gradient only where burn's graph wants it.
-        let bias_grad = ops.parents.get(3).is_some_and(Option::is_some);
+        // The bias's gradient only where burn's graph wants it (the bias is parent 3).
+        let bias_grad = ops.state.has.bias && ops.parents.get(3).is_some_and(Option::is_some);
         // The plan was checked in the forward; what is left to fail is the device itself,
         // which burn's own backward steps treat the same way.
         let computed = backward(&ops.state, d_o, bias_grad)
@@ -378,133 +463,142 @@ impl<const N: usize> Backward<Cube, N> for AttentionBackward<N> {
     }
 }
 
-/// dQ, dK, dV and (with `bias_grad`) the bias's gradient, as burn tensors.
-fn backward(s: &Saved, d_o: CubeTensor, bias_grad: bool) -> Result<[Option<CubeTensor>; 4]> {
+/// The gradients of the saved inputs, in their order, as burn tensors: dQ, dK, dV, then the
+/// bias's (with `bias_grad`) and the sinks'.
+fn backward(s: &Saved, d_o: CubeTensor, bias_grad: bool) -> Result<Vec<Option<CubeTensor>>> {
     let engine = &s.engine;
     let mut opts = s.opts.get();
     opts.bias_grad = bias_grad;
+    let t = Resident::new(s.has, &s.inputs);
     let d_o = contiguous(d_o);
     let mut pins = Pins::default();
-    let views = [
-        view(engine, &mut pins, "q", &s.q)?,
-        view(engine, &mut pins, "k", &s.k)?,
-        view(engine, &mut pins, "v", &s.v)?,
-        view(engine, &mut pins, "d_o", &d_o)?,
-    ];
-    let bias_view = (s.bias.as_ref())
-        .map(|b| view(engine, &mut pins, "bias", b))
-        .transpose()?;
+    let [q, k, v, d_o_view] = [("q", t.q), ("k", t.k), ("v", t.v), ("d_o", &d_o)]
+        .map(|(name, x)| view(engine, &mut pins, name, x));
+    let resident = t.views(engine, &mut pins)?;
     flush(&d_o)?;
-    let [q, k, v, d_o] = &views;
-    let g = match (&s.bias, &bias_view) {
-        (Some(bias), Some(values)) => engine.attention_backward_gpu_with_bias(
-            &s.shape,
-            Layout::Bhsd,
-            &opts,
-            &gpu_bias(bias, values),
-            q,
-            k,
-            v,
-            &s.output,
-            s.lse.as_ref(),
-            d_o,
-        )?,
-        _ => engine.attention_backward_gpu(
-            &s.shape,
-            Layout::Bhsd,
-            &opts,
-            q,
-            k,
-            v,
-            &s.output,
-            s.lse.as_ref(),
-            d_o,
-        )?,
+    let g = engine.attention_backward_gpu_with(
+        &s.shape,
+        Layout::Bhsd,
+        &opts,
+        &resident.modifiers(),
+        &q?,
+        &k?,
+        &v?,
+        &s.output,
+        s.lse.as_ref(),
+        &d_o_view?,
+    )?;
+    // wflash's modifier gradients are f32: into burn tensors of their input's shape and type.
+    let modifier_grad = |input: Option<&CubeTensor>, grad: &Option<wflash::Tensor>| {
+        let (Some(input), Some(grad)) = (input, grad) else {
+            return Ok(None);
+        };
+        let like = CubeTensor {
+            dtype: DType::F32,
+            ..input.clone()
+        };
+        let grad = to_burn(engine, &like, input.meta.shape().clone(), grad)?;
+        Ok::<_, Error>(Some(burn_cubecl::kernel::cast(grad, input.dtype)))
     };
     let sh = &s.shape;
-    let d_bias = match (&s.bias, &g.d_bias) {
-        // wflash's bias gradient is f32, of the bias's shape.
-        (Some(bias), Some(d_bias)) => {
-            let like = CubeTensor {
-                dtype: DType::F32,
-                ..bias.clone()
-            };
-            let d_bias = to_burn(engine, &like, bias.meta.shape().clone(), d_bias)?;
-            Some(burn_cubecl::kernel::cast(d_bias, bias.dtype))
-        }
-        _ => None,
-    };
-    Ok([
+    let mut out = vec![
         Some(to_burn(
             engine,
-            &s.q,
+            t.q,
             Shape::from([sh.batch, sh.q_heads, sh.q_len, sh.head_dim]),
             &g.dq,
         )?),
         Some(to_burn(
             engine,
-            &s.k,
+            t.k,
             Shape::from([sh.batch, sh.kv_heads, sh.kv_len, sh.head_dim]),
             &g.dk,
         )?),
         Some(to_burn(
             engine,
-            &s.v,
+            t.v,
             Shape::from([sh.batch, sh.kv_heads, sh.kv_len, sh.value_dim]),
             &g.dv,
         )?),
-        d_bias,
-    ])
+    ];
+    if s.has.bias {
+        out.push(modifier_grad(t.bias, &g.d_bias)?);
+    }
+    if s.has.sinks {
+        out.push(modifier_grad(t.sinks, &g.d_sinks)?);
+    }
+    Ok(out)
 }
 
-/// A call on an autodiff device: `tensors` are q, k, v and, when `N` is 4, the bias.
+/// [`tracked`] for as many tensors as the call has (3 to 5).
+fn tracked_any<C: CheckpointStrategy>(
+    engine: &wflash::Engine,
+    shape: wflash::Shape,
+    opts: OwnedOptions,
+    has: Extras,
+    tensors: Vec<(&'static str, Tensor<4>)>,
+) -> Result<Tensor<4>>
+where
+    DispatchTensor: DispatchKindConversion<Autodiff<Cube, C>>,
+{
+    let (names, tensors): (Vec<_>, Vec<_>) = tensors.into_iter().unzip();
+    match tensors.len() {
+        3 => tracked::<C, 3>(engine, shape, opts, has, exactly(names), exactly(tensors)),
+        4 => tracked::<C, 4>(engine, shape, opts, has, exactly(names), exactly(tensors)),
+        _ => tracked::<C, 5>(engine, shape, opts, has, exactly(names), exactly(tensors)),
+    }
+}
+
+/// A call on an autodiff device: `tensors` are q, k, v and the extras `has` says.
 fn tracked<C: CheckpointStrategy, const N: usize>(
     engine: &wflash::Engine,
     shape: wflash::Shape,
     opts: OwnedOptions,
+    has: Extras,
+    names: [&'static str; N],
     tensors: [Tensor<4>; N],
 ) -> Result<Tensor<4>>
 where
     DispatchTensor: DispatchKindConversion<Autodiff<Cube, C>>,
 {
-    let inputs = primitives::<Autodiff<Cube, C>, N>(tensors)?;
+    let inputs = primitives::<Autodiff<Cube, C>, N>(names, tensors)?;
     let prep = AttentionBackward::<N>
         .prepare::<C>(inputs.each_ref().map(|t| t.node()))
         .compute_bound()
         .stateful();
-    let [q, k, v] = [0, 1, 2].map(|i| contiguous(inputs[i].primitive().clone()));
-    let bias = inputs.get(3).map(|b| contiguous(b.primitive().clone()));
+    let contiguous_inputs: Vec<CubeTensor> = (inputs.iter())
+        .map(|t| contiguous(t.primitive().clone()))
+        .collect();
+    let t = Resident::new(has, &contiguous_inputs);
     let out = match prep {
         OpsKind::Tracked(prep) => {
-            let dtype = crate::bridge::wflash_dtype("q", q.dtype)?;
+            let dtype = crate::bridge::wflash_dtype("q", t.q.dtype)?;
             // Refuse now what the backward would refuse later, inside burn's graph: with the
             // bias's gradient, the larger of the two backward plans.
             let mut planned = opts.get();
-            if let Some(bias) = &bias {
-                let dims = bias.meta.shape();
-                let dtype = crate::bridge::wflash_dtype("bias", bias.dtype)?;
-                planned.bias = Some(wflash::Bias::resident(dtype, dims[0], dims[1]));
-                planned.bias_grad = true;
-            }
-            engine.plan_backward(&shape, Layout::Bhsd, &planned, dtype)?;
-            let fwd = forward(engine, &shape, &opts, [&q, &k, &v], bias.as_ref())?;
+            planned.bias_grad = has.bias;
+            let mut pins = Pins::default();
+            let resident = t.views(engine, &mut pins)?;
+            engine.plan_backward_with(
+                &shape,
+                Layout::Bhsd,
+                &planned,
+                &resident.modifiers(),
+                dtype,
+            )?;
+            let fwd = forward(engine, &shape, &opts, &t)?;
             let saved = Saved {
                 engine: engine.clone(),
                 shape,
                 opts,
-                q,
-                k,
-                v,
-                bias,
+                has,
+                inputs: contiguous_inputs.clone(),
                 output: fwd.wflash_output,
                 lse: fwd.lse,
             };
             prep.finish(saved, fwd.output)
         }
-        OpsKind::UnTracked(prep) => {
-            let fwd = forward(engine, &shape, &opts, [&q, &k, &v], bias.as_ref())?;
-            prep.finish(fwd.output)
-        }
+        OpsKind::UnTracked(prep) => prep.finish(forward(engine, &shape, &opts, &t)?.output),
     };
     Ok(Tensor::from_primitive::<Autodiff<Cube, C>>(out))
 }

@@ -23,10 +23,11 @@
 //! Tensors are `[batch, heads, seq, dim]` (burn's attention layout) in f32, f16 or bf16; a
 //! non-contiguous tensor (a `swap_dims` of a `[batch, seq, heads, dim]` one, say) is made
 //! contiguous first, by burn's `into_contiguous`. GQA follows from the shapes (`q_heads` a
-//! multiple of `kv_heads`). burn's `mask` and additive `attn_bias` are burn tensors given to
-//! [`attention_with`] (a learnable bias gets its gradient); of wflash's [`AttentionOptions`],
-//! the host-slice ALiBi slopes and sinks are constants of the call, and a host-slice bias, key
-//! mask, temperature or varlen is refused (pass masks and biases as tensors).
+//! multiple of `kv_heads`). burn's `mask` and additive `attn_bias`, and attention sinks, are
+//! burn tensors given to [`attention_with`] in [`Modifiers`] (a learnable bias or sinks get
+//! their gradients); of wflash's [`AttentionOptions`], host-slice ALiBi slopes and sinks are
+//! constants of the call, and a host-slice bias, key mask, temperature or varlen is refused
+//! (pass masks and biases as tensors).
 //!
 //! What wflash refuses (an option combination, a head dim, a device that cannot run the
 //! kernels) is an [`Error`] before anything is dispatched, never a silent fallback to burn's
@@ -37,7 +38,7 @@ mod bridge;
 mod engines;
 mod linear;
 
-pub use attention::{attention, attention_with};
+pub use attention::{Modifiers, attention, attention_with};
 pub use engines::{engine, init, register};
 pub use linear::{LinearState, linear_attention, linear_attention_with_state};
 pub use wflash::{

@@ -47,7 +47,7 @@ pub fn linear_attention(
             tracked::<NoCheckpointing>(&engine, shape, opts, [q, k, v])
         }
     } else {
-        let [q, k, v] = primitives::<Cube, 3>([q, k, v])?;
+        let [q, k, v] = primitives::<Cube, 3>(["q", "k", "v"], [q, k, v])?;
         let (out, _) = forward(&engine, &shape, &opts, [&q, &k, &v], None)?;
         Ok(Tensor::from_primitive::<Cube>(out))
     }
@@ -72,7 +72,7 @@ pub fn linear_attention_with_state(
         }));
     }
     let opts = OwnedLinear::new(opts);
-    let [qp, kp, vp] = primitives::<Cube, 3>([q, k, v])?;
+    let [qp, kp, vp] = primitives::<Cube, 3>(["q", "k", "v"], [q, k, v])?;
     let initial = match initial {
         Some(s) => Some((
             state_primitive("initial.kv", s.kv.clone())?,
@@ -275,7 +275,7 @@ fn tracked<C: CheckpointStrategy>(
 where
     DispatchTensor: DispatchKindConversion<Autodiff<Cube, C>>,
 {
-    let [q, k, v] = primitives::<Autodiff<Cube, C>, 3>(tensors)?;
+    let [q, k, v] = primitives::<Autodiff<Cube, C>, 3>(["q", "k", "v"], tensors)?;
     let prep = LinearBackward
         .prepare::<C>([q.node(), k.node(), v.node()])
         .compute_bound()

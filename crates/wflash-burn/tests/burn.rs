@@ -47,6 +47,8 @@ struct Case {
     window: Option<usize>,
     /// A sink logit per query head (gpt-oss), drawn with the inputs.
     sinks: bool,
+    /// The sinks as a learnable burn tensor (judged with their gradient), not host constants.
+    learnable_sinks: bool,
     seed: u64,
 }
 
@@ -133,7 +135,7 @@ fn burn_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, c: &Case) -> Tensor<
     attention_fallback(q, repeat(k), repeat(v), None, None, opts)
 }
 
-fn wflash_options<'a>(c: &Case, sinks: &'a [f32]) -> AttentionOptions<'a> {
+fn wflash_options<'a>(c: &Case, sinks: Option<&'a [f32]>) -> AttentionOptions<'a> {
     let mut o = if c.sigmoid {
         AttentionOptions::sigmoid()
     } else {
@@ -145,7 +147,7 @@ fn wflash_options<'a>(c: &Case, sinks: &'a [f32]) -> AttentionOptions<'a> {
     if let Some(size) = c.window {
         o = o.with_window(Window::trailing(size));
     }
-    if c.sinks {
+    if let Some(sinks) = sinks {
         o = o.with_sinks(sinks);
     }
     o.scale = c.scale;
@@ -160,11 +162,12 @@ fn burn_ops_attention(
     k: Tensor<4>,
     v: Tensor<4>,
     c: &Case,
-    sinks: &[f32],
+    sinks: Option<Tensor<1>>,
 ) -> Tensor<4> {
     let s = c.shape;
     let device = q.device();
-    let problem = reference_problem(&s, Layout::Bhsd, &wflash_options(c, sinks));
+    // The scale and the masks (what the sinks do not change).
+    let problem = reference_problem(&s, Layout::Bhsd, &wflash_options(c, None));
     let group = s.q_heads / s.kv_heads;
     let repeat = |t: Tensor<4>| {
         let [b, h, n, d] = t.dims();
@@ -186,14 +189,10 @@ fn burn_ops_attention(
             .repeat_dim(1, s.q_heads);
     let probabilities = if let Some(bias) = problem.sigmoid_bias() {
         activation::sigmoid(scores + bias).mask_fill(hidden, 0.0)
-    } else if c.sinks {
-        let sink = Tensor::<4>::from_data(
-            TensorData::new(sinks.to_vec(), [1, s.q_heads, 1, 1]),
-            &device,
-        )
-        .cast(c.dtype)
-        .repeat_dim(0, s.batch)
-        .repeat_dim(2, s.q_len);
+    } else if let Some(sinks) = sinks {
+        let sink = (sinks.reshape([1, s.q_heads, 1, 1]).cast(c.dtype))
+            .repeat_dim(0, s.batch)
+            .repeat_dim(2, s.q_len);
         let with_sink = Tensor::cat(vec![scores.mask_fill(hidden, f32::NEG_INFINITY), sink], 3);
         activation::softmax(with_sink, 3).narrow(3, 0, s.kv_len)
     } else {
@@ -234,6 +233,7 @@ fn cases() -> Vec<Case> {
         sigmoid: false,
         window: None,
         sinks: false,
+        learnable_sinks: false,
         seed: 1,
     };
     vec![
@@ -283,6 +283,14 @@ fn cases() -> Vec<Case> {
             seed: 8,
             ..base
         },
+        Case {
+            shape: shape(2, 4, 2, 40, 40, 32, 32),
+            sinks: true,
+            learnable_sinks: true,
+            window: Some(17),
+            seed: 9,
+            ..base
+        },
     ]
 }
 
@@ -302,37 +310,63 @@ fn forward_and_gradients_match_burns_materialised_attention() {
         let run = |wflash: bool| {
             let leaf = |x: &[f32], dims| tensor(x, dims, c.dtype, &device).require_grad();
             let (qt, kt, vt) = (leaf(q, q_dims), leaf(k, k_dims), leaf(v, v_dims));
-            let o = if wflash {
-                let opts = wflash_options(&c, &sinks);
+            let sinks_t = c.sinks.then(|| {
+                let t =
+                    Tensor::<1>::from_data(TensorData::new(sinks.clone(), [s.q_heads]), &device);
+                if c.learnable_sinks {
+                    t.require_grad()
+                } else {
+                    t
+                }
+            });
+            let o = if wflash && c.learnable_sinks {
+                let modifiers = wflash_burn::Modifiers {
+                    sinks: sinks_t.clone(),
+                    ..Default::default()
+                };
+                let opts = wflash_options(&c, None);
+                wflash_burn::attention_with(qt.clone(), kt.clone(), vt.clone(), modifiers, &opts)
+                    .unwrap_or_else(|e| panic!("{c:?}: {e}"))
+            } else if wflash {
+                let opts = wflash_options(&c, c.sinks.then_some(&sinks[..]));
                 wflash_burn::attention(qt.clone(), kt.clone(), vt.clone(), &opts)
                     .unwrap_or_else(|e| panic!("{c:?}: {e}"))
             } else if c.sigmoid || c.window.is_some() || c.sinks {
-                burn_ops_attention(qt.clone(), kt.clone(), vt.clone(), &c, &sinks)
+                burn_ops_attention(qt.clone(), kt.clone(), vt.clone(), &c, sinks_t.clone())
             } else {
                 burn_attention(qt.clone(), kt.clone(), vt.clone(), &c)
             };
             let weights = tensor(d_o, o_dims, c.dtype, &device);
             let grads = (o.clone() * weights).sum().backward();
             let grad = |t: &Tensor<4>| host(t.grad(&grads).expect("a gradient"));
-            (host(o), grad(&qt), grad(&kt), grad(&vt))
+            let d_sinks = (sinks_t.filter(|_| c.learnable_sinks)).map(|t| {
+                host(
+                    t.grad(&grads)
+                        .expect("a sinks gradient")
+                        .reshape([1, 1, 1, s.q_heads]),
+                )
+            });
+            (host(o), grad(&qt), grad(&kt), grad(&vt), d_sinks)
         };
-        let (o, dq, dk, dv) = run(true);
-        let (naive_o, naive_dq, naive_dk, naive_dv) = run(false);
+        let (o, dq, dk, dv, d_sinks) = run(true);
+        let (naive_o, naive_dq, naive_dk, naive_dv, naive_d_sinks) = run(false);
 
-        let problem = reference_problem(&s, Layout::Bhsd, &wflash_options(&c, &sinks));
+        let truth_opts = wflash_options(&c, c.sinks.then_some(&sinks[..]));
+        let problem = reference_problem(&s, Layout::Bhsd, &truth_opts);
         let [q64, k64, v64, d_o64] = inputs.wide();
         let truth = wflash_ref::forward(&problem, &q64, &k64, &v64);
         let grads = wflash_ref::backward::backward(&problem, &q64, &k64, &v64, &d_o64);
-        let verdict = judge(
-            &c,
-            vec![
-                Output::forward("O", o, &truth.output, &naive_o),
-                Output::backward("dQ", dq, &grads.dq, &naive_dq),
-                Output::backward("dK", dk, &grads.dk, &naive_dk),
-                Output::backward("dV", dv, &grads.dv, &naive_dv),
-            ],
-        )
-        .unwrap_or_else(|e| panic!("{e}"));
+        let mut outputs = vec![
+            Output::forward("O", o, &truth.output, &naive_o),
+            Output::backward("dQ", dq, &grads.dq, &naive_dq),
+            Output::backward("dK", dk, &grads.dk, &naive_dk),
+            Output::backward("dV", dv, &grads.dv, &naive_dv),
+        ];
+        if let (Some(got), Some(naive)) = (d_sinks, &naive_d_sinks) {
+            let truth = grads.d_sinks.as_deref().expect("the reference's dSinks");
+            outputs.push(Output::backward("dSinks", got, truth, naive));
+        }
+        let verdict = judge(&c, outputs).unwrap_or_else(|e| panic!("{e}"));
         eprintln!("{c:?}: ratio {:.3}", verdict.ratio);
     }
 }
@@ -410,8 +444,10 @@ fn what_wflash_refuses_is_a_typed_error() {
         t([2, 2, 8, 16]),
         t([2, 2, 8, 16]),
         t([2, 2, 8, 16]),
-        None,
-        Some(t([2, 2, 8, 9])),
+        wflash_burn::Modifiers {
+            bias: Some(t([2, 2, 8, 9])),
+            ..Default::default()
+        },
         &opts,
     )
     .unwrap_err();
@@ -424,8 +460,10 @@ fn what_wflash_refuses_is_a_typed_error() {
         t([2, 2, 8, 16]),
         t([2, 2, 8, 16]),
         t([2, 2, 8, 16]),
-        Some(mask),
-        None,
+        wflash_burn::Modifiers {
+            mask: Some(mask),
+            ..Default::default()
+        },
         &opts,
     )
     .unwrap_err();
@@ -433,6 +471,33 @@ fn what_wflash_refuses_is_a_typed_error() {
         matches!(err, Error::Shape { tensor: "mask", .. }),
         "{err:?}"
     );
+    // Sinks: one per query head; not in the options and as a tensor at once; not with sigmoid.
+    let sinks = |n: usize| wflash_burn::Modifiers {
+        sinks: Some(Tensor::<1>::zeros([n], &device)),
+        ..Default::default()
+    };
+    let qkv = || (t([1, 2, 8, 16]), t([1, 2, 8, 16]), t([1, 2, 8, 16]));
+    let (q, k, v) = qkv();
+    let err = wflash_burn::attention_with(q, k, v, sinks(3), &opts).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::Shape {
+                tensor: "sinks",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    let host_sinks = [0.5, 0.25];
+    for opts in [opts.with_sinks(&host_sinks), AttentionOptions::sigmoid()] {
+        let (q, k, v) = qkv();
+        let err = wflash_burn::attention_with(q, k, v, sinks(2), &opts).unwrap_err();
+        assert!(
+            matches!(err, Error::Wflash(wflash::Error::Unsupported { .. })),
+            "{err:?}"
+        );
+    }
 }
 
 /// A call with burn's `mask` and `attn_bias`: their shapes (`[batch | 1, heads | 1]`; `None`
@@ -544,8 +609,11 @@ fn mask_and_bias_tensors_match_burns_attention_with_the_bias_gradient() {
                     qt.clone(),
                     kt.clone(),
                     vt.clone(),
-                    mt,
-                    bt.clone(),
+                    wflash_burn::Modifiers {
+                        mask: mt,
+                        bias: bt.clone(),
+                        sinks: None,
+                    },
                     &opts,
                 )
                 .unwrap_or_else(|e| panic!("{c:?}: {e}"))

@@ -70,7 +70,7 @@ pub use gpu::pool::PoolStats;
 pub use gpu::tensor::Tensor;
 pub use kernels::{Family, TileConfig};
 pub use ops::attention::{
-    FlashParams, GpuAttention, GpuBias, PackPlan, Packed, Plan, SequenceInfo,
+    FlashParams, GpuAttention, GpuBias, GpuModifiers, PackPlan, Packed, Plan, SequenceInfo,
 };
 pub use ops::attention_backward::{
     BackwardParams, BackwardPlan, BiasGradPlan, GpuAttentionGrads, ReduceParams,

@@ -64,9 +64,9 @@ pub struct Bias<'a> {
 pub enum BiasValues<'a> {
     F32(&'a [f32]),
     F16(&'a [half::f16]),
-    /// In a GPU tensor of this element type (f32 or f16): the one
-    /// `Engine::attention_gpu_with_bias` (or its backward) is given, which describes it so.
-    /// Other calls refuse it.
+    /// In a GPU tensor of this element type (f32 or f16): the bias of the `GpuModifiers` that
+    /// `Engine::attention_gpu_with` (or its backward) is given, which describes it so. Other
+    /// calls refuse it.
     Resident(DType),
 }
 

@@ -2,8 +2,8 @@
 //! Everything it binds was decided by the plan (plan.rs); it only slices the call's data by
 //! batch element.
 
-use super::GpuAttention;
 use super::plan::{PackPlan, Packed, Plan};
+use super::{GpuAttention, GpuModifiers};
 use crate::gpu::pool::Scratch;
 use crate::gpu::tensor::buffer_with_contents;
 use crate::kernels::{Conversion, Family, KernelId, binding};
@@ -13,7 +13,7 @@ use crate::{AttentionOptions, BiasValues, DType, Engine, Modifier, Result, Tenso
 impl Engine {
     /// Records and submits the dispatch of batch elements `batch0..batch0 + batch` of the
     /// planned call (`q`, `k`, `v` hold just those); the modifiers' per-batch data is sliced
-    /// from there. `bias` is the tensor of a resident bias (checked against `opts`).
+    /// from there. `modifiers`: the call's GPU-resident values (checked against `opts`).
     #[expect(
         clippy::too_many_arguments,
         reason = "the plan, its data and one dispatch's tensors; private"
@@ -22,7 +22,7 @@ impl Engine {
         &self,
         plan: &Plan,
         opts: &AttentionOptions<'_>,
-        bias: Option<&Tensor>,
+        modifiers: &GpuModifiers<'_>,
         batch0: usize,
         batch: usize,
         q: &Tensor,
@@ -55,7 +55,7 @@ impl Engine {
         let packs = (plan.packs.iter())
             .map(|pack| {
                 let (shape, tensor, label) =
-                    self.pack_input(plan, pack, opts, bias, batch0, batch, k, v)?;
+                    self.pack_input(plan, pack, opts, modifiers, batch0, batch, k, v)?;
                 Ok((
                     shape,
                     tensor,
@@ -124,6 +124,7 @@ impl Engine {
                 buffer_with_contents(device, queue, label, contents, wgpu::BufferUsages::STORAGE)
             };
             let row_data = storage_init("flash_fwd row data", bytemuck::cast_slice(&row_data));
+            copy_resident_sinks(&mut encoder, modifiers, &row_data, call.q_heads);
             let sequences_buffer =
                 storage_init("flash_fwd sequences", bytemuck::cast_slice(sequences));
             let mut entries = vec![
@@ -184,7 +185,7 @@ impl Engine {
 
 impl Engine {
     /// The tensor a planned pack pass reads for batch elements `batch0..batch0 + batch`, with
-    /// its shape for them. `bias`: a resident bias's tensor.
+    /// its shape for them; a resident bias's values come from `modifiers`.
     #[expect(
         clippy::too_many_arguments,
         reason = "the plan, one pack, the options and one dispatch's range and K/V; private"
@@ -194,7 +195,7 @@ impl Engine {
         plan: &Plan,
         pack: &PackPlan,
         opts: &AttentionOptions<'_>,
-        bias: Option<&Tensor>,
+        modifiers: &GpuModifiers<'_>,
         batch0: usize,
         batch: usize,
         k: &Tensor,
@@ -209,7 +210,6 @@ impl Engine {
             Packed::K => (k.clone(), "packed K"),
             Packed::V => (v.clone(), "packed V"),
             Packed::Bias => {
-                let tensor = bias;
                 let bias = opts.bias.ok_or_else(|| planned_without("a bias"))?;
                 // A bias shared by the batch is packed once, whole.
                 let (first, count) = if bias.batch == 1 {
@@ -224,8 +224,9 @@ impl Engine {
                     BiasValues::F32(values) => self.upload(&values[range])?,
                     BiasValues::F16(values) => self.upload(&values[range])?,
                     // GPU calls dispatch every batch element at once: the whole tensor.
-                    BiasValues::Resident(_) => tensor
+                    BiasValues::Resident(_) => (modifiers.bias)
                         .ok_or_else(|| planned_without("a resident bias's tensor"))?
+                        .values
                         .clone(),
                 };
                 (tensor, "packed bias")
@@ -241,6 +242,20 @@ impl Engine {
             }
         };
         Ok((shape, tensor, label))
+    }
+}
+
+/// Resident sinks into a call's row data, over the zeros that held their place (the head
+/// data is ALiBi slopes, then sinks: `heads` f32 each). Recorded before the passes that read it.
+pub(crate) fn copy_resident_sinks(
+    encoder: &mut wgpu::CommandEncoder,
+    modifiers: &GpuModifiers<'_>,
+    row_data: &wgpu::Buffer,
+    heads: usize,
+) {
+    if let Some(sinks) = modifiers.sinks {
+        let bytes = (heads * size_of::<f32>()) as u64;
+        encoder.copy_buffer_to_buffer(&sinks.buffer, sinks.offset, row_data, bytes, bytes);
     }
 }
 

@@ -4,6 +4,7 @@
 mod dispatch;
 mod plan;
 
+pub(crate) use dispatch::copy_resident_sinks;
 pub use plan::{FlashParams, PackPlan, Packed, Plan, SequenceInfo};
 
 use crate::ops::passes::check_qkv;
@@ -30,7 +31,8 @@ impl Engine {
         // The plan validates the shape first: its element counts are only defined (no
         // overflow) once it is valid.
         let plan = self.plan(shape, layout, opts, T::DTYPE)?;
-        check_resident_bias(shape, opts, None)?;
+        // Host calls take host values: a bias described as resident has no tensor here.
+        GpuModifiers::default().check(shape, opts)?;
         check_len("q", shape.q_elems(), q.len())?;
         check_len("k", shape.k_elems(), k.len())?;
         check_len("v", shape.v_elems(), v.len())?;
@@ -43,7 +45,16 @@ impl Engine {
             let q_t = self.upload(&q[range(shape.q_elems() / shape.batch)])?;
             let k_t = self.upload(&k[range(shape.k_elems() / shape.batch)])?;
             let v_t = self.upload(&v[range(shape.v_elems() / shape.batch)])?;
-            let out = self.run(&plan, opts, None, start, count, &q_t, &k_t, &v_t)?;
+            let out = self.run(
+                &plan,
+                opts,
+                &GpuModifiers::default(),
+                start,
+                count,
+                &q_t,
+                &k_t,
+                &v_t,
+            )?;
             output.extend(self.read::<T>(&out.output).await?);
             if let Some(l) = &out.lse {
                 lse.extend(self.read::<f32>(l).await?);
@@ -81,46 +92,29 @@ impl Engine {
         k: &Tensor,
         v: &Tensor,
     ) -> Result<GpuAttention> {
-        self.attention_gpu_resident(shape, layout, opts, None, q, k, v)
+        self.attention_gpu_with(shape, layout, opts, &GpuModifiers::default(), q, k, v)
     }
 
-    /// [`Engine::attention_gpu`] with an additive bias that is a GPU tensor too (a mask made on
-    /// the device, a learnable bias in training): `opts` holds no bias of its own.
+    /// [`Engine::attention_gpu`] with modifier values that are GPU tensors too (a mask made on
+    /// the device, a learnable bias or sinks in training): see [`GpuModifiers`].
     #[expect(
         clippy::too_many_arguments,
-        reason = "attention_gpu's arguments and the bias"
+        reason = "attention_gpu's arguments and the modifiers"
     )]
-    pub fn attention_gpu_with_bias(
+    pub fn attention_gpu_with(
         &self,
         shape: &Shape,
         layout: Layout,
         opts: &AttentionOptions<'_>,
-        bias: &GpuBias<'_>,
+        modifiers: &GpuModifiers<'_>,
         q: &Tensor,
         k: &Tensor,
         v: &Tensor,
     ) -> Result<GpuAttention> {
-        let opts = bias.options(opts)?;
-        self.attention_gpu_resident(shape, layout, &opts, Some(bias.values), q, k, v)
-    }
-
-    /// A GPU call whose resident bias, if `opts` has one, is `bias`.
-    #[expect(
-        clippy::too_many_arguments,
-        reason = "attention_gpu's arguments and the bias; private"
-    )]
-    fn attention_gpu_resident(
-        &self,
-        shape: &Shape,
-        layout: Layout,
-        opts: &AttentionOptions<'_>,
-        bias: Option<&Tensor>,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-    ) -> Result<GpuAttention> {
-        let plan = self.plan(shape, layout, opts, q.dtype)?;
-        check_resident_bias(shape, opts, bias)?;
+        let sinks = modifiers.sink_placeholder(shape);
+        let opts = modifiers.options(opts, &sinks)?;
+        let plan = self.plan(shape, layout, &opts, q.dtype)?;
+        modifiers.check(shape, &opts)?;
         check_qkv(shape, q, k, v)?;
         if plan.batch_per_dispatch < shape.batch {
             return Err(Error::TooLarge {
@@ -130,8 +124,34 @@ impl Engine {
                 hint: " batch elements per GPU tensor (host-slice calls split over batch; split GPU tensors yourself)",
             });
         }
-        self.run(&plan, opts, bias, 0, shape.batch, q, k, v)
+        self.run(&plan, &opts, modifiers, 0, shape.batch, q, k, v)
     }
+
+    /// [`Engine::plan`] of an [`Engine::attention_gpu_with`] call.
+    pub fn plan_with(
+        &self,
+        shape: &Shape,
+        layout: Layout,
+        opts: &AttentionOptions<'_>,
+        modifiers: &GpuModifiers<'_>,
+        dtype: crate::DType,
+    ) -> Result<Plan> {
+        let sinks = modifiers.sink_placeholder(shape);
+        self.plan(shape, layout, &modifiers.options(opts, &sinks)?, dtype)
+    }
+}
+
+/// Modifier values already on the GPU, for [`Engine::attention_gpu_with`] and
+/// [`Engine::attention_backward_gpu_with`]. Each one present takes the place of that
+/// modifier's host values in the call's options, which must not hold them too.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct GpuModifiers<'a> {
+    /// An additive bias: see [`GpuBias`]. Its gradient is the backward's `d_bias` (with
+    /// [`AttentionOptions::with_bias_grad`]).
+    pub bias: Option<GpuBias<'a>>,
+    /// A sink logit per query head, f32 `[q_heads]`: [`AttentionOptions::sinks`]. Its gradient is
+    /// the backward's `d_sinks`.
+    pub sinks: Option<&'a Tensor>,
 }
 
 /// An additive bias on the GPU: [`Bias`]'s layout and meaning (`[batch, heads, q_len,
@@ -143,46 +163,76 @@ pub struct GpuBias<'a> {
     pub heads: usize,
 }
 
-impl GpuBias<'_> {
-    /// `opts` with this bias described in it ([`Bias::resident`]): what a call with it plans
-    /// with ([`Engine::plan`], [`Engine::plan_backward`]). `opts` must hold no bias of its own.
-    pub fn options<'o>(&self, opts: &AttentionOptions<'o>) -> Result<AttentionOptions<'o>> {
-        if opts.bias.is_some() {
-            return Err(Error::Unsupported {
-                combination: "a bias in the options and a GPU bias in one call",
-            });
+impl GpuModifiers<'_> {
+    /// Zeros standing in for resident sinks while the call is planned and its head data built;
+    /// the dispatch copies the tensor over them on the device. Empty without resident sinks.
+    pub(crate) fn sink_placeholder(&self, shape: &Shape) -> Vec<f32> {
+        match self.sinks {
+            Some(_) => vec![0.0; shape.q_heads],
+            None => Vec::new(),
         }
-        let bias = Bias::resident(self.values.dtype, self.batch, self.heads);
-        Ok(AttentionOptions {
-            bias: Some(bias),
-            ..*opts
-        })
     }
-}
 
-/// A resident bias in `opts` comes with its tensor (`bias`), of the size its shape says; a call
-/// given no tensor refuses one. Run after planning, which validated the shape and the bias's.
-pub(crate) fn check_resident_bias(
-    shape: &Shape,
-    opts: &AttentionOptions<'_>,
-    bias: Option<&Tensor>,
-) -> Result<()> {
-    let Some(described) = opts
-        .bias
-        .filter(|b| matches!(b.values, BiasValues::Resident(_)))
-    else {
-        return Ok(());
-    };
-    let Some(tensor) = bias else {
-        return Err(Error::InvalidModifier {
-            modifier: "bias",
-            reason: "BiasValues::Resident is for a GPU tensor given to \
-                     Engine::attention_gpu_with_bias or its backward; this call has none"
-                .into(),
-        });
-    };
-    let len = described.batch * described.heads * shape.q_len * shape.kv_len;
-    check_len("bias", len, tensor.len)
+    /// `opts` as a call with these modifiers plans it: the bias described as resident
+    /// ([`Bias::resident`]), the sinks as `placeholder` ([`GpuModifiers::sink_placeholder`]).
+    pub(crate) fn options<'o>(
+        &self,
+        opts: &AttentionOptions<'o>,
+        placeholder: &'o [f32],
+    ) -> Result<AttentionOptions<'o>> {
+        let mut planned = *opts;
+        if let Some(bias) = &self.bias {
+            if opts.bias.is_some() {
+                return Err(Error::Unsupported {
+                    combination: "a bias in the options and a GPU bias in one call",
+                });
+            }
+            planned.bias = Some(Bias::resident(bias.values.dtype, bias.batch, bias.heads));
+        }
+        if self.sinks.is_some() {
+            if opts.sinks.is_some() {
+                return Err(Error::Unsupported {
+                    combination: "sinks in the options and GPU sinks in one call",
+                });
+            }
+            planned.sinks = Some(placeholder);
+        }
+        Ok(planned)
+    }
+
+    /// The tensors against what `opts` (planned, so validated) says of them: a resident bias
+    /// has its tensor, of the size its shape says; the sinks are f32, one per query head.
+    pub(crate) fn check(&self, shape: &Shape, opts: &AttentionOptions<'_>) -> Result<()> {
+        let resident = opts
+            .bias
+            .filter(|b| matches!(b.values, BiasValues::Resident(_)));
+        match (resident, &self.bias) {
+            (Some(described), Some(bias)) => {
+                let len = described.batch * described.heads * shape.q_len * shape.kv_len;
+                check_len("bias", len, bias.values.len)?;
+            }
+            (Some(_), None) => {
+                return Err(Error::InvalidModifier {
+                    modifier: "bias",
+                    reason: "BiasValues::Resident is for a GPU tensor given in GpuModifiers \
+                             (Engine::attention_gpu_with, its backward); this call has none"
+                        .into(),
+                });
+            }
+            _ => {}
+        }
+        if let Some(sinks) = self.sinks {
+            if sinks.dtype != crate::DType::F32 {
+                return Err(Error::DTypeMismatch {
+                    tensor: "sinks",
+                    expected: crate::DType::F32,
+                    got: sinks.dtype,
+                });
+            }
+            check_len("sinks", shape.q_heads, sinks.len)?;
+        }
+        Ok(())
+    }
 }
 
 /// Results of [`Engine::attention_gpu`], still on the GPU.

@@ -9,6 +9,7 @@ use crate::gpu::tensor::buffer_with_contents;
 use crate::kernels::{
     BackwardKey, Conversion, KernelId, PackKernel, ReduceKernel, Storage, binding,
 };
+use crate::ops::attention::{GpuModifiers, copy_resident_sinks};
 use crate::ops::passes::{convert_pass, entry, pack_rows, record_pass, texture_entry};
 use crate::{AttentionOptions, DType, Engine, Modifier, Result, Tensor};
 
@@ -21,8 +22,8 @@ pub(super) struct BackwardInputs<'a> {
     /// The forward's LSE (softmax); `None` for sigmoid.
     pub lse: Option<&'a Tensor>,
     pub d_o: &'a Tensor,
-    /// A resident bias's tensor.
-    pub bias: Option<&'a Tensor>,
+    /// The call's GPU-resident modifier values.
+    pub modifiers: GpuModifiers<'a>,
 }
 
 impl Engine {
@@ -58,7 +59,7 @@ impl Engine {
                     forward,
                     pack,
                     opts,
-                    inputs.bias,
+                    &inputs.modifiers,
                     0,
                     shape.batch,
                     inputs.k,
@@ -153,6 +154,7 @@ impl Engine {
             let params = uniform("flash_bwd params", bytemuck::bytes_of(&forward.params));
             let bwd = uniform("flash_bwd backward", bytemuck::bytes_of(&plan.params));
             let row_data = storage("flash_bwd row data", bytemuck::cast_slice(&row_data));
+            copy_resident_sinks(&mut encoder, &inputs.modifiers, &row_data, shape.q_heads);
             let sequences = storage(
                 "flash_bwd sequences",
                 bytemuck::cast_slice(&forward.sequences),

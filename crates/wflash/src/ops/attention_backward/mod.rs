@@ -11,7 +11,7 @@ pub use plan::{BackwardParams, BackwardPlan, BiasGradPlan, ReduceParams};
 
 use dispatch::BackwardInputs;
 
-use crate::ops::attention::{GpuBias, check_resident_bias};
+use crate::ops::attention::GpuModifiers;
 use crate::ops::passes::check_qkv;
 use crate::{
     AttentionGrads, AttentionOptions, Element, Engine, Error, Layout, Result, Shape, Tensor,
@@ -43,7 +43,8 @@ impl Engine {
         d_o: &[T],
     ) -> Result<AttentionGrads<T>> {
         let plan = self.plan_backward(shape, layout, opts, T::DTYPE)?;
-        check_resident_bias(shape, opts, None)?;
+        // Host calls take host values: a bias described as resident has no tensor here.
+        GpuModifiers::default().check(shape, opts)?;
         check_len("q", shape.q_elems(), q.len())?;
         check_len("k", shape.k_elems(), k.len())?;
         check_len("v", shape.v_elems(), v.len())?;
@@ -58,7 +59,7 @@ impl Engine {
             o: &self.upload(o)?,
             lse: lse.as_ref(),
             d_o: &self.upload(d_o)?,
-            bias: None,
+            modifiers: GpuModifiers::default(),
         };
         let grads = self.run_backward(&plan, opts, &inputs)?;
         let read_f32 = async |t: Option<Tensor>| match t {
@@ -114,31 +115,23 @@ impl Engine {
         lse: Option<&Tensor>,
         d_o: &Tensor,
     ) -> Result<GpuAttentionGrads> {
-        let inputs = BackwardInputs {
-            q,
-            k,
-            v,
-            o,
-            lse,
-            d_o,
-            bias: None,
-        };
-        self.attention_backward_resident(shape, layout, opts, &inputs)
+        let modifiers = GpuModifiers::default();
+        self.attention_backward_gpu_with(shape, layout, opts, &modifiers, q, k, v, o, lse, d_o)
     }
 
-    /// [`Engine::attention_backward_gpu`] of an [`Engine::attention_gpu_with_bias`] call: its
-    /// bias's gradient (`d_bias`, of the bias's shape) comes with
-    /// [`AttentionOptions::with_bias_grad`].
+    /// [`Engine::attention_backward_gpu`] of an [`Engine::attention_gpu_with`] call: `d_bias`
+    /// has the GPU bias's shape (with [`AttentionOptions::with_bias_grad`]), `d_sinks` is the
+    /// GPU sinks' gradient.
     #[expect(
         clippy::too_many_arguments,
         reason = "the forward call's arguments, its results and dO"
     )]
-    pub fn attention_backward_gpu_with_bias(
+    pub fn attention_backward_gpu_with(
         &self,
         shape: &Shape,
         layout: Layout,
         opts: &AttentionOptions<'_>,
-        bias: &GpuBias<'_>,
+        modifiers: &GpuModifiers<'_>,
         q: &Tensor,
         k: &Tensor,
         v: &Tensor,
@@ -146,31 +139,12 @@ impl Engine {
         lse: Option<&Tensor>,
         d_o: &Tensor,
     ) -> Result<GpuAttentionGrads> {
-        let opts = bias.options(opts)?;
-        let inputs = BackwardInputs {
-            q,
-            k,
-            v,
-            o,
-            lse,
-            d_o,
-            bias: Some(bias.values),
-        };
-        self.attention_backward_resident(shape, layout, &opts, &inputs)
-    }
-
-    /// A GPU backward call whose resident bias, if `opts` has one, is `inputs.bias`.
-    fn attention_backward_resident(
-        &self,
-        shape: &Shape,
-        layout: Layout,
-        opts: &AttentionOptions<'_>,
-        inputs: &BackwardInputs<'_>,
-    ) -> Result<GpuAttentionGrads> {
-        let plan = self.plan_backward(shape, layout, opts, inputs.q.dtype)?;
-        check_resident_bias(shape, opts, inputs.bias)?;
-        let dtype = check_qkv(shape, inputs.q, inputs.k, inputs.v)?;
-        for (name, t) in [("o", inputs.o), ("d_o", inputs.d_o)] {
+        let sinks = modifiers.sink_placeholder(shape);
+        let opts = modifiers.options(opts, &sinks)?;
+        let plan = self.plan_backward(shape, layout, &opts, q.dtype)?;
+        modifiers.check(shape, &opts)?;
+        let dtype = check_qkv(shape, q, k, v)?;
+        for (name, t) in [("o", o), ("d_o", d_o)] {
             if t.dtype != dtype {
                 return Err(Error::DTypeMismatch {
                     tensor: name,
@@ -180,7 +154,7 @@ impl Engine {
             }
             check_len(name, shape.o_elems(), t.len)?;
         }
-        if let Some(l) = inputs.lse
+        if let Some(l) = lse
             && l.dtype != crate::DType::F32
         {
             return Err(Error::DTypeMismatch {
@@ -189,8 +163,30 @@ impl Engine {
                 got: l.dtype,
             });
         }
-        check_lse(shape, opts, inputs.lse.map(|l| l.len))?;
-        self.run_backward(&plan, opts, inputs)
+        check_lse(shape, &opts, lse.map(|l| l.len))?;
+        let inputs = BackwardInputs {
+            q,
+            k,
+            v,
+            o,
+            lse,
+            d_o,
+            modifiers: *modifiers,
+        };
+        self.run_backward(&plan, &opts, &inputs)
+    }
+
+    /// [`Engine::plan_backward`] of an [`Engine::attention_backward_gpu_with`] call.
+    pub fn plan_backward_with(
+        &self,
+        shape: &Shape,
+        layout: Layout,
+        opts: &AttentionOptions<'_>,
+        modifiers: &GpuModifiers<'_>,
+        dtype: crate::DType,
+    ) -> Result<BackwardPlan> {
+        let sinks = modifiers.sink_placeholder(shape);
+        self.plan_backward(shape, layout, &modifiers.options(opts, &sinks)?, dtype)
     }
 }
 
