@@ -110,9 +110,20 @@ impl Inputs {
         }
     }
 
-    /// The inputs in f64, for the reference: Q, K, V, dO.
-    fn wide(&self) -> [Vec<f64>; 4] {
-        [&self.q, &self.k, &self.v, &self.d_o].map(|x| x.iter().map(|&a| f64::from(a)).collect())
+    /// The f64 reference's forward and gradients of these inputs in a call of `shape` with
+    /// `opts`.
+    fn truth(
+        &self,
+        shape: &Shape,
+        opts: &AttentionOptions<'_>,
+    ) -> (wflash_ref::Forward, wflash_ref::backward::Grads) {
+        let problem = reference_problem(shape, Layout::Bhsd, opts);
+        let [q, k, v, d_o] = [&self.q, &self.k, &self.v, &self.d_o]
+            .map(|x| x.iter().map(|&a| f64::from(a)).collect::<Vec<f64>>());
+        (
+            wflash_ref::forward(&problem, &q, &k, &v),
+            wflash_ref::backward::backward(&problem, &q, &k, &v, &d_o),
+        )
     }
 }
 
@@ -352,10 +363,7 @@ fn forward_and_gradients_match_burns_materialised_attention() {
         let (naive_o, naive_dq, naive_dk, naive_dv, naive_d_sinks) = run(false);
 
         let truth_opts = wflash_options(&c, c.sinks.then_some(&sinks[..]));
-        let problem = reference_problem(&s, Layout::Bhsd, &truth_opts);
-        let [q64, k64, v64, d_o64] = inputs.wide();
-        let truth = wflash_ref::forward(&problem, &q64, &k64, &v64);
-        let grads = wflash_ref::backward::backward(&problem, &q64, &k64, &v64, &d_o64);
+        let (truth, grads) = inputs.truth(&s, &truth_opts);
         let mut outputs = vec![
             Output::forward("O", o, &truth.output, &naive_o),
             Output::backward("dQ", dq, &grads.dq, &naive_dq),
@@ -687,10 +695,7 @@ fn mask_and_bias_tensors_match_burns_attention_with_the_bias_gradient() {
             })
             .collect();
         let truth_opts = opts.with_bias(wflash::Bias::f32(&additive, bb, bh));
-        let problem = reference_problem(&s, Layout::Bhsd, &truth_opts);
-        let [q64, k64, v64, d_o64] = inputs.wide();
-        let truth = wflash_ref::forward(&problem, &q64, &k64, &v64);
-        let truth_grads = wflash_ref::backward::backward(&problem, &q64, &k64, &v64, &d_o64);
+        let (truth, truth_grads) = inputs.truth(&s, &truth_opts);
         let mut outputs = vec![
             Output::forward("O", o, &truth.output, &naive_o),
             Output::backward("dQ", dq, &truth_grads.dq, &naive_dq),
