@@ -85,7 +85,10 @@ pub fn attention_with(
             .into_iter()
             .map(|(name, t)| primitives::<Cube, 1>([name], [t]).map(|[t]| contiguous(t)))
             .collect::<Result<Vec<_>>>()?;
-        let out = forward(&engine, &shape, &opts, &Resident::new(has, &inputs))?;
+        let t = Resident::new(has, &inputs);
+        let mut pins = Pins::default();
+        let resident = t.views(&engine, &mut pins)?;
+        let out = forward(&engine, &shape, &opts, &t, &mut pins, &resident)?;
         Ok(Tensor::from_primitive::<Cube>(out.output))
     }
 }
@@ -396,18 +399,19 @@ struct Forward {
     lse: Option<wflash::Tensor>,
 }
 
-/// The forward on contiguous tensors.
+/// The forward on contiguous tensors; `resident`: views of `t`'s modifier tensors, pinned in
+/// `pins`.
 fn forward(
     engine: &wflash::Engine,
     shape: &wflash::Shape,
     opts: &OwnedOptions,
     t: &Resident<'_>,
+    pins: &mut Pins,
+    resident: &ResidentViews,
 ) -> Result<Forward> {
     let opts = opts.get();
-    let mut pins = Pins::default();
     let [q, k, v] =
-        [("q", t.q), ("k", t.k), ("v", t.v)].map(|(name, x)| view(engine, &mut pins, name, x));
-    let resident = t.views(engine, &mut pins)?;
+        [("q", t.q), ("k", t.k), ("v", t.v)].map(|(name, x)| view(engine, pins, name, x));
     flush(t.q)?;
     let out = engine.attention_gpu_with(
         shape,
@@ -570,6 +574,8 @@ where
         .map(|t| contiguous(t.primitive().clone()))
         .collect();
     let t = Resident::new(has, &contiguous_inputs);
+    let mut pins = Pins::default();
+    let resident = t.views(engine, &mut pins)?;
     let out = match prep {
         OpsKind::Tracked(prep) => {
             let dtype = crate::bridge::wflash_dtype("q", t.q.dtype)?;
@@ -577,8 +583,6 @@ where
             // bias's gradient, the larger of the two backward plans.
             let mut planned = opts.get();
             planned.bias_grad = has.bias;
-            let mut pins = Pins::default();
-            let resident = t.views(engine, &mut pins)?;
             engine.plan_backward_with(
                 &shape,
                 Layout::Bhsd,
@@ -586,7 +590,7 @@ where
                 &resident.modifiers(),
                 dtype,
             )?;
-            let fwd = forward(engine, &shape, &opts, &t)?;
+            let fwd = forward(engine, &shape, &opts, &t, &mut pins, &resident)?;
             let saved = Saved {
                 engine: engine.clone(),
                 shape,
@@ -598,7 +602,9 @@ where
             };
             prep.finish(saved, fwd.output)
         }
-        OpsKind::UnTracked(prep) => prep.finish(forward(engine, &shape, &opts, &t)?.output),
+        OpsKind::UnTracked(prep) => {
+            prep.finish(forward(engine, &shape, &opts, &t, &mut pins, &resident)?.output)
+        }
     };
     Ok(Tensor::from_primitive::<Autodiff<Cube, C>>(out))
 }

@@ -126,19 +126,6 @@ impl Engine {
         }
         self.run(&plan, &opts, modifiers, 0, shape.batch, q, k, v)
     }
-
-    /// [`Engine::plan`] of an [`Engine::attention_gpu_with`] call.
-    pub fn plan_with(
-        &self,
-        shape: &Shape,
-        layout: Layout,
-        opts: &AttentionOptions<'_>,
-        modifiers: &GpuModifiers<'_>,
-        dtype: crate::DType,
-    ) -> Result<Plan> {
-        let sinks = modifiers.sink_placeholder(shape);
-        self.plan(shape, layout, &modifiers.options(opts, &sinks)?, dtype)
-    }
 }
 
 /// Modifier values already on the GPU, for [`Engine::attention_gpu_with`] and
