@@ -1288,3 +1288,106 @@ fn gpu_modifiers_give_the_host_results_bitwise_and_bad_ones_are_typed_errors() {
     let err = with_sinks(&AttentionOptions::sigmoid(), &sinks_t);
     assert!(matches!(err, Error::Unsupported { .. }), "{err:?}");
 }
+
+/// Dropped tensors' buffers back later tensors of the same size class (the tensor cache): a
+/// repeated call takes its output and LSE from it, with the same result bit for bit (the
+/// engine poisons outputs, reused ones too, so a kernel that relied on a buffer's old contents
+/// would show); a reused buffer holds only the new tensor's bytes; the cache stays under its cap,
+/// a cap of 0 keeps nothing, and `release_cached` lets everything go.
+#[test]
+fn dropped_tensors_back_later_ones_within_the_cache_cap() {
+    if engine(Path::F32).is_none() {
+        return;
+    }
+    const CAP: u64 = 1 << 20;
+    let cached_engine = |cap| {
+        custom_engine(
+            |_| {},
+            wgpu::Features::empty(),
+            EngineOptions {
+                poison_outputs: true,
+                tensor_cache_bytes: cap,
+                tuning: TuningSource::Off,
+                ..EngineOptions::default()
+            },
+        )
+    };
+    let engine = cached_engine(CAP);
+    let s = Shape::mha(1, 2, 40, 16);
+    let (q, k, v) = inputs(&s);
+    let opts = AttentionOptions::softmax().with_causal(Causal::BottomRight);
+    let (qt, kt, vt) = (
+        engine.upload(&q).unwrap(),
+        engine.upload(&k).unwrap(),
+        engine.upload(&v).unwrap(),
+    );
+    let call = || {
+        let out = engine
+            .attention_gpu(&s, Layout::Bhsd, &opts, &qt, &kt, &vt)
+            .unwrap();
+        let o: Vec<f32> = engine.read_blocking(&out.output).unwrap();
+        let lse: Vec<f32> = engine.read_blocking(out.lse.as_ref().unwrap()).unwrap();
+        (o, lse)
+    };
+    let first = call();
+    let before = engine.tensor_cache_stats();
+    assert!(
+        before.bytes > 0,
+        "the first call's outputs were kept: {before:?}"
+    );
+    for _ in 0..3 {
+        assert_eq!(call(), first, "a reused buffer changed the result");
+    }
+    let after = engine.tensor_cache_stats();
+    assert!(
+        after.hits >= before.hits + 3 * 2,
+        "repeated calls did not reuse the outputs' buffers: {before:?} -> {after:?}"
+    );
+    assert_eq!(
+        after.misses, before.misses,
+        "repeated calls made new buffers"
+    );
+    drop((qt, kt, vt));
+
+    // Five floats and then three share a 256-byte buffer; the tensor is three floats, whatever
+    // the buffer held before.
+    let five = engine.upload(&[1.0f32, 2.0, 3.0, 4.0, 5.0]).unwrap();
+    let reused = five.buffer().clone();
+    drop(five);
+    let three = engine.upload(&[7.0f32, 8.0, 9.0]).unwrap();
+    assert_eq!(three.buffer(), &reused, "same size class, same buffer");
+    assert_eq!(three.binding().size.map(|n| n.get()), Some(12));
+    assert_eq!(
+        engine.read_blocking::<f32>(&three).unwrap(),
+        [7.0, 8.0, 9.0]
+    );
+    drop((three, reused));
+
+    // Many sizes: the cache evicts to stay under its cap; one past the cap is not kept.
+    for n in (1..200).map(|i| i * 997) {
+        drop(engine.upload(&vec![0.5f32; n]).unwrap());
+        let stats = engine.tensor_cache_stats();
+        assert!(stats.bytes <= CAP, "{stats:?}");
+    }
+    engine.release_cached();
+    assert_eq!(engine.cached_bytes(), 0);
+    assert_eq!(engine.memory_in_use(), 0, "nothing lives, nothing kept");
+    drop(
+        engine
+            .upload(&vec![0.5f32; (CAP as usize) / 4 + 1])
+            .unwrap(),
+    );
+    assert_eq!(engine.tensor_cache_stats().bytes, 0, "larger than the cap");
+
+    // A cap of 0 keeps nothing: every tensor is a new buffer.
+    let uncached = cached_engine(0);
+    for _ in 0..3 {
+        drop(uncached.upload(&q).unwrap());
+    }
+    let stats = uncached.tensor_cache_stats();
+    assert_eq!(
+        (stats.bytes, stats.hits, stats.misses),
+        (0, 0, 3),
+        "{stats:?}"
+    );
+}

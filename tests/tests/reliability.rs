@@ -649,7 +649,7 @@ fn out_of_memory_is_a_typed_error_and_the_engine_works_afterwards() {
         budgeted.pool_stats().bytes > 0,
         "the call left scratch in the pool"
     );
-    assert_eq!(budgeted.memory_in_use(), budgeted.pool_stats().bytes);
+    assert_eq!(budgeted.memory_in_use(), budgeted.cached_bytes());
 
     // Q, K, V for a later call, then filler until the budget refuses.
     let shape = Shape::mha(1, 4, 64, 32);
@@ -675,7 +675,7 @@ fn out_of_memory_is_a_typed_error_and_the_engine_works_afterwards() {
     assert!(refused.is_out_of_memory());
     assert!(budgeted.memory_in_use() <= BUDGET);
     assert_eq!(
-        budgeted.pool_stats().bytes,
+        budgeted.cached_bytes(),
         0,
         "the pool let go of its scratch before an upload was refused"
     );
@@ -728,7 +728,7 @@ fn out_of_memory_is_a_typed_error_and_the_engine_works_afterwards() {
     );
     drop((out, q, k, v));
     conforms(2);
-    assert_eq!(budgeted.memory_in_use(), budgeted.pool_stats().bytes);
+    assert_eq!(budgeted.memory_in_use(), budgeted.cached_bytes());
 
     // Threads sharing a budgeted engine: the mixed calls all fit, the oversized one never
     // does; every result is the call made alone, bit for bit. While it runs a call holds up
@@ -779,7 +779,7 @@ fn out_of_memory_is_a_typed_error_and_the_engine_works_afterwards() {
         caller.join().expect("caller");
     }
     assert_eq!(refused, THREADS * CALLS_UNDER_BUDGET.div_ceil(4));
-    assert_eq!(budgeted.memory_in_use(), budgeted.pool_stats().bytes);
+    assert_eq!(budgeted.memory_in_use(), budgeted.cached_bytes());
     assert!(budgeted.memory_in_use() <= SHARED_BUDGET);
 }
 

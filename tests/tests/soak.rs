@@ -17,7 +17,7 @@ fn a_scaled_down_soak_keeps_memory_bounded() {
     })
     .expect("every soak call succeeds");
     // Every tensor the calls made has been dropped: the engine holds its scratch pool only.
-    assert_eq!(engine.memory_in_use(), engine.pool_stats().bytes);
+    assert_eq!(engine.memory_in_use(), engine.cached_bytes());
     let (Some(warm), Some(end)) = (report.resident_after_warmup, report.resident_at_end) else {
         return; // no /proc: nothing to compare (not Linux)
     };

@@ -44,16 +44,14 @@ fn main() -> ExitCode {
     println!("resident memory at start: {}", mib(resident_bytes()));
     let start = std::time::Instant::now();
     let report = soak(&engine, args.calls, args.warmup, 1000, |done, rss| {
-        let pool = engine.pool_stats();
+        let (pool, cache) = (engine.pool_stats(), engine.tensor_cache_stats());
         println!(
-            "{done:>7} calls, {:.1} s, resident {}, engine holds {}, scratch pool {:.1} of {:.0} MiB ({} reused, {} new)",
+            "{done:>7} calls, {:.1} s, resident {}, engine holds {}, scratch pool {}, tensor cache {}",
             start.elapsed().as_secs_f64(),
             mib(rss),
             mib(Some(engine.memory_in_use())),
-            pool.bytes as f64 / 1048576.0,
-            pool.cap as f64 / 1048576.0,
-            pool.hits,
-            pool.misses
+            kept(&pool),
+            kept(&cache),
         );
     });
     let report = match report {
@@ -71,14 +69,16 @@ fn main() -> ExitCode {
         mib(report.resident_after_warmup),
         mib(report.resident_at_end)
     );
-    let (held, pooled) = (engine.memory_in_use(), engine.pool_stats().bytes);
+    let (held, cached) = (engine.memory_in_use(), engine.cached_bytes());
     println!(
-        "engine holds {} at the end; its scratch pool {}",
+        "engine holds {} at the end; its scratch pool and tensor cache {}",
         mib(Some(held)),
-        mib(Some(pooled))
+        mib(Some(cached))
     );
-    if held != pooled {
-        eprintln!("wflash-soak: the engine still holds {held} B beyond its pool's {pooled} B");
+    if held != cached {
+        eprintln!(
+            "wflash-soak: the engine still holds {held} B beyond the {cached} B it keeps for reuse"
+        );
         return ExitCode::FAILURE;
     }
     if let (Some(a), Some(b)) = (report.resident_after_warmup, report.resident_at_end)
@@ -91,4 +91,15 @@ fn main() -> ExitCode {
         return ExitCode::FAILURE;
     }
     ExitCode::SUCCESS
+}
+
+/// "kept of cap MiB (reused, new)" for one class of the engine's pool.
+fn kept(stats: &wflash::PoolStats) -> String {
+    format!(
+        "{:.1} of {:.0} MiB ({} reused, {} new)",
+        stats.bytes as f64 / 1048576.0,
+        stats.cap as f64 / 1048576.0,
+        stats.hits,
+        stats.misses
+    )
 }

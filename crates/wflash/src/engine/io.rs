@@ -3,9 +3,28 @@
 use std::sync::{Arc, Mutex};
 
 use crate::gpu::gate::DropInGate;
+use crate::gpu::pool::Scratch;
 use crate::gpu::readback::wait_for;
-use crate::gpu::tensor::{Backing, buffer_bytes, buffer_with_contents};
+use crate::gpu::tensor::{Backing, buffer_bytes, write_padded};
 use crate::{DType, Element, Engine, Error, Result, Tensor};
+
+/// The bytes of the buffer that backs a tensor of `bytes`: rounded up to a quarter of the power
+/// of two below it (at most 25% more; 256-byte steps up to 4 KiB), so the tensor cache reuses
+/// buffers across shapes that differ a little (a decode's growing outputs, a soak's random
+/// shapes), not only across equal ones. Never past the device's `max_buffer_size`.
+fn size_class(bytes: u64, max_buffer_size: u64) -> u64 {
+    let step = if bytes <= 4096 {
+        256
+    } else {
+        (1u64 << bytes.ilog2()) / 4
+    };
+    let class = bytes.next_multiple_of(step);
+    if class > max_buffer_size {
+        bytes
+    } else {
+        class
+    }
+}
 
 const TENSOR_USAGE: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE
     .union(wgpu::BufferUsages::COPY_SRC)
@@ -25,24 +44,40 @@ impl Engine {
                 hint: "",
             });
         }
-        let charge = self.charge(buffer_bytes(T::DTYPE, data.len()).max(4))?;
-        let buffer = self.guarded(|device| {
-            buffer_with_contents(
-                device,
-                &self.inner.queue,
-                "wflash tensor",
-                bytes,
-                TENSOR_USAGE,
-            )
-        })?;
-        Ok(Tensor {
-            _backing: Backing::new(&buffer, charge, &self.inner.gate),
-            buffer,
-            offset: 0,
-            size: None,
-            dtype: T::DTYPE,
-            len: data.len(),
+        let loan = self.tensor_buffer(T::DTYPE, data.len())?;
+        self.guarded(|_| write_padded(&self.inner.queue, loan.buffer(), bytes))?;
+        Ok(Self::cached_tensor(loan, T::DTYPE, data.len()))
+    }
+
+    /// A buffer for a tensor of `len` elements of `dtype`, from the tensor cache or new
+    /// (charged to the memory ledger either way), of the tensor's size class.
+    fn tensor_buffer(&self, dtype: DType, len: usize) -> Result<Scratch> {
+        let size = size_class(
+            buffer_bytes(dtype, len).max(4),
+            self.inner.info.limits.max_buffer_size,
+        );
+        self.inner.pool.tensor_buffer(size, TENSOR_USAGE, || {
+            self.guarded(|device| {
+                device.create_buffer(&wgpu::BufferDescriptor {
+                    label: Some("wflash tensor"),
+                    size,
+                    usage: TENSOR_USAGE,
+                    mapped_at_creation: false,
+                })
+            })
         })
+    }
+
+    fn cached_tensor(loan: Scratch, dtype: DType, len: usize) -> Tensor {
+        let bytes = buffer_bytes(dtype, len).max(4);
+        Tensor {
+            buffer: loan.buffer().clone(),
+            _backing: Backing::cached(loan),
+            offset: 0,
+            size: std::num::NonZeroU64::new(bytes).expect("at least 4 bytes"),
+            dtype,
+            len,
+        }
     }
 
     /// A tensor over `len` elements of `dtype` at byte `offset` of `buffer`, an application's
@@ -96,10 +131,10 @@ impl Engine {
             });
         }
         Ok(Tensor {
-            _backing: Backing::new(buffer, self.charge(0)?, &self.inner.gate),
+            _backing: Backing::view(buffer, &self.inner.gate),
             buffer: buffer.clone(),
             offset,
-            size: std::num::NonZeroU64::new(bytes),
+            size: std::num::NonZeroU64::new(bytes).expect("at least 4 bytes"),
             dtype,
             len,
         })
@@ -128,40 +163,16 @@ impl Engine {
         })
     }
 
-    /// A new tensor for a kernel to write; NaN-filled when the engine poisons outputs.
+    /// A tensor for a kernel to write, its contents unspecified (a reused buffer holds what it
+    /// held); NaN-filled when the engine poisons outputs.
     pub(crate) fn output_tensor(&self, dtype: DType, len: usize) -> Result<Tensor> {
-        let size = buffer_bytes(dtype, len).max(4);
-        let charge = self.charge(size)?;
-        let buffer = if self.inner.options.poison_outputs {
+        let loan = self.tensor_buffer(dtype, len)?;
+        if self.inner.options.poison_outputs {
             // All-ones bytes are NaN in f32, f16 and bf16 alike.
-            let poison = vec![0xffu8; size as usize];
-            self.guarded(|device| {
-                buffer_with_contents(
-                    device,
-                    &self.inner.queue,
-                    "wflash output",
-                    &poison,
-                    TENSOR_USAGE,
-                )
-            })?
-        } else {
-            self.guarded(|device| {
-                device.create_buffer(&wgpu::BufferDescriptor {
-                    label: Some("wflash output"),
-                    size,
-                    usage: TENSOR_USAGE,
-                    mapped_at_creation: false,
-                })
-            })?
-        };
-        Ok(Tensor {
-            _backing: Backing::new(&buffer, charge, &self.inner.gate),
-            buffer,
-            offset: 0,
-            size: None,
-            dtype,
-            len,
-        })
+            let poison = vec![0xffu8; loan.buffer().size() as usize];
+            self.guarded(|_| self.inner.queue.write_buffer(loan.buffer(), 0, &poison))?;
+        }
+        Ok(Self::cached_tensor(loan, dtype, len))
     }
 
     /// Copies an attention result (output, and LSE where there is one) back to the host.
@@ -302,5 +313,25 @@ impl Engine {
             return Err(Error::from_wgpu(err));
         }
         Ok(value)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::size_class;
+
+    #[test]
+    fn size_classes_cover_the_size_with_at_most_a_quarter_more() {
+        for bytes in (4..1 << 22).step_by(4).chain([(1 << 30) + 4, 3 << 29]) {
+            let class = size_class(bytes, u64::MAX);
+            assert!(class >= bytes && class.is_multiple_of(4), "{bytes} -> {class}");
+            assert!(class - bytes <= (bytes / 4).max(252), "{bytes} -> {class}");
+        }
+        assert_eq!(size_class(4, u64::MAX), 256);
+        assert_eq!(size_class(5000, u64::MAX), 5120);
+        assert_eq!(size_class(1 << 20, u64::MAX), 1 << 20);
+        assert_eq!(size_class((1 << 20) + 4, u64::MAX), 5 << 18);
+        // Past the device's largest buffer: exact.
+        assert_eq!(size_class((1 << 20) + 4, 1 << 20 | 8), (1 << 20) + 4);
     }
 }

@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use crate::gpu::gate::DeviceGate;
 use crate::gpu::memory::{Charge, Ledger};
+use crate::gpu::pool::Class;
 use crate::gpu::scopes::ScopeAnswers;
 use crate::kernels::{
     Family, KernelId, STORAGE_BUFFERS_PER_KERNEL, Storage, TEXTURES_PER_KERNEL, TileConfig,
@@ -63,12 +64,20 @@ pub struct EngineOptions {
     /// none. Linear attention runs a long call in groups of heads whose scratch fits this, so
     /// a smaller pool also means less scratch per call (and more, smaller groups).
     pub scratch_pool_bytes: u64,
+    /// The most bytes of dropped tensors' buffers the engine keeps to back later tensors of
+    /// the same size (uploads, outputs): a training step's gradients, a decode step's outputs
+    /// reuse the last step's buffers instead of new ones the driver allocates and zero-fills.
+    /// Least recently dropped first out; 0 keeps none. Like the scratch pool it counts against
+    /// [`EngineOptions::memory_budget_bytes`] and is let go of before a charge past it fails.
+    /// See [`Engine::tensor_cache_stats`] and [`Engine::release_cached`].
+    pub tensor_cache_bytes: u64,
     /// Where measured tile choices come from (see [`crate::tuning`]).
     pub tuning: TuningSource,
     /// The most bytes of device memory the engine may hold at once: tensors it creates
-    /// (uploads, outputs), readback staging and the scratch pool (which counts within it). A
-    /// call or upload that would pass it fails with [`Error::MemoryBudget`] before anything is
-    /// created or dispatched, after the scratch pool has given back what it keeps. `None`: no
+    /// (uploads, outputs), readback staging, the scratch pool and the tensor cache (which count
+    /// within it). A call or upload that would pass it fails with [`Error::MemoryBudget`] before
+    /// anything is created or dispatched, after the scratch pool and the tensor cache have given
+    /// back what they keep. `None`: no
     /// limit but the driver's, whose out-of-memory errors come back as [`Error::OutOfMemory`].
     /// See [`Engine::memory_in_use`].
     pub memory_budget_bytes: Option<u64>,
@@ -98,6 +107,7 @@ impl Default for EngineOptions {
             readback_timeout: Duration::from_secs(120),
             family: None,
             scratch_pool_bytes: 256 << 20,
+            tensor_cache_bytes: 1 << 30,
             tuning: TuningSource::Default,
             memory_budget_bytes: None,
         }
@@ -303,6 +313,7 @@ impl Engine {
                 queue,
                 pool: crate::gpu::pool::ScratchPool::new(
                     options.scratch_pool_bytes,
+                    options.tensor_cache_bytes,
                     ledger.clone(),
                     gate.clone(),
                 ),
@@ -365,16 +376,37 @@ impl Engine {
 
     /// The scratch pool's bytes held, cap, and takes served from it or not.
     pub fn pool_stats(&self) -> crate::PoolStats {
-        self.inner.pool.stats()
+        self.inner.pool.stats(Class::Scratch)
+    }
+
+    /// The tensor cache's bytes held (buffers of dropped tensors kept for reuse), cap, and
+    /// tensors it backed or not.
+    pub fn tensor_cache_stats(&self) -> crate::PoolStats {
+        self.inner.pool.stats(Class::Tensor)
+    }
+
+    /// Bytes kept for reuse, in the scratch pool and the tensor cache: what
+    /// [`Engine::memory_in_use`] counts beyond live tensors and work in progress.
+    pub fn cached_bytes(&self) -> u64 {
+        self.pool_stats().bytes + self.tensor_cache_stats().bytes
+    }
+
+    /// Lets go of every resource kept for reuse (the scratch pool's and the tensor cache's), as
+    /// PyTorch's `torch.cuda.empty_cache` does: for an application about to need the memory
+    /// elsewhere. Live tensors are untouched.
+    pub fn release_cached(&self) {
+        self.inner.pool.clear();
     }
 
     /// Bytes of device memory the engine holds now (live tensors it created, staging, the
-    /// scratch pool), as counted against [`EngineOptions::memory_budget_bytes`].
+    /// scratch pool and the tensor cache), as counted against
+    /// [`EngineOptions::memory_budget_bytes`].
     pub fn memory_in_use(&self) -> u64 {
         self.inner.ledger.in_use()
     }
 
-    /// Charges `bytes` to the memory ledger, emptying the scratch pool first if the budget needs it.
+    /// Charges `bytes` to the memory ledger, emptying the scratch pool and the tensor cache first
+    /// if the budget needs it.
     pub(crate) fn charge(&self, bytes: u64) -> Result<Charge> {
         self.inner.pool.charge(bytes)
     }

@@ -124,7 +124,9 @@ impl KvCache {
     }
     /// Sets how many tokens of each sequence are valid (to drop rejected draft tokens, or to
     /// start sequences of one batch at different lengths); tokens past a length are ignored
-    /// and overwritten by the next append.
+    /// and overwritten by the next append. A slot never written by an append holds an
+    /// unspecified value (the cache's memory is not cleared, as with `torch.empty`), so a length
+    /// raised past what was appended reads such slots.
     pub fn set_lengths(&mut self, lengths: &[usize]) -> Result<()> {
         crate::check_len("kv cache lengths", self.shape.batch, lengths.len())?;
         if let Some((sequence, &needed)) =

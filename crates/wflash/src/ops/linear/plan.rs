@@ -273,7 +273,7 @@ impl Engine {
         // calls (a long call's scratch then scales with a group of heads, not the call, and is
         // not created and zero-filled again each time); at least one kv head's query heads,
         // where the checks below name the limit if even that does not fit.
-        let cap = self.inner.pool.cap();
+        let cap = self.inner.pool.scratch_cap();
         let group_heads = (1..=shape.kv_heads)
             .rev()
             .map(|kv| kv * group)
