@@ -324,7 +324,10 @@ mod tests {
     fn size_classes_cover_the_size_with_at_most_a_quarter_more() {
         for bytes in (4..1 << 22).step_by(4).chain([(1 << 30) + 4, 3 << 29]) {
             let class = size_class(bytes, u64::MAX);
-            assert!(class >= bytes && class.is_multiple_of(4), "{bytes} -> {class}");
+            assert!(
+                class >= bytes && class.is_multiple_of(4),
+                "{bytes} -> {class}"
+            );
             assert!(class - bytes <= (bytes / 4).max(252), "{bytes} -> {class}");
         }
         assert_eq!(size_class(4, u64::MAX), 256);
