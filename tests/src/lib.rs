@@ -654,3 +654,17 @@ async fn judge_case<T: Element>(engine: &Engine, case: &Case) -> Result<Verdict,
         ],
     )
 }
+
+/// Asserts that the takes between two readings of one pool class (`Engine::pool_stats`,
+/// `Engine::tensor_cache_stats`) reused kept resources: at least `reuses` hits and no new
+/// resource.
+pub fn assert_reused(before: wflash::PoolStats, after: wflash::PoolStats, reuses: u64) {
+    assert!(
+        after.hits >= before.hits + reuses,
+        "repeated calls were not served from the pool: {before:?} -> {after:?}"
+    );
+    assert_eq!(
+        after.misses, before.misses,
+        "repeated calls created new resources: {before:?} -> {after:?}"
+    );
+}

@@ -764,15 +764,7 @@ fn the_scratch_pool_reuses_and_stays_under_its_cap() {
             "a reused resource changed the result"
         );
     }
-    let after = engine.pool_stats();
-    assert!(
-        after.hits >= before.hits + 5 * 3,
-        "repeated calls were not served from the pool: {before:?} -> {after:?}"
-    );
-    assert_eq!(
-        after.misses, before.misses,
-        "repeated calls created new resources"
-    );
+    wflash_conformance::assert_reused(before, engine.pool_stats(), 5 * 3);
     // Many shapes: the pool evicts to stay under the cap.
     for len in (1..60).map(|i| i * 97) {
         call(len);
