@@ -77,9 +77,8 @@ pub struct EngineOptions {
     /// (uploads, outputs), readback staging, the scratch pool and the tensor cache (which count
     /// within it). A call or upload that would pass it fails with [`Error::MemoryBudget`] before
     /// anything is created or dispatched, after the scratch pool and the tensor cache have given
-    /// back what they keep. `None`: no
-    /// limit but the driver's, whose out-of-memory errors come back as [`Error::OutOfMemory`].
-    /// See [`Engine::memory_in_use`].
+    /// back what they keep. `None`: no limit but the driver's, whose out-of-memory errors come
+    /// back as [`Error::OutOfMemory`]. See [`Engine::memory_in_use`].
     pub memory_budget_bytes: Option<u64>,
 }
 
