@@ -124,7 +124,10 @@ fn flash_bwd_prep(
         if valid {
             for (var c = 0u; c < 4u; c++) {
                 if {e} * 4u + c < VALUE_DIM {
-                    o[c] = o_in[base + {e} * 4u + c];
+                    // Sigmoid has no D: its O is not read (the host binds a stand-in).
+                    if !SIGMOID {
+                        o[c] = o_in[base + {e} * 4u + c];
+                    }
                     g_o[c] = do_in[base + {e} * 4u + c];
                 }
             }

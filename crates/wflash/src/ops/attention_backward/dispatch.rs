@@ -11,7 +11,7 @@ use crate::kernels::{
 };
 use crate::ops::attention::{GpuModifiers, copy_resident_sinks};
 use crate::ops::passes::{convert_pass, entry, pack_rows, record_pass, texture_entry};
-use crate::{AttentionOptions, DType, Engine, Modifier, Result, Tensor};
+use crate::{AttentionOptions, DType, Engine, Modifier, Result, Tensor, Variant};
 
 /// The tensors of a backward call (already checked against the plan's shape).
 pub(super) struct BackwardInputs<'a> {
@@ -82,10 +82,16 @@ impl Engine {
                 .then(|| self.output_tensor(DType::F32, t.len))
                 .transpose()
         };
-        let inputs_f32 = [inputs.q, inputs.k, inputs.v, inputs.o, inputs.d_o]
-            .map(|t| f32_copy(t).map(|copy| (t, copy)));
-        let [q32, k32, v32, o32, do32] = inputs_f32;
-        let (q32, k32, v32, o32, do32) = (q32?, k32?, v32?, o32?, do32?);
+        let inputs_f32 =
+            [inputs.q, inputs.k, inputs.v, inputs.d_o].map(|t| f32_copy(t).map(|copy| (t, copy)));
+        let [q32, k32, v32, do32] = inputs_f32;
+        let (q32, k32, v32, do32) = (q32?, k32?, v32?, do32?);
+        // Only softmax reads O (D = rowsum(dO ∘ O)): sigmoid's is neither converted nor read,
+        // and its prep pass binds a one-float stand-in.
+        let o32 = match opts.variant {
+            Variant::Softmax => Some((inputs.o, f32_copy(inputs.o)?)),
+            Variant::Sigmoid { .. } => None,
+        };
 
         let dq = self.output_tensor(dtype, shape.q_elems())?;
         let dk = self.output_tensor(dtype, shape.k_elems())?;
@@ -125,6 +131,10 @@ impl Engine {
         };
         let d_temperature_binding = match &d_temperature {
             Some(t) => t.clone(),
+            None => dummy()?,
+        };
+        let o_in = match &o32 {
+            Some((o, copy)) => copy.clone().unwrap_or_else(|| (*o).clone()),
             None => dummy()?,
         };
         let lse = match inputs.lse {
@@ -169,20 +179,15 @@ impl Engine {
                     device, queue, encoder, pipeline, conversion, from, to, max_groups,
                 );
             };
-            for (from, to) in [&q32, &k32, &v32, &o32, &do32] {
+            for (from, to) in [&q32, &k32, &v32, &do32].into_iter().chain(&o32) {
                 if let (Some(pipeline), Some(to)) = (&to_f32, to) {
                     convert(&mut encoder, pipeline, Conversion::ToF32(io), from, to);
                 }
             }
             let f32_of =
                 |(t, copy): &(&Tensor, Option<Tensor>)| copy.clone().unwrap_or((*t).clone());
-            let (q_in, k_in, v_in, o_in, do_in) = (
-                f32_of(&q32),
-                f32_of(&k32),
-                f32_of(&v32),
-                f32_of(&o32),
-                f32_of(&do32),
-            );
+            let (q_in, k_in, v_in, do_in) =
+                (f32_of(&q32), f32_of(&k32), f32_of(&v32), f32_of(&do32));
 
             // The loans go back to the pool when this closure ends, after the submit.
             let (q_loan, q_view) = pack_rows(
