@@ -334,21 +334,27 @@ impl Engine {
             .max()
             .unwrap_or(1)
             .max(shape.q_heads * shape.q_len);
+        // A bias with a batch axis is uploaded a run of batch elements at a time too.
+        let per_batch_bias = opts.bias.filter(|b| b.batch == shape.batch);
+        let bias_elems = per_batch_bias.map_or(0, |b| b.heads * shape.q_len * shape.kv_len);
+        let bias_bytes = per_batch_bias.map_or(0, |b| buffer_bytes(b.values.dtype(), bias_elems));
+        let index_elems = largest.max(bias_elems);
         let per_batch_bytes = buffer_bytes(key.storage.dtype(), largest)
             .max(buffer_bytes(dtype, largest))
-            .max(buffer_bytes(DType::F32, shape.q_heads * shape.q_len));
+            .max(buffer_bytes(DType::F32, shape.q_heads * shape.q_len))
+            .max(bias_bytes);
         let binding_limit = limits
             .max_storage_buffer_binding_size
             .min(limits.max_buffer_size);
         // Kernel index arithmetic is u32: every element index of a dispatch must fit.
         let index_limit = u64::from(u32::MAX);
         let mut batch_per_dispatch = (binding_limit / per_batch_bytes)
-            .min(index_limit / largest as u64)
+            .min(index_limit / index_elems as u64)
             .min(max_groups)
             .min(shape.batch as u64) as usize;
         if batch_per_dispatch == 0 {
-            let (limit, needed, max) = if largest as u64 > index_limit {
-                ("u32 element index", largest as u64, index_limit)
+            let (limit, needed, max) = if index_elems as u64 > index_limit {
+                ("u32 element index", index_elems as u64, index_limit)
             } else {
                 (
                     "max_storage_buffer_binding_size",
