@@ -147,6 +147,73 @@ fn backward_of(
         .expect("backward")
 }
 
+/// Under small buffer limits a host-slice backward runs as several dispatches over batch, as
+/// the forward does, and its gradients conform: those given per batch element (a bias with a
+/// batch axis, the temperature) in order, those summed over the batch (the sinks', a bias's
+/// without a batch axis) added up. The whole call does not plan within the limits, so a
+/// conforming result is a split one. The forward of the sigmoid case splits too: its bias has
+/// a batch axis, which counts in the forward's runs.
+#[test]
+fn host_backward_splits_over_batch_under_small_limits() {
+    use wflash::{EngineOptions, Error, Layout, Modifier, Shape, Variant};
+    use wflash_conformance::{BiasForm, Mods, custom_engine};
+    if engine(Path::F32).is_none() {
+        return;
+    }
+    // 64 KiB bindings: one batch element's Q is 4·33·24·4 B = 12.4 KiB and its bias gradient
+    // 4·33·40·4 B = 20.6 KiB, so batch 9 takes several dispatches.
+    let small = custom_engine(
+        |l| {
+            l.max_storage_buffer_binding_size = 64 << 10;
+            l.max_buffer_size = 64 << 10;
+        },
+        wflash::wgpu::Features::empty(),
+        EngineOptions {
+            poison_outputs: true,
+            ..Default::default()
+        },
+    );
+    let shape = Shape {
+        batch: 9,
+        q_heads: 4,
+        kv_heads: 2,
+        q_len: 33,
+        kv_len: 40,
+        head_dim: 24,
+        value_dim: 24,
+    };
+    let mods = |on: &[Modifier], per_batch| Mods {
+        on: on.iter().copied().collect(),
+        bias_form: BiasForm {
+            per_batch,
+            per_head: true,
+            f16: false,
+        },
+    };
+    use Modifier::{Bias, KeyMask, Sinks, Temperature};
+    let cases = [
+        Case {
+            layout: Layout::Bshd,
+            mods: mods(&[Bias, KeyMask, Sinks, Temperature], false),
+            ..Case::softmax(shape, Path::F32, 91)
+        },
+        Case {
+            variant: Variant::Sigmoid { bias: None },
+            mods: mods(&[Bias, KeyMask, Temperature], true),
+            ..Case::softmax(shape, Path::F16Packed, 92)
+        },
+    ];
+    for case in &cases {
+        let data = case.data();
+        let opts = case.options(&data).with_bias_grad();
+        let dtype = case.path.dtype();
+        let err = (small.plan_backward(&case.shape, case.layout, &opts, dtype)).unwrap_err();
+        assert!(matches!(err, Error::TooLarge { .. }), "{err}");
+        let verdict = run_backward_case(&small, case).unwrap_or_else(|e| panic!("{e}"));
+        assert!(verdict.ratio <= 1.0, "{case:?}: {}", verdict.ratio);
+    }
+}
+
 /// Mismatched O, LSE and dO, an LSE from another call's shape, an LSE where sigmoid has none
 /// or none where softmax needs one, and bad options: each a typed error before any dispatch.
 #[test]
