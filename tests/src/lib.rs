@@ -164,6 +164,23 @@ pub fn custom_engine(
 }
 
 #[cfg(not(target_arch = "wasm32"))]
+/// A poisoning engine on a fresh device without optional features, whose buffers and storage
+/// bindings hold at most `bytes`: lowered limits that make calls split over batch.
+pub fn buffer_limited_engine(bytes: u64) -> Engine {
+    custom_engine(
+        |l| {
+            l.max_storage_buffer_binding_size = bytes;
+            l.max_buffer_size = bytes;
+        },
+        wflash::wgpu::Features::empty(),
+        EngineOptions {
+            poison_outputs: true,
+            ..Default::default()
+        },
+    )
+}
+
+#[cfg(not(target_arch = "wasm32"))]
 /// [`custom_engine`], also returning the device (to destroy it in fault tests).
 pub fn custom_device_engine(
     limits: impl FnOnce(&mut wflash::wgpu::Limits),

@@ -186,17 +186,7 @@ fn too_large_problems_split_over_batch_or_fail_with_the_limit_named() {
     }
     // 64 KiB bindings: one batch element of this shape needs 4·33·24·4 = 12.7 KiB of Q; the whole
     // problem of batch 12 does not fit, so the call runs as several dispatches.
-    let small = custom_engine(
-        |l| {
-            l.max_storage_buffer_binding_size = 64 << 10;
-            l.max_buffer_size = 64 << 10;
-        },
-        wgpu::Features::empty(),
-        EngineOptions {
-            poison_outputs: true,
-            ..Default::default()
-        },
-    );
+    let small = wflash_conformance::buffer_limited_engine(64 << 10);
     let s = Shape {
         batch: 12,
         ..shape()

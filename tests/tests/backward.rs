@@ -155,24 +155,14 @@ fn backward_of(
 /// a batch axis, which counts in the forward's runs.
 #[test]
 fn host_backward_splits_over_batch_under_small_limits() {
-    use wflash::{EngineOptions, Error, Layout, Modifier, Shape, Variant};
-    use wflash_conformance::{BiasForm, Mods, custom_engine};
+    use wflash::{Error, Layout, Modifier, Shape, Variant};
+    use wflash_conformance::{BiasForm, Mods, buffer_limited_engine};
     if engine(Path::F32).is_none() {
         return;
     }
     // 64 KiB bindings: one batch element's Q is 4·33·24·4 B = 12.4 KiB and its bias gradient
     // 4·33·40·4 B = 20.6 KiB, so batch 9 takes several dispatches.
-    let small = custom_engine(
-        |l| {
-            l.max_storage_buffer_binding_size = 64 << 10;
-            l.max_buffer_size = 64 << 10;
-        },
-        wflash::wgpu::Features::empty(),
-        EngineOptions {
-            poison_outputs: true,
-            ..Default::default()
-        },
-    );
+    let small = buffer_limited_engine(64 << 10);
     let shape = Shape {
         batch: 9,
         q_heads: 4,
