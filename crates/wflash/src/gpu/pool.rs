@@ -213,6 +213,7 @@ impl ScratchPool {
             drop(held);
             return;
         }
+        let mut evicted = Vec::new();
         let mut state = self.lock();
         state.clock += 1;
         let given_back = state.clock;
@@ -232,9 +233,13 @@ impl ScratchPool {
                 .min_by_key(|(_, f)| f.given_back)
                 .map(|(i, _)| i)
                 .expect("bytes > 0 means an entry");
-            let evicted = state.free.swap_remove(oldest);
-            state.counts[class.index()].bytes -= evicted.key.bytes();
+            let free = state.free.swap_remove(oldest);
+            state.counts[class.index()].bytes -= free.key.bytes();
+            evicted.push(free);
         }
+        // The evicted resources drop after the pool's lock, inside the gate (as in `clear`).
+        drop(state);
+        drop(evicted);
     }
 
     /// Charges `bytes` to the engine's memory ledger; past the budget, lets go of everything the
