@@ -202,6 +202,21 @@ fn host_backward_splits_over_batch_under_small_limits() {
         let verdict = run_backward_case(&small, case).unwrap_or_else(|e| panic!("{e}"));
         assert!(verdict.ratio <= 1.0, "{case:?}: {}", verdict.ratio);
     }
+    // Batch 4 fits every input (49.6 KiB of Q) but not the broadcast bias's gradient before
+    // its sum over batch (4 × 20.6 KiB): the plan says so, rather than a buffer failing to be
+    // made (`Error::Internal`) when a GPU-tensor call records it.
+    let case = Case {
+        shape: Shape { batch: 4, ..shape },
+        ..cases[0]
+    };
+    let data = case.data();
+    let opts = case.options(&data).with_bias_grad();
+    let err =
+        (small.plan_backward(&case.shape, case.layout, &opts, case.path.dtype())).unwrap_err();
+    assert!(
+        matches!(err, Error::TooLarge { hint, .. } if hint.contains("bias's gradient")),
+        "{err}"
+    );
 }
 
 /// Mismatched O, LSE and dO, an LSE from another call's shape, an LSE where sigmoid has none
