@@ -156,6 +156,28 @@ impl std::fmt::Display for EngineInfo {
     }
 }
 
+impl EngineInfo {
+    /// The most bytes a buffer bound for storage may hold: the storage-binding limit, or the
+    /// buffer-size limit where that is lower.
+    pub(crate) fn max_binding_bytes(&self) -> u64 {
+        (self.limits.max_storage_buffer_binding_size).min(self.limits.max_buffer_size)
+    }
+
+    /// `TooLarge` naming the storage-binding limit when `bytes` do not fit one binding.
+    pub(crate) fn within_binding_limit(&self, bytes: u64, hint: &'static str) -> Result<()> {
+        let max = self.max_binding_bytes();
+        if bytes > max {
+            return Err(Error::TooLarge {
+                limit: "max_storage_buffer_binding_size",
+                needed: bytes,
+                max,
+                hint,
+            });
+        }
+        Ok(())
+    }
+}
+
 fn yes_no(b: bool) -> &'static str {
     if b { "yes" } else { "no" }
 }

@@ -343,9 +343,7 @@ impl Engine {
             .max(buffer_bytes(dtype, largest))
             .max(buffer_bytes(DType::F32, shape.q_heads * shape.q_len))
             .max(bias_bytes);
-        let binding_limit = limits
-            .max_storage_buffer_binding_size
-            .min(limits.max_buffer_size);
+        let binding_limit = self.inner.info.max_binding_bytes();
         // Kernel index arithmetic is u32: every element index of a dispatch must fit.
         let index_limit = u64::from(u32::MAX);
         let mut batch_per_dispatch = (binding_limit / per_batch_bytes)

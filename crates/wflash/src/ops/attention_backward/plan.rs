@@ -218,9 +218,6 @@ impl Engine {
         // The backward's own buffers, within the binding limit and u32 element indices: the
         // row statistics (a vec4 per query row) and, with the bias's gradient, dS per (batch,
         // head, row, key) before the reduction over the axes the bias broadcasts over.
-        let binding_limit = limits
-            .max_storage_buffer_binding_size
-            .min(limits.max_buffer_size);
         let mut own_buffers = vec![(4 * shape.lse_elems(), " floats of row statistics")];
         if let Some(b) = &bias_grad {
             let before_reduction = match b.reduce {
@@ -230,20 +227,18 @@ impl Engine {
             own_buffers.push((before_reduction, " floats of the bias's gradient"));
         }
         for (floats, hint) in own_buffers {
-            let (needed, max, limit) = if floats as u64 > u64::from(u32::MAX) {
-                (floats as u64, u64::from(u32::MAX), "u32 element index")
-            } else {
-                let bytes = 4 * floats as u64;
-                (bytes, binding_limit, "max_storage_buffer_binding_size")
-            };
-            if needed > max {
+            let max_index = u64::from(u32::MAX);
+            if floats as u64 > max_index {
                 return Err(Error::TooLarge {
-                    limit,
-                    needed,
-                    max,
+                    limit: "u32 element index",
+                    needed: floats as u64,
+                    max: max_index,
                     hint,
                 });
             }
+            self.inner
+                .info
+                .within_binding_limit(4 * floats as u64, hint)?;
         }
         let sinks = opts.sinks.map(|_| {
             let (heads, blocks) = (shape.q_heads, prep_blocks);

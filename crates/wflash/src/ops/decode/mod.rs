@@ -353,10 +353,6 @@ impl Engine {
             ("value_dim", shape.value_dim),
         ])?;
         check_head_dims(&[("head_dim", shape.head_dim), ("value_dim", shape.value_dim)])?;
-        let limits = &self.inner.info.limits;
-        let max = limits
-            .max_storage_buffer_binding_size
-            .min(limits.max_buffer_size);
         let slots = [shape.batch, shape.kv_heads, shape.capacity]
             .iter()
             .try_fold(1u64, |n, &d| n.checked_mul(d as u64));
@@ -365,14 +361,9 @@ impl Engine {
                 s.checked_mul((shape.head_dim.max(shape.value_dim) * dtype.size_bytes()) as u64)
             })
             .unwrap_or(u64::MAX);
-        if needed > max {
-            return Err(Error::TooLarge {
-                limit: "max_storage_buffer_binding_size",
-                needed,
-                max,
-                hint: " bytes of one cache tensor (a smaller capacity or batch)",
-            });
-        }
-        Ok(())
+        self.inner.info.within_binding_limit(
+            needed,
+            " bytes of one cache tensor (a smaller capacity or batch)",
+        )
     }
 }

@@ -67,9 +67,6 @@ impl Engine {
         let part_bytes = buffer_bytes(dtype, shape.o_elems()).max(4);
         let lse_bytes = buffer_bytes(DType::F32, shape.lse_elems());
         let count = parts as u64;
-        let max_binding = limits
-            .max_storage_buffer_binding_size
-            .min(limits.max_buffer_size);
         for (needed, hint) in [
             (
                 part_bytes * count,
@@ -80,14 +77,7 @@ impl Engine {
                 " bytes of stacked part LSEs (merge fewer parts at a time)",
             ),
         ] {
-            if needed > max_binding {
-                return Err(Error::TooLarge {
-                    limit: "max_storage_buffer_binding_size",
-                    needed,
-                    max: max_binding,
-                    hint,
-                });
-            }
+            self.inner.info.within_binding_limit(needed, hint)?;
         }
         let groups = (shape.o_elems() as u64).div_ceil(64);
         let max_groups = u64::from(limits.max_compute_workgroups_per_dimension);
