@@ -133,8 +133,11 @@ impl Engine {
             Some(t) => t.clone(),
             None => dummy()?,
         };
+        // What the kernels read: the f32 copy where there is one.
+        let f32_of = |(t, copy): &(&Tensor, Option<Tensor>)| copy.clone().unwrap_or((*t).clone());
+        let (q_in, k_in, v_in, do_in) = (f32_of(&q32), f32_of(&k32), f32_of(&v32), f32_of(&do32));
         let o_in = match &o32 {
-            Some((o, copy)) => copy.clone().unwrap_or_else(|| (*o).clone()),
+            Some(o) => f32_of(o),
             None => dummy()?,
         };
         let lse = match inputs.lse {
@@ -184,10 +187,6 @@ impl Engine {
                     convert(&mut encoder, pipeline, Conversion::ToF32(io), from, to);
                 }
             }
-            let f32_of =
-                |(t, copy): &(&Tensor, Option<Tensor>)| copy.clone().unwrap_or((*t).clone());
-            let (q_in, k_in, v_in, do_in) =
-                (f32_of(&q32), f32_of(&k32), f32_of(&v32), f32_of(&do32));
 
             // The loans go back to the pool when this closure ends, after the submit.
             let (q_loan, q_view) = pack_rows(

@@ -43,7 +43,7 @@ impl Engine {
         lse: Option<&[f32]>,
         d_o: &[T],
     ) -> Result<AttentionGrads<T>> {
-        let run = self.backward_batch_run(shape, layout, opts, T::DTYPE)?;
+        let (run, whole) = self.backward_batch_run(shape, layout, opts, T::DTYPE)?;
         // Host calls take host values: a bias described as resident has no tensor here.
         GpuModifiers::default().check(shape, opts)?;
         check_len("q", shape.q_elems(), q.len())?;
@@ -56,14 +56,20 @@ impl Engine {
             Some(t) => self.read::<f32>(&t).await.map(Some),
             None => Ok(None),
         };
-        // The gradients of batch elements `start..start + count`.
-        let batch_run = async |start: usize, count: usize| -> Result<AttentionGrads<T>> {
+        // The gradients of batch elements `start..start + count` (`plan`: theirs, if made).
+        let batch_run = async |start: usize,
+                               count: usize,
+                               plan: Option<BackwardPlan>|
+               -> Result<AttentionGrads<T>> {
             let part = Shape {
                 batch: count,
                 ..*shape
             };
             let part_opts = batch_run_options(shape, opts, start, count);
-            let plan = self.plan_backward(&part, layout, &part_opts, T::DTYPE)?;
+            let plan = match plan {
+                Some(plan) => plan,
+                None => self.plan_backward(&part, layout, &part_opts, T::DTYPE)?,
+            };
             // Batch is outermost in both layouts: a run of batch elements is one slice.
             let range = |elems: usize| {
                 let per_batch = elems / shape.batch;
@@ -91,12 +97,12 @@ impl Engine {
                 d_temperature: read_f32(grads.d_temperature).await?,
             })
         };
-        let mut grads = batch_run(0, run).await?;
+        let mut grads = batch_run(0, run, whole).await?;
         let bias_per_batch = opts.bias.is_some_and(|b| b.batch == shape.batch);
         let mut start = run;
         while start < shape.batch {
             let count = run.min(shape.batch - start);
-            grads.append_batch_run(batch_run(start, count).await?, bias_per_batch);
+            grads.append_batch_run(batch_run(start, count, None).await?, bias_per_batch);
             start += count;
         }
         Ok(grads)
@@ -218,19 +224,19 @@ impl Engine {
 
 impl Engine {
     /// How many batch elements each backward dispatch of a host-slice call takes: all of them
-    /// when the call plans within the adapter's limits, else the most that do (planning is
-    /// monotone in the batch: every limit is a capacity that batch elements fill). A call
-    /// that cannot split (varlen, one batch element) or whose single batch element is too
-    /// large gets the whole call's error.
+    /// (with the whole call's plan) when the call plans within the adapter's limits, else the
+    /// most that do (planning is monotone in the batch: every limit is a capacity that batch
+    /// elements fill). A call that cannot split (varlen, one batch element) or whose single
+    /// batch element is too large gets the whole call's error.
     fn backward_batch_run(
         &self,
         shape: &Shape,
         layout: Layout,
         opts: &AttentionOptions<'_>,
         dtype: crate::DType,
-    ) -> Result<usize> {
+    ) -> Result<(usize, Option<BackwardPlan>)> {
         let whole = match self.plan_backward(shape, layout, opts, dtype) {
-            Ok(_) => return Ok(shape.batch),
+            Ok(plan) => return Ok((shape.batch, Some(plan))),
             Err(e @ Error::TooLarge { .. }) if shape.batch > 1 && opts.varlen.is_none() => e,
             Err(e) => return Err(e),
         };
@@ -259,7 +265,7 @@ impl Engine {
         if fits == 0 {
             return Err(whole);
         }
-        Ok(fits)
+        Ok((fits, None))
     }
 }
 
